@@ -1,0 +1,68 @@
+//! The engine's one error type. Every variant names the file (or image) it is about, and where it
+//! can, the byte offset, so that a message read in a log says what, where and what to do.
+
+use std::io;
+
+/// Result with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The operating system refused or failed an I/O operation.
+    #[error("{name}: {action} failed at byte {offset}: {source}")]
+    Io {
+        name: String,
+        action: &'static str,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not an image of the expected format at all.
+    #[error("{name}: not a VHDX image: {reason}")]
+    NotVhdx { name: String, reason: String },
+    /// The file claims to be an image but its structures are damaged.
+    #[error("{name}: corrupt image: {problem} (run `blockrep image check` for a full report)")]
+    Corrupt { name: String, problem: String },
+    /// The file is valid but uses a feature this version does not implement.
+    #[error("{name}: unsupported: {feature}")]
+    Unsupported { name: String, feature: String },
+    /// A request reaches past the end of the virtual disk.
+    #[error("{name}: {length} bytes at offset {offset} reach past the virtual size {virtual_size}")]
+    OutOfRange {
+        name: String,
+        offset: u64,
+        length: u64,
+        virtual_size: u64,
+    },
+    /// A write was attempted on an image opened read-only.
+    #[error("{name}: image is open read-only")]
+    ReadOnly { name: String },
+    /// A caller passed a value the engine cannot use (a size, a block size, a sector size).
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument { what: &'static str, reason: String },
+}
+
+impl Error {
+    pub(crate) fn io(name: &str, action: &'static str, offset: u64, source: io::Error) -> Self {
+        Error::Io {
+            name: name.to_owned(),
+            action,
+            offset,
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(name: &str, problem: impl Into<String>) -> Self {
+        Error::Corrupt {
+            name: name.to_owned(),
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn unsupported(name: &str, feature: impl Into<String>) -> Self {
+        Error::Unsupported {
+            name: name.to_owned(),
+            feature: feature.into(),
+        }
+    }
+}

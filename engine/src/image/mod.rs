@@ -1,0 +1,139 @@
+//! Disk image formats behind one trait. This layer owns the layout of bytes in an image file
+//! (raw, VHDX) and nothing else: it knows no networks, no policies, no tracking. It reaches files
+//! only through [`crate::io::Storage`].
+
+mod copy;
+mod raw;
+pub mod vhdx;
+mod zero;
+
+pub use copy::{CopyStatistics, copy_image};
+pub use raw::RawImage;
+pub use vhdx::VhdxImage;
+pub use zero::is_zero;
+
+use crate::io::{FileStorage, Storage};
+use crate::{Error, Result};
+use std::ops::Range;
+use std::path::Path;
+
+/// A virtual disk: a fixed number of bytes that can be read and written at any offset.
+///
+/// Reads of never-written ranges return zeros. Writes are visible to reads at once and durable
+/// after [`BlockImage::flush`] returns.
+pub trait BlockImage: Send {
+    /// Size of the virtual disk in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Fills `buf` with the virtual disk's bytes from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at `offset`.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes `length` bytes at `offset` read as zeros, releasing their space where the format can
+    /// (this is both "discard" and "write zeroes": a discarded range always reads back as zeros).
+    fn zero_range(&mut self, offset: u64, length: u64) -> Result<()>;
+
+    /// Makes every completed write durable, image metadata included.
+    fn flush(&mut self) -> Result<()>;
+
+    /// Ranges of the virtual disk that may hold data, in order and not overlapping; everything
+    /// outside them reads as zeros.
+    fn allocated_ranges(&self) -> Result<Vec<Range<u64>>>;
+}
+
+impl<I: BlockImage + ?Sized> BlockImage for Box<I> {
+    fn virtual_size(&self) -> u64 {
+        (**self).virtual_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn zero_range(&mut self, offset: u64, length: u64) -> Result<()> {
+        (**self).zero_range(offset, length)
+    }
+    fn flush(&mut self) -> Result<()> {
+        (**self).flush()
+    }
+    fn allocated_ranges(&self) -> Result<Vec<Range<u64>>> {
+        (**self).allocated_ranges()
+    }
+}
+
+/// The image formats blockrep reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Vhdx,
+}
+
+impl ImageFormat {
+    /// The format a file name implies: `.vhdx` is VHDX; `.raw`, `.img` and `.bin` are raw.
+    pub fn from_extension(path: &Path) -> Option<Self> {
+        let extension = path.extension()?.to_str()?.to_ascii_lowercase();
+        match extension.as_str() {
+            "vhdx" => Some(ImageFormat::Vhdx),
+            "raw" | "img" | "bin" => Some(ImageFormat::Raw),
+            _ => None,
+        }
+    }
+
+    /// The format of an existing file, from its content: VHDX files start with `vhdxfile`;
+    /// anything else is taken as raw.
+    pub fn detect(storage: &dyn Storage) -> std::io::Result<Self> {
+        let mut signature = [0u8; 8];
+        if storage.size()? >= 8 {
+            storage.read_at(&mut signature, 0)?;
+        }
+        Ok(if &signature == vhdx::FILE_SIGNATURE {
+            ImageFormat::Vhdx
+        } else {
+            ImageFormat::Raw
+        })
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Vhdx => "vhdx",
+        })
+    }
+}
+
+/// Whether an image may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// Opens the image at `path` in the given format through the portable file store.
+pub fn open_path(path: &Path, format: ImageFormat, access: Access) -> Result<Box<dyn BlockImage>> {
+    let name = path.display().to_string();
+    let storage = FileStorage::open(path, access == Access::ReadWrite)
+        .map_err(|source| Error::io(&name, "open", 0, source))?;
+    Ok(match format {
+        ImageFormat::Raw => Box::new(RawImage::open(storage, &name, access)?),
+        ImageFormat::Vhdx => Box::new(VhdxImage::open(storage, &name, access)?),
+    })
+}
+
+/// Checks that `length` bytes at `offset` fit inside a disk of `virtual_size` bytes.
+pub(crate) fn check_range(name: &str, offset: u64, length: u64, virtual_size: u64) -> Result<()> {
+    match offset.checked_add(length) {
+        Some(end) if end <= virtual_size => Ok(()),
+        _ => Err(Error::OutOfRange {
+            name: name.to_owned(),
+            offset,
+            length,
+            virtual_size,
+        }),
+    }
+}

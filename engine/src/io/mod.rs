@@ -1,0 +1,122 @@
+//! How bytes reach a file. Everything in the engine that touches bytes on disk goes through the
+//! [`Storage`] trait, so that io_uring, the portable `pread`/`pwrite` path and the simulator's
+//! fault-injecting store are interchangeable. This module knows nothing of image formats.
+//!
+//! Flush semantics, the same for every implementation: a write that returned is visible to later
+//! reads at once, but only survives a crash (power loss, kernel panic) once a later `flush` has
+//! returned. A crash may keep any subset of the writes made since the last flush.
+
+mod file;
+mod memory;
+
+pub use file::FileStorage;
+pub use memory::MemoryStorage;
+
+use std::io;
+use std::ops::Range;
+
+/// A file-like store of bytes addressed by offset.
+///
+/// Methods take `&self` so that one store can serve concurrent readers and writers; an
+/// implementation that needs exclusive access locks inside.
+pub trait Storage: Send + Sync {
+    /// Fills all of `buf` from `offset`; reading past the end is an `UnexpectedEof` error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`, growing the store when the write ends past its size.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every write that returned before this call durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Grows (with zeros) or shrinks the store to `size` bytes.
+    fn set_len(&self, size: u64) -> io::Result<()>;
+
+    /// The current size in bytes.
+    fn size(&self) -> io::Result<u64>;
+
+    /// Makes `length` bytes at `offset` read as zeros, releasing the space where the store can.
+    /// The range must lie inside the store.
+    fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(length) as usize];
+        let mut done = 0;
+        while done < length {
+            let step = CHUNK.min(length - done);
+            self.write_at(&zeros[..step as usize], offset + done)?;
+            done += step;
+        }
+        Ok(())
+    }
+
+    /// Reserves space for `length` bytes at `offset`, growing the store if needed, so that later
+    /// writes there cannot fail for lack of space. The bytes read as zeros unless written before.
+    fn preallocate(&self, offset: u64, length: u64) -> io::Result<()> {
+        let end = offset + length;
+        if end > self.size()? {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
+
+    /// Byte ranges that may hold data, in order; everything outside them reads as zeros.
+    /// The default is the whole store; a sparse file answers with its holes left out.
+    fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
+        let size = self.size()?;
+        Ok(if size == 0 { Vec::new() } else { vec![0..size] })
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for Box<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn set_len(&self, size: u64) -> io::Result<()> {
+        (**self).set_len(size)
+    }
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+    fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, length)
+    }
+    fn preallocate(&self, offset: u64, length: u64) -> io::Result<()> {
+        (**self).preallocate(offset, length)
+    }
+    fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
+        (**self).data_ranges()
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn set_len(&self, size: u64) -> io::Result<()> {
+        (**self).set_len(size)
+    }
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+    fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, length)
+    }
+    fn preallocate(&self, offset: u64, length: u64) -> io::Result<()> {
+        (**self).preallocate(offset, length)
+    }
+    fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
+        (**self).data_ranges()
+    }
+}

@@ -1,0 +1,12 @@
+//! blockrep: the block replication engine that agents embed.
+//!
+//! Layers, top to bottom on the primary: `image` (disk formats behind [`image::BlockImage`]) and
+//! `io` (how bytes reach a file, behind [`io::Storage`]). Later layers (tracking, deltas, the
+//! protocol, the replica) build on these two; see `docs/architecture.md`.
+
+pub mod error;
+pub mod image;
+pub mod io;
+pub mod units;
+
+pub use error::{Error, Result};
