@@ -63,7 +63,9 @@ pub trait Storage: Send + Sync {
     /// The default is the whole store; a sparse file answers with its holes left out.
     fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
         let size = self.size()?;
-        Ok(if size == 0 { Vec::new() } else { vec![0..size] })
+        Ok(std::iter::once(0..size)
+            .filter(|range| !range.is_empty())
+            .collect())
     }
 }
 

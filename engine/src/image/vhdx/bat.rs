@@ -94,7 +94,7 @@ impl Geometry {
 
     /// True for the entries that describe sector-bitmap blocks rather than payload.
     pub fn is_sector_bitmap(&self, index: BatIndex) -> bool {
-        (index.0 + 1) % (self.chunk_ratio + 1) == 0
+        (index.0 + 1).is_multiple_of(self.chunk_ratio + 1)
     }
 
     /// The virtual byte range a block covers (the last block may be short).

@@ -145,16 +145,16 @@ pub fn inspect<S: Storage + ?Sized>(storage: &S, name: &str) -> Result<Inspectio
     }
 
     let replay = read_log(&plain, &header, &mut problems)?;
-    if let Some(replay) = &replay {
-        if stored_size < replay.flushed_file_offset {
-            return Err(Error::corrupt(
-                name,
-                format!(
-                    "the log says the file held {} bytes, but it holds {stored_size}: it was truncated",
-                    replay.flushed_file_offset
-                ),
-            ));
-        }
+    if let Some(replay) = &replay
+        && stored_size < replay.flushed_file_offset
+    {
+        return Err(Error::corrupt(
+            name,
+            format!(
+                "the log says the file held {} bytes, but it holds {stored_size}: it was truncated",
+                replay.flushed_file_offset
+            ),
+        ));
     }
     let reader = FileReader {
         storage,
@@ -287,7 +287,7 @@ fn read_log<S: Storage + ?Sized>(
 ) -> Result<Option<Replay>> {
     let offset = header.log_offset;
     let length = u64::from(header.log_length);
-    let placement_problem = if offset % ALIGNMENT != 0 || length % ALIGNMENT != 0 {
+    let placement_problem = if !offset.is_multiple_of(ALIGNMENT) || length % ALIGNMENT != 0 {
         Some(format!(
             "the log at {offset} (length {length}) is not 1 MiB aligned"
         ))

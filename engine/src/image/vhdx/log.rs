@@ -149,7 +149,7 @@ fn decode_entry(log: &[u8], position: u64, log_guid: Uuid) -> Option<Entry> {
         let at = ENTRY_HEADER_SIZE + index * DESCRIPTOR_SIZE;
         let descriptor = &entry[at..at + DESCRIPTOR_SIZE];
         let file_offset = u64_at(descriptor, 16);
-        if u64_at(descriptor, 24) != sequence || file_offset % LOG_SECTOR != 0 {
+        if u64_at(descriptor, 24) != sequence || !file_offset.is_multiple_of(LOG_SECTOR) {
             return None;
         }
         match &descriptor[..4] {
@@ -175,7 +175,7 @@ fn decode_entry(log: &[u8], position: u64, log_guid: Uuid) -> Option<Entry> {
             }
             signature if signature == ZERO_DESCRIPTOR => {
                 let length = u64_at(descriptor, 8);
-                if length % LOG_SECTOR != 0 || file_offset.checked_add(length).is_none() {
+                if !length.is_multiple_of(LOG_SECTOR) || file_offset.checked_add(length).is_none() {
                     return None;
                 }
                 writes.push(LogWrite::Zero {
@@ -203,7 +203,7 @@ fn decode_entry(log: &[u8], position: u64, log_guid: Uuid) -> Option<Entry> {
 /// entries with consecutive sequence numbers whose head has the highest sequence number and whose
 /// head's tail points at an entry of the run. `None` means there is nothing to replay.
 pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Option<Replay> {
-    if log.is_empty() || log.len() as u64 % LOG_SECTOR != 0 || log_guid.is_nil() {
+    if log.is_empty() || !(log.len() as u64).is_multiple_of(LOG_SECTOR) || log_guid.is_nil() {
         return None;
     }
     let log_length = log.len() as u64;

@@ -81,7 +81,7 @@ impl Metadata {
     /// Checks the values against the format's limits.
     pub fn validate(&self) -> Result<(), String> {
         let sector = self.logical_sector_size.bytes();
-        if self.virtual_size == 0 || self.virtual_size % sector != 0 {
+        if self.virtual_size == 0 || !self.virtual_size.is_multiple_of(sector) {
             return Err(format!(
                 "virtual size {} is not a positive multiple of the {sector}-byte logical sector",
                 self.virtual_size

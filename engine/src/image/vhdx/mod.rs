@@ -132,10 +132,10 @@ impl<S: Storage> VhdxImage<S> {
             stored_size: inspection.stored_size,
             storage,
         };
-        if access == Access::ReadWrite {
-            if let Some(replay) = image.replay.take() {
-                image.replay_log(&replay)?;
-            }
+        if access == Access::ReadWrite
+            && let Some(replay) = image.replay.take()
+        {
+            image.replay_log(&replay)?;
         }
         image.next_free = align_up(image.file_size(), ALIGNMENT);
         Ok(image)
@@ -439,10 +439,10 @@ impl<S: Storage> BlockImage for VhdxImage<S> {
 
 impl<S: Storage> Drop for VhdxImage<S> {
     fn drop(&mut self) {
-        if !self.unpublished.is_empty() {
-            if let Err(error) = self.flush() {
-                tracing::error!(image = %self.name, %error, "closing VHDX image: flush failed; blocks written since the last flush may be lost");
-            }
+        if !self.unpublished.is_empty()
+            && let Err(error) = self.flush()
+        {
+            tracing::error!(image = %self.name, %error, "closing VHDX image: flush failed; blocks written since the last flush may be lost");
         }
     }
 }
