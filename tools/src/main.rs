@@ -9,7 +9,7 @@ use std::process::ExitCode;
 /// Block replication for Linux lab hosts: VHDX images, change tracking and replication of
 /// virtual-machine disks to a second host, in the manner of Hyper-V Replica.
 #[derive(Parser)]
-#[command(name = "blockrep", version, about, long_about = None)]
+#[command(name = "blockrep", version)]
 #[command(
     after_help = "Exit status: 0 on success, 1 when the work failed or a check found \
 problems, 2 when the command line is wrong.\nSizes: 512K, 64M, 10G, 1T (binary units) or plain bytes."
@@ -27,6 +27,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`blockrep image info x | head`) instead of panicking on a failed print.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BLOCKREP_LOG")
