@@ -279,15 +279,10 @@ fn info(file: &Path, json: bool) -> Outcome {
     }
     println!("file:              {}", report.file);
     println!("format:            {}", report.format);
+    println!("virtual size:      {}", size_and_bytes(report.virtual_size));
     println!(
-        "virtual size:      {} ({} bytes)",
-        format_size(report.virtual_size),
-        report.virtual_size
-    );
-    println!(
-        "allocated:         {} ({} bytes)",
-        format_size(report.allocated_bytes),
-        report.allocated_bytes
+        "allocated:         {}",
+        size_and_bytes(report.allocated_bytes)
     );
     if let Some(vhdx) = &report.vhdx {
         println!("subformat:         {}", vhdx.subformat);
@@ -299,11 +294,7 @@ fn info(file: &Path, json: bool) -> Outcome {
         println!("logical sector:    {} bytes", vhdx.logical_sector_size);
         println!("physical sector:   {} bytes", vhdx.physical_sector_size);
         println!("disk id:           {}", vhdx.disk_id);
-        println!(
-            "file size:         {} ({} bytes)",
-            format_size(vhdx.file_size),
-            vhdx.file_size
-        );
+        println!("file size:         {}", size_and_bytes(vhdx.file_size));
         println!("header sequence:   {}", vhdx.header_sequence);
         println!("creator:           {}", vhdx.creator);
         if vhdx.log_pending_replay {
@@ -315,6 +306,11 @@ fn info(file: &Path, json: bool) -> Outcome {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `64 MiB (67108864 bytes)`.
+fn size_and_bytes(bytes: u64) -> String {
+    format!("{} ({bytes} bytes)", format_size(bytes))
 }
 
 fn check(file: &Path, json: bool, repair: bool) -> Outcome {

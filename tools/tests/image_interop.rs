@@ -102,6 +102,15 @@ fn disk_like(size: u64, seed: u64) -> Vec<u8> {
     bytes
 }
 
+/// What qemu reads from a VHDX image, written out as raw.
+fn qemu_to_raw(vhdx: &Path, raw: &Path) {
+    let _ = std::fs::remove_file(raw);
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "vhdx", "-O", "raw", text(vhdx), text(raw)],
+    );
+}
+
 fn qemu_virtual_size(image: &Path) -> u64 {
     let json = run_ok("qemu-img", &["info", "--output=json", text(image)]);
     let value: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -184,18 +193,7 @@ fn converted_images_give_back_the_same_bytes_through_qemu_img() {
             blockrep_ok(&arguments);
             run_ok("qemu-img", &["check", text(&vhdx)]);
             let through_qemu = path(directory.path(), "qemu.raw");
-            run_ok(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-f",
-                    "vhdx",
-                    "-O",
-                    "raw",
-                    text(&vhdx),
-                    text(&through_qemu),
-                ],
-            );
+            qemu_to_raw(&vhdx, &through_qemu);
             assert!(
                 std::fs::read(&through_qemu).unwrap() == original,
                 "qemu reads {vhdx:?} differently"
@@ -258,19 +256,7 @@ fn what_qemu_io_writes_reads_back_identically() {
         }
         let by_qemu = path(directory.path(), "by-qemu.raw");
         let by_us = path(directory.path(), "by-us.raw");
-        let _ = std::fs::remove_file(&by_qemu);
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "vhdx",
-                "-O",
-                "raw",
-                text(&image),
-                text(&by_qemu),
-            ],
-        );
+        qemu_to_raw(&image, &by_qemu);
         blockrep_ok(&["image", "convert", "--force", text(&image), text(&by_us)]);
         let ours = std::fs::read(&by_us).unwrap();
         assert!(
@@ -366,18 +352,7 @@ fn a_log_left_by_qemu_is_applied_when_read_and_replayed_by_repair() {
     blockrep_ok(&["image", "check", "--repair", text(&image)]);
     run_ok("qemu-img", &["check", text(&image)]);
     let through_qemu = path(directory.path(), "qemu.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            text(&image),
-            text(&through_qemu),
-        ],
-    );
+    qemu_to_raw(&image, &through_qemu);
     assert!(
         std::fs::read(&through_qemu).unwrap()[..65536]
             .iter()

@@ -69,56 +69,38 @@ pub trait Storage: Send + Sync {
     }
 }
 
-impl<S: Storage + ?Sized> Storage for Box<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn set_len(&self, size: u64) -> io::Result<()> {
-        (**self).set_len(size)
-    }
-    fn size(&self) -> io::Result<u64> {
-        (**self).size()
-    }
-    fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        (**self).write_zeroes(offset, length)
-    }
-    fn preallocate(&self, offset: u64, length: u64) -> io::Result<()> {
-        (**self).preallocate(offset, length)
-    }
-    fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
-        (**self).data_ranges()
-    }
+/// Smart pointers to a store are stores: `Box<dyn Storage>` for a store chosen at run time,
+/// `Arc<S>` for one shared with a test or a second user.
+macro_rules! forward_storage {
+    ($($pointer:ident)::+) => {
+        impl<S: Storage + ?Sized> Storage for $($pointer)::+<S> {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                (**self).read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_at(buf, offset)
+            }
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+            fn set_len(&self, size: u64) -> io::Result<()> {
+                (**self).set_len(size)
+            }
+            fn size(&self) -> io::Result<u64> {
+                (**self).size()
+            }
+            fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+                (**self).write_zeroes(offset, length)
+            }
+            fn preallocate(&self, offset: u64, length: u64) -> io::Result<()> {
+                (**self).preallocate(offset, length)
+            }
+            fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
+                (**self).data_ranges()
+            }
+        }
+    };
 }
 
-impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn set_len(&self, size: u64) -> io::Result<()> {
-        (**self).set_len(size)
-    }
-    fn size(&self) -> io::Result<u64> {
-        (**self).size()
-    }
-    fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        (**self).write_zeroes(offset, length)
-    }
-    fn preallocate(&self, offset: u64, length: u64) -> io::Result<()> {
-        (**self).preallocate(offset, length)
-    }
-    fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
-        (**self).data_ranges()
-    }
-}
+forward_storage!(Box);
+forward_storage!(std::sync::Arc);
