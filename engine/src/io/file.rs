@@ -38,6 +38,11 @@ impl FileStorage {
         FileStorage { file }
     }
 
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     fn fallocate(&self, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
         let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));

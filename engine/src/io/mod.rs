@@ -8,12 +8,60 @@
 
 mod file;
 mod memory;
+mod uring;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use uring::{UringOptions, UringStorage};
 
+use std::fs::File;
 use std::io;
 use std::ops::Range;
+
+/// Which way a file's bytes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoEngine {
+    /// io_uring when the kernel allows it, else the portable path (saying why, once).
+    #[default]
+    Auto,
+    /// io_uring, or an error when the kernel does not allow it.
+    Uring,
+    /// The portable `pread`/`pwrite` path.
+    Sync,
+}
+
+/// How to open a file for image I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StorageOptions {
+    pub engine: IoEngine,
+    /// With io_uring: send aligned writes through O_DIRECT, bypassing the page cache.
+    pub direct: bool,
+}
+
+/// Wraps an open file in the store `options` ask for.
+pub fn file_storage(file: File, options: StorageOptions) -> io::Result<Box<dyn Storage>> {
+    let uring = UringOptions {
+        direct: options.direct,
+        ..UringOptions::default()
+    };
+    match options.engine {
+        IoEngine::Sync => Ok(Box::new(FileStorage::from_file(file))),
+        IoEngine::Uring => match UringStorage::from_file(file.try_clone()?, uring) {
+            Ok(storage) => Ok(Box::new(storage)),
+            Err(error) => Err(io::Error::new(
+                error.kind(),
+                format!("io_uring is not available: {error} (use --io sync)"),
+            )),
+        },
+        IoEngine::Auto => match UringStorage::from_file(file.try_clone()?, uring) {
+            Ok(storage) => Ok(Box::new(storage)),
+            Err(error) => {
+                tracing::warn!(%error, "io_uring is not available; using the portable pread/pwrite path");
+                Ok(Box::new(FileStorage::from_file(file)))
+            }
+        },
+    }
+}
 
 /// A file-like store of bytes addressed by offset.
 ///
