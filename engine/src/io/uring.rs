@@ -202,22 +202,22 @@ impl UringStorage {
                 let start = index * ring.buffer_size;
                 let written = result as usize;
                 let rest = &ring.pool[start + written..start + write.length];
-                let descriptor =
-                    self.descriptor(write.direct && written as u64 % DIRECT_ALIGNMENT == 0);
+                let descriptor = self
+                    .descriptor(write.direct && (written as u64).is_multiple_of(DIRECT_ALIGNMENT));
                 descriptor.write_all_at(rest, write.offset + written as u64)
             } else {
                 Ok(())
             };
-            if let Err(error) = outcome {
-                if ring.failure.is_none() {
-                    ring.failure = Some((
-                        error.kind(),
-                        format!(
-                            "write of {} bytes at {} failed: {error}",
-                            write.length, write.offset
-                        ),
-                    ));
-                }
+            if let Err(error) = outcome
+                && ring.failure.is_none()
+            {
+                ring.failure = Some((
+                    error.kind(),
+                    format!(
+                        "write of {} bytes at {} failed: {error}",
+                        write.length, write.offset
+                    ),
+                ));
             }
             ring.free.push(index as u16);
         }
