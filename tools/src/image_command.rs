@@ -5,7 +5,7 @@ use blockrep::image::vhdx::{self, BlockSize, SectorSize, VhdxCreateOptions};
 use blockrep::image::{
     Access, BlockImage, ImageFormat, RawImage, VhdxImage, copy_image, open_path,
 };
-use blockrep::io::FileStorage;
+use blockrep::io::{FileStorage, IoEngine, Storage, StorageOptions, file_storage};
 use blockrep::units::{format_size, parse_size};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -29,6 +29,8 @@ pub enum ImageCommand {
         format: Option<FormatArgument>,
         #[command(flatten)]
         vhdx: VhdxOptions,
+        #[command(flatten)]
+        io: IoOptions,
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,
@@ -64,10 +66,49 @@ pub enum ImageCommand {
         to: Option<FormatArgument>,
         #[command(flatten)]
         vhdx: VhdxOptions,
+        #[command(flatten)]
+        io: IoOptions,
         /// Replace OUTPUT if it exists.
         #[arg(long)]
         force: bool,
     },
+}
+
+/// How an output image's bytes reach the disk.
+#[derive(Args)]
+pub struct IoOptions {
+    /// I/O engine for the output: io_uring when the kernel allows it (auto), always io_uring
+    /// (uring), or portable pread/pwrite (sync).
+    #[arg(long, value_enum, default_value = "auto")]
+    io: IoArgument,
+    /// With io_uring, write aligned data with O_DIRECT, bypassing the page cache.
+    #[arg(long)]
+    direct: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum IoArgument {
+    Auto,
+    Uring,
+    Sync,
+}
+
+impl IoOptions {
+    fn storage(&self, file: std::fs::File, name: &str) -> Result<Box<dyn Storage>, String> {
+        let engine = match self.io {
+            IoArgument::Auto => IoEngine::Auto,
+            IoArgument::Uring => IoEngine::Uring,
+            IoArgument::Sync => IoEngine::Sync,
+        };
+        file_storage(
+            file,
+            StorageOptions {
+                engine,
+                direct: self.direct,
+            },
+        )
+        .map_err(|error| format!("{name}: {error}"))
+    }
 }
 
 /// Options for VHDX images being made.
@@ -134,8 +175,9 @@ pub fn run(command: ImageCommand) -> Outcome {
             size,
             format,
             vhdx,
+            io,
             force,
-        } => create(&file, size, format, &vhdx, force),
+        } => create(&file, size, format, &vhdx, &io, force),
         ImageCommand::Info { file, json } => info(&file, json),
         ImageCommand::Check { file, json, repair } => check(&file, json, repair),
         ImageCommand::Convert {
@@ -144,8 +186,9 @@ pub fn run(command: ImageCommand) -> Outcome {
             from,
             to,
             vhdx,
+            io,
             force,
-        } => convert(&input, &output, from, to, &vhdx, force),
+        } => convert(&input, &output, from, to, &vhdx, &io, force),
     }
 }
 
@@ -184,7 +227,7 @@ fn input_format(
 
 /// Makes a new image of `format` in `storage`.
 fn create_image(
-    storage: FileStorage,
+    storage: Box<dyn Storage>,
     name: &str,
     format: ImageFormat,
     virtual_size: u64,
@@ -217,12 +260,14 @@ fn create(
     size: u64,
     format: Option<FormatArgument>,
     vhdx: &VhdxOptions,
+    io: &IoOptions,
     force: bool,
 ) -> Outcome {
     let format = output_format(file, format, "--format")?;
     let (output, handle) = OutputFile::create(file, force)?;
     let name = output.target().display().to_string();
-    let mut image = create_image(FileStorage::from_file(handle), &name, format, size, vhdx)?;
+    let storage = io.storage(handle, &name)?;
+    let mut image = create_image(storage, &name, format, size, vhdx)?;
     image.flush()?;
     drop(image);
     output.commit()?;
@@ -359,6 +404,7 @@ fn convert(
     from: Option<FormatArgument>,
     to: Option<FormatArgument>,
     vhdx: &VhdxOptions,
+    io: &IoOptions,
     force: bool,
 ) -> Outcome {
     let source_format = input_format(input, from)?;
@@ -368,7 +414,7 @@ fn convert(
     let (pending, handle) = OutputFile::create(output, force)?;
     let name = pending.target().display().to_string();
     let mut target = create_image(
-        FileStorage::from_file(handle),
+        io.storage(handle, &name)?,
         &name,
         target_format,
         virtual_size,

@@ -21,7 +21,7 @@ use std::path::Path;
 ///
 /// Reads of never-written ranges return zeros. Writes are visible to reads at once and durable
 /// after [`BlockImage::flush`] returns.
-pub trait BlockImage: Send {
+pub trait BlockImage: Send + Sync {
     /// Size of the virtual disk in bytes.
     fn virtual_size(&self) -> u64;
 
