@@ -189,7 +189,7 @@ mod tests {
                 Ok(())
             }
             fn allocated_ranges(&self) -> Result<Vec<std::ops::Range<u64>>> {
-                Ok(vec![0..(64 << 20)])
+                Ok(std::iter::once(0..(64 << 20)).collect())
             }
         }
         let mut destination = raw(vec![0; 64 << 20]);
