@@ -81,9 +81,10 @@ pub struct IoOptions {
     /// (uring), or portable pread/pwrite (sync).
     #[arg(long, value_enum, default_value = "auto")]
     io: IoArgument,
-    /// With io_uring, write aligned data with O_DIRECT, bypassing the page cache.
+    /// With io_uring, write through the page cache. By default aligned data goes to the disk
+    /// with O_DIRECT, which is faster and leaves the page cache to what will be read again.
     #[arg(long)]
-    direct: bool,
+    page_cache: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,7 +105,7 @@ impl IoOptions {
             file,
             StorageOptions {
                 engine,
-                direct: self.direct,
+                direct: !self.page_cache,
             },
         )
         .map_err(|error| format!("{name}: {error}"))

@@ -83,7 +83,7 @@ fn io_uring_and_sync_write_byte_identical_images() {
         for (name, io) in [
             ("sync", &["--io", "sync"][..]),
             ("uring", &["--io", "uring"]),
-            ("direct", &["--io", "uring", "--direct"]),
+            ("page-cache", &["--io", "uring", "--page-cache"]),
         ] {
             let output = directory.path().join(format!("{name}-{block}.vhdx"));
             let mut arguments = vec![

@@ -118,7 +118,7 @@ fn convert(arguments: &ConvertArguments) -> Outcome {
     let blockrep = blockrep.to_string_lossy().into_owned();
     let convert_with = |io: &str, output: &str| -> Vec<String> {
         [
-            &blockrep, "image", "convert", "--force", "--io", io, "--direct", &source, output,
+            &blockrep, "image", "convert", "--force", "--io", io, &source, output,
         ]
         .iter()
         .map(|text| text.to_string())
@@ -129,6 +129,13 @@ fn convert(arguments: &ConvertArguments) -> Outcome {
             "O_DIRECT pwrite loop (baseline)",
             &source,
             &file("baseline.out"),
+            false,
+        ),
+        Step::baseline(
+            "O_DIRECT pwrite loop, zeros skipped",
+            &source,
+            &file("baseline-sparse.out"),
+            true,
         ),
         Step::command(
             "blockrep raw -> vhdx, io_uring",
@@ -225,6 +232,7 @@ fn verify(source: &str, directory: &Path, qemu: bool) -> Outcome {
     let source = Path::new(source);
     let mut same = vec![
         directory.join("baseline.out"),
+        directory.join("baseline-sparse.out"),
         directory.join("blockrep-back.raw"),
     ];
     if qemu {

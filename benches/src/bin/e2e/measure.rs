@@ -17,8 +17,9 @@ pub struct Sample {
 }
 
 pub enum Action {
-    /// Copy `source` to the output with a plain O_DIRECT pwrite loop.
-    Baseline { source: PathBuf },
+    /// Copy `source` to the output with a plain O_DIRECT pwrite loop; with `skip_zeros`, leave
+    /// all-zero chunks as holes (the writes a sparse-aware tool cannot avoid).
+    Baseline { source: PathBuf, skip_zeros: bool },
     /// Run a command.
     Command(Vec<String>),
 }
@@ -30,11 +31,12 @@ pub struct Step {
 }
 
 impl Step {
-    pub fn baseline(name: &'static str, source: &str, output: &str) -> Self {
+    pub fn baseline(name: &'static str, source: &str, output: &str, skip_zeros: bool) -> Self {
         Step {
             name,
             action: Action::Baseline {
                 source: source.into(),
+                skip_zeros,
             },
             output: output.into(),
         }
@@ -56,9 +58,9 @@ impl Step {
         // SAFETY: sync has no arguments and cannot fail.
         unsafe { libc::sync() };
         match &self.action {
-            Action::Baseline { source } => {
+            Action::Baseline { source, skip_zeros } => {
                 let started = Instant::now();
-                direct_copy(source, &self.output)?;
+                direct_copy(source, &self.output, *skip_zeros)?;
                 Ok(Sample {
                     seconds: started.elapsed().as_secs_f64(),
                     peak_memory: None,
@@ -101,7 +103,7 @@ fn run(command: &[String]) -> io::Result<u64> {
 }
 
 /// The disk's limit for these bytes: read 4 MiB, write it with O_DIRECT, repeat; then sync.
-fn direct_copy(source: &Path, target: &Path) -> io::Result<()> {
+fn direct_copy(source: &Path, target: &Path, skip_zeros: bool) -> io::Result<()> {
     const CHUNK: usize = 4 << 20;
     let input = File::open(source)?;
     let output = OpenOptions::new()
@@ -115,9 +117,12 @@ fn direct_copy(source: &Path, target: &Path) -> io::Result<()> {
     while offset < size {
         let length = CHUNK.min((size - offset) as usize);
         input.read_exact_at(&mut buffer[..length], offset)?;
-        output.write_all_at(&buffer[..length], offset)?;
+        if !(skip_zeros && blockrep::image::is_zero(&buffer[..length])) {
+            output.write_all_at(&buffer[..length], offset)?;
+        }
         offset += length as u64;
     }
+    output.set_len(size)?;
     output.sync_all()
 }
 
