@@ -13,6 +13,9 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 const CHUNK: u64 = 4 << 20;
 /// Chunk buffers in the pipeline: enough to keep both stages busy, few enough to bound memory.
 const BUFFERS: usize = 4;
+/// How far ahead of the reader the source is asked to read ahead, so that reads of a source
+/// that is not in the page cache overlap instead of waiting on the disk one at a time.
+const READ_AHEAD: u64 = 8 * CHUNK;
 
 /// What a copy did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -83,9 +86,17 @@ fn read_stage(
     free: Receiver<Vec<u8>>,
     full: SyncSender<Result<Chunk>>,
 ) {
+    // The end of what the source was told will be needed.
+    let mut hinted = 0;
     for range in ranges {
         let mut position = range.start;
         while position < range.end {
+            let wanted = (position + READ_AHEAD).min(range.end);
+            if wanted > hinted.max(position) {
+                let from = hinted.max(position);
+                source.will_need(from, wanted - from);
+                hinted = wanted;
+            }
             let Ok(mut buffer) = free.recv() else { return };
             let chunk_end = ((position / CHUNK + 1) * CHUNK).min(range.end);
             let length = (chunk_end - position) as usize;

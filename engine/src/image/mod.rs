@@ -41,6 +41,10 @@ pub trait BlockImage: Send + Sync {
     /// Ranges of the virtual disk that may hold data, in order and not overlapping; everything
     /// outside them reads as zeros.
     fn allocated_ranges(&self) -> Result<Vec<Range<u64>>>;
+
+    /// Hints that `length` bytes at virtual `offset` will be read soon (readahead). Only a hint:
+    /// the default does nothing.
+    fn will_need(&self, _offset: u64, _length: u64) {}
 }
 
 impl<I: BlockImage + ?Sized> BlockImage for Box<I> {
@@ -61,6 +65,9 @@ impl<I: BlockImage + ?Sized> BlockImage for Box<I> {
     }
     fn allocated_ranges(&self) -> Result<Vec<Range<u64>>> {
         (**self).allocated_ranges()
+    }
+    fn will_need(&self, offset: u64, length: u64) {
+        (**self).will_need(offset, length)
     }
 }
 

@@ -97,4 +97,8 @@ impl<S: Storage> BlockImage for RawImage<S> {
             .filter(|range| range.start < range.end)
             .collect())
     }
+
+    fn will_need(&self, offset: u64, length: u64) {
+        self.storage.will_need(offset, length)
+    }
 }

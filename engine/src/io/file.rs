@@ -137,6 +137,21 @@ impl Storage for FileStorage {
         }
     }
 
+    fn will_need(&self, offset: u64, length: u64) {
+        let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) else {
+            return;
+        };
+        // SAFETY: posix_fadvise only reads its integer arguments. A failed hint changes nothing.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset,
+                length,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+
     fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
         let size = self.size()?;
         let mut ranges = Vec::new();

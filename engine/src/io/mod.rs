@@ -107,6 +107,10 @@ pub trait Storage: Send + Sync {
         Ok(())
     }
 
+    /// Hints that `length` bytes at `offset` will be read soon, so the store can start fetching
+    /// them (readahead). Only a hint: the default does nothing.
+    fn will_need(&self, _offset: u64, _length: u64) {}
+
     /// Byte ranges that may hold data, in order; everything outside them reads as zeros.
     /// The default is the whole store; a sparse file answers with its holes left out.
     fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
@@ -142,6 +146,9 @@ macro_rules! forward_storage {
             }
             fn preallocate(&self, offset: u64, length: u64) -> io::Result<()> {
                 (**self).preallocate(offset, length)
+            }
+            fn will_need(&self, offset: u64, length: u64) {
+                (**self).will_need(offset, length)
             }
             fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
                 (**self).data_ranges()

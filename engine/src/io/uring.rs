@@ -398,6 +398,10 @@ impl Storage for UringStorage {
         self.file.preallocate(offset, length)
     }
 
+    fn will_need(&self, offset: u64, length: u64) {
+        self.file.will_need(offset, length)
+    }
+
     fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
         let mut ring = self.lock();
         self.drain(&mut ring)?;

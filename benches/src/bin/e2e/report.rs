@@ -52,8 +52,13 @@ pub fn rows(steps: &[Step], samples: &[Vec<Sample>], size: u64) -> Vec<Row> {
 
 pub fn table(rows: &[Row], size: u64, runs: usize, mix: &str) {
     println!(
-        "disk: {} ({mix}); median of {runs} runs; MB/s over the virtual size",
-        blockrep::units::format_size(size)
+        "disk: {} ({mix}); median of {runs} runs; MB/s over the virtual size; page cache {}",
+        blockrep::units::format_size(size),
+        if crate::measure::cold_cache_possible() {
+            "dropped before each step"
+        } else {
+            "warm (not root: cannot drop it)"
+        }
     );
     println!(
         "{:<34} {:>9} {:>9} {:>11} {:>10}",
@@ -76,6 +81,7 @@ pub fn json(rows: &[Row], size: u64, runs: usize, mix: &str) -> serde_json::Resu
         "virtual_size": size,
         "runs": runs,
         "mix": mix,
+        "cold_page_cache": crate::measure::cold_cache_possible(),
         "lines": rows,
     }))
 }

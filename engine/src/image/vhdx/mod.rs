@@ -435,6 +435,20 @@ impl<S: Storage> BlockImage for VhdxImage<S> {
         }
         Ok(ranges)
     }
+
+    fn will_need(&self, offset: u64, length: u64) {
+        let end = offset
+            .saturating_add(length)
+            .min(self.geometry.virtual_size);
+        if offset >= end {
+            return;
+        }
+        for (block, inside, piece) in self.geometry.pieces(offset, end - offset) {
+            if let Ok(Some(file_offset)) = self.block_state(block).map(PayloadState::stored_at) {
+                self.storage.will_need(file_offset + inside, piece);
+            }
+        }
+    }
 }
 
 impl<S: Storage> Drop for VhdxImage<S> {
