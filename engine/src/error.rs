@@ -9,11 +9,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The operating system refused or failed an I/O operation.
-    #[error("{name}: {action} failed at byte {offset}: {source}")]
+    #[error("{name}: {action} failed{}: {source}", offset.map(|at| format!(" at byte {at}")).unwrap_or_default())]
     Io {
         name: String,
         action: &'static str,
-        offset: u64,
+        /// Where in the file, for reads and writes.
+        offset: Option<u64>,
         #[source]
         source: io::Error,
     },
@@ -47,7 +48,17 @@ impl Error {
         Error::Io {
             name: name.to_owned(),
             action,
-            offset,
+            offset: Some(offset),
+            source,
+        }
+    }
+
+    /// An I/O error about the file as a whole (opening it, asking its size).
+    pub(crate) fn file(name: &str, action: &'static str, source: io::Error) -> Self {
+        Error::Io {
+            name: name.to_owned(),
+            action,
+            offset: None,
             source,
         }
     }

@@ -125,7 +125,7 @@ pub enum Access {
 pub fn open_path(path: &Path, format: ImageFormat, access: Access) -> Result<Box<dyn BlockImage>> {
     let name = path.display().to_string();
     let storage = FileStorage::open(path, access == Access::ReadWrite)
-        .map_err(|source| Error::io(&name, "open", 0, source))?;
+        .map_err(|source| Error::file(&name, "open", source))?;
     Ok(match format {
         ImageFormat::Raw => Box::new(RawImage::open(storage, &name, access)?),
         ImageFormat::Vhdx => Box::new(VhdxImage::open(storage, &name, access)?),

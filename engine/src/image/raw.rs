@@ -20,7 +20,7 @@ impl<S: Storage> RawImage<S> {
     pub fn open(storage: S, name: &str, access: Access) -> Result<Self> {
         let virtual_size = storage
             .size()
-            .map_err(|source| Error::io(name, "stat", 0, source))?;
+            .map_err(|source| Error::file(name, "stat", source))?;
         Ok(RawImage {
             storage,
             name: name.to_owned(),
@@ -83,7 +83,7 @@ impl<S: Storage> BlockImage for RawImage<S> {
     fn flush(&mut self) -> Result<()> {
         self.storage
             .flush()
-            .map_err(|source| Error::io(&self.name, "flush", 0, source))
+            .map_err(|source| Error::file(&self.name, "flush", source))
     }
 
     fn allocated_ranges(&self) -> Result<Vec<Range<u64>>> {

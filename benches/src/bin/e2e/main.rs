@@ -47,6 +47,10 @@ struct ConvertArguments {
     /// Keep the test disk and outputs afterwards.
     #[arg(long)]
     keep: bool,
+    /// Leave the page cache alone between steps (by default, as root, it is dropped so every
+    /// step reads its input from the disk).
+    #[arg(long)]
+    warm: bool,
 }
 
 fn size_argument(text: &str) -> Result<u64, String> {
@@ -200,12 +204,18 @@ fn convert(arguments: &ConvertArguments) -> Outcome {
         ));
     }
 
+    let cold = !arguments.warm && measure::cold_cache_possible();
+    if !arguments.warm && !cold {
+        eprintln!(
+            "note: not root, so the page cache cannot be dropped between steps: inputs are read warm"
+        );
+    }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); steps.len()];
     for run in 0..arguments.runs.max(1) {
         eprintln!("run {} of {}", run + 1, arguments.runs.max(1));
         // Rounds interleave the lines, so a slow spell of the machine hits them all alike.
         for (step, collected) in steps.iter().zip(&mut samples) {
-            collected.push(step.measure()?);
+            collected.push(step.measure(cold)?);
         }
         if run == 0 {
             verify(&source, directory, qemu)?;
@@ -215,10 +225,10 @@ fn convert(arguments: &ConvertArguments) -> Outcome {
     if arguments.json {
         println!(
             "{}",
-            report::json(&rows, arguments.size, arguments.runs, source::MIX)?
+            report::json(&rows, arguments.size, arguments.runs, source::MIX, cold)?
         );
     } else {
-        report::table(&rows, arguments.size, arguments.runs, source::MIX);
+        report::table(&rows, arguments.size, arguments.runs, source::MIX, cold);
     }
     if !arguments.keep {
         std::fs::remove_dir_all(directory)?;

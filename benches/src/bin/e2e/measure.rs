@@ -50,14 +50,14 @@ impl Step {
         }
     }
 
-    pub fn measure(&self) -> io::Result<Sample> {
+    pub fn measure(&self, cold: bool) -> io::Result<Sample> {
         match std::fs::remove_file(&self.output) {
             Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
             _ => {}
         }
         // SAFETY: sync has no arguments and cannot fail.
         unsafe { libc::sync() };
-        if cold_cache_possible() {
+        if cold {
             // Every step reads its input from the disk, as a conversion of a real disk would.
             std::fs::write("/proc/sys/vm/drop_caches", "3")?;
         }

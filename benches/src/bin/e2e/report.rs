@@ -50,14 +50,14 @@ pub fn rows(steps: &[Step], samples: &[Vec<Sample>], size: u64) -> Vec<Row> {
     rows
 }
 
-pub fn table(rows: &[Row], size: u64, runs: usize, mix: &str) {
+pub fn table(rows: &[Row], size: u64, runs: usize, mix: &str, cold: bool) {
     println!(
         "disk: {} ({mix}); median of {runs} runs; MB/s over the virtual size; page cache {}",
         blockrep::units::format_size(size),
-        if crate::measure::cold_cache_possible() {
+        if cold {
             "dropped before each step"
         } else {
-            "warm (not root: cannot drop it)"
+            "warm"
         }
     );
     println!(
@@ -75,13 +75,19 @@ pub fn table(rows: &[Row], size: u64, runs: usize, mix: &str) {
     }
 }
 
-pub fn json(rows: &[Row], size: u64, runs: usize, mix: &str) -> serde_json::Result<String> {
+pub fn json(
+    rows: &[Row],
+    size: u64,
+    runs: usize,
+    mix: &str,
+    cold: bool,
+) -> serde_json::Result<String> {
     serde_json::to_string_pretty(&serde_json::json!({
         "scenario": "convert",
         "virtual_size": size,
         "runs": runs,
         "mix": mix,
-        "cold_page_cache": crate::measure::cold_cache_possible(),
+        "cold_page_cache": cold,
         "lines": rows,
     }))
 }

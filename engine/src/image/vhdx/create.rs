@@ -73,7 +73,9 @@ impl<S: Storage> VhdxImage<S> {
             move |source| Error::io(name, action, offset, source)
         };
 
-        storage.set_len(0).map_err(io("truncate", 0))?;
+        storage
+            .set_len(0)
+            .map_err(|source| Error::file(name, "truncate", source))?;
         let regions = RegionTable {
             regions: vec![
                 Region {
@@ -142,12 +144,16 @@ impl<S: Storage> VhdxImage<S> {
                 .write_at(&header.encode(), offset)
                 .map_err(io("write header", offset))?;
         }
-        storage.flush().map_err(io("flush", 0))?;
+        storage
+            .flush()
+            .map_err(|source| Error::file(name, "flush", source))?;
         let creator = format!("blockrep {}", env!("CARGO_PKG_VERSION"));
         storage
             .write_at(&encode_file_identifier(&creator), 0)
             .map_err(io("write file identifier", 0))?;
-        storage.flush().map_err(io("flush", 0))?;
+        storage
+            .flush()
+            .map_err(|source| Error::file(name, "flush", source))?;
         VhdxImage::open(storage, name, Access::ReadWrite)
     }
 }

@@ -86,7 +86,7 @@ const MINIMUM_FILE_SIZE: u64 = 2 * ALIGNMENT;
 pub fn inspect<S: Storage + ?Sized>(storage: &S, name: &str) -> Result<Inspection> {
     let stored_size = storage
         .size()
-        .map_err(|source| Error::io(name, "stat", 0, source))?;
+        .map_err(|source| Error::file(name, "stat", source))?;
     let mut identifier = vec![0u8; 64 * 1024];
     if stored_size < identifier.len() as u64 {
         return Err(Error::NotVhdx {

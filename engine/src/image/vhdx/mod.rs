@@ -248,7 +248,7 @@ impl<S: Storage> VhdxImage<S> {
         }
         self.storage
             .flush()
-            .map_err(self.io_error("flush log replay", 0))?;
+            .map_err(|source| Error::file(&self.name, "flush log replay", source))?;
         self.stored_size = new_size;
         // The replayed file is re-read so that the BAT and metadata reflect the log's writes.
         let inspection = inspect(&self.storage, &self.name)?;
@@ -409,12 +409,14 @@ impl<S: Storage> BlockImage for VhdxImage<S> {
         if self.access == Access::ReadOnly {
             return Ok(());
         }
-        self.storage.flush().map_err(self.io_error("flush", 0))?;
+        self.storage
+            .flush()
+            .map_err(|source| Error::file(&self.name, "flush", source))?;
         if !self.unpublished.is_empty() {
             self.publish_bat()?;
             self.storage
                 .flush()
-                .map_err(self.io_error("flush BAT", 0))?;
+                .map_err(|source| Error::file(&self.name, "flush BAT", source))?;
             self.unpublished.clear();
         }
         Ok(())
