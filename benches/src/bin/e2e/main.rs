@@ -144,11 +144,13 @@ fn convert(arguments: &ConvertArguments) -> Outcome {
         Step::command(
             "blockrep raw -> vhdx, io_uring",
             convert_with("uring", &file("blockrep-uring.vhdx")),
+            &source,
             &file("blockrep-uring.vhdx"),
         ),
         Step::command(
             "blockrep raw -> vhdx, sync",
             convert_with("sync", &file("blockrep-sync.vhdx")),
+            &source,
             &file("blockrep-sync.vhdx"),
         ),
     ];
@@ -166,6 +168,7 @@ fn convert(arguments: &ConvertArguments) -> Outcome {
             ]
             .map(String::from)
             .to_vec(),
+            &source,
             &file("qemu.vhdx"),
         ));
     } else {
@@ -183,6 +186,7 @@ fn convert(arguments: &ConvertArguments) -> Outcome {
         ]
         .map(String::from)
         .to_vec(),
+        &file("blockrep-uring.vhdx"),
         &file("blockrep-back.raw"),
     ));
     if qemu {
@@ -200,6 +204,7 @@ fn convert(arguments: &ConvertArguments) -> Outcome {
             ]
             .map(String::from)
             .to_vec(),
+            &file("blockrep-uring.vhdx"),
             &file("qemu-back.raw"),
         ));
     }

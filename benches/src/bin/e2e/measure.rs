@@ -27,6 +27,8 @@ pub enum Action {
 pub struct Step {
     pub name: &'static str,
     pub action: Action,
+    /// The file the step reads: cold steps find it out of the page cache, warm ones in it.
+    pub input: PathBuf,
     pub output: PathBuf,
 }
 
@@ -38,14 +40,16 @@ impl Step {
                 source: source.into(),
                 skip_zeros,
             },
+            input: source.into(),
             output: output.into(),
         }
     }
 
-    pub fn command(name: &'static str, command: Vec<String>, output: &str) -> Self {
+    pub fn command(name: &'static str, command: Vec<String>, input: &str, output: &str) -> Self {
         Step {
             name,
             action: Action::Command(command),
+            input: input.into(),
             output: output.into(),
         }
     }
@@ -60,6 +64,9 @@ impl Step {
         if cold {
             // Every step reads its input from the disk, as a conversion of a real disk would.
             std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+        } else {
+            // Every step finds its input in the page cache, whoever read it last.
+            read_through(&self.input)?;
         }
         match &self.action {
             Action::Baseline { source, skip_zeros } => {
@@ -138,6 +145,20 @@ fn direct_copy(source: &Path, target: &Path, skip_zeros: bool) -> io::Result<()>
     }
     output.set_len(size)?;
     output.sync_all()
+}
+
+/// Reads a whole file, leaving it in the page cache.
+fn read_through(path: &Path) -> io::Result<()> {
+    let file = File::open(path)?;
+    let mut buffer = vec![0u8; 4 << 20];
+    let size = file.metadata()?.len();
+    let mut offset = 0;
+    while offset < size {
+        let length = buffer.len().min((size - offset) as usize);
+        file.read_exact_at(&mut buffer[..length], offset)?;
+        offset += length as u64;
+    }
+    Ok(())
 }
 
 /// True when two files hold the same bytes.
