@@ -7,6 +7,7 @@
 pub mod error;
 pub mod image;
 pub mod io;
+pub mod track;
 pub mod units;
 
 pub use error::{Error, Result};
