@@ -38,6 +38,12 @@ pub enum Error {
     /// A write was attempted on an image opened read-only.
     #[error("{name}: image is open read-only")]
     ReadOnly { name: String },
+    /// A delta file is damaged, truncated, of an unknown version, or does not fit its target.
+    #[error("{name}: {problem}")]
+    Delta { name: String, problem: String },
+    /// Change tracking cannot be trusted; only a comparison of both sides can recover.
+    #[error("{name}: tracking lost: resynchronization required ({reason})")]
+    TrackingLost { name: String, reason: String },
     /// A caller passed a value the engine cannot use (a size, a block size, a sector size).
     #[error("invalid {what}: {reason}")]
     InvalidArgument { what: &'static str, reason: String },

@@ -4,6 +4,7 @@
 //! `io` (how bytes reach a file, behind [`io::Storage`]). Later layers (tracking, deltas, the
 //! protocol, the replica) build on these two; see `docs/architecture.md`.
 
+pub mod delta;
 pub mod error;
 pub mod image;
 pub mod io;

@@ -1,0 +1,211 @@
+//! Reading a delta: verify every checksum of the whole delta first, then apply it. A damaged or
+//! truncated delta is refused before a byte of the target changes, and applying the same delta
+//! twice leaves the same bytes (every record says what a range holds, not how it changed).
+
+use super::format::*;
+use crate::image::BlockImage;
+use crate::{Error, Result};
+use std::io::{Read, Seek, SeekFrom};
+
+/// What a verified delta holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeltaSummary {
+    pub header: DeltaHeader,
+    pub data_records: u64,
+    pub zero_records: u64,
+    /// Disk bytes the data records cover (uncompressed).
+    pub data_bytes: u64,
+    /// Payload bytes as stored (compressed where it paid).
+    pub stored_bytes: u64,
+    pub zero_bytes: u64,
+    /// Size of the delta, trailer included.
+    pub delta_bytes: u64,
+}
+
+/// Reads the stream, checking everything, and hands each extent to `extent` (data, or `None`
+/// for zeros) once its own checksum is verified.
+fn walk(
+    mut reader: impl Read,
+    name: &str,
+    mut extent: impl FnMut(u64, u64, Option<&[u8]>) -> Result<()>,
+) -> Result<DeltaSummary> {
+    let problem = |text: String| Error::Delta {
+        name: name.to_owned(),
+        problem: text,
+    };
+    let truncated = |error: std::io::Error| {
+        if error.kind() == std::io::ErrorKind::UnexpectedEof {
+            problem("truncated: the delta ends before its end record".into())
+        } else {
+            Error::file(name, "read delta", error)
+        }
+    };
+    let mut running = 0u32;
+    let mut header_bytes = [0u8; HEADER_SIZE];
+    reader.read_exact(&mut header_bytes).map_err(truncated)?;
+    running = crc32c::crc32c_append(running, &header_bytes);
+    let header = DeltaHeader::decode(&header_bytes).map_err(problem)?;
+    let mut summary = DeltaSummary {
+        header: header.clone(),
+        data_records: 0,
+        zero_records: 0,
+        data_bytes: 0,
+        stored_bytes: 0,
+        zero_bytes: 0,
+        delta_bytes: HEADER_SIZE as u64,
+    };
+    let mut payload = Vec::new();
+    let mut data = vec![0u8; MAX_EXTENT as usize];
+    let mut next_offset = 0u64;
+    loop {
+        let mut record_bytes = [0u8; RECORD_SIZE];
+        reader.read_exact(&mut record_bytes).map_err(truncated)?;
+        let at = summary.delta_bytes;
+        summary.delta_bytes += RECORD_SIZE as u64;
+        let record = Record::decode(&record_bytes)
+            .map_err(|text| problem(format!("record at byte {at}: {text}")))?;
+        if record.kind == KIND_END {
+            if record.checksum != running {
+                return Err(problem(
+                    "checksum of the whole delta does not match its end record".into(),
+                ));
+            }
+            if record.offset != summary.data_records + summary.zero_records {
+                return Err(problem(format!(
+                    "end record counts {} extents but the delta holds {}",
+                    record.offset,
+                    summary.data_records + summary.zero_records
+                )));
+            }
+            let mut extra = [0u8; 1];
+            if reader
+                .read(&mut extra)
+                .map_err(|error| Error::file(name, "read delta", error))?
+                != 0
+            {
+                return Err(problem("bytes follow the end record".into()));
+            }
+            return Ok(summary);
+        }
+        running = crc32c::crc32c_append(running, &record_bytes);
+        let length = u64::from(record.length);
+        if length == 0
+            || length > MAX_EXTENT
+            || record.offset < next_offset
+            || record
+                .offset
+                .checked_add(length)
+                .is_none_or(|end| end > header.virtual_size)
+        {
+            return Err(problem(format!(
+                "record at byte {at}: extent {}+{length} is empty, too long, out of order or past the disk",
+                record.offset
+            )));
+        }
+        next_offset = record.offset + length;
+        match (record.kind, record.encoding) {
+            (KIND_ZERO, _) => {
+                if record.stored_length != 0 {
+                    return Err(problem(format!(
+                        "record at byte {at}: zero extent with a payload"
+                    )));
+                }
+                extent(record.offset, length, None)?;
+                summary.zero_records += 1;
+                summary.zero_bytes += length;
+            }
+            (KIND_DATA, encoding @ (ENCODING_RAW | ENCODING_LZ4)) => {
+                let stored = record.stored_length as usize;
+                if stored > lz4_flex::block::get_maximum_output_size(MAX_EXTENT as usize) {
+                    return Err(problem(format!(
+                        "record at byte {at}: payload of {stored} bytes is too long"
+                    )));
+                }
+                payload.resize(stored, 0);
+                reader.read_exact(&mut payload).map_err(truncated)?;
+                running = crc32c::crc32c_append(running, &payload);
+                summary.delta_bytes += stored as u64;
+                summary.stored_bytes += stored as u64;
+                let bytes = &mut data[..length as usize];
+                if encoding == ENCODING_LZ4 {
+                    let unpacked =
+                        lz4_flex::block::decompress_into(&payload, bytes).map_err(|error| {
+                            problem(format!(
+                                "record at byte {at}: lz4 payload is damaged: {error}"
+                            ))
+                        })?;
+                    if unpacked != bytes.len() {
+                        return Err(problem(format!(
+                            "record at byte {at}: lz4 payload is short"
+                        )));
+                    }
+                } else if stored == bytes.len() {
+                    bytes.copy_from_slice(&payload);
+                } else {
+                    return Err(problem(format!(
+                        "record at byte {at}: raw payload length differs from the extent"
+                    )));
+                }
+                if crc32c::crc32c(bytes) != record.checksum {
+                    return Err(problem(format!(
+                        "record at byte {at}: data checksum mismatch (extent at {})",
+                        record.offset
+                    )));
+                }
+                extent(record.offset, length, Some(bytes))?;
+                summary.data_records += 1;
+                summary.data_bytes += length;
+            }
+            (kind, encoding) => {
+                return Err(problem(format!(
+                    "record at byte {at}: unknown kind {kind} or encoding {encoding}"
+                )));
+            }
+        }
+    }
+}
+
+/// Checks a whole delta: header, every record, every payload, the trailer.
+pub fn verify_delta(reader: impl Read, name: &str) -> Result<DeltaSummary> {
+    walk(reader, name, |_, _, _| Ok(()))
+}
+
+/// Verifies the whole delta, then applies it to `target`, which must have the delta's size and,
+/// when `expected_disk_id` is given, its disk id; then flushes the target.
+pub fn apply_delta<R: Read + Seek>(
+    mut reader: R,
+    name: &str,
+    target: &mut dyn BlockImage,
+    expected_disk_id: Option<uuid::Uuid>,
+) -> Result<DeltaSummary> {
+    let summary = verify_delta(&mut reader, name)?;
+    let header = &summary.header;
+    let refuse = |problem: String| Error::Delta {
+        name: name.to_owned(),
+        problem,
+    };
+    if header.virtual_size != target.virtual_size() {
+        return Err(refuse(format!(
+            "the delta is for a disk of {} bytes, the target has {}",
+            header.virtual_size,
+            target.virtual_size()
+        )));
+    }
+    if let Some(disk_id) = expected_disk_id {
+        if !header.disk_id.is_nil() && disk_id != header.disk_id {
+            return Err(refuse(format!(
+                "the delta is for disk {}, the target is disk {disk_id}",
+                header.disk_id
+            )));
+        }
+    }
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|error| Error::file(name, "rewind delta", error))?;
+    walk(reader, name, |offset, length, data| match data {
+        Some(bytes) => target.write_at(bytes, offset),
+        None => target.zero_range(offset, length),
+    })?;
+    target.flush()?;
+    Ok(summary)
+}

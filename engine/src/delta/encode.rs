@@ -1,0 +1,138 @@
+//! Encoding: read the changed extents from the image, find the zero blocks, compress what
+//! compresses, and stream the records out.
+
+use super::format::*;
+use crate::image::{BlockImage, is_zero};
+use crate::{Error, Result};
+use std::io::Write;
+use std::ops::Range;
+
+/// What an encoding produced.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct EncodeStatistics {
+    pub data_records: u64,
+    pub zero_records: u64,
+    /// Disk bytes in data records, before compression.
+    pub data_bytes: u64,
+    /// Disk bytes in zero records.
+    pub zero_bytes: u64,
+    /// Bytes written, the whole delta.
+    pub delta_bytes: u64,
+}
+
+/// Counts bytes and keeps the running checksum the trailer carries.
+struct Output<W: Write> {
+    writer: W,
+    checksum: u32,
+    written: u64,
+}
+
+impl<W: Write> Output<W> {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes)?;
+        self.checksum = crc32c::crc32c_append(self.checksum, bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Writes a delta of `extents` (byte ranges of `image`, in order, not overlapping) to `writer`.
+/// Blocks of `header.block_size` that read as zeros become zero records; data runs are cut at
+/// 1 MiB and compressed with lz4 when that saves at least an eighth.
+pub fn encode_delta(
+    image: &dyn BlockImage,
+    extents: &[Range<u64>],
+    header: &DeltaHeader,
+    writer: impl Write,
+    name: &str,
+) -> Result<EncodeStatistics> {
+    let io = |source: std::io::Error| Error::file(name, "write delta", source);
+    let block = u64::from(header.block_size).max(512);
+    let mut output = Output {
+        writer,
+        checksum: 0,
+        written: 0,
+    };
+    output.put(&header.encode()).map_err(io)?;
+    let mut statistics = EncodeStatistics::default();
+    let mut buffer = vec![0u8; MAX_EXTENT as usize];
+    let mut compressed = vec![0u8; lz4_flex::block::get_maximum_output_size(MAX_EXTENT as usize)];
+    let mut previous_end = 0;
+    for extent in extents {
+        if extent.start < previous_end || extent.end > image.virtual_size() {
+            return Err(Error::InvalidArgument {
+                what: "delta extents",
+                reason: format!("{extent:?} is out of order or past the disk"),
+            });
+        }
+        previous_end = extent.end;
+        let mut position = extent.start;
+        while position < extent.end {
+            let length = MAX_EXTENT.min(extent.end - position);
+            let data = &mut buffer[..length as usize];
+            image.read_at(data, position)?;
+            // Split the chunk into runs of zero and non-zero blocks.
+            let mut run_start = 0usize;
+            while run_start < data.len() {
+                let block_end = |at: usize| {
+                    ((((position + at as u64) / block) + 1) * block - position).min(length) as usize
+                };
+                let zero = is_zero(&data[run_start..block_end(run_start)]);
+                let mut run_end = block_end(run_start);
+                while run_end < data.len() && is_zero(&data[run_end..block_end(run_end)]) == zero {
+                    run_end = block_end(run_end);
+                }
+                let offset = position + run_start as u64;
+                let piece = &data[run_start..run_end];
+                if zero {
+                    let record = Record {
+                        kind: KIND_ZERO,
+                        encoding: ENCODING_RAW,
+                        length: piece.len() as u32,
+                        offset,
+                        stored_length: 0,
+                        checksum: 0,
+                    };
+                    output.put(&record.encode()).map_err(io)?;
+                    statistics.zero_records += 1;
+                    statistics.zero_bytes += piece.len() as u64;
+                } else {
+                    let checksum = crc32c::crc32c(piece);
+                    let packed = lz4_flex::block::compress_into(piece, &mut compressed)
+                        .unwrap_or(usize::MAX);
+                    let (encoding, payload) = if packed <= piece.len() - piece.len() / 8 {
+                        (ENCODING_LZ4, &compressed[..packed])
+                    } else {
+                        (ENCODING_RAW, piece)
+                    };
+                    let record = Record {
+                        kind: KIND_DATA,
+                        encoding,
+                        length: piece.len() as u32,
+                        offset,
+                        stored_length: payload.len() as u32,
+                        checksum,
+                    };
+                    output.put(&record.encode()).map_err(io)?;
+                    output.put(payload).map_err(io)?;
+                    statistics.data_records += 1;
+                    statistics.data_bytes += piece.len() as u64;
+                }
+                run_start = run_end;
+            }
+            position += length;
+        }
+    }
+    let end = Record {
+        kind: KIND_END,
+        encoding: ENCODING_RAW,
+        length: 0,
+        offset: statistics.data_records + statistics.zero_records,
+        stored_length: 0,
+        checksum: output.checksum,
+    };
+    output.put(&end.encode()).map_err(io)?;
+    output.writer.flush().map_err(io)?;
+    statistics.delta_bytes = output.written;
+    Ok(statistics)
+}

@@ -1,0 +1,12 @@
+//! The delta format (v1, `docs/formats/delta.md`): the changed extents of one generation of a
+//! disk, each data extent checksummed and compressed when that pays, zero extents without
+//! payload, and a trailer that tells a complete delta from a truncated one. This module encodes
+//! deltas from an image, verifies them, and applies them to an image; it knows no sockets.
+
+mod apply;
+mod encode;
+mod format;
+
+pub use apply::{DeltaSummary, apply_delta, verify_delta};
+pub use encode::{EncodeStatistics, encode_delta};
+pub use format::{DeltaHeader, FORMAT_VERSION};
