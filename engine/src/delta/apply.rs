@@ -191,13 +191,14 @@ pub fn apply_delta<R: Read + Seek>(
             target.virtual_size()
         )));
     }
-    if let Some(disk_id) = expected_disk_id {
-        if !header.disk_id.is_nil() && disk_id != header.disk_id {
-            return Err(refuse(format!(
-                "the delta is for disk {}, the target is disk {disk_id}",
-                header.disk_id
-            )));
-        }
+    if let Some(disk_id) = expected_disk_id
+        && !header.disk_id.is_nil()
+        && disk_id != header.disk_id
+    {
+        return Err(refuse(format!(
+            "the delta is for disk {}, the target is disk {disk_id}",
+            header.disk_id
+        )));
     }
     reader
         .seek(SeekFrom::Start(0))
