@@ -3,7 +3,9 @@
 //! nothing of how the changes are shipped.
 
 mod bitmap;
+mod journal;
 mod tracked;
 
 pub use bitmap::DirtyBitmap;
+pub use journal::{DEFAULT_REGION_SIZE, JOURNAL_VERSION, Journal, JournalIdentity, Recovered};
 pub use tracked::{Cut, DEFAULT_GRANULARITY, TrackedDisk};

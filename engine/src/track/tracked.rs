@@ -11,11 +11,13 @@
 //! write (the next generation has it), and one cut after it reads the image after the write.
 
 use super::DirtyBitmap;
+use super::journal::{Journal, Recovered};
 use crate::image::BlockImage;
+use crate::io::Storage;
 use crate::{Error, Result};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 /// Tracking granularity unless a disk sets its own.
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
@@ -64,6 +66,10 @@ pub struct TrackedDisk<I: BlockImage> {
     granularity: u64,
     virtual_size: u64,
     current: RwLock<Arc<Generation>>,
+    /// Makes tracking survive restarts and crashes, when present.
+    journal: Option<Journal<Box<dyn Storage>>>,
+    /// Cut generations not yet acknowledged, kept for a clean shutdown to persist.
+    unacknowledged: Mutex<Vec<(u64, DirtyBitmap)>>,
 }
 
 fn unpoisoned<T>(result: std::sync::LockResult<T>) -> T {
@@ -76,15 +82,42 @@ impl<I: BlockImage> TrackedDisk<I> {
     /// Starts tracking `image` at generation 1 with nothing marked. `granularity` is the size
     /// of a tracked block: a power of two from 4 KiB to 64 MiB.
     pub fn new(image: I, granularity: u64) -> Result<Self> {
-        Self::resume(image, granularity, 1, None)
+        Self::resume(image, granularity, 1, None, None)
     }
 
-    /// Resumes tracking at `generation`, with `marked` (from a journal) already dirty.
-    pub(crate) fn resume(
+    /// Tracks `image` with `journal`, continuing from what opening (or creating) it recovered.
+    /// The journal's granularity is the disk's.
+    pub fn with_journal(
+        image: I,
+        journal: Journal<Box<dyn Storage>>,
+        recovered: Recovered,
+    ) -> Result<Self> {
+        let identity = journal.identity();
+        if identity.virtual_size != image.virtual_size() {
+            return Err(Error::TrackingLost {
+                name: "journal".into(),
+                reason: format!(
+                    "journal is for {} bytes, the image has {}",
+                    identity.virtual_size,
+                    image.virtual_size()
+                ),
+            });
+        }
+        Self::resume(
+            image,
+            identity.granularity,
+            recovered.next_generation,
+            Some(recovered.dirty),
+            Some(journal),
+        )
+    }
+
+    fn resume(
         image: I,
         granularity: u64,
         generation: u64,
         marked: Option<DirtyBitmap>,
+        journal: Option<Journal<Box<dyn Storage>>>,
     ) -> Result<Self> {
         if !granularity.is_power_of_two() || !(4096..=64 << 20).contains(&granularity) {
             return Err(Error::InvalidArgument {
@@ -107,6 +140,8 @@ impl<I: BlockImage> TrackedDisk<I> {
                 bitmap,
                 writers: AtomicUsize::new(0),
             })),
+            journal,
+            unacknowledged: Mutex::new(Vec::new()),
         })
     }
 
@@ -128,8 +163,34 @@ impl<I: BlockImage> TrackedDisk<I> {
         unpoisoned(self.image.read())
     }
 
+    /// Stops tracking without a clean shutdown of the journal (as a crash would).
     pub fn into_inner(self) -> I {
         unpoisoned(self.image.into_inner())
+    }
+
+    /// Records that the replica holds every generation up to `generation`: their changes no
+    /// longer need to survive a crash.
+    pub fn acknowledge(&self, generation: u64) -> Result<()> {
+        unpoisoned(self.unacknowledged.lock()).retain(|(cut, _)| *cut > generation);
+        match &self.journal {
+            Some(journal) => journal.acknowledge(generation),
+            None => Ok(()),
+        }
+    }
+
+    /// Clean shutdown: flushes the image and stores every change not yet acknowledged in the
+    /// journal, so the next open continues where this one stopped.
+    pub fn close(self) -> Result<I> {
+        let mut image = unpoisoned(self.image.into_inner());
+        image.flush()?;
+        let current = unpoisoned(self.current.into_inner());
+        if let Some(journal) = self.journal {
+            for (_, bitmap) in unpoisoned(self.unacknowledged.into_inner()) {
+                current.bitmap.merge(&bitmap);
+            }
+            journal.close(&current.bitmap, current.number)?;
+        }
+        Ok(image)
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -168,8 +229,14 @@ impl<I: BlockImage> TrackedDisk<I> {
         let generation = frozen.number;
         // Every writer has left, so this is the only reference (or close to it: a writer may
         // still be dropping its clone); copying the bits out avoids waiting for that.
-        let bitmap = DirtyBitmap::from_bytes(frozen.bitmap.blocks(), &frozen.bitmap.to_bytes())
-            .unwrap_or_else(|| DirtyBitmap::new(frozen.bitmap.blocks()));
+        let copy = || {
+            DirtyBitmap::from_bytes(frozen.bitmap.blocks(), &frozen.bitmap.to_bytes())
+                .unwrap_or_else(|| DirtyBitmap::new(frozen.bitmap.blocks()))
+        };
+        let bitmap = copy();
+        if self.journal.is_some() {
+            unpoisoned(self.unacknowledged.lock()).push((generation, copy()));
+        }
         Cut {
             generation,
             granularity: self.granularity,
@@ -193,7 +260,12 @@ impl<I: BlockImage> TrackedDisk<I> {
             current.writers.fetch_add(1, Ordering::AcqRel);
             Arc::clone(&current)
         };
-        let result = change(&mut *unpoisoned(self.image.write()));
+        // The region is durably marked before the write can reach the disk.
+        let marked = match &self.journal {
+            Some(journal) => journal.mark(offset, length, generation.number),
+            None => Ok(()),
+        };
+        let result = marked.and_then(|()| change(&mut *unpoisoned(self.image.write())));
         // Marked even when the change failed: part of it may have reached the image.
         let first = offset / self.granularity;
         let last = (offset + length - 1) / self.granularity;

@@ -1,0 +1,385 @@
+//! The tracking journal (format v1, `docs/formats/journal.md`): what makes tracking survive
+//! restarts and crashes. A clean shutdown stores the dirty bitmap; while tracking runs, the
+//! first write to each coarse region in a generation is preceded by a durable mark of that
+//! region (a modified-region table). After a crash, the stored bitmap plus every region marked
+//! since the last acknowledged generation count as changed: a bounded superset, never a miss.
+//! A journal that is missing, damaged or about another disk is reported, never trusted.
+
+use super::DirtyBitmap;
+use crate::io::Storage;
+use crate::{Error, Result};
+use std::sync::Mutex;
+use uuid::Uuid;
+
+pub const JOURNAL_VERSION: u16 = 1;
+const MAGIC: &[u8; 8] = b"BRTRACK\n";
+const PAGE: u64 = 4096;
+const ENTRIES_PER_PAGE: u64 = 511;
+const STATE_ACTIVE: u32 = 1;
+const STATE_CLEAN: u32 = 2;
+/// Coarse region size for the modified-region table unless told otherwise.
+pub const DEFAULT_REGION_SIZE: u64 = 64 << 20;
+
+/// Which disk a journal belongs to, and how it tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalIdentity {
+    pub disk_id: Uuid,
+    pub virtual_size: u64,
+    pub granularity: u64,
+    pub region_size: u64,
+}
+
+impl JournalIdentity {
+    fn blocks(&self) -> u64 {
+        self.virtual_size.div_ceil(self.granularity)
+    }
+    fn regions(&self) -> u64 {
+        self.virtual_size.div_ceil(self.region_size)
+    }
+    fn region_pages(&self) -> u64 {
+        self.regions().div_ceil(ENTRIES_PER_PAGE)
+    }
+    fn bitmap_offset(&self) -> u64 {
+        PAGE * (1 + self.region_pages())
+    }
+    fn bitmap_length(&self) -> u64 {
+        self.blocks().div_ceil(64) * 8
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// Generation of each region's last mark; 0 = never.
+    regions: Vec<u64>,
+    generation: u64,
+    acknowledged: u64,
+}
+
+/// An open journal. All methods make their change durable before returning.
+pub struct Journal<S: Storage> {
+    storage: S,
+    name: String,
+    identity: JournalIdentity,
+    state: Mutex<State>,
+}
+
+impl<S: Storage> std::fmt::Debug for Journal<S> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Journal")
+            .field("name", &self.name)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What opening a journal recovered.
+#[derive(Debug)]
+pub struct Recovered {
+    /// Blocks to count as changed.
+    pub dirty: DirtyBitmap,
+    /// The generation tracking continues with.
+    pub next_generation: u64,
+    /// True when the journal was not closed cleanly (a crash): `dirty` includes whole regions.
+    pub after_crash: bool,
+}
+
+fn lost(name: &str, reason: impl Into<String>) -> Error {
+    Error::TrackingLost {
+        name: name.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl<S: Storage> Journal<S> {
+    /// Starts a new journal (after a full copy: nothing is dirty), replacing any content.
+    pub fn create(storage: S, name: &str, identity: JournalIdentity) -> Result<Self> {
+        if identity.region_size < identity.granularity || !identity.region_size.is_power_of_two() {
+            return Err(Error::InvalidArgument {
+                what: "journal region size",
+                reason: format!(
+                    "{} is not a power of two at least the granularity",
+                    identity.region_size
+                ),
+            });
+        }
+        let io = |action| move |source| Error::file(name, action, source);
+        storage.set_len(0).map_err(io("truncate journal"))?;
+        storage
+            .set_len(identity.bitmap_offset() + identity.bitmap_length())
+            .map_err(io("size journal"))?;
+        let journal = Journal {
+            storage,
+            name: name.to_owned(),
+            identity,
+            state: Mutex::new(State {
+                regions: vec![0; identity.regions() as usize],
+                generation: 1,
+                acknowledged: 0,
+            }),
+        };
+        for page in 0..identity.region_pages() {
+            journal.write_region_page(&journal.lock(), page)?;
+        }
+        journal.write_header(&journal.lock(), STATE_ACTIVE, 0)?;
+        journal.storage.flush().map_err(io("flush journal"))?;
+        Ok(journal)
+    }
+
+    /// Opens an existing journal for `identity` and recovers what must count as changed.
+    /// Anything that cannot be trusted is `Error::TrackingLost`.
+    pub fn open(storage: S, name: &str, identity: JournalIdentity) -> Result<(Self, Recovered)> {
+        let read = |offset: u64, length: u64| -> Result<Vec<u8>> {
+            let mut bytes = vec![0u8; length as usize];
+            storage.read_at(&mut bytes, offset).map_err(|error| {
+                lost(
+                    name,
+                    format!("journal unreadable at byte {offset}: {error}"),
+                )
+            })?;
+            Ok(bytes)
+        };
+        let size = storage
+            .size()
+            .map_err(|error| lost(name, format!("journal missing: {error}")))?;
+        if size < PAGE {
+            return Err(lost(name, "journal missing or empty"));
+        }
+        let header = read(0, PAGE)?;
+        if &header[..8] != MAGIC {
+            return Err(lost(name, "not a blockrep tracking journal"));
+        }
+        if u32_at(&header, 4092) != crc32c::crc32c(&header[..4092]) {
+            return Err(lost(name, "journal header checksum mismatch"));
+        }
+        let version = u16::from_le_bytes([header[8], header[9]]);
+        if version != JOURNAL_VERSION {
+            return Err(lost(
+                name,
+                format!(
+                    "journal version {version} is not supported (this blockrep reads version {JOURNAL_VERSION})"
+                ),
+            ));
+        }
+        let disk_id = Uuid::from_bytes(header[16..32].try_into().unwrap_or_default());
+        let stored = JournalIdentity {
+            disk_id,
+            virtual_size: u64_at(&header, 32),
+            granularity: u64::from(u32_at(&header, 40)),
+            region_size: u64::from(u32_at(&header, 44)),
+        };
+        if stored != identity {
+            return Err(lost(
+                name,
+                format!(
+                    "journal belongs to another disk or tracking setup (disk {}, {} bytes, granularity {}, region {}; expected disk {}, {} bytes, granularity {}, region {})",
+                    stored.disk_id,
+                    stored.virtual_size,
+                    stored.granularity,
+                    stored.region_size,
+                    identity.disk_id,
+                    identity.virtual_size,
+                    identity.granularity,
+                    identity.region_size
+                ),
+            ));
+        }
+        let clean = match u32_at(&header, 12) {
+            STATE_CLEAN => true,
+            STATE_ACTIVE => false,
+            other => return Err(lost(name, format!("journal state {other} is unknown"))),
+        };
+        let generation = u64_at(&header, 48);
+        let acknowledged = u64_at(&header, 56);
+        let mut regions = Vec::with_capacity(identity.regions() as usize);
+        for page in 0..identity.region_pages() {
+            let bytes = read(PAGE * (1 + page), PAGE)?;
+            if u32_at(&bytes, 4092) != crc32c::crc32c(&bytes[..4092]) {
+                return Err(lost(
+                    name,
+                    format!("journal region page {page} checksum mismatch"),
+                ));
+            }
+            let left = identity.regions() - page * ENTRIES_PER_PAGE;
+            for entry in 0..left.min(ENTRIES_PER_PAGE) {
+                regions.push(u64_at(&bytes, entry as usize * 8));
+            }
+        }
+        let bitmap_bytes = read(identity.bitmap_offset(), identity.bitmap_length())?;
+        let stored_bitmap = if u32_at(&header, 72) == crc32c::crc32c(&bitmap_bytes) {
+            DirtyBitmap::from_bytes(identity.blocks(), &bitmap_bytes)
+        } else {
+            None
+        };
+        let dirty = match (clean, stored_bitmap) {
+            (true, Some(bitmap)) => bitmap,
+            (true, None) => return Err(lost(name, "journal bitmap checksum mismatch")),
+            (false, stored) => {
+                // A crash: whatever the last clean shutdown stored, plus every region marked
+                // since the last acknowledged generation.
+                let dirty = stored.unwrap_or_else(|| DirtyBitmap::new(identity.blocks()));
+                let per_region = identity.region_size / identity.granularity;
+                for (region, &mark) in regions.iter().enumerate() {
+                    if mark > acknowledged {
+                        let first = region as u64 * per_region;
+                        dirty.mark(first, first + per_region - 1);
+                    }
+                }
+                dirty
+            }
+        };
+        let newest_mark = regions.iter().copied().max().unwrap_or(0);
+        let next_generation = generation.max(newest_mark) + 1;
+        let journal = Journal {
+            storage,
+            name: name.to_owned(),
+            identity,
+            state: Mutex::new(State {
+                regions,
+                generation: next_generation,
+                acknowledged,
+            }),
+        };
+        // From here until a clean close, a crash must be assumed.
+        journal.write_header(&journal.lock(), STATE_ACTIVE, u32_at(&header, 72))?;
+        journal.flush()?;
+        Ok((
+            journal,
+            Recovered {
+                dirty,
+                next_generation,
+                after_crash: !clean,
+            },
+        ))
+    }
+
+    pub fn identity(&self) -> JournalIdentity {
+        self.identity
+    }
+
+    /// Durably marks the regions covering `offset..offset + length` as modified in
+    /// `generation`, unless they already are. Must return before the write it covers starts.
+    pub fn mark(&self, offset: u64, length: u64, generation: u64) -> Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let first = offset / self.identity.region_size;
+        let last = (offset + length - 1) / self.identity.region_size;
+        let mut state = self.lock();
+        let mut pages = Vec::new();
+        for region in first..=last.min(self.identity.regions() - 1) {
+            let entry = &mut state.regions[region as usize];
+            if *entry < generation {
+                *entry = generation;
+                let page = region / ENTRIES_PER_PAGE;
+                if pages.last() != Some(&page) {
+                    pages.push(page);
+                }
+            }
+        }
+        if pages.is_empty() {
+            return Ok(());
+        }
+        state.generation = state.generation.max(generation);
+        for page in pages {
+            self.write_region_page(&state, page)?;
+        }
+        self.flush()
+    }
+
+    /// Records that every generation up to `generation` is safely on the replica, so their
+    /// region marks no longer count after a crash.
+    pub fn acknowledge(&self, generation: u64) -> Result<()> {
+        let mut state = self.lock();
+        state.acknowledged = state.acknowledged.max(generation);
+        let bitmap_checksum = self.stored_bitmap_checksum()?;
+        self.write_header(&state, STATE_ACTIVE, bitmap_checksum)?;
+        self.flush()
+    }
+
+    /// Clean shutdown: stores `dirty` (every change not yet acknowledged) and the generation.
+    pub fn close(self, dirty: &DirtyBitmap, generation: u64) -> Result<()> {
+        let bytes = dirty.to_bytes();
+        self.storage
+            .write_at(&bytes, self.identity.bitmap_offset())
+            .map_err(|source| {
+                Error::io(
+                    &self.name,
+                    "write journal bitmap",
+                    self.identity.bitmap_offset(),
+                    source,
+                )
+            })?;
+        self.flush()?;
+        let mut state = self.lock();
+        state.generation = state.generation.max(generation);
+        self.write_header(&state, STATE_CLEAN, crc32c::crc32c(&bytes))?;
+        drop(state);
+        self.flush()
+    }
+
+    fn stored_bitmap_checksum(&self) -> Result<u32> {
+        let mut header = vec![0u8; PAGE as usize];
+        self.storage
+            .read_at(&mut header, 0)
+            .map_err(|source| Error::io(&self.name, "read journal header", 0, source))?;
+        Ok(u32_at(&header, 72))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(|source| Error::file(&self.name, "flush journal", source))
+    }
+
+    fn write_header(&self, state: &State, journal_state: u32, bitmap_checksum: u32) -> Result<()> {
+        let mut page = vec![0u8; PAGE as usize];
+        page[..8].copy_from_slice(MAGIC);
+        page[8..10].copy_from_slice(&JOURNAL_VERSION.to_le_bytes());
+        page[12..16].copy_from_slice(&journal_state.to_le_bytes());
+        page[16..32].copy_from_slice(self.identity.disk_id.as_bytes());
+        page[32..40].copy_from_slice(&self.identity.virtual_size.to_le_bytes());
+        page[40..44].copy_from_slice(&(self.identity.granularity as u32).to_le_bytes());
+        page[44..48].copy_from_slice(&(self.identity.region_size as u32).to_le_bytes());
+        page[48..56].copy_from_slice(&state.generation.to_le_bytes());
+        page[56..64].copy_from_slice(&state.acknowledged.to_le_bytes());
+        page[64..72].copy_from_slice(&self.identity.bitmap_length().to_le_bytes());
+        page[72..76].copy_from_slice(&bitmap_checksum.to_le_bytes());
+        let checksum = crc32c::crc32c(&page[..4092]);
+        page[4092..].copy_from_slice(&checksum.to_le_bytes());
+        self.storage
+            .write_at(&page, 0)
+            .map_err(|source| Error::io(&self.name, "write journal header", 0, source))
+    }
+
+    fn write_region_page(&self, state: &State, page: u64) -> Result<()> {
+        let mut bytes = vec![0u8; PAGE as usize];
+        let first = (page * ENTRIES_PER_PAGE) as usize;
+        let last = (first + ENTRIES_PER_PAGE as usize).min(state.regions.len());
+        for (index, mark) in state.regions[first..last].iter().enumerate() {
+            bytes[index * 8..index * 8 + 8].copy_from_slice(&mark.to_le_bytes());
+        }
+        let checksum = crc32c::crc32c(&bytes[..4092]);
+        bytes[4092..].copy_from_slice(&checksum.to_le_bytes());
+        let offset = PAGE * (1 + page);
+        self.storage
+            .write_at(&bytes, offset)
+            .map_err(|source| Error::io(&self.name, "write journal region page", offset, source))
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
+}

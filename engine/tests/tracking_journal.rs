@@ -1,0 +1,245 @@
+//! Tracking survives clean restarts exactly and crashes as a bounded superset; a journal that
+//! cannot be trusted is reported as "tracking lost", never used.
+
+mod common;
+
+use blockrep::Error;
+use blockrep::image::{Access, RawImage};
+use blockrep::io::{MemoryStorage, Storage};
+use blockrep::track::{Journal, JournalIdentity, TrackedDisk};
+use common::pattern;
+use proptest::prelude::*;
+use std::sync::Arc;
+use uuid::Uuid;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 40 * MIB + 4096;
+const GRANULARITY: u64 = 64 << 10;
+
+fn identity() -> JournalIdentity {
+    JournalIdentity {
+        disk_id: Uuid::from_u128(42),
+        virtual_size: SIZE,
+        granularity: GRANULARITY,
+        region_size: 4 * MIB,
+    }
+}
+
+type Disk = TrackedDisk<RawImage<Arc<MemoryStorage>>>;
+
+fn image(storage: &Arc<MemoryStorage>) -> RawImage<Arc<MemoryStorage>> {
+    RawImage::open(storage.clone(), "disk", Access::ReadWrite).unwrap()
+}
+
+fn start() -> (Arc<MemoryStorage>, Arc<MemoryStorage>, Disk) {
+    let disk = Arc::new(MemoryStorage::from_bytes(vec![0; SIZE as usize]));
+    let journal_storage = Arc::new(MemoryStorage::new());
+    let journal = Journal::create(
+        Box::new(journal_storage.clone()) as Box<dyn Storage>,
+        "journal",
+        identity(),
+    )
+    .unwrap();
+    let recovered = blockrep::track::Recovered {
+        dirty: blockrep::track::DirtyBitmap::new(SIZE.div_ceil(GRANULARITY)),
+        next_generation: 1,
+        after_crash: false,
+    };
+    let tracked = TrackedDisk::with_journal(image(&disk), journal, recovered).unwrap();
+    (disk, journal_storage, tracked)
+}
+
+fn reopen(
+    disk: &Arc<MemoryStorage>,
+    journal_storage: &Arc<MemoryStorage>,
+) -> Result<(Disk, bool), Error> {
+    let (journal, recovered) = Journal::open(
+        Box::new(journal_storage.clone()) as Box<dyn Storage>,
+        "journal",
+        identity(),
+    )?;
+    let after_crash = recovered.after_crash;
+    Ok((
+        TrackedDisk::with_journal(image(disk), journal, recovered)?,
+        after_crash,
+    ))
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Write { offset: u64, length: u64 },
+    Cut { acknowledge: bool },
+    CleanRestart,
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    let step = prop_oneof![
+        6 => (0..SIZE, 1..(3 * MIB)).prop_map(|(offset, length)| Step::Write { offset, length }),
+        2 => any::<bool>().prop_map(|acknowledge| Step::Cut { acknowledge }),
+        1 => Just(Step::CleanRestart),
+    ];
+    prop::collection::vec(step, 1..30)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn after_a_crash_every_unacknowledged_write_is_still_tracked(steps in steps(), survivors in prop::collection::vec(any::<bool>(), 1..9)) {
+        let (disk_storage, journal_storage, mut disk) = start();
+        // Blocks written and not yet covered by an acknowledged cut.
+        let blocks = SIZE.div_ceil(GRANULARITY) as usize;
+        let mut owed = vec![false; blocks];
+        let mut cut_pending: Vec<(u64, Vec<bool>)> = Vec::new();
+        for step in &steps {
+            match *step {
+                Step::Write { offset, length } => {
+                    let length = length.min(SIZE - offset);
+                    disk.write_at(&pattern(offset, length as usize), offset).unwrap();
+                    for block in offset / GRANULARITY..=(offset + length - 1) / GRANULARITY {
+                        owed[block as usize] = true;
+                    }
+                }
+                Step::Cut { acknowledge } => {
+                    let cut = disk.cut();
+                    // The cut's blocks are owed until acknowledged.
+                    cut_pending.push((cut.generation, owed.clone()));
+                    owed = vec![false; blocks];
+                    if acknowledge {
+                        disk.acknowledge(cut.generation).unwrap();
+                        cut_pending.retain(|(generation, _)| *generation > cut.generation);
+                    }
+                }
+                Step::CleanRestart => {
+                    drop(disk.close().unwrap());
+                    let (again, after_crash) = reopen(&disk_storage, &journal_storage).unwrap();
+                    prop_assert!(!after_crash);
+                    disk = again;
+                    // Everything owed comes back in the current generation.
+                    for (_, pending) in cut_pending.drain(..) {
+                        for (block, owed_block) in pending.into_iter().enumerate() {
+                            owed[block] |= owed_block;
+                        }
+                    }
+                }
+            }
+        }
+        // The machine dies: no clean close, and unflushed changes survive only in part.
+        drop(disk.into_inner());
+        journal_storage.crash(|index| survivors[index % survivors.len()]);
+        disk_storage.crash(|index| survivors[(index + 1) % survivors.len()]);
+        let (recovered, after_crash) = reopen(&disk_storage, &journal_storage).unwrap();
+        prop_assert!(after_crash);
+        let tracked = recovered.cut();
+        for (_, pending) in &cut_pending {
+            for (block, owed_block) in pending.iter().enumerate() {
+                if *owed_block { owed[block] = true; }
+            }
+        }
+        for (block, owed_block) in owed.iter().enumerate() {
+            prop_assert!(!owed_block || tracked.bitmap.is_marked(block as u64), "block {} written before the crash is not tracked", block);
+        }
+    }
+}
+
+#[test]
+fn a_clean_restart_continues_tracking_exactly() {
+    let (disk_storage, journal_storage, disk) = start();
+    disk.write_at(&[1; 100], 5 * MIB).unwrap();
+    let first = disk.cut();
+    disk.write_at(&[2; 100], 20 * MIB).unwrap();
+    drop(disk.close().unwrap());
+    let (disk, after_crash) = reopen(&disk_storage, &journal_storage).unwrap();
+    assert!(!after_crash);
+    assert!(disk.generation() > first.generation);
+    // Not acknowledged, the first cut's block is owed again, next to the second write.
+    let cut = disk.cut();
+    assert_eq!(
+        cut.extents(),
+        vec![
+            5 * MIB..5 * MIB + GRANULARITY,
+            20 * MIB..20 * MIB + GRANULARITY
+        ]
+    );
+}
+
+#[test]
+fn a_crash_counts_whole_marked_regions_but_not_acknowledged_ones() {
+    let (disk_storage, journal_storage, disk) = start();
+    disk.write_at(&[1; 10], MIB).unwrap();
+    let cut = disk.cut();
+    disk.acknowledge(cut.generation).unwrap();
+    disk.write_at(&[2; 10], 9 * MIB).unwrap();
+    drop(disk.into_inner());
+    let (disk, after_crash) = reopen(&disk_storage, &journal_storage).unwrap();
+    assert!(after_crash);
+    // The 4 MiB region around the unacknowledged write, not the acknowledged one.
+    assert_eq!(disk.cut().extents(), vec![8 * MIB..12 * MIB]);
+}
+
+fn assert_lost(result: Result<(Disk, bool), Error>, reason: &str) {
+    let message = result.map(|_| ()).unwrap_err().to_string();
+    assert!(
+        message.contains("tracking lost: resynchronization required"),
+        "{message}"
+    );
+    assert!(message.contains(reason), "{message}");
+}
+
+#[test]
+fn a_missing_damaged_or_foreign_journal_means_tracking_lost() {
+    let disk = Arc::new(MemoryStorage::from_bytes(vec![0; SIZE as usize]));
+    assert_lost(reopen(&disk, &Arc::new(MemoryStorage::new())), "missing");
+
+    let (disk, journal_storage, tracked) = start();
+    drop(tracked.close().unwrap());
+    let good = journal_storage.to_bytes();
+    for (position, reason) in [
+        (20usize, "header checksum"),
+        (4096 + 3, "region page 0 checksum"),
+    ] {
+        let mut damaged = good.clone();
+        damaged[position] ^= 0x10;
+        assert_lost(
+            reopen(&disk, &Arc::new(MemoryStorage::from_bytes(damaged))),
+            reason,
+        );
+    }
+    let mut bitmap_damaged = good.clone();
+    let last = bitmap_damaged.len() - 1;
+    bitmap_damaged[last] ^= 1;
+    assert_lost(
+        reopen(&disk, &Arc::new(MemoryStorage::from_bytes(bitmap_damaged))),
+        "bitmap checksum",
+    );
+
+    let other = JournalIdentity {
+        disk_id: Uuid::from_u128(43),
+        ..identity()
+    };
+    let result = Journal::open(
+        Box::new(MemoryStorage::from_bytes(good)) as Box<dyn Storage>,
+        "journal",
+        other,
+    );
+    let message = result.map(|_| ()).unwrap_err().to_string();
+    assert!(
+        message.contains("tracking lost") && message.contains("another disk"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_image_size_must_match_the_journal() {
+    let (_, journal_storage, tracked) = start();
+    drop(tracked.close().unwrap());
+    let small = Arc::new(MemoryStorage::from_bytes(vec![0; MIB as usize]));
+    let (journal, recovered) = Journal::open(
+        Box::new(journal_storage) as Box<dyn Storage>,
+        "journal",
+        identity(),
+    )
+    .unwrap();
+    let result = TrackedDisk::with_journal(image(&small), journal, recovered);
+    assert!(result.unwrap_err().to_string().contains("tracking lost"));
+}
