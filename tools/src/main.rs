@@ -1,5 +1,6 @@
 //! The `blockrep` command.
 
+mod delta_command;
 mod image_command;
 mod output_file;
 
@@ -24,6 +25,9 @@ enum Command {
     /// Create, inspect, check and convert disk images (VHDX and raw).
     #[command(subcommand)]
     Image(image_command::ImageCommand),
+    /// Export, apply and inspect delta files (replication on external media).
+    #[command(subcommand)]
+    Delta(delta_command::DeltaCommand),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Image(command) => image_command::run(command),
+        Command::Delta(command) => delta_command::run(command),
     };
     match outcome {
         Ok(code) => code,
