@@ -3,7 +3,7 @@
 
 mod common;
 
-use blockrep::delta::{DeltaHeader, apply_delta, encode_delta, verify_delta};
+use blockrep::delta::{DeltaHeader, TargetState, apply_delta, encode_delta, verify_delta};
 use blockrep::image::{Access, BlockImage, RawImage};
 use blockrep::io::MemoryStorage;
 use blockrep::track::{Cut, TrackedDisk};
@@ -112,7 +112,13 @@ fn replay(steps: &[Step], size: u64, granularity: u64, vhdx_target: bool) {
         Box::new(raw(start))
     };
     for delta in &deltas {
-        apply_delta(Cursor::new(delta), "delta", &mut *target, None).unwrap();
+        apply_delta(
+            Cursor::new(delta),
+            "delta",
+            &mut *target,
+            TargetState::default(),
+        )
+        .unwrap();
     }
     assert!(
         read_all(&*target) == source,
@@ -169,7 +175,13 @@ fn no_write_is_lost_when_cuts_race_with_writers() {
     assert!(deltas.len() > 2, "the cuts did not race with the writers");
     let mut target = raw(start);
     for delta in &deltas {
-        apply_delta(Cursor::new(delta), "delta", &mut target, None).unwrap();
+        apply_delta(
+            Cursor::new(delta),
+            "delta",
+            &mut target,
+            TargetState::default(),
+        )
+        .unwrap();
     }
     assert!(
         read_all(&target) == read_all(&*disk.image()),
@@ -210,7 +222,15 @@ fn a_flipped_bit_anywhere_is_refused_and_leaves_the_target_unchanged() {
             "flip at {position} not caught"
         );
         let mut target = raw(start.clone());
-        assert!(apply_delta(Cursor::new(&damaged), "delta", &mut target, None).is_err());
+        assert!(
+            apply_delta(
+                Cursor::new(&damaged),
+                "delta",
+                &mut target,
+                TargetState::default()
+            )
+            .is_err()
+        );
         assert!(
             read_all(&target) == start,
             "a refused delta changed the target (flip at {position})"
@@ -256,7 +276,10 @@ fn applying_twice_gives_the_same_bytes_and_wrong_targets_are_refused() {
         Cursor::new(&delta),
         "delta",
         &mut target,
-        Some(Uuid::from_u128(7)),
+        TargetState {
+            disk_id: Some(Uuid::from_u128(7)),
+            last_sequence: None,
+        },
     )
     .unwrap();
     let once = read_all(&target);
@@ -264,7 +287,10 @@ fn applying_twice_gives_the_same_bytes_and_wrong_targets_are_refused() {
         Cursor::new(&delta),
         "delta",
         &mut target,
-        Some(Uuid::from_u128(7)),
+        TargetState {
+            disk_id: Some(Uuid::from_u128(7)),
+            last_sequence: None,
+        },
     )
     .unwrap();
     assert!(read_all(&target) == once);
@@ -272,11 +298,19 @@ fn applying_twice_gives_the_same_bytes_and_wrong_targets_are_refused() {
         Cursor::new(&delta),
         "delta",
         &mut target,
-        Some(Uuid::from_u128(8)),
+        TargetState {
+            disk_id: Some(Uuid::from_u128(8)),
+            last_sequence: None,
+        },
     );
     assert!(other_disk.unwrap_err().to_string().contains("is for disk"));
     let mut smaller = raw(vec![0; MIB as usize]);
-    let wrong_size = apply_delta(Cursor::new(&delta), "delta", &mut smaller, None);
+    let wrong_size = apply_delta(
+        Cursor::new(&delta),
+        "delta",
+        &mut smaller,
+        TargetState::default(),
+    );
     assert!(
         wrong_size
             .unwrap_err()
@@ -293,4 +327,22 @@ fn a_delta_of_an_unknown_version_is_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("version 9 is not supported"), "{error}");
+}
+
+#[test]
+fn a_delta_that_does_not_follow_the_last_applied_one_is_refused() {
+    let (delta, start) = sample_delta(); // sequence 1
+    let mut target = raw(start);
+    let after = |last| TargetState {
+        disk_id: None,
+        last_sequence: Some(last),
+    };
+    apply_delta(Cursor::new(&delta), "delta", &mut target, after(0)).unwrap();
+    let error = apply_delta(Cursor::new(&delta), "delta", &mut target, after(1)).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("does not follow the last applied sequence 1"),
+        "{error}"
+    );
 }

@@ -2,11 +2,13 @@
 //! media: export a disk (or its changes) to a file, carry it, apply it at the replica site.
 
 use crate::output_file::OutputFile;
-use blockrep::delta::{DeltaHeader, DeltaSummary, apply_delta, encode_delta, verify_delta};
+use blockrep::delta::{
+    DeltaHeader, DeltaSummary, TargetState, apply_delta, encode_delta, verify_delta,
+};
 use blockrep::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use blockrep::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
 use blockrep::io::FileStorage;
-use blockrep::track::DEFAULT_GRANULARITY;
+use blockrep::track::{Cut, DEFAULT_GRANULARITY, Journal, JournalIdentity};
 use blockrep::units::format_size;
 use clap::Subcommand;
 use std::fs::File;
@@ -18,21 +20,26 @@ type Outcome = Result<ExitCode, Box<dyn std::error::Error>>;
 
 #[derive(Subcommand)]
 pub enum DeltaCommand {
-    /// Write a delta holding every allocated block of IMAGE (a full copy for initial
-    /// replication on external media).
+    /// Write a delta of IMAGE: every allocated block (--full, initial replication on external
+    /// media) or the blocks its tracking journal marks as changed (--since JOURNAL).
     Export {
         image: PathBuf,
         /// The delta file to write; it appears only once complete.
         output: PathBuf,
-        /// Export the whole disk (the only mode until tracking journals can be named here).
-        #[arg(long, required = true)]
+        /// Export the whole disk.
+        #[arg(long, required_unless_present = "since", conflicts_with = "since")]
         full: bool,
+        /// Export only what the tracking journal of IMAGE marks as not yet acknowledged.
+        #[arg(long, value_name = "JOURNAL")]
+        since: Option<PathBuf>,
         /// Replace OUTPUT if it exists.
         #[arg(long)]
         force: bool,
     },
     /// Verify a delta completely, then apply it to TARGET. A TARGET that does not exist is
-    /// created (VHDX or raw, by its extension) with the delta's disk id and size.
+    /// created (VHDX or raw, by its extension) with the delta's disk id and size. The sequence
+    /// applied is remembered in TARGET.applied; a delta of changes that does not come after it
+    /// is refused.
     Apply { delta: PathBuf, target: PathBuf },
     /// Show a delta's header and contents and check its integrity (exit 1 if damaged).
     Inspect {
@@ -48,8 +55,9 @@ pub fn run(command: DeltaCommand) -> Outcome {
             image,
             output,
             full: _,
+            since,
             force,
-        } => export(&image, &output, force),
+        } => export(&image, &output, since.as_deref(), force),
         DeltaCommand::Apply { delta, target } => apply(&delta, &target),
         DeltaCommand::Inspect { delta, json } => inspect(&delta, json),
     }
@@ -77,27 +85,57 @@ fn open_image(
     })
 }
 
-fn export(image_path: &Path, output: &Path, force: bool) -> Outcome {
+/// The changes a journal records for `image` as not yet acknowledged, as a cut of its latest
+/// generation. The journal is left clean, holding the same changes (exporting forgets none).
+fn journal_changes(
+    journal_path: &Path,
+    image: &dyn BlockImage,
+    disk_id: uuid::Uuid,
+) -> Result<Cut, Box<dyn std::error::Error>> {
+    let name = journal_path.display().to_string();
+    let storage: Box<dyn blockrep::io::Storage> =
+        Box::new(FileStorage::open(journal_path, true).map_err(|error| {
+            format!("{name}: tracking lost: resynchronization required (journal missing: {error})")
+        })?);
+    let stored = Journal::stored_identity(&storage, &name)?;
+    let identity = JournalIdentity {
+        disk_id,
+        virtual_size: image.virtual_size(),
+        ..stored
+    };
+    let (journal, recovered) = Journal::open(storage, &name, identity)?;
+    let generation = recovered.next_generation - 1;
+    journal.close(&recovered.dirty, generation)?;
+    Ok(Cut {
+        generation,
+        granularity: identity.granularity,
+        virtual_size: identity.virtual_size,
+        bitmap: recovered.dirty,
+    })
+}
+
+fn export(image_path: &Path, output: &Path, since: Option<&Path>, force: bool) -> Outcome {
     let (image, disk_id) = open_image(image_path, Access::ReadOnly)?;
+    let (extents, generation, granularity) = match since {
+        Some(journal) => {
+            let cut = journal_changes(journal, &*image, disk_id)?;
+            (cut.extents(), cut.generation, cut.granularity)
+        }
+        None => (image.allocated_ranges()?, 0, DEFAULT_GRANULARITY),
+    };
     let header = DeltaHeader {
         disk_id,
         virtual_size: image.virtual_size(),
-        block_size: DEFAULT_GRANULARITY as u32,
-        source_generation: 0,
-        sequence: 0,
+        block_size: granularity as u32,
+        source_generation: generation,
+        sequence: generation,
         recovery_point: true,
-        full: true,
+        full: since.is_none(),
     };
     let (pending, file) = OutputFile::create(output, force)?;
     let name = pending.target().display().to_string();
     let mut writer = BufWriter::with_capacity(1 << 20, file);
-    let statistics = encode_delta(
-        &*image,
-        &image.allocated_ranges()?,
-        &header,
-        &mut writer,
-        &name,
-    )?;
+    let statistics = encode_delta(&*image, &extents, &header, &mut writer, &name)?;
     let file = writer
         .into_inner()
         .map_err(|error| format!("{name}: {}", error.error()))?;
@@ -127,8 +165,13 @@ fn apply(delta: &Path, target: &Path) -> Outcome {
     let name = delta.display().to_string();
     if target.exists() {
         let (mut image, disk_id) = open_image(target, Access::ReadWrite)?;
-        let expected = (!disk_id.is_nil()).then_some(disk_id);
-        let summary = apply_delta(open_delta(delta)?, &name, &mut *image, expected)?;
+        let state = TargetState {
+            disk_id: (!disk_id.is_nil()).then_some(disk_id),
+            last_sequence: read_applied_sequence(target)?,
+        };
+        let summary = apply_delta(open_delta(delta)?, &name, &mut *image, state)?;
+        drop(image);
+        record_applied_sequence(target, summary.header.sequence)?;
         report_applied(&summary, target);
         return Ok(ExitCode::SUCCESS);
     }
@@ -162,11 +205,46 @@ fn apply(delta: &Path, target: &Path) -> Outcome {
             },
         )?),
     };
-    let summary = apply_delta(open_delta(delta)?, &name, &mut *image, None)?;
+    let summary = apply_delta(
+        open_delta(delta)?,
+        &name,
+        &mut *image,
+        TargetState::default(),
+    )?;
     drop(image);
     pending.commit()?;
+    record_applied_sequence(target, summary.header.sequence)?;
     report_applied(&summary, target);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where offline `delta apply` remembers the last sequence applied to a target, so that an
+/// older delta of changes is refused. (The replica server keeps this in its own catalogue.)
+fn sequence_file(target: &Path) -> PathBuf {
+    let mut name = target.as_os_str().to_owned();
+    name.push(".applied");
+    PathBuf::from(name)
+}
+
+fn read_applied_sequence(target: &Path) -> Result<Option<u64>, String> {
+    match std::fs::read_to_string(sequence_file(target)) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+            format!(
+                "{}: not a sequence number; remove it to apply any delta",
+                sequence_file(target).display()
+            )
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(format!("{}: {error}", sequence_file(target).display())),
+    }
+}
+
+fn record_applied_sequence(target: &Path, sequence: u64) -> std::io::Result<()> {
+    let (pending, mut file) = OutputFile::create(&sequence_file(target), true)?;
+    use std::io::Write;
+    writeln!(file, "{sequence}")?;
+    file.sync_all()?;
+    pending.commit()
 }
 
 fn report_applied(summary: &DeltaSummary, target: &Path) {

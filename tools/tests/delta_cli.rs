@@ -139,3 +139,94 @@ fn a_delta_for_another_disk_is_refused() {
     assert_eq!(apply.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&apply.stderr).contains("is for disk"));
 }
+
+#[test]
+fn an_export_since_the_journal_carries_only_the_tracked_changes() {
+    use blockrep::image::{Access, BlockImage, VhdxImage};
+    use blockrep::io::{FileStorage, Storage};
+    use blockrep::track::{DirtyBitmap, Journal, JournalIdentity, Recovered, TrackedDisk};
+
+    let directory = tempfile::tempdir().unwrap();
+    let (source, _) = disk(directory.path());
+    let replica = directory.path().join("replica.vhdx");
+    let initial = directory.path().join("initial.delta");
+    ok(&["delta", "export", text(&source), text(&initial), "--full"]);
+    ok(&["delta", "apply", text(&initial), text(&replica)]);
+
+    // An embedder tracks writes to the source with a journal, then shuts down cleanly.
+    let journal_path = directory.path().join("source.vhdx.brtrack");
+    {
+        let image = VhdxImage::open(
+            FileStorage::open(&source, true).unwrap(),
+            "source",
+            Access::ReadWrite,
+        )
+        .unwrap();
+        let identity = JournalIdentity {
+            disk_id: image.disk_id(),
+            virtual_size: image.virtual_size(),
+            granularity: 64 << 10,
+            region_size: 64 << 20,
+        };
+        let storage: Box<dyn Storage> = Box::new(FileStorage::create_new(&journal_path).unwrap());
+        let journal = Journal::create(storage, "journal", identity).unwrap();
+        let fresh = Recovered {
+            dirty: DirtyBitmap::new(image.virtual_size().div_ceil(64 << 10)),
+            next_generation: 1,
+            after_crash: false,
+        };
+        let tracked = TrackedDisk::with_journal(image, journal, fresh).unwrap();
+        tracked
+            .write_at(&[0xAB; 5000], 3 * MIB as u64 + 10)
+            .unwrap();
+        tracked.zero_range(MIB as u64, 70_000).unwrap();
+        tracked.close().unwrap();
+    }
+    let delta = directory.path().join("changes.delta");
+    ok(&[
+        "delta",
+        "export",
+        text(&source),
+        text(&delta),
+        "--since",
+        text(&journal_path),
+    ]);
+    let inspected: serde_json::Value =
+        serde_json::from_str(&ok(&["delta", "inspect", "--json", text(&delta)])).unwrap();
+    assert_eq!(inspected["header"]["full"], false);
+    let covered =
+        inspected["data_bytes"].as_u64().unwrap() + inspected["zero_bytes"].as_u64().unwrap();
+    assert!(
+        covered <= 3 * (64 << 10),
+        "the delta holds more than the tracked blocks: {covered}"
+    );
+    ok(&["delta", "apply", text(&delta), text(&replica)]);
+    // The same delta of changes again is out of sequence.
+    let again = blockrep(&["delta", "apply", text(&delta), text(&replica)]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr)
+            .contains("does not follow the last applied sequence")
+    );
+    let (from_source, from_replica) = (
+        directory.path().join("a.raw"),
+        directory.path().join("b.raw"),
+    );
+    ok(&["image", "convert", text(&source), text(&from_source)]);
+    ok(&["image", "convert", text(&replica), text(&from_replica)]);
+    assert!(std::fs::read(&from_source).unwrap() == std::fs::read(&from_replica).unwrap());
+    // A journal that is not one is "tracking lost", with a non-zero exit.
+    std::fs::write(&journal_path, b"garbage").unwrap();
+    let lost = blockrep(&[
+        "delta",
+        "export",
+        text(&source),
+        text(&directory.path().join("x.delta")),
+        "--since",
+        text(&journal_path),
+    ]);
+    assert_eq!(lost.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&lost.stderr).contains("tracking lost: resynchronization required")
+    );
+}

@@ -170,13 +170,23 @@ pub fn verify_delta(reader: impl Read, name: &str) -> Result<DeltaSummary> {
     walk(reader, name, |_, _, _| Ok(()))
 }
 
-/// Verifies the whole delta, then applies it to `target`, which must have the delta's size and,
-/// when `expected_disk_id` is given, its disk id; then flushes the target.
+/// What the target of a delta already is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetState {
+    /// The target's disk id, when it has one.
+    pub disk_id: Option<uuid::Uuid>,
+    /// The sequence number of the last delta applied to it, when known. A delta of changes must
+    /// come after it; a full delta may always be applied.
+    pub last_sequence: Option<u64>,
+}
+
+/// Verifies the whole delta, then applies it to `target`, which must have the delta's size and
+/// fit `state` (disk id, sequence); then flushes the target.
 pub fn apply_delta<R: Read + Seek>(
     mut reader: R,
     name: &str,
     target: &mut dyn BlockImage,
-    expected_disk_id: Option<uuid::Uuid>,
+    state: TargetState,
 ) -> Result<DeltaSummary> {
     let summary = verify_delta(&mut reader, name)?;
     let header = &summary.header;
@@ -191,7 +201,16 @@ pub fn apply_delta<R: Read + Seek>(
             target.virtual_size()
         )));
     }
-    if let Some(disk_id) = expected_disk_id
+    if let Some(last) = state.last_sequence
+        && !header.full
+        && header.sequence <= last
+    {
+        return Err(refuse(format!(
+            "delta sequence {} does not follow the last applied sequence {last}",
+            header.sequence
+        )));
+    }
+    if let Some(disk_id) = state.disk_id
         && !header.disk_id.is_nil()
         && disk_id != header.disk_id
     {

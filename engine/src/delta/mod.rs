@@ -7,6 +7,6 @@ mod apply;
 mod encode;
 mod format;
 
-pub use apply::{DeltaSummary, apply_delta, verify_delta};
+pub use apply::{DeltaSummary, TargetState, apply_delta, verify_delta};
 pub use encode::{EncodeStatistics, encode_delta};
 pub use format::{DeltaHeader, FORMAT_VERSION};

@@ -347,7 +347,17 @@ impl Storage for UringStorage {
         Self::check_failure(&ring)?;
         self.wait_for_overlapping(&mut ring, offset..offset + buf.len() as u64)?;
         drop(ring);
-        self.file.read_at(buf, offset)
+        match self.file.read_at(buf, offset) {
+            // A write in flight past this range may be what extends the file over it.
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                let mut ring = self.lock();
+                self.drain(&mut ring)?;
+                Self::check_failure(&ring)?;
+                drop(ring);
+                self.file.read_at(buf, offset)
+            }
+            outcome => outcome,
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

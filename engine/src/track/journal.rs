@@ -257,6 +257,27 @@ impl<S: Storage> Journal<S> {
         self.identity
     }
 
+    /// The granularity and region size a journal was made with, for callers that know only the
+    /// disk; `open` then checks everything against the disk.
+    pub fn stored_identity(storage: &S, name: &str) -> Result<JournalIdentity> {
+        let mut header = vec![0u8; PAGE as usize];
+        storage
+            .read_at(&mut header, 0)
+            .map_err(|error| lost(name, format!("journal missing or unreadable: {error}")))?;
+        if &header[..8] != MAGIC || u32_at(&header, 4092) != crc32c::crc32c(&header[..4092]) {
+            return Err(lost(
+                name,
+                "not a blockrep tracking journal, or its header is damaged",
+            ));
+        }
+        Ok(JournalIdentity {
+            disk_id: Uuid::from_bytes(header[16..32].try_into().unwrap_or_default()),
+            virtual_size: u64_at(&header, 32),
+            granularity: u64::from(u32_at(&header, 40)),
+            region_size: u64::from(u32_at(&header, 44)),
+        })
+    }
+
     /// Durably marks the regions covering `offset..offset + length` as modified in
     /// `generation`, unless they already are. Must return before the write it covers starts.
     pub fn mark(&self, offset: u64, length: u64, generation: u64) -> Result<()> {
