@@ -8,6 +8,7 @@ pub mod delta;
 pub mod error;
 pub mod image;
 pub mod io;
+pub mod proto;
 pub mod track;
 pub mod units;
 

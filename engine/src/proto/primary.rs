@@ -1,0 +1,573 @@
+//! The primary side of the protocol, as a state machine with no I/O. It decides when to
+//! connect, when to cut a delta, which chunks to send and when a delta is safe on the replica;
+//! its driver (the QUIC driver, or the simulator) does the connecting, reading and sending and
+//! reports back. Time is passed in; `poll_timeout` says when to call `handle_timeout` next.
+//!
+//! One `Primary` serves one protected VM for the life of the process, across connections:
+//! a delta in flight when the link drops is resumed on the next connection from the chunks the
+//! replica reports staged, never restarted and never applied twice.
+
+use super::chunks::ChunkSet;
+use super::health::{CycleLog, Health};
+use super::message::{DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION};
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// How a primary behaves.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    pub vm: String,
+    /// The primary host's name, for the replica's logs and catalogue.
+    pub primary: String,
+    pub disks: Vec<DiskDescription>,
+    /// Replication frequency: the time between cuts.
+    pub frequency: Duration,
+    /// Chunks sent and not yet confirmed staged, at most: bounds memory in flight.
+    pub window: u32,
+    /// The first wait before reconnecting; it doubles up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// True when the replica's copy cannot be trusted to match tracking (a new or lost
+    /// journal): the first delta is then an initial replication, whatever the replica holds.
+    pub needs_initial: bool,
+    /// Mixed into the numbers that identify cuts; a driver draws it at random.
+    pub seed: u64,
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrimaryAction {
+    /// Open a connection to the replica, then call `connected` or `connect_failed`.
+    Connect,
+    /// Send a message on the control stream.
+    Send(Message),
+    /// Send chunk `index` of the delta on a data stream.
+    SendChunk { delta: DeltaId, index: u32 },
+    /// Cut every disk at one instant and prepare the delta, then call `delta_ready` (or
+    /// `delta_failed`). An initial delta covers every allocated block instead.
+    Cut { delta: DeltaId, kind: DeltaKind },
+    /// The replica applied this delta: its changes may be forgotten by tracking.
+    Acknowledged { delta: DeltaId, kind: DeltaKind },
+    /// Close the connection (the peer broke the protocol); `connection_lost` follows.
+    Disconnect { reason: String },
+    /// Replication cannot continue; retrying will not help.
+    Failed { reason: String },
+}
+
+/// Where replication of the VM stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationState {
+    InitialReplication,
+    Replicating,
+    ResynchronizationRequired,
+    Stopped,
+    Error,
+}
+
+/// What `blockrep status` shows for a VM on its primary.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PrimaryStatus {
+    pub state: ReplicationState,
+    pub health: Health,
+    pub connected: bool,
+    /// Time since the last delta was applied on the replica.
+    #[serde(skip)]
+    pub last_replication: Option<Instant>,
+    /// Disk bytes of the delta in flight not yet staged on the replica.
+    pub pending_bytes: u64,
+    pub successful_cycles: u64,
+    pub missed_cycles: u64,
+    pub average_delta_bytes: u64,
+    pub maximum_delta_bytes: u64,
+    /// From cut to applied, averaged over the deltas applied.
+    pub average_latency: Duration,
+    pub last_error: Option<String>,
+    pub applied_sequence: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Not connected; connect at `retry_at`.
+    Down {
+        retry_at: Instant,
+    },
+    Connecting,
+    /// Hello sent, waiting for the replica's answer.
+    Greeting,
+    Up,
+    /// Refused for good, or stopped.
+    Closed,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    delta: DeltaId,
+    kind: DeltaKind,
+    cut_at: Instant,
+    /// Disk bytes of each chunk, for pending-bytes accounting.
+    chunk_bytes: Vec<u64>,
+    staged: ChunkSet,
+    /// Sent on this connection and not yet confirmed staged.
+    outstanding: BTreeSet<u32>,
+    /// Next index to consider sending on this connection.
+    cursor: u32,
+    begin_sent: bool,
+    end_sent: bool,
+}
+
+impl InFlight {
+    fn count(&self) -> u32 {
+        self.chunk_bytes.len() as u32
+    }
+}
+
+/// The primary's state machine for one VM.
+#[derive(Debug)]
+pub struct Primary {
+    config: PrimaryConfig,
+    link: Link,
+    backoff: Duration,
+    /// The replica's last applied sequence, once it said.
+    applied: Option<u64>,
+    needs_initial: bool,
+    /// A cut asked of the driver and not yet ready.
+    cutting: Option<(DeltaId, DeltaKind, Instant)>,
+    in_flight: Option<InFlight>,
+    next_cut_at: Instant,
+    /// A cycle came due while busy: cut as soon as the delta in flight is applied.
+    cut_overdue: bool,
+    cuts: u64,
+    failed: Option<String>,
+    stopped: bool,
+    actions: VecDeque<PrimaryAction>,
+    cycles: CycleLog,
+    delta_sizes: (u64, u64, u64),
+    latency_total: Duration,
+    last_replication: Option<Instant>,
+    last_error: Option<String>,
+    /// Since when the primary has been unable to send, if it is.
+    cannot_send_since: Option<Instant>,
+}
+
+impl Primary {
+    pub fn new(config: PrimaryConfig, now: Instant) -> Self {
+        Primary {
+            link: Link::Down { retry_at: now },
+            backoff: config.reconnect_min,
+            applied: None,
+            needs_initial: config.needs_initial,
+            cutting: None,
+            in_flight: None,
+            next_cut_at: now,
+            cut_overdue: false,
+            cuts: 0,
+            failed: None,
+            stopped: false,
+            actions: VecDeque::new(),
+            cycles: CycleLog::new(now),
+            delta_sizes: (0, 0, 0),
+            latency_total: Duration::ZERO,
+            last_replication: None,
+            last_error: None,
+            cannot_send_since: Some(now),
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &PrimaryConfig {
+        &self.config
+    }
+
+    /// The next action for the driver, in order.
+    pub fn poll_action(&mut self) -> Option<PrimaryAction> {
+        self.actions.pop_front()
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.link {
+            Link::Down { retry_at } => Some(retry_at.min(self.next_cut_at)),
+            Link::Closed => None,
+            _ => Some(self.next_cut_at),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Link::Down { retry_at } = self.link
+            && now >= retry_at
+        {
+            self.link = Link::Connecting;
+            self.actions.push_back(PrimaryAction::Connect);
+        }
+        if self.link == Link::Closed {
+            return;
+        }
+        if now >= self.next_cut_at {
+            if self.ready_to_cut() && self.applied.is_some() {
+                self.cut(now);
+            } else if self.applied.is_some() || self.in_flight.is_some() {
+                // Busy shipping, or cut off from the replica: the cycle is missed and its
+                // changes merge into the next cut.
+                self.cycles.record(now, false);
+                self.cut_overdue = true;
+            }
+            while self.next_cut_at <= now {
+                self.next_cut_at += self.config.frequency;
+            }
+        }
+    }
+
+    /// The connection the last `Connect` asked for is up.
+    pub fn connected(&mut self, _now: Instant) {
+        if self.link != Link::Connecting {
+            return;
+        }
+        self.link = Link::Greeting;
+        self.actions.push_back(PrimaryAction::Send(Message::Hello {
+            version: PROTOCOL_VERSION,
+            vm: self.config.vm.clone(),
+            primary: self.config.primary.clone(),
+            disks: self.config.disks.clone(),
+        }));
+    }
+
+    /// The connection could not be made. `permanent` (the replica refused our identity, say)
+    /// ends replication; otherwise it is retried with backoff.
+    pub fn connect_failed(&mut self, now: Instant, reason: &str, permanent: bool) {
+        self.last_error = Some(reason.to_owned());
+        if permanent {
+            self.fail(reason.to_owned());
+        } else {
+            self.link_down(now);
+        }
+    }
+
+    /// The connection dropped. What was staged stays staged; the rest is sent again.
+    pub fn connection_lost(&mut self, now: Instant, reason: &str) {
+        if matches!(self.link, Link::Closed | Link::Down { .. }) {
+            return;
+        }
+        self.last_error = Some(reason.to_owned());
+        self.link_down(now);
+    }
+
+    fn link_down(&mut self, now: Instant) {
+        if self.link == Link::Closed {
+            return;
+        }
+        self.cannot_send_since.get_or_insert(now);
+        self.link = Link::Down {
+            retry_at: now + self.backoff,
+        };
+        self.backoff = (self.backoff * 2).min(self.config.reconnect_max);
+        if let Some(delta) = &mut self.in_flight {
+            delta.outstanding.clear();
+            delta.cursor = 0;
+            delta.begin_sent = false;
+            delta.end_sent = false;
+        }
+    }
+
+    /// A message arrived on the control stream.
+    pub fn handle_message(&mut self, now: Instant, message: Message) {
+        match message {
+            Message::Welcome {
+                version,
+                applied,
+                staged,
+            } if self.link == Link::Greeting => {
+                if version != PROTOCOL_VERSION {
+                    return self.fail(format!(
+                        "the replica speaks protocol version {version}, this primary {PROTOCOL_VERSION}"
+                    ));
+                }
+                self.link = Link::Up;
+                self.cannot_send_since = None;
+                self.backoff = self.config.reconnect_min;
+                self.last_error = None;
+                self.welcome(now, applied, staged);
+            }
+            Message::Refused { reason, retry } => {
+                self.last_error = Some(format!("the replica refused: {reason}"));
+                if retry {
+                    self.actions.push_back(PrimaryAction::Disconnect {
+                        reason: format!("the replica refused: {reason}"),
+                    });
+                } else {
+                    self.fail(format!("the replica refused: {reason}"));
+                }
+            }
+            Message::ChunksStaged { delta, received } if self.link == Link::Up => {
+                if let Some(in_flight) = &mut self.in_flight
+                    && in_flight.delta == delta
+                {
+                    for range in &received {
+                        in_flight.staged.insert_range(range.clone());
+                    }
+                    let staged = &in_flight.staged;
+                    in_flight
+                        .outstanding
+                        .retain(|index| !staged.contains(*index));
+                    self.pump();
+                }
+            }
+            Message::Applied { delta } if self.link == Link::Up => {
+                if self
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|in_flight| in_flight.delta == delta)
+                {
+                    self.applied = Some(delta.sequence);
+                    self.finish(now);
+                }
+            }
+            other => self.actions.push_back(PrimaryAction::Disconnect {
+                reason: format!("unexpected message from the replica: {other:?}"),
+            }),
+        }
+    }
+
+    fn welcome(&mut self, now: Instant, applied: u64, staged: Option<super::message::Staged>) {
+        if let Some(known) = self.applied
+            && applied < known
+        {
+            return self.fail(format!(
+                "the replica went back from delta {known} to {applied}: resynchronization required"
+            ));
+        }
+        self.applied = Some(applied);
+        if let Some(in_flight) = &mut self.in_flight {
+            if applied >= in_flight.delta.sequence {
+                // Applied, but the confirmation was lost with the link.
+                return self.finish(now);
+            }
+            match staged {
+                Some(staged) if staged.delta == in_flight.delta => {
+                    in_flight.staged = ChunkSet::from_ranges(&staged.received);
+                    in_flight.begin_sent = true;
+                }
+                _ => in_flight.staged = ChunkSet::new(),
+            }
+            self.pump();
+        } else if self.cutting.is_none() && (applied == 0 || self.needs_initial || self.cut_overdue)
+        {
+            self.cut(now);
+        }
+    }
+
+    /// The driver prepared the delta of a `Cut`: `chunk_bytes` holds each chunk's disk bytes.
+    pub fn delta_ready(&mut self, now: Instant, delta: DeltaId, chunk_bytes: Vec<u64>) {
+        let Some((cutting, kind, cut_at)) = self.cutting else {
+            return;
+        };
+        if cutting != delta {
+            return;
+        }
+        self.cutting = None;
+        let _ = now;
+        self.in_flight = Some(InFlight {
+            delta,
+            kind,
+            cut_at,
+            chunk_bytes,
+            staged: ChunkSet::new(),
+            outstanding: BTreeSet::new(),
+            cursor: 0,
+            begin_sent: false,
+            end_sent: false,
+        });
+        self.pump();
+    }
+
+    /// Preparing the delta failed (the spool could not be written, say). Its changes stay
+    /// tracked; the cut is tried again at the next cycle.
+    pub fn delta_failed(&mut self, now: Instant, delta: DeltaId, reason: &str) {
+        if self.cutting.is_some_and(|(cutting, _, _)| cutting == delta) {
+            self.cutting = None;
+            self.last_error = Some(reason.to_owned());
+            self.cycles.record(now, false);
+        }
+    }
+
+    /// Ends replication cleanly: says goodbye if connected, and asks for nothing more.
+    pub fn stop(&mut self) {
+        if self.link == Link::Up || self.link == Link::Greeting {
+            self.actions
+                .push_back(PrimaryAction::Send(Message::Goodbye));
+        }
+        self.link = Link::Closed;
+        self.stopped = true;
+    }
+
+    pub fn status(&self, now: Instant) -> PrimaryStatus {
+        let state = if self.stopped {
+            ReplicationState::Stopped
+        } else if let Some(reason) = &self.failed {
+            if reason.contains("resynchronization required") {
+                ReplicationState::ResynchronizationRequired
+            } else {
+                ReplicationState::Error
+            }
+        } else if self.applied.unwrap_or(0) == 0
+            || self.needs_initial
+            || self.in_flight_kind() == Some(DeltaKind::Initial)
+        {
+            ReplicationState::InitialReplication
+        } else {
+            ReplicationState::Replicating
+        };
+        let pending_bytes = self.in_flight.as_ref().map_or(0, |in_flight| {
+            (0..in_flight.count())
+                .filter(|index| !in_flight.staged.contains(*index))
+                .map(|index| in_flight.chunk_bytes[index as usize])
+                .sum()
+        });
+        let (count, total, maximum) = self.delta_sizes;
+        PrimaryStatus {
+            state,
+            health: if self.failed.is_some() {
+                Health::Critical
+            } else {
+                self.cycles.health(
+                    now,
+                    self.cannot_send_since,
+                    self.config.frequency.max(Duration::from_secs(60)),
+                )
+            },
+            connected: self.link == Link::Up,
+            last_replication: self.last_replication,
+            pending_bytes,
+            successful_cycles: self.cycles.successful(),
+            missed_cycles: self.cycles.missed(),
+            average_delta_bytes: total.checked_div(count).unwrap_or(0),
+            maximum_delta_bytes: maximum,
+            average_latency: self
+                .latency_total
+                .checked_div(count.max(1) as u32)
+                .unwrap_or_default(),
+            last_error: self.failed.clone().or_else(|| self.last_error.clone()),
+            applied_sequence: self.applied.unwrap_or(0),
+        }
+    }
+
+    fn in_flight_kind(&self) -> Option<DeltaKind> {
+        self.in_flight
+            .as_ref()
+            .map(|in_flight| in_flight.kind)
+            .or(self.cutting.map(|(_, kind, _)| kind))
+    }
+
+    fn ready_to_cut(&self) -> bool {
+        self.link == Link::Up && self.in_flight.is_none() && self.cutting.is_none()
+    }
+
+    fn cut(&mut self, now: Instant) {
+        if !self.ready_to_cut() {
+            return;
+        }
+        let Some(applied) = self.applied else {
+            return;
+        };
+        self.cuts += 1;
+        let delta = DeltaId {
+            sequence: applied + 1,
+            cut: mix(self.config.seed ^ self.cuts),
+        };
+        let kind = if applied == 0 || self.needs_initial {
+            DeltaKind::Initial
+        } else {
+            DeltaKind::Changes
+        };
+        self.cut_overdue = false;
+        self.cutting = Some((delta, kind, now));
+        self.actions.push_back(PrimaryAction::Cut { delta, kind });
+    }
+
+    /// Sends what the window allows: the begin, chunks not staged, then the end.
+    fn pump(&mut self) {
+        if self.link != Link::Up {
+            return;
+        }
+        let Some(in_flight) = &mut self.in_flight else {
+            return;
+        };
+        if !in_flight.begin_sent {
+            in_flight.begin_sent = true;
+            self.actions
+                .push_back(PrimaryAction::Send(Message::DeltaBegin {
+                    delta: in_flight.delta,
+                    kind: in_flight.kind,
+                    chunks: in_flight.count(),
+                    recovery_point: true,
+                }));
+        }
+        while (in_flight.outstanding.len() as u32) < self.config.window.max(1) {
+            let Some(index) = in_flight
+                .staged
+                .first_missing(in_flight.cursor, in_flight.count())
+            else {
+                break;
+            };
+            in_flight.cursor = index + 1;
+            in_flight.outstanding.insert(index);
+            self.actions.push_back(PrimaryAction::SendChunk {
+                delta: in_flight.delta,
+                index,
+            });
+        }
+        let all_sent = in_flight
+            .staged
+            .first_missing(in_flight.cursor, in_flight.count())
+            .is_none();
+        if all_sent && !in_flight.end_sent {
+            in_flight.end_sent = true;
+            self.actions
+                .push_back(PrimaryAction::Send(Message::DeltaEnd {
+                    delta: in_flight.delta,
+                }));
+        }
+    }
+
+    /// The delta in flight is applied on the replica.
+    fn finish(&mut self, now: Instant) {
+        let Some(in_flight) = self.in_flight.take() else {
+            return;
+        };
+        if in_flight.kind == DeltaKind::Initial {
+            self.needs_initial = false;
+        } else {
+            self.cycles.record(now, true);
+        }
+        let bytes: u64 = in_flight.chunk_bytes.iter().sum();
+        let (count, total, maximum) = self.delta_sizes;
+        self.delta_sizes = (count + 1, total + bytes, maximum.max(bytes));
+        self.latency_total += now.saturating_duration_since(in_flight.cut_at);
+        self.last_replication = Some(now);
+        self.actions.push_back(PrimaryAction::Acknowledged {
+            delta: in_flight.delta,
+            kind: in_flight.kind,
+        });
+        if self.cut_overdue || in_flight.kind == DeltaKind::Initial {
+            // The cycle after initial replication carries what changed during it.
+            self.cut(now);
+            self.next_cut_at = now + self.config.frequency;
+        }
+    }
+
+    fn fail(&mut self, reason: String) {
+        self.failed = Some(reason.clone());
+
+        self.link = Link::Closed;
+        self.actions.push_back(PrimaryAction::Failed { reason });
+    }
+}
+
+/// A 64-bit mixing function (SplitMix64's finaliser): distinct inputs give distinct,
+/// well-spread cut numbers without a random source in the state machine.
+fn mix(mut value: u64) -> u64 {
+    value = value.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    value ^ (value >> 31)
+}

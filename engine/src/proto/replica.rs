@@ -1,0 +1,458 @@
+//! The replica side of the protocol for one VM, as a state machine with no I/O. It checks who
+//! may write the VM and in which order deltas may come, collects a delta's chunks (in any
+//! order, from several streams, again after a dropped link) and says when to commit it. The
+//! driver stages chunks, commits deltas and reports back; the VM's state outlives connections,
+//! so a primary that reconnects is told exactly what is already staged.
+
+use super::chunks::ChunkSet;
+use super::message::{DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION, Staged};
+use bytes::Bytes;
+use std::collections::VecDeque;
+
+/// Which connection of the driver's a message came on or goes to.
+pub type ConnectionId = u64;
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaAction {
+    Send {
+        connection: ConnectionId,
+        message: Message,
+    },
+    /// A new VM: create its catalogue and empty disks before anything is staged.
+    PrepareDisks {
+        disks: Vec<DiskDescription>,
+        owner: String,
+    },
+    /// Set up staging for a delta, dropping whatever was staged of another one. An initial
+    /// delta is staged into new, empty disks; changes into a staging file.
+    StartStaging { delta: DeltaId, kind: DeltaKind },
+    /// Stage one chunk (verify it first), then call `chunk_staged` or `chunk_refused`.
+    StageChunk {
+        delta: DeltaId,
+        index: u32,
+        disk: u16,
+        payload: Bytes,
+    },
+    /// Every chunk is staged and the primary has sent them all: make the delta the replica's
+    /// state atomically on every disk, then call `committed` or `commit_failed`.
+    Commit { delta: DeltaId, kind: DeltaKind },
+    /// Drop a connection.
+    Close {
+        connection: ConnectionId,
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+struct Staging {
+    delta: DeltaId,
+    kind: DeltaKind,
+    chunks: u32,
+    staged: ChunkSet,
+    /// Handed to the driver, not yet confirmed.
+    requested: ChunkSet,
+    end: bool,
+}
+
+/// What a replica knows of a VM when it starts: from its catalogue.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaVmRecord {
+    pub disks: Option<Vec<DiskDescription>>,
+    /// The last delta applied; 0 before initial replication completes.
+    pub applied: u64,
+    /// The identity of the primary allowed to replicate this VM.
+    pub owner: Option<String>,
+}
+
+/// The replica's state machine for one VM.
+#[derive(Debug)]
+pub struct Replica {
+    vm: String,
+    record: ReplicaVmRecord,
+    connection: Option<ConnectionId>,
+    staging: Option<Staging>,
+    committing: Option<DeltaId>,
+    failed: Option<String>,
+    actions: VecDeque<ReplicaAction>,
+}
+
+impl Replica {
+    pub fn new(vm: &str, record: ReplicaVmRecord) -> Self {
+        Replica {
+            vm: vm.to_owned(),
+            record,
+            connection: None,
+            staging: None,
+            committing: None,
+            failed: None,
+            actions: VecDeque::new(),
+        }
+    }
+
+    pub fn poll_action(&mut self) -> Option<ReplicaAction> {
+        self.actions.pop_front()
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.record.applied
+    }
+
+    pub fn record(&self) -> &ReplicaVmRecord {
+        &self.record
+    }
+
+    /// The connection currently replicating this VM.
+    pub fn connection(&self) -> Option<ConnectionId> {
+        self.connection
+    }
+
+    /// A primary introduced itself on `connection`; `owner` is its authenticated identity.
+    pub fn hello(
+        &mut self,
+        connection: ConnectionId,
+        owner: &str,
+        version: u16,
+        disks: Vec<DiskDescription>,
+    ) {
+        let refuse = |this: &mut Self, reason: String, retry: bool| {
+            this.send(
+                connection,
+                Message::Refused {
+                    reason: reason.clone(),
+                    retry,
+                },
+            );
+            this.actions
+                .push_back(ReplicaAction::Close { connection, reason });
+        };
+        if version != PROTOCOL_VERSION {
+            return refuse(
+                self,
+                format!(
+                    "protocol version {version} is not supported (this replica speaks {PROTOCOL_VERSION})"
+                ),
+                false,
+            );
+        }
+        if let Some(known) = &self.record.owner
+            && known != owner
+        {
+            return refuse(
+                self,
+                format!(
+                    "{} is replicated from another primary ({known}); remove its replica to protect it from {owner}",
+                    self.vm
+                ),
+                false,
+            );
+        }
+        match &self.record.disks {
+            Some(known) if *known != disks => {
+                return refuse(
+                    self,
+                    format!(
+                        "{}: the primary's disks ({}) differ from the replica's ({}); remove the replica to start again",
+                        self.vm,
+                        describe(&disks),
+                        describe(known)
+                    ),
+                    false,
+                );
+            }
+            Some(_) => {}
+            None => {
+                self.record.disks = Some(disks.clone());
+                self.record.owner = Some(owner.to_owned());
+                self.actions.push_back(ReplicaAction::PrepareDisks {
+                    disks,
+                    owner: owner.to_owned(),
+                });
+            }
+        }
+        if let Some(reason) = &self.failed {
+            let reason = format!("{}: {reason}", self.vm);
+            return refuse(self, reason, true);
+        }
+        if let Some(previous) = self.connection.replace(connection)
+            && previous != connection
+        {
+            self.actions.push_back(ReplicaAction::Close {
+                connection: previous,
+                reason: "replaced by a new connection from the same primary".into(),
+            });
+        }
+        let staged = self.staging.as_ref().map(|staging| Staged {
+            delta: staging.delta,
+            received: staging.staged.ranges().to_vec(),
+        });
+        self.send(
+            connection,
+            Message::Welcome {
+                version: PROTOCOL_VERSION,
+                applied: self.record.applied,
+                staged,
+            },
+        );
+    }
+
+    /// A message (other than Hello) arrived on `connection`.
+    pub fn handle_message(&mut self, connection: ConnectionId, message: Message) {
+        if self.connection != Some(connection) {
+            // A connection this VM no longer listens to (replaced, or never welcomed).
+            return;
+        }
+        if let Message::Chunk { delta, .. } | Message::DeltaEnd { delta } = &message
+            && delta.sequence <= self.record.applied
+        {
+            // Resent before the primary heard the delta was applied: already in place.
+            return;
+        }
+        match message {
+            Message::DeltaBegin {
+                delta,
+                kind,
+                chunks,
+                recovery_point: _,
+            } => self.begin(connection, delta, kind, chunks),
+            Message::Chunk {
+                delta,
+                index,
+                disk,
+                payload,
+            } => {
+                let disks = self.record.disks.as_ref().map_or(0, Vec::len);
+                let Some(staging) = self
+                    .staging
+                    .as_mut()
+                    .filter(|staging| staging.delta == delta)
+                else {
+                    return self.violation(
+                        connection,
+                        format!("chunk {index} of {delta}, which was not begun"),
+                    );
+                };
+                if index >= staging.chunks || usize::from(disk) >= disks {
+                    let chunks = staging.chunks;
+                    return self.violation(
+                        connection,
+                        format!("chunk {index} for disk {disk} is outside {delta} ({chunks} chunks, {disks} disks)"),
+                    );
+                }
+                if staging.staged.contains(index) || staging.requested.contains(index) {
+                    return;
+                }
+                staging.requested.insert(index);
+                self.actions.push_back(ReplicaAction::StageChunk {
+                    delta,
+                    index,
+                    disk,
+                    payload,
+                });
+            }
+            Message::DeltaEnd { delta } => {
+                match self
+                    .staging
+                    .as_mut()
+                    .filter(|staging| staging.delta == delta)
+                {
+                    Some(staging) => staging.end = true,
+                    None => {
+                        return self
+                            .violation(connection, format!("end of {delta}, which was not begun"));
+                    }
+                }
+                self.commit_when_complete();
+            }
+            Message::Goodbye => {
+                self.connection = None;
+                self.actions.push_back(ReplicaAction::Close {
+                    connection,
+                    reason: "the primary said goodbye".into(),
+                });
+            }
+            other => self.violation(connection, format!("unexpected message {other:?}")),
+        }
+    }
+
+    fn begin(&mut self, connection: ConnectionId, delta: DeltaId, kind: DeltaKind, chunks: u32) {
+        if self.committing.is_some() {
+            return self.violation(connection, format!("{delta} begun while another commits"));
+        }
+        if delta.sequence != self.record.applied + 1 {
+            let reason = format!(
+                "{}: {delta} does not follow the last applied delta {} (gap): resynchronization required",
+                self.vm, self.record.applied
+            );
+            self.send(
+                connection,
+                Message::Refused {
+                    reason: reason.clone(),
+                    retry: false,
+                },
+            );
+            self.actions
+                .push_back(ReplicaAction::Close { connection, reason });
+            return;
+        }
+        if kind == DeltaKind::Changes && self.record.applied == 0 {
+            return self.violation(
+                connection,
+                format!("{delta} holds changes, but initial replication has not completed"),
+            );
+        }
+        if self
+            .staging
+            .as_ref()
+            .is_some_and(|staging| staging.delta == delta)
+        {
+            return;
+        }
+        self.staging = Some(Staging {
+            delta,
+            kind,
+            chunks,
+            staged: ChunkSet::new(),
+            requested: ChunkSet::new(),
+            end: false,
+        });
+        self.actions
+            .push_back(ReplicaAction::StartStaging { delta, kind });
+    }
+
+    /// The driver staged chunk `index` durably enough to survive a dropped link.
+    pub fn chunk_staged(&mut self, delta: DeltaId, index: u32) {
+        let Some(staging) = self
+            .staging
+            .as_mut()
+            .filter(|staging| staging.delta == delta)
+        else {
+            return;
+        };
+        staging.staged.insert(index);
+        if let Some(connection) = self.connection {
+            self.send(
+                connection,
+                Message::ChunksStaged {
+                    delta,
+                    received: std::iter::once(index..index + 1).collect(),
+                },
+            );
+        }
+        self.commit_when_complete();
+    }
+
+    /// The driver refused a chunk (its checksums failed, or it does not fit the disk). The
+    /// primary is told to send it again on a new connection.
+    pub fn chunk_refused(&mut self, delta: DeltaId, index: u32, reason: &str) {
+        if let Some(staging) = self
+            .staging
+            .as_mut()
+            .filter(|staging| staging.delta == delta)
+        {
+            // Forget the request so a resend is staged.
+            let mut kept = ChunkSet::new();
+            for range in staging.requested.ranges() {
+                for held in range.clone().filter(|held| *held != index) {
+                    kept.insert(held);
+                }
+            }
+            staging.requested = kept;
+        }
+        if let Some(connection) = self.connection {
+            self.violation(connection, format!("chunk {index} of {delta}: {reason}"));
+        }
+    }
+
+    /// The delta is applied on every disk, durably.
+    pub fn committed(&mut self, delta: DeltaId) {
+        if self.committing != Some(delta) {
+            return;
+        }
+        self.committing = None;
+        self.staging = None;
+        self.record.applied = delta.sequence;
+        if let Some(connection) = self.connection {
+            self.send(connection, Message::Applied { delta });
+        }
+    }
+
+    /// The commit failed; the VM takes no more deltas until the server restarts.
+    pub fn commit_failed(&mut self, delta: DeltaId, reason: &str) {
+        if self.committing != Some(delta) {
+            return;
+        }
+        self.committing = None;
+        self.failed = Some(format!("applying {delta} failed: {reason}"));
+        if let Some(connection) = self.connection.take() {
+            self.send(
+                connection,
+                Message::Refused {
+                    reason: format!("{}: applying {delta} failed: {reason}", self.vm),
+                    retry: true,
+                },
+            );
+            self.actions.push_back(ReplicaAction::Close {
+                connection,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
+    /// A connection ended. Staged chunks stay for the primary to resume.
+    pub fn disconnected(&mut self, connection: ConnectionId) {
+        if self.connection == Some(connection) {
+            self.connection = None;
+        }
+    }
+
+    /// The failure that stopped this VM, if one did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// The delta being staged: its id, chunks staged and total.
+    pub fn staging(&self) -> Option<(DeltaId, u64, u32)> {
+        self.staging
+            .as_ref()
+            .map(|staging| (staging.delta, staging.staged.len(), staging.chunks))
+    }
+
+    fn commit_when_complete(&mut self) {
+        let Some(staging) = &self.staging else {
+            return;
+        };
+        if staging.end && staging.staged.covers(staging.chunks) && self.committing.is_none() {
+            self.committing = Some(staging.delta);
+            self.actions.push_back(ReplicaAction::Commit {
+                delta: staging.delta,
+                kind: staging.kind,
+            });
+        }
+    }
+
+    fn send(&mut self, connection: ConnectionId, message: Message) {
+        self.actions.push_back(ReplicaAction::Send {
+            connection,
+            message,
+        });
+    }
+
+    fn violation(&mut self, connection: ConnectionId, reason: String) {
+        if self.connection == Some(connection) {
+            self.connection = None;
+        }
+        self.actions.push_back(ReplicaAction::Close {
+            connection,
+            reason: format!("{}: protocol violation: {reason}", self.vm),
+        });
+    }
+}
+
+fn describe(disks: &[DiskDescription]) -> String {
+    disks
+        .iter()
+        .map(|disk| format!("{} of {} bytes", disk.disk_id, disk.virtual_size))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,430 @@
+//! The primary and replica state machines driven against each other in virtual time, over a
+//! link that drops at random moments (losing whatever was in flight). Whatever the schedule,
+//! every delta is committed once, whole, in sequence, and the primary hears of each.
+
+use blockrep::proto::{
+    ConnectionId, DeltaId, DeltaKind, DiskDescription, Message, Primary, PrimaryAction,
+    PrimaryConfig, Replica, ReplicaAction, ReplicaVmRecord, ReplicationState,
+};
+use bytes::Bytes;
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const FREQUENCY: Duration = Duration::from_secs(30);
+
+fn config() -> PrimaryConfig {
+    PrimaryConfig {
+        vm: "vm1".into(),
+        primary: "host-a".into(),
+        disks: vec![
+            DiskDescription {
+                disk_id: Uuid::from_u128(1),
+                virtual_size: 1 << 30,
+                logical_sector: 512,
+            },
+            DiskDescription {
+                disk_id: Uuid::from_u128(2),
+                virtual_size: 1 << 20,
+                logical_sector: 4096,
+            },
+        ],
+        frequency: FREQUENCY,
+        window: 3,
+        reconnect_min: Duration::from_secs(1),
+        reconnect_max: Duration::from_secs(8),
+        needs_initial: true,
+        seed: 42,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    ToReplica,
+    ToPrimary,
+    Wait,
+    DropLink,
+    /// The replica's driver finishes staging one chunk.
+    Stage,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        8 => Just(Step::ToReplica),
+        6 => Just(Step::ToPrimary),
+        2 => Just(Step::Wait),
+        1 => Just(Step::DropLink),
+        4 => Just(Step::Stage),
+    ]
+}
+
+/// Both machines, a link between them, and what each side's driver did.
+struct World {
+    now: Instant,
+    primary: Primary,
+    replica: Replica,
+    link: Option<ConnectionId>,
+    next_connection: ConnectionId,
+    to_replica: VecDeque<Message>,
+    to_primary: VecDeque<Message>,
+    /// Chunks per delta the primary cut.
+    cut: BTreeMap<u64, (DeltaId, DeltaKind, u32)>,
+    chunk_counts: VecDeque<u32>,
+    staged: BTreeMap<DeltaId, BTreeSet<u32>>,
+    /// Chunks handed to the replica's driver, not yet staged.
+    staging: VecDeque<(DeltaId, u32)>,
+    committed: Vec<(DeltaId, DeltaKind, BTreeSet<u32>)>,
+    acknowledged: Vec<DeltaId>,
+    welcomed: bool,
+}
+
+impl World {
+    fn new(chunk_counts: Vec<u32>) -> Self {
+        let now = Instant::now();
+        World {
+            now,
+            primary: Primary::new(config(), now),
+            replica: Replica::new("vm1", ReplicaVmRecord::default()),
+            link: None,
+            next_connection: 1,
+            to_replica: VecDeque::new(),
+            to_primary: VecDeque::new(),
+            cut: BTreeMap::new(),
+            chunk_counts: chunk_counts.into(),
+            staged: BTreeMap::new(),
+            staging: VecDeque::new(),
+            committed: Vec::new(),
+            acknowledged: Vec::new(),
+            welcomed: false,
+        }
+    }
+
+    fn run_actions(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(action) = self.primary.poll_action() {
+                progressed = true;
+                self.primary_action(action);
+            }
+            while let Some(action) = self.replica.poll_action() {
+                progressed = true;
+                self.replica_action(action);
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn primary_action(&mut self, action: PrimaryAction) {
+        match action {
+            PrimaryAction::Connect => {
+                let connection = self.next_connection;
+                self.next_connection += 1;
+                self.link = Some(connection);
+                self.primary.connected(self.now);
+            }
+            PrimaryAction::Send(message) => {
+                if self.link.is_some() {
+                    self.to_replica.push_back(message);
+                }
+            }
+            PrimaryAction::SendChunk { delta, index } => {
+                let (_, _, count) = self.cut[&delta.sequence];
+                assert!(index < count, "chunk {index} of {count} requested");
+                if self.link.is_some() {
+                    self.to_replica.push_back(Message::Chunk {
+                        delta,
+                        index,
+                        disk: (index % 2) as u16,
+                        payload: Bytes::from(format!("{}:{index}", delta.sequence)),
+                    });
+                }
+            }
+            PrimaryAction::Cut { delta, kind } => {
+                let count = self.chunk_counts.pop_front().unwrap_or(0);
+                let previous = self.cut.insert(delta.sequence, (delta, kind, count));
+                assert!(
+                    previous.is_none_or(|(old, _, _)| old.cut != delta.cut),
+                    "a sequence reused with the same cut number"
+                );
+                self.primary
+                    .delta_ready(self.now, delta, vec![1 << 20; count as usize]);
+            }
+            PrimaryAction::Acknowledged { delta, .. } => self.acknowledged.push(delta),
+            PrimaryAction::Disconnect { reason } => panic!("primary disconnected: {reason}"),
+            PrimaryAction::Failed { reason } => panic!("primary failed: {reason}"),
+        }
+    }
+
+    fn replica_action(&mut self, action: ReplicaAction) {
+        match action {
+            ReplicaAction::Send {
+                connection,
+                message,
+            } => {
+                if self.link == Some(connection) {
+                    self.to_primary.push_back(message);
+                }
+            }
+            ReplicaAction::PrepareDisks { disks, owner } => {
+                assert_eq!(disks.len(), 2);
+                assert_eq!(owner, "fingerprint-a");
+            }
+            ReplicaAction::StartStaging { delta, .. } => {
+                self.staged.insert(delta, BTreeSet::new());
+                self.staging.retain(|(staging, _)| *staging == delta);
+            }
+            ReplicaAction::StageChunk {
+                delta,
+                index,
+                payload,
+                ..
+            } => {
+                assert_eq!(payload, Bytes::from(format!("{}:{index}", delta.sequence)));
+                self.staging.push_back((delta, index));
+            }
+            ReplicaAction::Commit { delta, kind } => {
+                let chunks = self.staged.remove(&delta).unwrap();
+                self.committed.push((delta, kind, chunks));
+                self.replica.committed(delta);
+            }
+            ReplicaAction::Close { connection, reason } => {
+                if self.link == Some(connection) && !reason.contains("goodbye") {
+                    panic!("replica closed the connection: {reason}");
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, step: Step) {
+        match step {
+            Step::ToReplica => {
+                if let (Some(connection), Some(message)) = (self.link, self.to_replica.pop_front())
+                {
+                    match message {
+                        Message::Hello { version, disks, .. } => {
+                            self.replica
+                                .hello(connection, "fingerprint-a", version, disks)
+                        }
+                        other => self.replica.handle_message(connection, other),
+                    }
+                }
+            }
+            Step::ToPrimary => {
+                if let Some(message) = self.to_primary.pop_front() {
+                    if matches!(message, Message::Welcome { .. }) {
+                        self.welcomed = true;
+                    }
+                    self.primary.handle_message(self.now, message);
+                }
+            }
+            Step::Wait => {
+                if let Some(at) = self.primary.poll_timeout() {
+                    self.now = self.now.max(at);
+                }
+                self.primary.handle_timeout(self.now);
+            }
+            Step::Stage => {
+                if let Some((delta, index)) = self.staging.pop_front() {
+                    let fresh = self.staged.get_mut(&delta).unwrap().insert(index);
+                    assert!(fresh, "chunk {index} of {delta} staged twice");
+                    self.replica.chunk_staged(delta, index);
+                }
+            }
+            Step::DropLink => {
+                if let Some(connection) = self.link.take() {
+                    self.to_replica.clear();
+                    self.to_primary.clear();
+                    self.replica.disconnected(connection);
+                    self.primary.connection_lost(self.now, "link cut");
+                }
+            }
+        }
+        self.run_actions();
+    }
+
+    /// Runs without faults until every delta cut so far is acknowledged.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let cut = self.cut.len();
+            if cut > 0 && self.acknowledged.len() == cut && self.to_replica.is_empty() {
+                return;
+            }
+            if !self.staging.is_empty() {
+                self.step(Step::Stage);
+            } else if !self.to_replica.is_empty() {
+                self.step(Step::ToReplica);
+            } else if !self.to_primary.is_empty() {
+                self.step(Step::ToPrimary);
+            } else {
+                self.step(Step::Wait);
+            }
+        }
+        panic!(
+            "did not settle: cut {:?}, acknowledged {:?}",
+            self.cut, self.acknowledged
+        );
+    }
+
+    fn check(&self) {
+        for (position, (delta, kind, chunks)) in self.committed.iter().enumerate() {
+            assert_eq!(
+                delta.sequence,
+                position as u64 + 1,
+                "commits out of sequence"
+            );
+            let (cut, cut_kind, count) = self.cut[&delta.sequence];
+            assert_eq!(
+                cut, *delta,
+                "committed a delta the primary did not cut last"
+            );
+            assert_eq!(cut_kind, *kind);
+            assert_eq!(*chunks, (0..count).collect(), "{delta} committed partly");
+        }
+        assert_eq!(
+            self.acknowledged,
+            self.committed
+                .iter()
+                .map(|(delta, _, _)| *delta)
+                .collect::<Vec<_>>()[..self.acknowledged.len()],
+            "the primary heard of a delta that was not committed"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn every_delta_is_committed_once_whole_and_in_order_despite_link_drops(
+        chunk_counts in prop::collection::vec(0u32..12, 1..8),
+        steps in prop::collection::vec(step(), 0..400),
+    ) {
+        let mut world = World::new(chunk_counts);
+        world.run_actions();
+        for step in steps {
+            world.step(step);
+            world.check();
+        }
+        world.settle();
+        world.check();
+        prop_assert_eq!(world.committed[0].1, DeltaKind::Initial);
+        prop_assert!(world.committed[1..].iter().all(|(_, kind, _)| *kind == DeltaKind::Changes));
+    }
+}
+
+#[test]
+fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
+    let mut replica = Replica::new(
+        "vm1",
+        ReplicaVmRecord {
+            disks: Some(config().disks),
+            applied: 5,
+            owner: Some("fingerprint-a".into()),
+        },
+    );
+    replica.hello(7, "fingerprint-a", 1, config().disks);
+    replica.handle_message(
+        7,
+        Message::DeltaBegin {
+            delta: DeltaId {
+                sequence: 9,
+                cut: 1,
+            },
+            kind: DeltaKind::Changes,
+            chunks: 1,
+            recovery_point: true,
+        },
+    );
+    let refusal = std::iter::from_fn(|| replica.poll_action())
+        .find_map(|action| match action {
+            ReplicaAction::Send {
+                message: Message::Refused { reason, retry },
+                ..
+            } => Some((reason, retry)),
+            _ => None,
+        })
+        .expect("refused");
+    assert!(!refusal.1);
+    assert!(
+        refusal.0.contains("resynchronization required"),
+        "{}",
+        refusal.0
+    );
+}
+
+#[test]
+fn another_primary_or_other_disks_are_refused_for_good() {
+    let record = ReplicaVmRecord {
+        disks: Some(config().disks),
+        applied: 1,
+        owner: Some("fingerprint-a".into()),
+    };
+    let refusals = |owner: &str, disks: Vec<DiskDescription>| {
+        let mut replica = Replica::new("vm1", record.clone());
+        replica.hello(1, owner, 1, disks);
+        std::iter::from_fn(|| replica.poll_action())
+            .filter_map(|action| match action {
+                ReplicaAction::Send {
+                    message: Message::Refused { reason, retry },
+                    ..
+                } => Some((reason, retry)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let other_primary = refusals("fingerprint-b", config().disks);
+    assert!(other_primary[0].0.contains("another primary"));
+    assert!(!other_primary[0].1);
+    let other_disks = refusals("fingerprint-a", config().disks[..1].to_vec());
+    assert!(other_disks[0].0.contains("differ"));
+    assert!(refusals("fingerprint-a", config().disks).is_empty());
+}
+
+#[test]
+fn a_primary_refused_for_good_fails_and_says_why() {
+    let now = Instant::now();
+    let mut primary = Primary::new(config(), now);
+    primary.handle_timeout(now);
+    assert_eq!(primary.poll_action(), Some(PrimaryAction::Connect));
+    primary.connected(now);
+    assert!(matches!(
+        primary.poll_action(),
+        Some(PrimaryAction::Send(Message::Hello { .. }))
+    ));
+    primary.handle_message(
+        now,
+        Message::Refused {
+            reason: "vm1 is replicated from another primary".into(),
+            retry: false,
+        },
+    );
+    assert!(matches!(
+        primary.poll_action(),
+        Some(PrimaryAction::Failed { reason }) if reason.contains("another primary")
+    ));
+    assert_eq!(primary.status(now).state, ReplicationState::Error);
+    assert_eq!(primary.poll_timeout(), None);
+}
+
+#[test]
+fn a_delta_that_outlasts_the_interval_counts_missed_cycles_and_the_next_cut_follows_at_once() {
+    let mut world = World::new(vec![1, 3, 2]);
+    world.run_actions();
+    world.settle();
+    // Initial replication done, and the first cycle's delta (cut right after it) too.
+    assert_eq!(world.acknowledged.len(), 2);
+    // Let two intervals pass while the next delta cannot be shipped.
+    world.step(Step::Wait);
+    let in_flight = world.cut.len();
+    world.step(Step::DropLink);
+    let before = world.primary.status(world.now).missed_cycles;
+    world.now += FREQUENCY * 2;
+    world.primary.handle_timeout(world.now);
+    world.run_actions();
+    assert!(world.primary.status(world.now).missed_cycles > before);
+    world.settle();
+    assert!(world.cut.len() >= in_flight);
+    world.check();
+}
