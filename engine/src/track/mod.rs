@@ -8,4 +8,4 @@ mod tracked;
 
 pub use bitmap::DirtyBitmap;
 pub use journal::{DEFAULT_REGION_SIZE, JOURNAL_VERSION, Journal, JournalIdentity, Recovered};
-pub use tracked::{Cut, DEFAULT_GRANULARITY, TrackedDisk};
+pub use tracked::{Cut, DEFAULT_GRANULARITY, PreserveBlocks, TrackedDisk};

@@ -9,6 +9,11 @@
 //!
 //! The mark comes after the write: a delta cut before the mark is made does not need the
 //! write (the next generation has it), and one cut after it reads the image after the write.
+//!
+//! A cut can also freeze the disk's *contents* at the cut (`cut_together` with a
+//! [`PreserveBlocks`]): until the cut's blocks are read with `read_snapshot`, a later write to
+//! one of them first hands the block's old contents to the preserver. A delta read that way
+//! is the disk at one instant, a crash-consistent recovery point, although writes never stop.
 
 use super::DirtyBitmap;
 use super::journal::{Journal, Recovered};
@@ -59,6 +64,31 @@ impl Cut {
     }
 }
 
+/// Takes the contents a block had at a cut, before a later write changes them.
+pub trait PreserveBlocks: Send + Sync {
+    /// `data` is what the disk held at `offset` when the cut was made.
+    fn preserve(&self, offset: u64, data: &[u8]) -> Result<()>;
+}
+
+/// The contents of a cut, kept until they are read.
+struct Snapshot {
+    /// The frozen generation; its writers may still be marking it when the snapshot starts.
+    frozen: Arc<Generation>,
+    /// Blocks whose contents at the cut have been read or preserved.
+    taken: DirtyBitmap,
+    preserver: Arc<dyn PreserveBlocks>,
+    failure: Mutex<Option<Error>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Snapshot")
+            .field("generation", &self.frozen.number)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A disk whose changes are tracked, generation by generation.
 #[derive(Debug)]
 pub struct TrackedDisk<I: BlockImage> {
@@ -70,6 +100,8 @@ pub struct TrackedDisk<I: BlockImage> {
     journal: Option<Journal<Box<dyn Storage>>>,
     /// Cut generations not yet acknowledged, kept for a clean shutdown to persist.
     unacknowledged: Mutex<Vec<(u64, DirtyBitmap)>>,
+    /// The cut whose contents are being read, if one is.
+    snapshot: RwLock<Option<Arc<Snapshot>>>,
 }
 
 fn unpoisoned<T>(result: std::sync::LockResult<T>) -> T {
@@ -142,6 +174,7 @@ impl<I: BlockImage> TrackedDisk<I> {
             })),
             journal,
             unacknowledged: Mutex::new(Vec::new()),
+            snapshot: RwLock::new(None),
         })
     }
 
@@ -214,15 +247,105 @@ impl<I: BlockImage> TrackedDisk<I> {
     /// Freezes the current generation and opens the next. Returns once every write that joined
     /// the frozen generation has marked it.
     pub fn cut(&self) -> Cut {
-        let frozen = {
-            let mut current = unpoisoned(self.current.write());
-            let next = Arc::new(Generation {
-                number: current.number + 1,
-                bitmap: DirtyBitmap::new(current.bitmap.blocks()),
-                writers: AtomicUsize::new(0),
-            });
-            std::mem::replace(&mut *current, next)
+        let mut current = unpoisoned(self.current.write());
+        let frozen = Self::swap_generation(&mut current);
+        drop(current);
+        self.finish_cut(frozen)
+    }
+
+    /// Cuts every disk at one instant: no write that started after a write to any of them
+    /// completed lands in an earlier generation (write order is kept across disks). With a
+    /// preserver per disk, each cut's contents are also frozen until read (`read_snapshot`).
+    pub fn cut_together(
+        disks: &[&TrackedDisk<I>],
+        preservers: Option<Vec<Arc<dyn PreserveBlocks>>>,
+    ) -> Vec<Cut> {
+        // Holding every disk's generation lock at once makes the swap one instant for all.
+        let mut locks: Vec<_> = disks
+            .iter()
+            .map(|disk| unpoisoned(disk.current.write()))
+            .collect();
+        let frozen: Vec<_> = locks
+            .iter_mut()
+            .map(|current| Self::swap_generation(current))
+            .collect();
+        if let Some(preservers) = preservers {
+            for ((disk, generation), preserver) in disks.iter().zip(&frozen).zip(preservers) {
+                // Installed before any writer of the new generation can reach the image.
+                *unpoisoned(disk.snapshot.write()) = Some(Arc::new(Snapshot {
+                    frozen: Arc::clone(generation),
+                    taken: DirtyBitmap::new(generation.bitmap.blocks()),
+                    preserver,
+                    failure: Mutex::new(None),
+                }));
+            }
+        }
+        drop(locks);
+        disks
+            .iter()
+            .zip(frozen)
+            .map(|(disk, frozen)| disk.finish_cut(frozen))
+            .collect()
+    }
+
+    /// Reads `buf.len()` bytes at `offset` as they were at the snapshot cut, for the blocks of
+    /// the cut not yet taken; returns the byte ranges read (those taken earlier went to the
+    /// preserver). Each block of the cut is taken once.
+    pub fn read_snapshot(&self, buf: &mut [u8], offset: u64) -> Result<Vec<Range<u64>>> {
+        let snapshot = unpoisoned(self.snapshot.read()).clone();
+        let Some(snapshot) = snapshot else {
+            self.read_at(buf, offset)?;
+            return Ok(vec![offset..offset + buf.len() as u64]);
         };
+        let image = self.image();
+        let end = offset + buf.len() as u64;
+        let mut read = Vec::new();
+        let mut block = offset / self.granularity;
+        while block * self.granularity < end {
+            let start = (block * self.granularity).max(offset);
+            let stop = ((block + 1) * self.granularity).min(end);
+            if !snapshot.taken.is_marked(block) {
+                let into = &mut buf[(start - offset) as usize..(stop - offset) as usize];
+                image.read_at(into, start)?;
+                if snapshot.frozen.bitmap.is_marked(block) {
+                    snapshot.taken.mark(block, block);
+                }
+                match read.last_mut() {
+                    Some(Range { end, .. }) if *end == start => *end = stop,
+                    _ => read.push(start..stop),
+                }
+            }
+            block += 1;
+        }
+        Ok(read)
+    }
+
+    /// Ends the snapshot: writes no longer preserve anything. Fails if preserving failed,
+    /// in which case the delta read from it is not a consistent point.
+    pub fn end_snapshot(&self) -> Result<()> {
+        let snapshot = unpoisoned(self.snapshot.write()).take();
+        match snapshot.and_then(|snapshot| unpoisoned(snapshot.failure.lock()).take()) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts a cut's blocks back into the current generation: its delta could not be
+    /// prepared, so its changes must ship with the next one.
+    pub fn requeue(&self, cut: &Cut) {
+        unpoisoned(self.current.read()).bitmap.merge(&cut.bitmap);
+    }
+
+    fn swap_generation(current: &mut Arc<Generation>) -> Arc<Generation> {
+        let next = Arc::new(Generation {
+            number: current.number + 1,
+            bitmap: DirtyBitmap::new(current.bitmap.blocks()),
+            writers: AtomicUsize::new(0),
+        });
+        std::mem::replace(current, next)
+    }
+
+    fn finish_cut(&self, frozen: Arc<Generation>) -> Cut {
         while frozen.writers.load(Ordering::Acquire) != 0 {
             std::thread::yield_now();
         }
@@ -265,13 +388,50 @@ impl<I: BlockImage> TrackedDisk<I> {
             Some(journal) => journal.mark(offset, length, generation.number),
             None => Ok(()),
         };
-        let result = marked.and_then(|()| change(&mut *unpoisoned(self.image.write())));
+        let result = marked.and_then(|()| {
+            let mut image = unpoisoned(self.image.write());
+            self.preserve_before_write(&*image, generation.number, offset, length);
+            change(&mut *image)
+        });
         // Marked even when the change failed: part of it may have reached the image.
         let first = offset / self.granularity;
         let last = (offset + length - 1) / self.granularity;
         generation.bitmap.mark(first, last);
         generation.writers.fetch_sub(1, Ordering::Release);
         result
+    }
+}
+
+impl<I: BlockImage> TrackedDisk<I> {
+    /// Hands the old contents of snapshot blocks a write is about to change to the preserver.
+    /// Called with the image locked for writing, so no snapshot read runs meanwhile.
+    fn preserve_before_write(&self, image: &I, generation: u64, offset: u64, length: u64) {
+        let snapshot = unpoisoned(self.snapshot.read()).clone();
+        let Some(snapshot) = snapshot else {
+            return;
+        };
+        // Writes of the frozen generation itself belong to the cut.
+        if generation <= snapshot.frozen.number {
+            return;
+        }
+        let first = offset / self.granularity;
+        let last = (offset + length - 1) / self.granularity;
+        let mut block_data = Vec::new();
+        for block in first..=last {
+            if !snapshot.frozen.bitmap.is_marked(block) || snapshot.taken.is_marked(block) {
+                continue;
+            }
+            snapshot.taken.mark(block, block);
+            let start = block * self.granularity;
+            let stop = (start + self.granularity).min(self.virtual_size);
+            block_data.resize((stop - start) as usize, 0);
+            let outcome = image
+                .read_at(&mut block_data, start)
+                .and_then(|()| snapshot.preserver.preserve(start, &block_data));
+            if let Err(error) = outcome {
+                unpoisoned(snapshot.failure.lock()).get_or_insert(error);
+            }
+        }
     }
 }
 
@@ -310,6 +470,71 @@ mod tests {
         let disk = disk(3 * 4096 + 512);
         disk.write_at(&[1; 512], 3 * 4096).unwrap();
         assert_eq!(disk.cut().extents(), vec![3 * 4096..3 * 4096 + 512]);
+    }
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<(u64, Vec<u8>)>>);
+
+    impl PreserveBlocks for Collect {
+        fn preserve(&self, offset: u64, data: &[u8]) -> Result<()> {
+            self.0.lock().unwrap().push((offset, data.to_vec()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_snapshot_cut_reads_as_the_disk_was_at_the_cut_although_writes_go_on() {
+        let disk = disk(1 << 20);
+        disk.write_at(&[1; 3 * 4096], 4096).unwrap();
+        disk.write_at(&[2; 100], 40 * 4096).unwrap();
+        let mut at_cut = vec![0u8; 1 << 20];
+        disk.read_at(&mut at_cut, 0).unwrap();
+        let collect = Arc::new(Collect::default());
+        let cuts = TrackedDisk::cut_together(&[&disk], Some(vec![collect.clone()]));
+        // Later writes: one over a block of the cut, one over a block outside it.
+        disk.write_at(&[9; 5000], 4096 + 10).unwrap();
+        disk.write_at(&[9; 10], 60 * 4096).unwrap();
+        let mut snapshot = vec![0u8; 1 << 20];
+        let mut covered = 0;
+        for extent in cuts[0].extents() {
+            let buffer = &mut snapshot[extent.start as usize..extent.end as usize];
+            let read = disk.read_snapshot(buffer, extent.start).unwrap();
+            covered += read
+                .iter()
+                .map(|range| range.end - range.start)
+                .sum::<u64>();
+        }
+        for (offset, data) in collect.0.lock().unwrap().iter() {
+            snapshot[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            covered += data.len() as u64;
+        }
+        // Each block of the cut was taken exactly once: read, or preserved.
+        assert_eq!(covered, cuts[0].changed_bytes());
+        disk.end_snapshot().unwrap();
+        for extent in cuts[0].extents() {
+            let range = extent.start as usize..extent.end as usize;
+            assert!(
+                snapshot[range.clone()] == at_cut[range],
+                "{extent:?} differs"
+            );
+        }
+        // Two blocks preserved (the write spanned blocks 1 and 2), none for block 60.
+        assert_eq!(collect.0.lock().unwrap().len(), 2);
+        // The later writes are tracked in the next generation.
+        assert_eq!(
+            disk.cut().extents(),
+            vec![4096..3 * 4096, 60 * 4096..61 * 4096]
+        );
+    }
+
+    #[test]
+    fn a_requeued_cut_ships_with_the_next_one() {
+        let disk = disk(1 << 20);
+        disk.write_at(&[1; 10], 0).unwrap();
+        let lost = disk.cut();
+        disk.write_at(&[1; 10], 8 * 4096).unwrap();
+        disk.requeue(&lost);
+        assert_eq!(disk.cut().extents(), vec![0..4096, 8 * 4096..9 * 4096]);
     }
 
     #[test]
