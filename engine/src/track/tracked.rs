@@ -295,7 +295,7 @@ impl<I: BlockImage> TrackedDisk<I> {
         let snapshot = unpoisoned(self.snapshot.read()).clone();
         let Some(snapshot) = snapshot else {
             self.read_at(buf, offset)?;
-            return Ok(vec![offset..offset + buf.len() as u64]);
+            return Ok(std::iter::once(offset..offset + buf.len() as u64).collect());
         };
         let image = self.image();
         let end = offset + buf.len() as u64;
