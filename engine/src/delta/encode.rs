@@ -46,6 +46,64 @@ pub fn encode_delta(
     writer: impl Write,
     name: &str,
 ) -> Result<EncodeStatistics> {
+    DeltaEncoder::new().encode(image, extents, header, writer, name, Compression::Lz4)
+}
+
+/// Whether data records may be lz4-compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Compress a record when that saves at least an eighth of it.
+    #[default]
+    Lz4,
+    /// Store every record raw (for links fast enough that compressing costs more than it saves).
+    Off,
+}
+
+/// Encodes deltas, reusing its buffers from one delta to the next: encoding many small deltas
+/// (the chunks of a replication cycle) then costs no allocation or page fault each.
+pub struct DeltaEncoder {
+    buffer: Vec<u8>,
+    compressed: Vec<u8>,
+}
+
+impl Default for DeltaEncoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DeltaEncoder {
+    pub fn new() -> Self {
+        DeltaEncoder {
+            buffer: vec![0u8; MAX_EXTENT as usize],
+            compressed: vec![0u8; lz4_flex::block::get_maximum_output_size(MAX_EXTENT as usize)],
+        }
+    }
+
+    /// [`encode_delta`] with these buffers, choosing whether to compress.
+    pub fn encode(
+        &mut self,
+        image: &dyn BlockImage,
+        extents: &[Range<u64>],
+        header: &DeltaHeader,
+        writer: impl Write,
+        name: &str,
+        compression: Compression,
+    ) -> Result<EncodeStatistics> {
+        encode_into(image, extents, header, writer, name, compression, self)
+    }
+}
+
+fn encode_into(
+    image: &dyn BlockImage,
+    extents: &[Range<u64>],
+    header: &DeltaHeader,
+    writer: impl Write,
+    name: &str,
+    compression: Compression,
+    encoder: &mut DeltaEncoder,
+) -> Result<EncodeStatistics> {
+    let DeltaEncoder { buffer, compressed } = encoder;
     let io = |source: std::io::Error| Error::file(name, "write delta", source);
     let block = u64::from(header.block_size).max(512);
     let mut output = Output {
@@ -55,8 +113,6 @@ pub fn encode_delta(
     };
     output.put(&header.encode()).map_err(io)?;
     let mut statistics = EncodeStatistics::default();
-    let mut buffer = vec![0u8; MAX_EXTENT as usize];
-    let mut compressed = vec![0u8; lz4_flex::block::get_maximum_output_size(MAX_EXTENT as usize)];
     let mut previous_end = 0;
     for extent in extents {
         if extent.start < previous_end || extent.end > image.virtual_size() {
@@ -98,8 +154,12 @@ pub fn encode_delta(
                     statistics.zero_bytes += piece.len() as u64;
                 } else {
                     let checksum = crc32c::crc32c(piece);
-                    let packed = lz4_flex::block::compress_into(piece, &mut compressed)
-                        .unwrap_or(usize::MAX);
+                    let packed = match compression {
+                        Compression::Lz4 => {
+                            lz4_flex::block::compress_into(piece, compressed).unwrap_or(usize::MAX)
+                        }
+                        Compression::Off => usize::MAX,
+                    };
                     let (encoding, payload) = if packed <= piece.len() - piece.len() / 8 {
                         (ENCODING_LZ4, &compressed[..packed])
                     } else {

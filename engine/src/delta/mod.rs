@@ -6,7 +6,9 @@
 mod apply;
 mod encode;
 mod format;
+mod spool;
 
 pub use apply::{DeltaSummary, TargetState, apply_delta, verify_delta};
-pub use encode::{EncodeStatistics, encode_delta};
+pub use encode::{Compression, DeltaEncoder, EncodeStatistics, encode_delta};
 pub use format::{DeltaHeader, FORMAT_VERSION};
+pub use spool::{Spool, chunk_pieces};
