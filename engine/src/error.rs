@@ -47,6 +47,18 @@ pub enum Error {
     /// A caller passed a value the engine cannot use (a size, a block size, a sector size).
     #[error("invalid {what}: {reason}")]
     InvalidArgument { what: &'static str, reason: String },
+    /// A host identity or a trusted certificate cannot be made or read.
+    #[error("{path}: {problem}")]
+    Identity { path: String, problem: String },
+    /// The peer could not be reached, or the connection failed; worth retrying.
+    #[error("{peer}: {problem}")]
+    Network { peer: String, problem: String },
+    /// The peer refused our identity, or we refused its: retrying will not help.
+    #[error("{peer}: authentication refused: {reason}")]
+    AuthenticationRefused { peer: String, reason: String },
+    /// The replication protocol was broken or replication was refused.
+    #[error("{peer}: {problem}")]
+    Replication { peer: String, problem: String },
 }
 
 impl Error {

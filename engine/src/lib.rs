@@ -8,7 +8,9 @@ pub mod delta;
 pub mod error;
 pub mod image;
 pub mod io;
+pub mod net;
 pub mod proto;
+pub mod replica;
 pub mod track;
 pub mod units;
 

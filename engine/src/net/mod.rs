@@ -1,0 +1,11 @@
+//! The network side: host identities, TLS with pinned certificates, and the QUIC drivers that
+//! run the protocol's state machines over quinn on tokio. This module moves bytes and keeps
+//! time; every replication decision is made in `proto`.
+
+mod frame;
+mod identity;
+mod tls;
+
+pub use frame::{read_frame, write_message};
+pub use identity::{Identity, fingerprint, load_certificate};
+pub use tls::{client_config, is_authentication_failure, server_config};

@@ -1,0 +1,757 @@
+//! The replica's files: one directory per VM under the store, holding its catalogue, its
+//! replica disks (VHDX, written through io_uring where the kernel allows) and what is staged of
+//! the next delta. Format of the catalogue and the commit protocol: `docs/formats/replica.md`.
+//!
+//! A delta becomes the replica's state atomically. Changes are staged in a file first; the
+//! commit makes the staging durable, records "committing N" in the catalogue, applies the
+//! staging to every disk, flushes them and records "applied N". An initial replication is
+//! written into new disk files beside the old ones, which the commit renames into place. A
+//! crash anywhere leaves the catalogue saying either "applied N-1" (the staging is thrown away)
+//! or "committing N" (the commit is redone from the durable staging on open: applying a delta
+//! twice gives the same bytes). Never a disk between two deltas.
+
+use crate::delta::{TargetState, apply_delta, verify_delta};
+use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
+use crate::image::{Access, BlockImage, VhdxImage};
+use crate::io::{FileStorage, Storage, StorageOptions, file_storage};
+use crate::proto::{DeltaId, DeltaKind, DiskDescription, ReplicaVmRecord};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+const CATALOGUE: &str = "catalogue.json";
+const STAGE: &str = "delta.stage";
+const CATALOGUE_VERSION: u32 = 1;
+
+type Disk = VhdxImage<Box<dyn Storage>>;
+
+/// What the catalogue records of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Catalogue {
+    version: u32,
+    vm: String,
+    /// Fingerprint of the primary's certificate.
+    owner: String,
+    disks: Vec<DiskDescription>,
+    applied: u64,
+    committing: Option<(DeltaId, DeltaKind)>,
+}
+
+/// Where a VM's replicas live.
+#[derive(Debug, Clone)]
+pub struct ReplicaStore {
+    root: PathBuf,
+    storage: StorageOptions,
+}
+
+impl ReplicaStore {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: &Path, storage: StorageOptions) -> Result<Self> {
+        std::fs::create_dir_all(root)
+            .map_err(|error| Error::file(&root.display().to_string(), "create store", error))?;
+        Ok(ReplicaStore {
+            root: root.to_owned(),
+            storage,
+        })
+    }
+
+    /// The VMs that have a catalogue in the store.
+    pub fn vms(&self) -> Result<Vec<String>> {
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|error| Error::file(&self.root.display().to_string(), "list store", error))?;
+        let mut vms: Vec<String> = entries
+            .flatten()
+            .filter(|entry| entry.path().join(CATALOGUE).exists())
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .collect();
+        vms.sort();
+        Ok(vms)
+    }
+
+    /// Opens a VM's replica (finishing a commit a crash interrupted), or an empty one for a VM
+    /// not seen before; nothing is written for it until `prepare`.
+    pub fn open_vm(&self, vm: &str) -> Result<VmReplica> {
+        check_vm_name(vm)?;
+        let directory = self.root.join(vm);
+        let catalogue_path = directory.join(CATALOGUE);
+        let catalogue = match std::fs::read(&catalogue_path) {
+            Ok(bytes) => Some(parse_catalogue(&catalogue_path, &bytes)?),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => {
+                return Err(Error::file(
+                    &catalogue_path.display().to_string(),
+                    "read catalogue",
+                    error,
+                ));
+            }
+        };
+        let mut replica = VmReplica {
+            vm: vm.to_owned(),
+            directory,
+            storage: self.storage,
+            catalogue,
+            disks: Vec::new(),
+            staging: None,
+        };
+        replica.recover()?;
+        Ok(replica)
+    }
+}
+
+fn check_vm_name(vm: &str) -> Result<()> {
+    let valid = !vm.is_empty()
+        && vm.len() <= 64
+        && !vm.starts_with('.')
+        && vm
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            what: "VM name",
+            reason: format!("{vm:?}: use 1 to 64 letters, digits, '-', '_' or '.'"),
+        })
+    }
+}
+
+fn parse_catalogue(path: &Path, bytes: &[u8]) -> Result<Catalogue> {
+    let catalogue: Catalogue = serde_json::from_slice(bytes).map_err(|error| {
+        Error::corrupt(
+            &path.display().to_string(),
+            format!("catalogue is damaged: {error}"),
+        )
+    })?;
+    if catalogue.version != CATALOGUE_VERSION {
+        return Err(Error::unsupported(
+            &path.display().to_string(),
+            format!(
+                "catalogue version {} (this blockrep reads version {CATALOGUE_VERSION})",
+                catalogue.version
+            ),
+        ));
+    }
+    Ok(catalogue)
+}
+
+/// What is staged of the next delta.
+enum Staging {
+    /// New disks being filled, renamed into place at commit.
+    Initial { delta: DeltaId, disks: Vec<Disk> },
+    /// Chunks appended to the stage file: (disk, offset of the payload, payload length).
+    Changes {
+        delta: DeltaId,
+        file: FileStorage,
+        end: u64,
+        chunks: Vec<(u16, u64, u32)>,
+    },
+}
+
+/// One VM's replica: its catalogue, open disks and staging.
+pub struct VmReplica {
+    vm: String,
+    directory: PathBuf,
+    storage: StorageOptions,
+    catalogue: Option<Catalogue>,
+    disks: Vec<Disk>,
+    staging: Option<Staging>,
+}
+
+impl std::fmt::Debug for VmReplica {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("VmReplica")
+            .field("vm", &self.vm)
+            .field("catalogue", &self.catalogue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmReplica {
+    /// What the protocol needs to know of the VM.
+    pub fn record(&self) -> ReplicaVmRecord {
+        match &self.catalogue {
+            Some(catalogue) => ReplicaVmRecord {
+                disks: Some(catalogue.disks.clone()),
+                applied: catalogue.applied,
+                owner: Some(catalogue.owner.clone()),
+            },
+            None => ReplicaVmRecord::default(),
+        }
+    }
+
+    /// The replica disk files, in the primary's order.
+    pub fn disk_paths(&self) -> Vec<PathBuf> {
+        let count = self
+            .catalogue
+            .as_ref()
+            .map_or(0, |catalogue| catalogue.disks.len());
+        (0..count).map(|index| self.disk_path(index)).collect()
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.catalogue
+            .as_ref()
+            .map_or(0, |catalogue| catalogue.applied)
+    }
+
+    /// Records a new VM: its disks and the primary that owns it.
+    pub fn prepare(&mut self, disks: Vec<DiskDescription>, owner: &str) -> Result<()> {
+        std::fs::create_dir_all(&self.directory).map_err(|error| {
+            Error::file(
+                &self.directory.display().to_string(),
+                "create VM directory",
+                error,
+            )
+        })?;
+        for disk in &disks {
+            check_disk(disk)?;
+        }
+        self.write_catalogue(Catalogue {
+            version: CATALOGUE_VERSION,
+            vm: self.vm.clone(),
+            owner: owner.to_owned(),
+            disks,
+            applied: 0,
+            committing: None,
+        })
+    }
+
+    /// Starts staging `delta`, dropping anything staged before.
+    pub fn start_staging(&mut self, delta: DeltaId, kind: DeltaKind) -> Result<()> {
+        self.discard_staging();
+        let descriptions = self.catalogue()?.disks.clone();
+        self.staging = Some(match kind {
+            DeltaKind::Initial => {
+                let mut disks = Vec::with_capacity(descriptions.len());
+                for (index, description) in descriptions.iter().enumerate() {
+                    disks.push(self.create_disk(&self.initial_path(index), description)?);
+                }
+                Staging::Initial { delta, disks }
+            }
+            DeltaKind::Changes => {
+                let path = self.directory.join(STAGE);
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(|error| {
+                        Error::file(&path.display().to_string(), "create staging", error)
+                    })?;
+                Staging::Changes {
+                    delta,
+                    file: FileStorage::from_file(file),
+                    end: 0,
+                    chunks: Vec::new(),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Verifies chunk `payload` (a delta) for `disk` and stages it. A chunk that is damaged or
+    /// does not fit the disk is refused, and nothing of it is staged.
+    pub fn stage_chunk(&mut self, delta: DeltaId, disk: u16, payload: &[u8]) -> Result<()> {
+        let description = *self
+            .catalogue()?
+            .disks
+            .get(usize::from(disk))
+            .ok_or_else(|| self.refusal(format!("chunk for disk {disk}, which does not exist")))?;
+        let name = format!("{}: chunk of {delta} for disk {disk}", self.vm);
+        let summary = verify_delta(Cursor::new(payload), &name)?;
+        let header = &summary.header;
+        if header.virtual_size != description.virtual_size
+            || (!header.disk_id.is_nil() && header.disk_id != description.disk_id)
+            || header.sequence != delta.sequence
+        {
+            return Err(self.refusal(format!(
+                "{name} is for disk {} of {} bytes at sequence {}",
+                header.disk_id, header.virtual_size, header.sequence
+            )));
+        }
+        match &mut self.staging {
+            Some(Staging::Initial {
+                delta: staged,
+                disks,
+            }) if *staged == delta => {
+                apply_delta(
+                    Cursor::new(payload),
+                    &name,
+                    &mut disks[usize::from(disk)],
+                    TargetState::default(),
+                )?;
+                Ok(())
+            }
+            Some(Staging::Changes {
+                delta: staged,
+                file,
+                end,
+                chunks,
+            }) if *staged == delta => {
+                let mut record = Vec::with_capacity(6);
+                record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+                record.extend_from_slice(&disk.to_le_bytes());
+                let stage = self.directory.join(STAGE).display().to_string();
+                file.write_at(&record, *end)
+                    .and_then(|()| file.write_at(payload, *end + 6))
+                    .map_err(|error| Error::io(&stage, "write staging", *end, error))?;
+                chunks.push((disk, *end + 6, payload.len() as u32));
+                *end += 6 + payload.len() as u64;
+                Ok(())
+            }
+            _ => Err(self.refusal(format!("{delta} is not being staged"))),
+        }
+    }
+
+    /// Makes the staged `delta` the replica's state on every disk, atomically.
+    pub fn commit(&mut self, delta: DeltaId, kind: DeltaKind) -> Result<()> {
+        let staging = self.staging.take();
+        match (staging, kind) {
+            (
+                Some(Staging::Initial {
+                    delta: staged,
+                    disks,
+                }),
+                DeltaKind::Initial,
+            ) if staged == delta => {
+                for disk in disks {
+                    disk.close()?;
+                }
+                self.disks.clear();
+                self.mark_committing(Some((delta, kind)))?;
+                self.finish_initial(delta)
+            }
+            (
+                Some(Staging::Changes {
+                    delta: staged,
+                    file,
+                    ..
+                }),
+                DeltaKind::Changes,
+            ) if staged == delta => {
+                let stage = self.directory.join(STAGE).display().to_string();
+                file.flush()
+                    .map_err(|error| Error::file(&stage, "flush staging", error))?;
+                drop(file);
+                self.mark_committing(Some((delta, kind)))?;
+                self.finish_changes(delta)
+            }
+            (other, _) => {
+                self.staging = other;
+                Err(self.refusal(format!("{delta} is not what is staged")))
+            }
+        }
+    }
+
+    /// Reads the replica's disks, for checks and tests: disk `index`, `buf.len()` bytes at
+    /// `offset`.
+    pub fn read_disk(&mut self, index: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.open_disks()?;
+        self.disks
+            .get(index)
+            .ok_or_else(|| self.refusal(format!("no disk {index}")))?
+            .read_at(buf, offset)
+    }
+
+    fn recover(&mut self) -> Result<()> {
+        let Some(catalogue) = &self.catalogue else {
+            return Ok(());
+        };
+        match catalogue.committing {
+            Some((delta, DeltaKind::Initial)) => {
+                tracing::info!(vm = %self.vm, %delta, "finishing an initial replication interrupted by a crash");
+                self.finish_initial(delta)?;
+            }
+            Some((delta, DeltaKind::Changes)) => {
+                tracing::info!(vm = %self.vm, %delta, "redoing a commit interrupted by a crash");
+                self.finish_changes(delta)?;
+            }
+            None => self.discard_staging(),
+        }
+        Ok(())
+    }
+
+    /// Renames the new disks into place (those not renamed before a crash), then records
+    /// the delta applied.
+    fn finish_initial(&mut self, delta: DeltaId) -> Result<()> {
+        for index in 0..self.catalogue()?.disks.len() {
+            let from = self.initial_path(index);
+            if from.exists() {
+                let to = self.disk_path(index);
+                std::fs::rename(&from, &to).map_err(|error| {
+                    Error::file(
+                        &to.display().to_string(),
+                        "rename initial replica into place",
+                        error,
+                    )
+                })?;
+            }
+        }
+        sync_directory(&self.directory)?;
+        self.mark_applied(delta)?;
+        self.open_disks()
+    }
+
+    /// Applies the stage file to the disks, flushes them, then records the delta applied.
+    fn finish_changes(&mut self, delta: DeltaId) -> Result<()> {
+        self.open_disks()?;
+        let path = self.directory.join(STAGE);
+        let stage = path.display().to_string();
+        let bytes =
+            std::fs::read(&path).map_err(|error| Error::file(&stage, "read staging", error))?;
+        let mut position = 0usize;
+        while position < bytes.len() {
+            let header = bytes
+                .get(position..position + 6)
+                .ok_or_else(|| Error::corrupt(&stage, "staging ends inside a chunk header"))?;
+            let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            let disk = usize::from(u16::from_le_bytes([header[4], header[5]]));
+            let payload = bytes
+                .get(position + 6..position + 6 + length)
+                .ok_or_else(|| Error::corrupt(&stage, "staging ends inside a chunk"))?;
+            let target = self
+                .disks
+                .get_mut(disk)
+                .ok_or_else(|| Error::corrupt(&stage, format!("chunk for disk {disk}")))?;
+            apply_delta(
+                Cursor::new(payload),
+                &format!("{stage} at byte {position}"),
+                target,
+                TargetState::default(),
+            )?;
+            position += 6 + length;
+        }
+        for disk in &mut self.disks {
+            disk.flush()?;
+        }
+        self.mark_applied(delta)?;
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+
+    fn mark_committing(&mut self, committing: Option<(DeltaId, DeltaKind)>) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.committing = committing;
+        self.write_catalogue(catalogue)
+    }
+
+    fn mark_applied(&mut self, delta: DeltaId) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.applied = delta.sequence;
+        catalogue.committing = None;
+        self.write_catalogue(catalogue)
+    }
+
+    /// Replaces the catalogue atomically: write beside, flush, rename, flush the directory.
+    fn write_catalogue(&mut self, catalogue: Catalogue) -> Result<()> {
+        let path = self.directory.join(CATALOGUE);
+        let temporary = self.directory.join(format!("{CATALOGUE}.new"));
+        let name = path.display().to_string();
+        let bytes = serde_json::to_vec_pretty(&catalogue).map_err(|error| Error::Replication {
+            peer: name.clone(),
+            problem: format!("cannot write the catalogue: {error}"),
+        })?;
+        let write = || -> std::io::Result<()> {
+            let mut file = File::create(&temporary)?;
+            std::io::Write::write_all(&mut file, &bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)
+        };
+        write().map_err(|error| Error::file(&name, "write catalogue", error))?;
+        sync_directory(&self.directory)?;
+        self.catalogue = Some(catalogue);
+        Ok(())
+    }
+
+    fn open_disks(&mut self) -> Result<()> {
+        if !self.disks.is_empty() {
+            return Ok(());
+        }
+        for path in self.disk_paths() {
+            let name = path.display().to_string();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|error| Error::file(&name, "open replica disk", error))?;
+            let storage = file_storage(file, self.storage)
+                .map_err(|error| Error::file(&name, "open replica disk", error))?;
+            self.disks
+                .push(VhdxImage::open(storage, &name, Access::ReadWrite)?);
+        }
+        Ok(())
+    }
+
+    fn create_disk(&self, path: &Path, description: &DiskDescription) -> Result<Disk> {
+        let name = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|error| Error::file(&name, "create replica disk", error))?;
+        let storage = file_storage(file, self.storage)
+            .map_err(|error| Error::file(&name, "create replica disk", error))?;
+        let sector = SectorSize::new(u64::from(description.logical_sector))
+            .map_err(|reason| self.refusal(reason))?;
+        VhdxImage::create(
+            storage,
+            &name,
+            &VhdxCreateOptions {
+                virtual_size: description.virtual_size,
+                block_size: BlockSize::DEFAULT,
+                fixed: false,
+                logical_sector_size: sector,
+                physical_sector_size: SectorSize::Bytes4096,
+                disk_id: Some(description.disk_id),
+            },
+        )
+    }
+
+    fn discard_staging(&mut self) {
+        self.staging = None;
+        let _ = std::fs::remove_file(self.directory.join(STAGE));
+        for index in 0..self
+            .catalogue
+            .as_ref()
+            .map_or(0, |catalogue| catalogue.disks.len())
+        {
+            let _ = std::fs::remove_file(self.initial_path(index));
+        }
+    }
+
+    fn catalogue(&self) -> Result<&Catalogue> {
+        self.catalogue
+            .as_ref()
+            .ok_or_else(|| self.refusal("the VM has no replica yet".into()))
+    }
+
+    fn disk_path(&self, index: usize) -> PathBuf {
+        self.directory.join(format!("disk-{index}.vhdx"))
+    }
+
+    fn initial_path(&self, index: usize) -> PathBuf {
+        self.directory.join(format!("disk-{index}.vhdx.initial"))
+    }
+
+    fn refusal(&self, problem: String) -> Error {
+        Error::Replication {
+            peer: self.vm.clone(),
+            problem,
+        }
+    }
+}
+
+fn check_disk(disk: &DiskDescription) -> Result<()> {
+    let sector = u64::from(disk.logical_sector);
+    if disk.virtual_size == 0
+        || disk.virtual_size > 64 << 40
+        || SectorSize::new(sector).is_err()
+        || !disk.virtual_size.is_multiple_of(sector)
+    {
+        return Err(Error::InvalidArgument {
+            what: "replica disk",
+            reason: format!(
+                "{} bytes with {}-byte sectors cannot be a VHDX disk",
+                disk.virtual_size, disk.logical_sector
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn sync_directory(directory: &Path) -> Result<()> {
+    File::open(directory)
+        .and_then(|handle| handle.sync_all())
+        .map_err(|error| Error::file(&directory.display().to_string(), "flush directory", error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta::{Compression, DeltaEncoder, DeltaHeader};
+    use uuid::Uuid;
+
+    const SIZE: u64 = 4 << 20;
+
+    fn disks() -> Vec<DiskDescription> {
+        vec![
+            DiskDescription {
+                disk_id: Uuid::from_u128(11),
+                virtual_size: SIZE,
+                logical_sector: 512,
+            },
+            DiskDescription {
+                disk_id: Uuid::from_u128(12),
+                virtual_size: SIZE / 2,
+                logical_sector: 4096,
+            },
+        ]
+    }
+
+    fn chunk(disk: &DiskDescription, sequence: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+        let header = DeltaHeader {
+            disk_id: disk.disk_id,
+            virtual_size: disk.virtual_size,
+            block_size: 64 << 10,
+            source_generation: sequence,
+            sequence,
+            recovery_point: true,
+            full: false,
+        };
+        DeltaEncoder::new()
+            .encode_chunk(
+                &header,
+                offset,
+                data,
+                &[offset..offset + data.len() as u64],
+                Compression::Lz4,
+            )
+            .unwrap()
+    }
+
+    fn delta(sequence: u64) -> DeltaId {
+        DeltaId {
+            sequence,
+            cut: sequence * 1000,
+        }
+    }
+
+    fn read(replica: &mut VmReplica, disk: usize, offset: u64, length: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; length];
+        replica.read_disk(disk, &mut bytes, offset).unwrap();
+        bytes
+    }
+
+    /// A store holding vm1 after initial replication (disk 0 at 1 MiB: 0x11, disk 1 at 0: 0x22).
+    fn replicated() -> (tempfile::TempDir, ReplicaStore) {
+        let directory = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(directory.path(), StorageOptions::default()).unwrap();
+        let mut replica = store.open_vm("vm1").unwrap();
+        assert!(replica.record().disks.is_none());
+        replica.prepare(disks(), "sha256:owner").unwrap();
+        replica.start_staging(delta(1), DeltaKind::Initial).unwrap();
+        replica
+            .stage_chunk(delta(1), 0, &chunk(&disks()[0], 1, 1 << 20, &[0x11; 65536]))
+            .unwrap();
+        replica
+            .stage_chunk(delta(1), 1, &chunk(&disks()[1], 1, 0, &[0x22; 4096]))
+            .unwrap();
+        replica.commit(delta(1), DeltaKind::Initial).unwrap();
+        assert_eq!(replica.applied(), 1);
+        (directory, store)
+    }
+
+    #[test]
+    fn initial_replication_then_changes_reach_every_disk() {
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        assert_eq!(read(&mut replica, 0, 1 << 20, 65536), vec![0x11; 65536]);
+        assert_eq!(read(&mut replica, 1, 0, 4096), vec![0x22; 4096]);
+        replica.start_staging(delta(2), DeltaKind::Changes).unwrap();
+        replica
+            .stage_chunk(delta(2), 0, &chunk(&disks()[0], 2, 1 << 20, &[0x33; 4096]))
+            .unwrap();
+        replica.commit(delta(2), DeltaKind::Changes).unwrap();
+        let reopened = &mut store.open_vm("vm1").unwrap();
+        assert_eq!(reopened.applied(), 2);
+        assert_eq!(read(reopened, 0, 1 << 20, 4096), vec![0x33; 4096]);
+        assert_eq!(read(reopened, 0, (1 << 20) + 4096, 4096), vec![0x11; 4096]);
+        assert_eq!(reopened.record().owner.as_deref(), Some("sha256:owner"));
+    }
+
+    #[test]
+    fn a_crash_after_the_commit_is_recorded_is_redone_on_open() {
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        replica.start_staging(delta(2), DeltaKind::Changes).unwrap();
+        replica
+            .stage_chunk(delta(2), 1, &chunk(&disks()[1], 2, 8192, &[0x44; 8192]))
+            .unwrap();
+        // The commit's first steps, then the process dies before applying.
+        if let Some(Staging::Changes { file, .. }) = replica.staging.take() {
+            file.flush().unwrap();
+        }
+        replica
+            .mark_committing(Some((delta(2), DeltaKind::Changes)))
+            .unwrap();
+        drop(replica);
+        let mut recovered = store.open_vm("vm1").unwrap();
+        assert_eq!(recovered.applied(), 2);
+        assert_eq!(read(&mut recovered, 1, 8192, 8192), vec![0x44; 8192]);
+        assert!(!recovered.directory.join(STAGE).exists());
+    }
+
+    #[test]
+    fn a_crash_before_the_commit_is_recorded_leaves_the_last_delta() {
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        replica.start_staging(delta(2), DeltaKind::Changes).unwrap();
+        replica
+            .stage_chunk(delta(2), 0, &chunk(&disks()[0], 2, 1 << 20, &[0x55; 4096]))
+            .unwrap();
+        drop(replica);
+        let mut reopened = store.open_vm("vm1").unwrap();
+        assert_eq!(reopened.applied(), 1);
+        assert_eq!(read(&mut reopened, 0, 1 << 20, 4096), vec![0x11; 4096]);
+    }
+
+    #[test]
+    fn an_initial_replication_interrupted_after_its_commit_is_recorded_completes() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(directory.path(), StorageOptions::default()).unwrap();
+        let mut replica = store.open_vm("vm1").unwrap();
+        replica.prepare(disks(), "sha256:owner").unwrap();
+        replica.start_staging(delta(1), DeltaKind::Initial).unwrap();
+        replica
+            .stage_chunk(delta(1), 0, &chunk(&disks()[0], 1, 0, &[0x66; 512]))
+            .unwrap();
+        if let Some(Staging::Initial { disks, .. }) = replica.staging.take() {
+            for disk in disks {
+                disk.close().unwrap();
+            }
+        }
+        replica
+            .mark_committing(Some((delta(1), DeltaKind::Initial)))
+            .unwrap();
+        drop(replica);
+        let mut recovered = store.open_vm("vm1").unwrap();
+        assert_eq!(recovered.applied(), 1);
+        assert_eq!(read(&mut recovered, 0, 0, 512), vec![0x66; 512]);
+    }
+
+    #[test]
+    fn chunks_that_are_damaged_or_for_another_disk_are_refused() {
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        replica.start_staging(delta(2), DeltaKind::Changes).unwrap();
+        let mut damaged = chunk(&disks()[0], 2, 0, &[1; 4096]);
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 0x10;
+        assert!(replica.stage_chunk(delta(2), 0, &damaged).is_err());
+        let other_disk = chunk(&disks()[1], 2, 0, &[1; 4096]);
+        let error = replica.stage_chunk(delta(2), 0, &other_disk).unwrap_err();
+        assert!(error.to_string().contains("is for disk"), "{error}");
+        let wrong_sequence = chunk(&disks()[0], 3, 0, &[1; 4096]);
+        assert!(replica.stage_chunk(delta(2), 0, &wrong_sequence).is_err());
+        assert!(
+            replica
+                .stage_chunk(delta(2), 5, &chunk(&disks()[0], 2, 0, &[1; 512]))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn vm_names_that_are_not_plain_file_names_are_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(directory.path(), StorageOptions::default()).unwrap();
+        for name in ["", "..", "a/b", ".hidden", "x y"] {
+            assert!(store.open_vm(name).is_err(), "{name:?} accepted");
+        }
+    }
+}
