@@ -2,12 +2,14 @@
 //!
 //! Layers, top to bottom on the primary: `image` (disk formats behind [`image::BlockImage`]) and
 //! `io` (how bytes reach a file, behind [`io::Storage`]). Later layers (tracking, deltas, the
-//! protocol, the replica) build on these two; see `docs/architecture.md`.
+//! protocol, the replica) build on these two; see `docs/architecture.md`. `nbd` serves tracked
+//! disks to NBD clients such as qemu.
 
 pub mod delta;
 pub mod error;
 pub mod image;
 pub mod io;
+pub mod nbd;
 pub mod net;
 pub mod proto;
 pub mod replica;
