@@ -11,6 +11,7 @@ pub mod image;
 pub mod io;
 pub mod nbd;
 pub mod net;
+pub mod protect;
 pub mod proto;
 pub mod replica;
 pub mod track;

@@ -47,6 +47,8 @@ enum Step {
     DropLink,
     /// The replica's driver finishes staging one chunk.
     Stage,
+    /// A chunk overtakes the control stream (data streams are not ordered with it).
+    ChunkOvertakes,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -56,6 +58,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => Just(Step::Wait),
         1 => Just(Step::DropLink),
         4 => Just(Step::Stage),
+        2 => Just(Step::ChunkOvertakes),
     ]
 }
 
@@ -225,6 +228,17 @@ impl World {
                     self.now = self.now.max(at);
                 }
                 self.primary.handle_timeout(self.now);
+            }
+            Step::ChunkOvertakes => {
+                let position = self
+                    .to_replica
+                    .iter()
+                    .position(|message| matches!(message, Message::Chunk { .. }));
+                if let (Some(connection), Some(position)) = (self.link, position)
+                    && let Some(chunk) = self.to_replica.remove(position)
+                {
+                    self.replica.handle_message(connection, chunk);
+                }
             }
             Step::Stage => {
                 if let Some((delta, index)) = self.staging.pop_front() {

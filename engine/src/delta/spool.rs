@@ -188,10 +188,9 @@ impl Spool {
             .0
     }
 
-    /// Deletes the spool file.
-    pub fn remove(self) -> Result<()> {
+    /// Deletes the spool file (chunks already read stay readable until the spool is dropped).
+    pub fn remove(&self) -> Result<()> {
         let name = self.path.display().to_string();
-        drop(self.storage);
         match std::fs::remove_file(&self.path) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
                 Err(Error::file(&name, "remove spool", error))

@@ -75,7 +75,13 @@ pub struct Replica {
     committing: Option<DeltaId>,
     failed: Option<String>,
     actions: VecDeque<ReplicaAction>,
+    /// Chunks that arrived on a data stream before their delta's begin (streams are not
+    /// ordered with each other), held until it comes.
+    early: Vec<(DeltaId, u32, u16, Bytes)>,
 }
+
+/// Early chunks held at most: the primary's window bounds what can arrive before the begin.
+const EARLY_LIMIT: usize = 256;
 
 impl Replica {
     pub fn new(vm: &str, record: ReplicaVmRecord) -> Self {
@@ -87,6 +93,7 @@ impl Replica {
             committing: None,
             failed: None,
             actions: VecDeque::new(),
+            early: Vec::new(),
         }
     }
 
@@ -227,6 +234,13 @@ impl Replica {
                     .as_mut()
                     .filter(|staging| staging.delta == delta)
                 else {
+                    if delta.sequence == self.record.applied + 1
+                        && self.committing.is_none()
+                        && self.early.len() < EARLY_LIMIT
+                    {
+                        self.early.push((delta, index, disk, payload));
+                        return;
+                    }
                     return self.violation(
                         connection,
                         format!("chunk {index} of {delta}, which was not begun"),
@@ -318,6 +332,19 @@ impl Replica {
         });
         self.actions
             .push_back(ReplicaAction::StartStaging { delta, kind });
+        for (early, index, disk, payload) in std::mem::take(&mut self.early) {
+            if early == delta {
+                self.handle_message(
+                    connection,
+                    Message::Chunk {
+                        delta,
+                        index,
+                        disk,
+                        payload,
+                    },
+                );
+            }
+        }
     }
 
     /// The driver staged chunk `index` durably enough to survive a dropped link.

@@ -1,0 +1,444 @@
+//! The primary side's disks: a protected VM's images with their change tracking and journals,
+//! and the deltas cut from them, as chunks. It prepares what the protocol asks for (an initial
+//! replication, or a cycle's changes frozen at one instant across every disk) and hands out
+//! chunks by index; it knows nothing of the network.
+//!
+//! Each disk's journal lives beside it (`IMAGE.brtrack`). A journal that is new, missing or
+//! cannot be trusted means the replica must be rebuilt: `needs_initial` says so.
+
+use crate::delta::{Compression, DeltaEncoder, DeltaHeader, Spool, chunk_pieces};
+use crate::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
+use crate::io::{FileStorage, Storage, StorageOptions, file_storage};
+use crate::proto::{CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription};
+use crate::track::{
+    Cut, DEFAULT_GRANULARITY, DEFAULT_REGION_SIZE, DirtyBitmap, Journal, JournalIdentity,
+    PreserveBlocks, Recovered, TrackedDisk,
+};
+use crate::{Error, Result};
+use bytes::Bytes;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+/// A disk of a protected VM, tracked.
+pub type ProtectedDisk = TrackedDisk<Box<dyn BlockImage>>;
+
+/// What a prepared delta's chunks come from.
+enum Source {
+    /// Initial replication: each chunk is ranges of one disk, read when sent.
+    Live(Vec<(u16, Vec<Range<u64>>)>),
+    /// A cycle's changes, frozen in the spool; the generations cut, per disk.
+    Spooled {
+        spool: Arc<Spool>,
+        generations: Vec<u64>,
+    },
+}
+
+struct Prepared {
+    delta: DeltaId,
+    kind: DeltaKind,
+    source: Source,
+}
+
+/// A protected VM's disks on the primary.
+pub struct ProtectedVm {
+    paths: Vec<PathBuf>,
+    disks: Vec<Arc<ProtectedDisk>>,
+    descriptions: Vec<DiskDescription>,
+    needs_initial: bool,
+    compression: Compression,
+    prepared: Mutex<Option<Arc<Prepared>>>,
+}
+
+impl std::fmt::Debug for ProtectedVm {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ProtectedVm")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+fn journal_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".brtrack");
+    PathBuf::from(name)
+}
+
+impl ProtectedVm {
+    /// Opens the VM's disk images for writing, with their tracking journals.
+    pub fn open(
+        paths: &[PathBuf],
+        storage: StorageOptions,
+        compression: Compression,
+    ) -> Result<Self> {
+        let mut disks = Vec::new();
+        let mut descriptions = Vec::new();
+        let mut needs_initial = false;
+        for path in paths {
+            let (disk, description, fresh) = open_disk(path, storage)?;
+            needs_initial |= fresh;
+            disks.push(Arc::new(disk));
+            descriptions.push(description);
+        }
+        Ok(ProtectedVm {
+            paths: paths.to_vec(),
+            disks,
+            descriptions,
+            needs_initial,
+            compression,
+            prepared: Mutex::new(None),
+        })
+    }
+
+    pub fn descriptions(&self) -> &[DiskDescription] {
+        &self.descriptions
+    }
+
+    /// True when tracking cannot vouch for the replica (a new or lost journal).
+    pub fn needs_initial(&self) -> bool {
+        self.needs_initial
+    }
+
+    pub fn disks(&self) -> &[Arc<ProtectedDisk>] {
+        &self.disks
+    }
+
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// Prepares `delta` and returns the disk bytes of each of its chunks. Changes are cut on
+    /// every disk at one instant and spooled beside the first disk, frozen at the cut.
+    pub fn prepare(&self, delta: DeltaId, kind: DeltaKind) -> Result<Vec<u64>> {
+        let (source, chunk_bytes) = match kind {
+            DeltaKind::Initial => {
+                let mut chunks = Vec::new();
+                let mut bytes = Vec::new();
+                for (index, disk) in self.disks.iter().enumerate() {
+                    let allocated = disk.image().allocated_ranges()?;
+                    for piece in chunk_pieces(&allocated, CHUNK_DISK_BYTES) {
+                        bytes.push(piece.iter().map(|range| range.end - range.start).sum());
+                        chunks.push((index as u16, piece));
+                    }
+                }
+                (Source::Live(chunks), bytes)
+            }
+            DeltaKind::Changes => {
+                let spool = Arc::new(Spool::create(&self.spool_path())?);
+                let (generations, bytes) = self.spool_changes(delta, &spool)?;
+                (Source::Spooled { spool, generations }, bytes)
+            }
+        };
+        *self.lock_prepared() = Some(Arc::new(Prepared {
+            delta,
+            kind,
+            source,
+        }));
+        Ok(chunk_bytes)
+    }
+
+    /// Chunk `index` of the prepared delta: its disk, and the chunk (a delta of format v1).
+    pub fn chunk(
+        &self,
+        delta: DeltaId,
+        index: u32,
+        encoder: &mut DeltaEncoder,
+    ) -> Result<(u16, Bytes)> {
+        let prepared = self
+            .lock_prepared()
+            .clone()
+            .filter(|prepared| prepared.delta == delta)
+            .ok_or_else(|| Error::InvalidArgument {
+                what: "chunk",
+                reason: format!("{delta} is not prepared"),
+            })?;
+        match &prepared.source {
+            Source::Spooled { spool, .. } => spool.chunk(index),
+            Source::Live(chunks) => {
+                let (disk, ranges) =
+                    chunks
+                        .get(index as usize)
+                        .ok_or_else(|| Error::InvalidArgument {
+                            what: "chunk",
+                            reason: format!("{delta} has no chunk {index}"),
+                        })?;
+                let tracked = &self.disks[usize::from(*disk)];
+                let start = ranges[0].start;
+                let end = ranges[ranges.len() - 1].end;
+                let mut data = vec![0u8; (end - start) as usize];
+                for range in ranges {
+                    tracked.read_at(
+                        &mut data[(range.start - start) as usize..(range.end - start) as usize],
+                        range.start,
+                    )?;
+                }
+                let header = self.header(*disk, delta, prepared.kind, 0);
+                let chunk =
+                    encoder.encode_chunk(&header, start, &data, ranges, self.compression)?;
+                Ok((*disk, Bytes::from(chunk)))
+            }
+        }
+    }
+
+    /// The replica applied `delta`: tracking forgets its changes, the spool goes.
+    pub fn acknowledge(&self, delta: DeltaId) -> Result<()> {
+        let prepared = {
+            let mut slot = self.lock_prepared();
+            match &*slot {
+                Some(prepared) if prepared.delta == delta => slot.take(),
+                _ => None,
+            }
+        };
+        let Some(prepared) = prepared else {
+            return Ok(());
+        };
+        if let Source::Spooled { generations, .. } = &prepared.source {
+            for (disk, generation) in self.disks.iter().zip(generations) {
+                disk.acknowledge(*generation)?;
+            }
+        }
+        if let Source::Spooled { spool, .. } = &prepared.source {
+            spool.remove()?;
+        }
+        Ok(())
+    }
+
+    /// Clean shutdown: flushes every disk and stores its unacknowledged changes in its
+    /// journal. The disks must no longer be shared (the NBD server stopped).
+    pub fn close(self) -> Result<()> {
+        drop(self.prepared);
+        let mut first_error = None;
+        for (disk, path) in self.disks.into_iter().zip(&self.paths) {
+            let outcome = match Arc::try_unwrap(disk) {
+                Ok(disk) => disk.close().map(drop),
+                Err(_) => Err(Error::InvalidArgument {
+                    what: "shutdown",
+                    reason: format!("{} is still in use", path.display()),
+                }),
+            };
+            if let Err(error) = outcome {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn spool_path(&self) -> PathBuf {
+        let mut name = self.paths[0].as_os_str().to_owned();
+        name.push(".brspool");
+        PathBuf::from(name)
+    }
+
+    fn header(&self, disk: u16, delta: DeltaId, kind: DeltaKind, generation: u64) -> DeltaHeader {
+        let description = &self.descriptions[usize::from(disk)];
+        DeltaHeader {
+            disk_id: description.disk_id,
+            virtual_size: description.virtual_size,
+            block_size: self.disks[usize::from(disk)].granularity() as u32,
+            source_generation: generation,
+            sequence: delta.sequence,
+            recovery_point: true,
+            full: kind == DeltaKind::Initial,
+        }
+    }
+
+    /// Cuts every disk at one instant and spools its changes as they were at the cut.
+    fn spool_changes(&self, delta: DeltaId, spool: &Arc<Spool>) -> Result<(Vec<u64>, Vec<u64>)> {
+        let disks: Vec<&ProtectedDisk> = self.disks.iter().map(|disk| &**disk).collect();
+        let generation_of = |disk: &ProtectedDisk| disk.generation();
+        let preservers: Vec<Arc<dyn PreserveBlocks>> = disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| {
+                Arc::new(SpoolPreserver {
+                    spool: Arc::clone(spool),
+                    disk: index as u16,
+                    header: self.header(
+                        index as u16,
+                        delta,
+                        DeltaKind::Changes,
+                        generation_of(disk),
+                    ),
+                    compression: self.compression,
+                    encoder: Mutex::new(DeltaEncoder::new()),
+                }) as Arc<dyn PreserveBlocks>
+            })
+            .collect();
+        let cuts = TrackedDisk::cut_together(&disks, Some(preservers));
+        let outcome = self.read_cuts(delta, spool, &disks, &cuts);
+        let mut ended = Ok(());
+        for disk in &disks {
+            if let Err(error) = disk.end_snapshot() {
+                ended = Err(error);
+            }
+        }
+        match outcome.and(ended) {
+            Ok(()) => Ok((
+                cuts.iter().map(|cut| cut.generation).collect(),
+                spool.chunk_disk_bytes(),
+            )),
+            Err(error) => {
+                for (disk, cut) in disks.iter().zip(&cuts) {
+                    disk.requeue(cut);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn read_cuts(
+        &self,
+        delta: DeltaId,
+        spool: &Spool,
+        disks: &[&ProtectedDisk],
+        cuts: &[Cut],
+    ) -> Result<()> {
+        let mut encoder = DeltaEncoder::new();
+        let mut data = Vec::new();
+        for (index, (disk, cut)) in disks.iter().zip(cuts).enumerate() {
+            let header = self.header(index as u16, delta, DeltaKind::Changes, cut.generation);
+            for piece in chunk_pieces(&cut.extents(), CHUNK_DISK_BYTES) {
+                let start = piece[0].start;
+                let end = piece[piece.len() - 1].end;
+                data.resize((end - start) as usize, 0);
+                let mut read = Vec::new();
+                for range in &piece {
+                    let into =
+                        &mut data[(range.start - start) as usize..(range.end - start) as usize];
+                    read.extend(disk.read_snapshot(into, range.start)?);
+                }
+                if read.is_empty() {
+                    continue;
+                }
+                let chunk = encoder.encode_chunk(&header, start, &data, &read, self.compression)?;
+                let bytes = read.iter().map(|range| range.end - range.start).sum();
+                spool.append(index as u16, &chunk, bytes)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, Option<Arc<Prepared>>> {
+        self.prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Spools the old contents of a block a write is about to change, as a chunk of its own.
+struct SpoolPreserver {
+    spool: Arc<Spool>,
+    disk: u16,
+    header: DeltaHeader,
+    compression: Compression,
+    encoder: Mutex<DeltaEncoder>,
+}
+
+impl PreserveBlocks for SpoolPreserver {
+    fn preserve(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut encoder = self
+            .encoder
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let range = offset..offset + data.len() as u64;
+        let chunk = encoder.encode_chunk(
+            &self.header,
+            offset,
+            data,
+            std::slice::from_ref(&range),
+            self.compression,
+        )?;
+        self.spool.append(self.disk, &chunk, data.len() as u64)
+    }
+}
+
+/// Opens one disk with its journal: continuing tracking when the journal holds, starting
+/// afresh (and asking for an initial replication) when it is new or lost.
+fn open_disk(
+    path: &Path,
+    storage: StorageOptions,
+) -> Result<(ProtectedDisk, DiskDescription, bool)> {
+    let name = path.display().to_string();
+    let format = ImageFormat::from_extension(path).unwrap_or(ImageFormat::Raw);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|error| Error::file(&name, "open", error))?;
+    let store = file_storage(file, storage).map_err(|error| Error::file(&name, "open", error))?;
+    let (image, disk_id, logical_sector): (Box<dyn BlockImage>, Uuid, u32) = match format {
+        ImageFormat::Vhdx => {
+            let image = VhdxImage::open(store, &name, Access::ReadWrite)?;
+            let (id, sector) = (image.disk_id(), image.logical_sector_size().bytes() as u32);
+            (Box::new(image), id, sector)
+        }
+        ImageFormat::Raw => (
+            Box::new(RawImage::open(store, &name, Access::ReadWrite)?),
+            Uuid::nil(),
+            512,
+        ),
+    };
+    let journal_path = journal_path(path);
+    let journal_name = journal_path.display().to_string();
+    let virtual_size = image.virtual_size();
+    let existing = FileStorage::open(&journal_path, true).ok();
+    let reopened = existing.and_then(|storage| {
+        let storage: Box<dyn Storage> = Box::new(storage);
+        let stored = Journal::stored_identity(&storage, &journal_name).ok()?;
+        // A raw image has no id of its own: the journal keeps the one it was given.
+        let identity = JournalIdentity {
+            disk_id: if disk_id.is_nil() { stored.disk_id } else { disk_id },
+            virtual_size,
+            ..stored
+        };
+        match Journal::open(storage, &journal_name, identity) {
+            Ok(opened) => Some((opened, identity)),
+            Err(error) => {
+                tracing::warn!(%error, "starting tracking afresh: the replica will be rebuilt by an initial replication");
+                None
+            }
+        }
+    });
+    let (journal, recovered, identity, fresh) = match reopened {
+        Some(((journal, recovered), identity)) => (journal, recovered, identity, false),
+        None => {
+            if journal_path.exists() {
+                tracing::warn!(journal = %journal_name, "tracking lost: resynchronization required; replacing the journal");
+            }
+            let identity = JournalIdentity {
+                disk_id: if disk_id.is_nil() {
+                    Uuid::new_v4()
+                } else {
+                    disk_id
+                },
+                virtual_size,
+                granularity: DEFAULT_GRANULARITY,
+                region_size: DEFAULT_REGION_SIZE,
+            };
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&journal_path)
+                .map_err(|error| Error::file(&journal_name, "create journal", error))?;
+            let storage: Box<dyn Storage> = Box::new(FileStorage::from_file(file));
+            let journal = Journal::create(storage, &journal_name, identity)?;
+            let recovered = Recovered {
+                dirty: DirtyBitmap::new(virtual_size.div_ceil(identity.granularity)),
+                next_generation: 1,
+                after_crash: false,
+            };
+            (journal, recovered, identity, true)
+        }
+    };
+    let description = DiskDescription {
+        disk_id: identity.disk_id,
+        virtual_size,
+        logical_sector,
+    };
+    let disk = TrackedDisk::with_journal(image, journal, recovered)?;
+    Ok((disk, description, fresh))
+}
