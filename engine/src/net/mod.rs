@@ -4,8 +4,12 @@
 
 mod frame;
 mod identity;
+mod primary;
+mod server;
 mod tls;
 
 pub use frame::{read_frame, write_message};
 pub use identity::{Identity, fingerprint, load_certificate};
+pub use primary::{PrimaryOptions, PrimaryReport, SharedReport, run_primary};
+pub use server::{ReplicaReport, ReplicaServer};
 pub use tls::{client_config, is_authentication_failure, server_config};

@@ -1,0 +1,474 @@
+//! The primary's driver: runs a [`Primary`] state machine over QUIC. It connects (and
+//! reconnects), carries control messages on one bidirectional stream and chunks on several
+//! unidirectional ones, has the [`ProtectedVm`] cut and read deltas on blocking threads, paces
+//! chunks to `--max-rate`, and publishes the machine's status for `blockrep status`.
+
+use super::frame::{read_frame, write_message};
+use super::identity::Identity;
+use super::tls::{client_config, is_authentication_failure};
+use crate::delta::DeltaEncoder;
+use crate::protect::ProtectedVm;
+use crate::proto::{
+    DeltaId, Message, Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, chunk_frame_prefix,
+};
+use crate::{Error, Result};
+use rustls::pki_types::CertificateDer;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// How a primary reaches its replica.
+#[derive(Debug)]
+pub struct PrimaryOptions {
+    pub replica: SocketAddr,
+    pub identity: Identity,
+    pub trusted: CertificateDer<'static>,
+    pub config: PrimaryConfig,
+    /// Data streams used at once.
+    pub streams: usize,
+    /// Bytes per second on the wire at most.
+    pub max_rate: Option<u64>,
+}
+
+/// What the status socket reports for a primary.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrimaryReport {
+    pub vm: String,
+    pub replica: String,
+    #[serde(flatten)]
+    pub status: PrimaryStatus,
+    /// Seconds since the last delta was applied, when one was.
+    pub seconds_since_replication: Option<f64>,
+    pub average_latency_seconds: f64,
+    /// Disk bytes shipped, before compression.
+    pub bytes_before_compression: u64,
+    /// Bytes of chunks put on the wire.
+    pub bytes_after_compression: u64,
+}
+
+/// Shared with the status socket.
+pub type SharedReport = Arc<Mutex<Option<PrimaryReport>>>;
+
+enum Event {
+    Connected {
+        generation: u64,
+        connection: quinn::Connection,
+        control: quinn::SendStream,
+        incoming: quinn::RecvStream,
+    },
+    ConnectFailed {
+        reason: String,
+        permanent: bool,
+    },
+    Message {
+        generation: u64,
+        message: Message,
+    },
+    Lost {
+        generation: u64,
+        reason: String,
+        permanent: bool,
+    },
+    Prepared {
+        delta: DeltaId,
+        outcome: Result<Vec<u64>>,
+    },
+}
+
+/// The live connection and the tasks that serve it.
+struct Link {
+    connection: quinn::Connection,
+    control: mpsc::UnboundedSender<Message>,
+    chunks: mpsc::UnboundedSender<(DeltaId, u32)>,
+}
+
+/// Paces bytes to a rate (a token bucket holding at most a quarter second of credit).
+struct Pacer {
+    rate: u64,
+    credit: f64,
+    updated: Instant,
+}
+
+impl Pacer {
+    fn delay_for(&mut self, bytes: u64) -> Duration {
+        let now = Instant::now();
+        let burst = self.rate as f64 / 4.0;
+        self.credit = (self.credit
+            + now.duration_since(self.updated).as_secs_f64() * self.rate as f64)
+            .min(burst);
+        self.updated = now;
+        self.credit -= bytes as f64;
+        if self.credit >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.credit / self.rate as f64)
+        }
+    }
+}
+
+/// Runs replication until `stop` turns true (a clean stop: the session says goodbye) or
+/// replication fails for good. Returns the failure, if any.
+pub async fn run_primary(
+    vm: Arc<ProtectedVm>,
+    options: PrimaryOptions,
+    report: SharedReport,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let replica = options.replica;
+    let peer = replica.to_string();
+    let bind: SocketAddr = if replica.is_ipv6() {
+        "[::]:0"
+            .parse()
+            .map_err(|_| network(&peer, "bad bind address"))?
+    } else {
+        "0.0.0.0:0"
+            .parse()
+            .map_err(|_| network(&peer, "bad bind address"))?
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|error| network(&peer, format!("cannot open a UDP socket: {error}")))?;
+    endpoint.set_default_client_config(client_config(&options.identity, options.trusted.clone())?);
+    let (events, mut inbox) = mpsc::unbounded_channel();
+    let mut primary = Primary::new(options.config.clone(), Instant::now());
+    let mut link: Option<Link> = None;
+    let mut generation = 0u64;
+    let wire_bytes = Arc::new(AtomicU64::new(0));
+    let mut disk_bytes = 0u64;
+    let pacer = options.max_rate.map(|rate| {
+        Arc::new(tokio::sync::Mutex::new(Pacer {
+            rate: rate.max(1),
+            credit: 0.0,
+            updated: Instant::now(),
+        }))
+    });
+    let mut outcome = Ok(());
+    'run: loop {
+        while let Some(action) = primary.poll_action() {
+            match action {
+                PrimaryAction::Connect => {
+                    generation += 1;
+                    let connecting = endpoint.connect(replica, "blockrep-replica");
+                    let events = events.clone();
+                    let this = generation;
+                    tokio::spawn(async move {
+                        let event = match connecting {
+                            Err(error) => Event::ConnectFailed {
+                                reason: format!("cannot connect: {error}"),
+                                permanent: false,
+                            },
+                            Ok(connecting) => match connecting.await {
+                                Err(error) => Event::ConnectFailed {
+                                    permanent: is_authentication_failure(&error),
+                                    reason: error.to_string(),
+                                },
+                                Ok(connection) => match connection.open_bi().await {
+                                    Ok((control, incoming)) => Event::Connected {
+                                        generation: this,
+                                        connection,
+                                        control,
+                                        incoming,
+                                    },
+                                    Err(error) => Event::ConnectFailed {
+                                        permanent: is_authentication_failure(&error),
+                                        reason: error.to_string(),
+                                    },
+                                },
+                            },
+                        };
+                        let _ = events.send(event);
+                    });
+                }
+                PrimaryAction::Send(message) => {
+                    if let Some(link) = &link {
+                        let _ = link.control.send(message);
+                    }
+                }
+                PrimaryAction::SendChunk { delta, index } => {
+                    if let Some(link) = &link {
+                        let _ = link.chunks.send((delta, index));
+                    }
+                }
+                PrimaryAction::Cut { delta, kind } => {
+                    let vm = Arc::clone(&vm);
+                    let events = events.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let outcome = vm.prepare(delta, kind);
+                        let _ = events.send(Event::Prepared { delta, outcome });
+                    });
+                }
+                PrimaryAction::Acknowledged { delta, kind } => {
+                    tracing::info!(vm = %options.config.vm, %delta, ?kind, "applied on the replica");
+                    let vm = Arc::clone(&vm);
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(error) = vm.acknowledge(delta) {
+                            tracing::error!(%error, "cannot record an acknowledged delta");
+                        }
+                    });
+                }
+                PrimaryAction::Disconnect { reason } => {
+                    tracing::warn!(replica = %peer, %reason, "dropping the connection");
+                    if let Some(link) = link.take() {
+                        link.connection.close(1u32.into(), reason.as_bytes());
+                    }
+                    primary.connection_lost(Instant::now(), &reason);
+                }
+                PrimaryAction::Failed { reason } => {
+                    tracing::error!(replica = %peer, %reason, "replication stopped");
+                    outcome = Err(Error::Replication {
+                        peer: peer.clone(),
+                        problem: reason,
+                    });
+                    break 'run;
+                }
+            }
+        }
+        publish(&report, &primary, &options, &wire_bytes, disk_bytes);
+        let deadline = primary.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => primary.handle_timeout(Instant::now()),
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break 'run;
+                }
+            }
+            Some(event) = inbox.recv() => {
+                let now = Instant::now();
+                match event {
+                    Event::Connected { generation: this, connection, control, incoming } => {
+                        if this != generation {
+                            connection.close(0u32.into(), b"superseded");
+                            continue;
+                        }
+                        tracing::info!(replica = %peer, "connected");
+                        link = Some(start_link(this, connection, control, incoming, &vm, &events, options.streams, pacer.clone(), &wire_bytes));
+                        primary.connected(now);
+                    }
+                    Event::ConnectFailed { reason, permanent } => {
+                        if permanent {
+                            tracing::error!(replica = %peer, %reason, "the replica refused this primary's identity, or this primary refused the replica's; not retrying");
+                            outcome = Err(Error::AuthenticationRefused { peer: peer.clone(), reason: reason.clone() });
+                        } else {
+                            tracing::warn!(replica = %peer, %reason, "cannot reach the replica; retrying");
+                        }
+                        primary.connect_failed(now, &reason, permanent);
+                        if permanent {
+                            break 'run;
+                        }
+                    }
+                    Event::Message { generation: this, message } => {
+                        if this == generation {
+                            primary.handle_message(now, message);
+                        }
+                    }
+                    Event::Lost { generation: this, reason, permanent } => {
+                        if this == generation && link.is_some() {
+                            link = None;
+                            if permanent {
+                                tracing::error!(replica = %peer, %reason, "authentication refused; not retrying");
+                                outcome = Err(Error::AuthenticationRefused { peer: peer.clone(), reason: reason.clone() });
+                                primary.connect_failed(now, &reason, true);
+                                break 'run;
+                            }
+                            tracing::warn!(replica = %peer, %reason, "connection lost; resuming after reconnecting");
+                            primary.connection_lost(now, &reason);
+                        }
+                    }
+                    Event::Prepared { delta, outcome } => match outcome {
+                        Ok(chunk_bytes) => {
+                            disk_bytes += chunk_bytes.iter().sum::<u64>();
+                            tracing::debug!(%delta, chunks = chunk_bytes.len(), "delta prepared");
+                            primary.delta_ready(now, delta, chunk_bytes);
+                        }
+                        Err(error) => {
+                            tracing::error!(%delta, %error, "cannot prepare the delta; its changes ship with the next");
+                            primary.delta_failed(now, delta, &error.to_string());
+                        }
+                    },
+                }
+            }
+        }
+    }
+    primary.stop();
+    while let Some(action) = primary.poll_action() {
+        if let (PrimaryAction::Send(message), Some(link)) = (action, &link) {
+            let _ = link.control.send(message);
+        }
+    }
+    publish(&report, &primary, &options, &wire_bytes, disk_bytes);
+    if let Some(link) = link {
+        // Let the goodbye reach the replica, briefly.
+        drop(link.control);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        link.connection.close(0u32.into(), b"goodbye");
+    }
+    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+        .await
+        .ok();
+    outcome
+}
+
+fn network(peer: &str, problem: impl Into<String>) -> Error {
+    Error::Network {
+        peer: peer.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+fn publish(
+    report: &SharedReport,
+    primary: &Primary,
+    options: &PrimaryOptions,
+    wire_bytes: &AtomicU64,
+    disk_bytes: u64,
+) {
+    let now = Instant::now();
+    let status = primary.status(now);
+    let entry = PrimaryReport {
+        vm: options.config.vm.clone(),
+        replica: options.replica.to_string(),
+        seconds_since_replication: status
+            .last_replication
+            .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+        average_latency_seconds: status.average_latency.as_secs_f64(),
+        bytes_before_compression: disk_bytes,
+        bytes_after_compression: wire_bytes.load(Ordering::Relaxed),
+        status,
+    };
+    *report
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(entry);
+}
+
+/// Starts the tasks of a new connection: the control writer and reader, the chunk senders,
+/// and a watcher that reports the connection's end.
+#[allow(clippy::too_many_arguments)]
+fn start_link(
+    generation: u64,
+    connection: quinn::Connection,
+    mut control: quinn::SendStream,
+    mut incoming: quinn::RecvStream,
+    vm: &Arc<ProtectedVm>,
+    events: &mpsc::UnboundedSender<Event>,
+    streams: usize,
+    pacer: Option<Arc<tokio::sync::Mutex<Pacer>>>,
+    wire_bytes: &Arc<AtomicU64>,
+) -> Link {
+    let (control_sender, mut control_queue) = mpsc::unbounded_channel::<Message>();
+    tokio::spawn(async move {
+        while let Some(message) = control_queue.recv().await {
+            if write_message(&mut control, &message).await.is_err() {
+                return;
+            }
+        }
+        let _ = control.finish();
+    });
+    let reader_events = events.clone();
+    tokio::spawn(async move {
+        loop {
+            match read_frame(&mut incoming).await {
+                Ok(Some(message)) => {
+                    if reader_events
+                        .send(Event::Message {
+                            generation,
+                            message,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::debug!(%error, "control stream ended");
+                    return;
+                }
+            }
+        }
+    });
+    let watcher = connection.clone();
+    let watcher_events = events.clone();
+    tokio::spawn(async move {
+        let error = watcher.closed().await;
+        let _ = watcher_events.send(Event::Lost {
+            generation,
+            permanent: is_authentication_failure(&error),
+            reason: error.to_string(),
+        });
+    });
+    let (chunk_sender, chunk_queue) = mpsc::unbounded_channel::<(DeltaId, u32)>();
+    let chunk_queue = Arc::new(tokio::sync::Mutex::new(chunk_queue));
+    for _ in 0..streams.max(1) {
+        let queue = Arc::clone(&chunk_queue);
+        let connection = connection.clone();
+        let vm = Arc::clone(vm);
+        let pacer = pacer.clone();
+        let wire_bytes = Arc::clone(wire_bytes);
+        tokio::spawn(async move {
+            let mut stream: Option<quinn::SendStream> = None;
+            let mut encoder = Some(DeltaEncoder::new());
+            loop {
+                let next = queue.lock().await.recv().await;
+                let Some((delta, index)) = next else {
+                    break;
+                };
+                let vm = Arc::clone(&vm);
+                let mut taken = encoder.take().unwrap_or_default();
+                let read = tokio::task::spawn_blocking(move || {
+                    let chunk = vm.chunk(delta, index, &mut taken);
+                    (chunk, taken)
+                })
+                .await;
+                let (disk, payload) = match read {
+                    Ok((Ok(chunk), returned)) => {
+                        encoder = Some(returned);
+                        chunk
+                    }
+                    Ok((Err(error), _)) => {
+                        tracing::error!(%delta, index, %error, "cannot read a chunk");
+                        connection.close(2u32.into(), b"cannot read a chunk");
+                        break;
+                    }
+                    Err(_) => break,
+                };
+                if let Some(pacer) = &pacer {
+                    let delay = pacer.lock().await.delay_for(payload.len() as u64);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+                if stream.is_none() {
+                    match connection.open_uni().await {
+                        Ok(opened) => stream = Some(opened),
+                        Err(_) => break,
+                    }
+                }
+                let Some(open) = stream.as_mut() else {
+                    break;
+                };
+                let prefix = chunk_frame_prefix(delta, index, disk, payload.len());
+                let length = (prefix.len() + payload.len()) as u64;
+                if open.write_all(&prefix).await.is_err() || open.write_all(&payload).await.is_err()
+                {
+                    break;
+                }
+                wire_bytes.fetch_add(length, Ordering::Relaxed);
+            }
+            if let Some(mut stream) = stream {
+                let _ = stream.finish();
+            }
+        });
+    }
+    Link {
+        connection,
+        control: control_sender,
+        chunks: chunk_sender,
+    }
+}

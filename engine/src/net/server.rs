@@ -1,0 +1,439 @@
+//! The replica server's driver: accepts QUIC connections from allowed primaries, routes each
+//! to its VM's [`Replica`] state machine, and carries out what the machine asks on the VM's
+//! [`VmReplica`] (staging, commits) on blocking threads. One process serves many VMs from many
+//! primaries; each VM's work is serialized by its own lock, VMs proceed independently.
+
+use super::frame::{read_frame, write_message};
+use super::identity::{Identity, fingerprint};
+use super::tls::server_config;
+use crate::proto::{ConnectionId, Message, Replica, ReplicaAction};
+use crate::replica::{ReplicaStore, VmReplica};
+use crate::{Error, Result};
+use rustls::pki_types::CertificateDer;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// How long a new connection has to introduce itself.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the status socket reports for each VM on the replica.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaReport {
+    pub vm: String,
+    pub primary: Option<String>,
+    pub connected: bool,
+    pub applied_sequence: u64,
+    /// The delta being staged: sequence, chunks staged, chunks in all.
+    pub staging: Option<(u64, u64, u32)>,
+    pub error: Option<String>,
+    pub disks: Vec<String>,
+}
+
+struct VmSlot {
+    machine: Replica,
+    replica: VmReplica,
+    connections: HashMap<ConnectionId, (quinn::Connection, mpsc::UnboundedSender<Message>)>,
+}
+
+type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
+
+/// A running replica server.
+pub struct ReplicaServer {
+    address: SocketAddr,
+    vms: Vms,
+    store: ReplicaStore,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ReplicaServer {
+    /// Binds `listen` and serves until `shutdown`. VMs already in the store are opened first,
+    /// so a commit that a crash interrupted is finished before anyone connects.
+    pub async fn start(
+        listen: SocketAddr,
+        store: ReplicaStore,
+        identity: &Identity,
+        allowed: Vec<CertificateDer<'static>>,
+    ) -> Result<ReplicaServer> {
+        let vms: Vms = Arc::default();
+        for vm in store.vms()? {
+            let opened = {
+                let store = store.clone();
+                let vm = vm.clone();
+                tokio::task::spawn_blocking(move || store.open_vm(&vm))
+                    .await
+                    .map_err(|error| Error::Replication {
+                        peer: "store".into(),
+                        problem: error.to_string(),
+                    })??
+            };
+            let machine = Replica::new(&vm, opened.record());
+            lock(&vms).insert(
+                vm,
+                Arc::new(Mutex::new(VmSlot {
+                    machine,
+                    replica: opened,
+                    connections: HashMap::new(),
+                })),
+            );
+        }
+        let allowed_count = allowed.len();
+        let endpoint = quinn::Endpoint::server(server_config(identity, allowed)?, listen).map_err(
+            |error| Error::Network {
+                peer: listen.to_string(),
+                problem: format!("cannot listen: {error}"),
+            },
+        )?;
+        let address = endpoint.local_addr().map_err(|error| Error::Network {
+            peer: listen.to_string(),
+            problem: error.to_string(),
+        })?;
+        tracing::info!(%address, identity = %identity.fingerprint(), allowed = allowed_count, "replica server listening");
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(
+            endpoint,
+            store.clone(),
+            Arc::clone(&vms),
+            stopped,
+        ));
+        Ok(ReplicaServer {
+            address,
+            vms,
+            store,
+            stop,
+            task,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Each VM's state, for `blockrep status`.
+    pub fn reports(&self) -> Vec<ReplicaReport> {
+        let slots: Vec<(String, Arc<Mutex<VmSlot>>)> = lock(&self.vms)
+            .iter()
+            .map(|(vm, slot)| (vm.clone(), Arc::clone(slot)))
+            .collect();
+        let mut reports: Vec<ReplicaReport> = slots
+            .into_iter()
+            .map(|(vm, slot)| {
+                let slot = lock(&slot);
+                ReplicaReport {
+                    vm,
+                    primary: slot.machine.record().owner.clone(),
+                    connected: slot.machine.connection().is_some(),
+                    applied_sequence: slot.machine.applied(),
+                    staging: slot
+                        .machine
+                        .staging()
+                        .map(|(delta, staged, total)| (delta.sequence, staged, total)),
+                    error: slot.machine.failure().map(str::to_owned),
+                    disks: slot
+                        .replica
+                        .disk_paths()
+                        .iter()
+                        .map(|path| path.display().to_string())
+                        .collect(),
+                }
+            })
+            .collect();
+        reports.sort_by(|a, b| a.vm.cmp(&b.vm));
+        reports
+    }
+
+    pub fn store(&self) -> &ReplicaStore {
+        &self.store
+    }
+
+    /// Stops accepting, closes every connection and waits for the server's task.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    store: ReplicaStore,
+    vms: Vms,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let next_connection = Arc::new(AtomicU64::new(1));
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let store = store.clone();
+                let vms = Arc::clone(&vms);
+                let id = next_connection.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    match incoming.await {
+                        Ok(connection) => serve_connection(id, connection, store, vms).await,
+                        Err(error) => tracing::warn!(peer = %remote, %error, "refused a connection: the handshake failed"),
+                    }
+                });
+            }
+            _ = stopped.changed() => break,
+        }
+    }
+    endpoint.close(0u32.into(), b"server stopping");
+    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+        .await
+        .ok();
+}
+
+async fn serve_connection(
+    id: ConnectionId,
+    connection: quinn::Connection,
+    store: ReplicaStore,
+    vms: Vms,
+) {
+    let remote = connection.remote_address();
+    let owner = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certificates| certificates.first().map(fingerprint));
+    let Some(owner) = owner else {
+        tracing::warn!(peer = %remote, "refused a connection without a client certificate");
+        connection.close(3u32.into(), b"no client certificate");
+        return;
+    };
+    let accepted = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, mut receive) = connection.accept_bi().await.ok()?;
+        let hello = read_frame(&mut receive).await.ok()??;
+        Some((send, receive, hello))
+    })
+    .await;
+    let Ok(Some((mut send, mut receive, hello))) = accepted else {
+        tracing::warn!(peer = %remote, primary = %owner, "closing a connection that did not say hello");
+        connection.close(3u32.into(), b"expected hello");
+        return;
+    };
+    let Message::Hello {
+        version,
+        vm,
+        primary,
+        disks,
+    } = hello
+    else {
+        connection.close(3u32.into(), b"expected hello");
+        return;
+    };
+    tracing::info!(peer = %remote, %primary, %owner, %vm, "primary connected");
+    let slot = match open_slot(&store, &vms, &vm).await {
+        Ok(slot) => slot,
+        Err(error) => {
+            tracing::error!(%vm, %error, "cannot open the VM's replica");
+            let refusal = Message::Refused {
+                reason: format!("{vm}: {error}"),
+                retry: false,
+            };
+            let _ = write_message(&mut send, &refusal).await;
+            let _ = send.finish();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            connection.close(4u32.into(), b"refused");
+            return;
+        }
+    };
+    let (outgoing, mut queue) = mpsc::unbounded_channel::<Message>();
+    tokio::spawn(async move {
+        while let Some(message) = queue.recv().await {
+            if write_message(&mut send, &message).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    lock(&slot)
+        .connections
+        .insert(id, (connection.clone(), outgoing));
+    {
+        let slot = Arc::clone(&slot);
+        let owner = owner.clone();
+        run_blocking(move || {
+            let mut slot = lock(&slot);
+            slot.machine.hello(id, &owner, version, disks);
+            drive(&mut slot);
+        })
+        .await;
+    }
+    // Data streams: chunks, in any order.
+    let streams = {
+        let connection = connection.clone();
+        let slot = Arc::clone(&slot);
+        tokio::spawn(async move {
+            while let Ok(mut stream) = connection.accept_uni().await {
+                let slot = Arc::clone(&slot);
+                tokio::spawn(async move {
+                    loop {
+                        match read_frame(&mut stream).await {
+                            Ok(Some(message @ Message::Chunk { .. })) => {
+                                dispatch(&slot, id, message).await
+                            }
+                            Ok(Some(_)) => {
+                                tracing::warn!(
+                                    "a data stream carried a control message; ignoring the stream"
+                                );
+                                return;
+                            }
+                            Ok(None) => return,
+                            Err(error) => {
+                                tracing::debug!(%error, "data stream ended");
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        })
+    };
+    loop {
+        match read_frame(&mut receive).await {
+            Ok(Some(message)) => dispatch(&slot, id, message).await,
+            Ok(None) => break,
+            Err(error) => {
+                tracing::debug!(%error, %vm, "control stream ended");
+                break;
+            }
+        }
+    }
+    let reason = connection.closed().await;
+    streams.abort();
+    tracing::info!(peer = %remote, %vm, %reason, "primary disconnected");
+    run_blocking(move || {
+        let mut slot = lock(&slot);
+        slot.connections.remove(&id);
+        slot.machine.disconnected(id);
+        drive(&mut slot);
+    })
+    .await;
+}
+
+async fn open_slot(store: &ReplicaStore, vms: &Vms, vm: &str) -> Result<Arc<Mutex<VmSlot>>> {
+    if let Some(slot) = lock(vms).get(vm) {
+        return Ok(Arc::clone(slot));
+    }
+    let opened = {
+        let store = store.clone();
+        let vm = vm.to_owned();
+        tokio::task::spawn_blocking(move || store.open_vm(&vm))
+            .await
+            .map_err(|error| Error::Replication {
+                peer: "store".into(),
+                problem: error.to_string(),
+            })??
+    };
+    let mut vms = lock(vms);
+    let slot = vms.entry(vm.to_owned()).or_insert_with(|| {
+        Arc::new(Mutex::new(VmSlot {
+            machine: Replica::new(vm, opened.record()),
+            replica: opened,
+            connections: HashMap::new(),
+        }))
+    });
+    Ok(Arc::clone(slot))
+}
+
+async fn dispatch(slot: &Arc<Mutex<VmSlot>>, id: ConnectionId, message: Message) {
+    let slot = Arc::clone(slot);
+    run_blocking(move || {
+        let mut slot = lock(&slot);
+        slot.machine.handle_message(id, message);
+        drive(&mut slot);
+    })
+    .await;
+}
+
+async fn run_blocking(work: impl FnOnce() + Send + 'static) {
+    if let Err(error) = tokio::task::spawn_blocking(work).await {
+        tracing::error!(%error, "replica work panicked");
+    }
+}
+
+/// Carries out what the machine asks until it asks nothing more.
+fn drive(slot: &mut VmSlot) {
+    while let Some(action) = slot.machine.poll_action() {
+        match action {
+            ReplicaAction::Send {
+                connection,
+                message,
+            } => {
+                if let Some((_, outgoing)) = slot.connections.get(&connection) {
+                    let _ = outgoing.send(message);
+                }
+            }
+            ReplicaAction::PrepareDisks { disks, owner } => {
+                if let Err(error) = slot.replica.prepare(disks, &owner) {
+                    tracing::error!(%error, "cannot record the new VM");
+                    close_all(slot, &error.to_string());
+                }
+            }
+            ReplicaAction::StartStaging { delta, kind } => {
+                tracing::debug!(%delta, ?kind, "staging");
+                if let Err(error) = slot.replica.start_staging(delta, kind) {
+                    tracing::error!(%delta, %error, "cannot stage");
+                    close_all(slot, &error.to_string());
+                }
+            }
+            ReplicaAction::StageChunk {
+                delta,
+                index,
+                disk,
+                payload,
+            } => match slot.replica.stage_chunk(delta, disk, &payload) {
+                Ok(()) => slot.machine.chunk_staged(delta, index),
+                Err(error) => {
+                    tracing::warn!(%delta, index, %error, "refused a chunk");
+                    slot.machine.chunk_refused(delta, index, &error.to_string());
+                }
+            },
+            ReplicaAction::Commit { delta, kind } => {
+                let started = std::time::Instant::now();
+                match slot.replica.commit(delta, kind) {
+                    Ok(()) => {
+                        tracing::info!(%delta, ?kind, seconds = started.elapsed().as_secs_f64(), "applied");
+                        slot.machine.committed(delta);
+                    }
+                    Err(error) => {
+                        tracing::error!(%delta, %error, "applying failed");
+                        slot.machine.commit_failed(delta, &error.to_string());
+                    }
+                }
+            }
+            ReplicaAction::Close { connection, reason } => {
+                if let Some((handle, outgoing)) = slot.connections.remove(&connection) {
+                    tracing::info!(%reason, "closing a connection");
+                    // Dropping the queue finishes the control stream after what is queued (a
+                    // refusal, say); the close follows once that had time to arrive.
+                    drop(outgoing);
+                    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                        runtime.spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                            handle.close(0u32.into(), reason.as_bytes());
+                        });
+                    } else {
+                        handle.close(0u32.into(), reason.as_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn close_all(slot: &mut VmSlot, reason: &str) {
+    for (_, (connection, _)) in slot.connections.drain() {
+        connection.close(5u32.into(), reason.as_bytes());
+    }
+}
