@@ -1,0 +1,260 @@
+//! A primary and a replica server in one process over QUIC on loopback: initial replication,
+//! delta cycles while writes go on, pinned identities, and a replica equal to the primary.
+
+use blockrep::delta::Compression;
+use blockrep::image::{Access, BlockImage, VhdxImage};
+use blockrep::io::{FileStorage, StorageOptions};
+use blockrep::net::{Identity, PrimaryOptions, ReplicaServer, SharedReport, run_primary};
+use blockrep::protect::ProtectedVm;
+use blockrep::proto::PrimaryConfig;
+use blockrep::replica::ReplicaStore;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+const MIB: u64 = 1 << 20;
+
+fn pattern(seed: u64, length: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+fn config(vm: &ProtectedVm, frequency: Duration) -> PrimaryConfig {
+    PrimaryConfig {
+        vm: "vm1".into(),
+        primary: "host-a".into(),
+        disks: vm.descriptions().to_vec(),
+        frequency,
+        window: 16,
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(1),
+        needs_initial: vm.needs_initial(),
+        seed: 7,
+    }
+}
+
+async fn wait_for(
+    report: &SharedReport,
+    what: &str,
+    done: impl Fn(&blockrep::net::PrimaryReport) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(entry) = report.lock().unwrap().as_ref()
+            && done(entry)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            report.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn read_replica(path: &Path) -> Vec<u8> {
+    let image = VhdxImage::open(
+        FileStorage::open(path, false).unwrap(),
+        "replica",
+        Access::ReadOnly,
+    )
+    .unwrap();
+    let mut bytes = vec![0u8; image.virtual_size() as usize];
+    image.read_at(&mut bytes, 0).unwrap();
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
+    let directory = tempfile::tempdir().unwrap();
+    let disk_path = directory.path().join("disk.raw");
+    let mut initial = vec![0u8; 16 * MIB as usize];
+    initial[..3 * MIB as usize].copy_from_slice(&pattern(1, 3 * MIB as usize));
+    std::fs::write(&disk_path, &initial).unwrap();
+    let replica_identity =
+        Identity::create("replica", &directory.path().join("replica-id")).unwrap();
+    let primary_identity =
+        Identity::create("primary", &directory.path().join("primary-id")).unwrap();
+    let store =
+        ReplicaStore::open(&directory.path().join("store"), StorageOptions::default()).unwrap();
+    let server = ReplicaServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        store,
+        &replica_identity,
+        vec![primary_identity.certificate.clone()],
+    )
+    .await
+    .unwrap();
+    let vm = Arc::new(
+        ProtectedVm::open(
+            &[disk_path.clone()],
+            StorageOptions::default(),
+            Compression::Lz4,
+        )
+        .unwrap(),
+    );
+    assert!(vm.needs_initial());
+    let report = SharedReport::default();
+    let (stop, stopped) = watch::channel(false);
+    let options = PrimaryOptions {
+        replica: server.address(),
+        trusted: replica_identity.certificate.clone(),
+        config: config(&vm, Duration::from_millis(300)),
+        identity: primary_identity,
+        streams: 3,
+        max_rate: None,
+    };
+    let primary = tokio::spawn(run_primary(
+        Arc::clone(&vm),
+        options,
+        report.clone(),
+        stopped,
+    ));
+    wait_for(&report, "initial replication", |entry| {
+        entry.status.applied_sequence >= 1
+    })
+    .await;
+    // Writes go on across several cycles.
+    let disk = Arc::clone(&vm.disks()[0]);
+    for round in 0..6u64 {
+        let data = pattern(100 + round, 200_000);
+        let offset = (round * 2_345_678) % (15 * MIB);
+        let writer = Arc::clone(&disk);
+        tokio::task::spawn_blocking(move || writer.write_at(&data, offset).unwrap())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let writer = Arc::clone(&disk);
+    tokio::task::spawn_blocking(move || writer.zero_range(0, 64 << 10).unwrap())
+        .await
+        .unwrap();
+    let target = report
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .status
+        .applied_sequence
+        + 2;
+    wait_for(&report, "two more cycles", |entry| {
+        entry.status.applied_sequence >= target
+    })
+    .await;
+    let final_report = report.lock().unwrap().clone().unwrap();
+    assert!(final_report.status.successful_cycles >= 2);
+    assert!(final_report.bytes_after_compression > 0);
+    stop.send(true).unwrap();
+    primary.await.unwrap().unwrap();
+    server.shutdown().await;
+    let mut source = vec![0u8; 16 * MIB as usize];
+    disk.read_at(&mut source, 0).unwrap();
+    drop(disk);
+    let replica = read_replica(&directory.path().join("store/vm1/disk-0.vhdx"));
+    assert!(replica == source, "the replica differs from the primary");
+    let vm = Arc::try_unwrap(vm).unwrap();
+    vm.close().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_the_replica_does_not_allow_is_refused_for_good_and_writes_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let disk_path = directory.path().join("disk.raw");
+    std::fs::write(&disk_path, vec![1u8; MIB as usize]).unwrap();
+    let replica_identity =
+        Identity::create("replica", &directory.path().join("replica-id")).unwrap();
+    let allowed = Identity::create("allowed", &directory.path().join("allowed-id")).unwrap();
+    let stranger = Identity::create("stranger", &directory.path().join("stranger-id")).unwrap();
+    let store_path = directory.path().join("store");
+    let store = ReplicaStore::open(&store_path, StorageOptions::default()).unwrap();
+    let server = ReplicaServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        store,
+        &replica_identity,
+        vec![allowed.certificate.clone()],
+    )
+    .await
+    .unwrap();
+    let vm = Arc::new(
+        ProtectedVm::open(&[disk_path], StorageOptions::default(), Compression::Lz4).unwrap(),
+    );
+    let (_stop, stopped) = watch::channel(false);
+    let options = PrimaryOptions {
+        replica: server.address(),
+        trusted: replica_identity.certificate.clone(),
+        config: config(&vm, Duration::from_secs(1)),
+        identity: stranger,
+        streams: 2,
+        max_rate: None,
+    };
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        run_primary(vm, options, SharedReport::default(), stopped),
+    )
+    .await
+    .expect("a refused primary must stop, not retry forever");
+    let error = outcome.unwrap_err().to_string();
+    assert!(error.contains("authentication refused"), "{error}");
+    server.shutdown().await;
+    assert!(
+        std::fs::read_dir(&store_path).unwrap().next().is_none(),
+        "the store was written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_certificate_is_not_the_pinned_one_is_refused() {
+    let directory = tempfile::tempdir().unwrap();
+    let disk_path = directory.path().join("disk.raw");
+    std::fs::write(&disk_path, vec![1u8; MIB as usize]).unwrap();
+    let replica_identity =
+        Identity::create("replica", &directory.path().join("replica-id")).unwrap();
+    let impostor = Identity::create("impostor", &directory.path().join("impostor-id")).unwrap();
+    let primary_identity =
+        Identity::create("primary", &directory.path().join("primary-id")).unwrap();
+    let store =
+        ReplicaStore::open(&directory.path().join("store"), StorageOptions::default()).unwrap();
+    let server = ReplicaServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        store,
+        &impostor,
+        vec![primary_identity.certificate.clone()],
+    )
+    .await
+    .unwrap();
+    let vm = Arc::new(
+        ProtectedVm::open(&[disk_path], StorageOptions::default(), Compression::Off).unwrap(),
+    );
+    let (_stop, stopped) = watch::channel(false);
+    let options = PrimaryOptions {
+        replica: server.address(),
+        trusted: replica_identity.certificate.clone(),
+        config: config(&vm, Duration::from_secs(1)),
+        identity: primary_identity,
+        streams: 1,
+        max_rate: None,
+    };
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        run_primary(vm, options, SharedReport::default(), stopped),
+    )
+    .await
+    .expect("must stop");
+    assert!(
+        outcome
+            .unwrap_err()
+            .to_string()
+            .contains("authentication refused")
+    );
+    server.shutdown().await;
+}
