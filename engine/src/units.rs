@@ -51,9 +51,87 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
+/// Splits `12ms` into the number and the unit.
+fn number_and_unit(text: &str) -> Option<(u64, String)> {
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(digits_end);
+    Some((digits.parse().ok()?, unit.trim().to_ascii_lowercase()))
+}
+
+/// Parses a duration: `30s`, `5m`, `15m`, `2h`, `500ms`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration> {
+    let invalid = || Error::InvalidArgument {
+        what: "duration",
+        reason: format!("{text:?} (examples: 30s, 5m, 15m, 1h, 500ms)"),
+    };
+    let (number, unit) = number_and_unit(text).ok_or_else(invalid)?;
+    let milliseconds = match unit.as_str() {
+        "ms" => Some(number),
+        "" | "s" => number.checked_mul(1000),
+        "m" | "min" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        _ => None,
+    }
+    .filter(|&milliseconds| milliseconds > 0)
+    .ok_or_else(invalid)?;
+    Ok(std::time::Duration::from_millis(milliseconds))
+}
+
+/// Parses a rate into bytes per second: bits with `kbit`, `Mbit`, `Gbit` (decimal, as links
+/// are sold), bytes with `K`, `M`, `G` (binary, as the rest of blockrep), or plain bytes.
+pub fn parse_rate(text: &str) -> Result<u64> {
+    let invalid = || Error::InvalidArgument {
+        what: "rate",
+        reason: format!("{text:?} (examples: 100Mbit, 1Gbit, 50M for 50 MiB/s)"),
+    };
+    let (number, unit) = number_and_unit(text).ok_or_else(invalid)?;
+    let unit = unit.trim_end_matches("/s").trim_end_matches("ps");
+    let bytes = match unit {
+        "kbit" => number.checked_mul(1000 / 8),
+        "mbit" => number.checked_mul(1_000_000 / 8),
+        "gbit" => number.checked_mul(1_000_000_000 / 8),
+        "" | "b" => Some(number),
+        "k" | "kib" => number.checked_mul(KIB),
+        "m" | "mib" => number.checked_mul(MIB),
+        "g" | "gib" => number.checked_mul(GIB),
+        _ => None,
+    }
+    .filter(|&bytes| bytes > 0)
+    .ok_or_else(invalid)?;
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_take_the_usual_units() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        for bad in ["", "0s", "5 parsecs", "-1m", "1.5m"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rates_take_bits_or_bytes() {
+        assert_eq!(parse_rate("100Mbit").unwrap(), 12_500_000);
+        assert_eq!(parse_rate("1Gbit").unwrap(), 125_000_000);
+        assert_eq!(parse_rate("50M").unwrap(), 50 * MIB);
+        assert_eq!(parse_rate("4096").unwrap(), 4096);
+        for bad in ["", "0", "fast", "10Tbit"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes_with_units_are_binary_multiples() {

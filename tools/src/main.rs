@@ -1,8 +1,10 @@
 //! The `blockrep` command.
 
+mod control;
 mod delta_command;
 mod image_command;
 mod output_file;
+mod replication_command;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -28,6 +30,20 @@ enum Command {
     /// Export, apply and inspect delta files (replication on external media).
     #[command(subcommand)]
     Delta(delta_command::DeltaCommand),
+    /// Make or show a host identity (key and certificate) for replication over TLS.
+    #[command(subcommand)]
+    Identity(replication_command::IdentityCommand),
+    /// Run a replica server: receive VMs' disks from allowed primaries into a store.
+    Serve(replication_command::ServeArguments),
+    /// Protect a VM: replicate its disks to a replica server, serving them over NBD so writes
+    /// are tracked; runs until SIGINT or SIGTERM, then saves tracking and exits 0.
+    Protect(replication_command::ProtectArguments),
+    /// Show the state and health of the primaries and replica servers running here.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,18 +53,29 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BLOCKREP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .without_time()
-        .init();
     let cli = Cli::parse();
+    // Daemons say what they do; one-shot commands speak only of trouble.
+    let daemon = matches!(cli.command, Command::Serve(_) | Command::Protect(_));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BLOCKREP_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if daemon { "info,quinn=warn" } else { "warn" })
+            }),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if daemon {
+        builder.init();
+    } else {
+        builder.without_time().init();
+    }
     let outcome = match cli.command {
         Command::Image(command) => image_command::run(command),
         Command::Delta(command) => delta_command::run(command),
+        Command::Identity(command) => replication_command::identity(command),
+        Command::Serve(arguments) => replication_command::serve(arguments),
+        Command::Protect(arguments) => replication_command::protect(arguments),
+        Command::Status { json } => replication_command::status(json),
     };
     match outcome {
         Ok(code) => code,

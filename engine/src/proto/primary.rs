@@ -76,6 +76,8 @@ pub struct PrimaryStatus {
     pub last_replication: Option<Instant>,
     /// Disk bytes of the delta in flight not yet staged on the replica.
     pub pending_bytes: u64,
+    /// Disk bytes of the whole delta in flight.
+    pub in_flight_bytes: u64,
     pub successful_cycles: u64,
     pub missed_cycles: u64,
     pub average_delta_bytes: u64,
@@ -438,6 +440,10 @@ impl Primary {
             connected: self.link == Link::Up,
             last_replication: self.last_replication,
             pending_bytes,
+            in_flight_bytes: self
+                .in_flight
+                .as_ref()
+                .map_or(0, |in_flight| in_flight.chunk_bytes.iter().sum()),
             successful_cycles: self.cycles.successful(),
             missed_cycles: self.cycles.missed(),
             average_delta_bytes: total.checked_div(count).unwrap_or(0),

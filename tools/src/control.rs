@@ -1,0 +1,119 @@
+//! The local control socket through which `blockrep status` asks running daemons how they are.
+//! Each `serve` and `protect` listens on a unix socket in the run directory; a client that
+//! connects reads one JSON document and the connection closes. The socket is removed when the
+//! daemon stops.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Where daemons put their sockets: `$BLOCKREP_RUN_DIR`, else `/run/blockrep` for root and
+/// `/tmp/blockrep-UID` for anyone else.
+pub fn run_directory() -> PathBuf {
+    if let Some(directory) = std::env::var_os("BLOCKREP_RUN_DIR") {
+        return PathBuf::from(directory);
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        PathBuf::from("/run/blockrep")
+    } else {
+        PathBuf::from(format!("/tmp/blockrep-{uid}"))
+    }
+}
+
+/// A listening control socket; dropping it stops the listener and removes the socket.
+pub struct ControlSocket {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlSocket {
+    /// Listens at `path`, answering each connection with what `report` returns.
+    pub fn bind(
+        path: &Path,
+        report: impl Fn() -> serde_json::Value + Send + 'static,
+    ) -> std::io::Result<ControlSocket> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by another blockrep", path.display()),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut stream, _)) => {
+                            let _ = stream.set_nonblocking(false);
+                            let mut text = report().to_string();
+                            text.push('\n');
+                            let _ = stream.write_all(text.as_bytes());
+                        }
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "control socket");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+            })?;
+        Ok(ControlSocket {
+            path: path.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Asks every daemon with a socket in `directory`; sockets nobody answers on are skipped
+/// (a daemon that was killed leaves its socket behind).
+pub fn query_all(directory: &Path) -> Vec<serde_json::Value> {
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return Vec::new();
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "sock")
+        })
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .filter_map(|path| {
+            let mut stream = UnixStream::connect(path).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text).ok()?;
+            serde_json::from_str(&text).ok()
+        })
+        .collect()
+}
