@@ -265,6 +265,10 @@ pub async fn run_primary(
                     }
                     Event::Message { generation: this, message } => {
                         if this == generation {
+                            if let Message::Welcome { applied, staged: Some(staged), .. } = &message {
+                                let chunks: u64 = staged.received.iter().map(|range| u64::from(range.end - range.start)).sum();
+                                tracing::info!(replica = %peer, applied, delta = %staged.delta, chunks, "resuming: the replica already holds these chunks of the delta in flight");
+                            }
                             primary.handle_message(now, message);
                         }
                     }

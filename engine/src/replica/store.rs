@@ -323,6 +323,7 @@ impl VmReplica {
                 }
                 self.disks.clear();
                 self.mark_committing(Some((delta, kind)))?;
+                crash_point("replica-initial-commit");
                 self.finish_initial(delta)
             }
             (
@@ -404,6 +405,7 @@ impl VmReplica {
         let bytes =
             std::fs::read(&path).map_err(|error| Error::file(&stage, "read staging", error))?;
         let mut position = 0usize;
+        let mut first = true;
         while position < bytes.len() {
             let header = bytes
                 .get(position..position + 6)
@@ -423,6 +425,10 @@ impl VmReplica {
                 target,
                 TargetState::default(),
             )?;
+            if std::mem::take(&mut first) {
+                // Part of the delta is on the disks, the rest not: the worst moment to die.
+                crash_point("replica-apply");
+            }
             position += 6 + length;
         }
         for disk in &mut self.disks {
@@ -543,6 +549,20 @@ impl VmReplica {
         Error::Replication {
             peer: self.vm.clone(),
             problem,
+        }
+    }
+}
+
+/// Kills the process with SIGKILL at the named point when `BLOCKREP_CRASH_POINT` names it:
+/// how the crash tests stop a real server between two steps of a commit, exactly there.
+fn crash_point(name: &str) {
+    static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let chosen = CHOSEN.get_or_init(|| std::env::var("BLOCKREP_CRASH_POINT").ok());
+    if chosen.as_deref() == Some(name) {
+        tracing::warn!(point = name, "BLOCKREP_CRASH_POINT: killing the process");
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
 }
