@@ -42,6 +42,7 @@ pub struct PrimaryReport {
     /// Seconds since the last delta was applied, when one was.
     pub seconds_since_replication: Option<f64>,
     pub average_latency_seconds: f64,
+    pub last_delta_latency_seconds: f64,
     /// Disk bytes shipped, before compression.
     pub bytes_before_compression: u64,
     /// Bytes of chunks put on the wire.
@@ -342,6 +343,7 @@ fn publish(
             .last_replication
             .map(|at| now.saturating_duration_since(at).as_secs_f64()),
         average_latency_seconds: status.average_latency.as_secs_f64(),
+        last_delta_latency_seconds: status.last_delta_latency.as_secs_f64(),
         bytes_before_compression: disk_bytes,
         bytes_after_compression: wire_bytes.load(Ordering::Relaxed),
         status,

@@ -83,9 +83,15 @@ pub struct PrimaryStatus {
     pub average_delta_bytes: u64,
     pub maximum_delta_bytes: u64,
     /// From cut to applied, averaged over the deltas applied.
+    #[serde(skip)]
     pub average_latency: Duration,
     pub last_error: Option<String>,
     pub applied_sequence: u64,
+    /// Disk bytes of the last delta applied.
+    pub last_delta_bytes: u64,
+    /// From cut to applied, for the last delta.
+    #[serde(skip)]
+    pub last_delta_latency: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +152,8 @@ pub struct Primary {
     cycles: CycleLog,
     delta_sizes: (u64, u64, u64),
     latency_total: Duration,
+    /// The last delta applied: its disk bytes and its time from cut to applied.
+    last_delta: Option<(u64, Duration)>,
     last_replication: Option<Instant>,
     last_error: Option<String>,
     /// Since when the primary has been unable to send, if it is.
@@ -170,6 +178,7 @@ impl Primary {
             cycles: CycleLog::new(now),
             delta_sizes: (0, 0, 0),
             latency_total: Duration::ZERO,
+            last_delta: None,
             last_replication: None,
             last_error: None,
             cannot_send_since: Some(now),
@@ -454,6 +463,10 @@ impl Primary {
                 .unwrap_or_default(),
             last_error: self.failed.clone().or_else(|| self.last_error.clone()),
             applied_sequence: self.applied.unwrap_or(0),
+            last_delta_bytes: self.last_delta.map_or(0, |(bytes, _)| bytes),
+            last_delta_latency: self
+                .last_delta
+                .map_or(Duration::ZERO, |(_, latency)| latency),
         }
     }
 
@@ -548,7 +561,9 @@ impl Primary {
         let bytes: u64 = in_flight.chunk_bytes.iter().sum();
         let (count, total, maximum) = self.delta_sizes;
         self.delta_sizes = (count + 1, total + bytes, maximum.max(bytes));
-        self.latency_total += now.saturating_duration_since(in_flight.cut_at);
+        let latency = now.saturating_duration_since(in_flight.cut_at);
+        self.latency_total += latency;
+        self.last_delta = Some((bytes, latency));
         self.last_replication = Some(now);
         self.actions.push_back(PrimaryAction::Acknowledged {
             delta: in_flight.delta,

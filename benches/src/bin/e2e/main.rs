@@ -3,8 +3,11 @@
 //! instead (qemu-img), check every output, and report medians as ratios of the baseline.
 //!
 //! `cargo run --release -p blockrep-benches --bin e2e -- convert [--size 4G] [--runs 3] [--json]`
+//! `cargo run --release -p blockrep-benches --bin e2e -- replicate [--size 4G] [--runs 3]`
 
 mod measure;
+mod nbd_client;
+mod replicate;
 mod report;
 mod source;
 
@@ -28,6 +31,9 @@ enum Scenario {
     /// Image conversion: raw -> VHDX and back, blockrep (io_uring and sync) against qemu-img
     /// and an O_DIRECT write loop.
     Convert(ConvertArguments),
+    /// Replication over loopback: initial replication and a delta of changed blocks, blockrep
+    /// (serve + protect) against rsync through an rsync daemon and an O_DIRECT write loop.
+    Replicate(replicate::ReplicateArguments),
 }
 
 #[derive(clap::Args)]
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.scenario {
         Scenario::Convert(arguments) => convert(&arguments),
+        Scenario::Replicate(arguments) => replicate::replicate(&arguments),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
