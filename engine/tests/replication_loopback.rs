@@ -97,7 +97,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
     .unwrap();
     let vm = Arc::new(
         ProtectedVm::open(
-            &[disk_path.clone()],
+            std::slice::from_ref(&disk_path),
             StorageOptions::default(),
             Compression::Lz4,
         )

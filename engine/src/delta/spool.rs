@@ -280,7 +280,7 @@ mod tests {
                 &header,
                 512 << 10,
                 &data,
-                &[(512 << 10)..(768 << 10)],
+                std::slice::from_ref(&((512 << 10)..(768 << 10))),
                 Compression::Lz4,
             )
             .unwrap();

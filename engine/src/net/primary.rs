@@ -41,6 +41,8 @@ pub struct PrimaryReport {
     pub status: PrimaryStatus,
     /// Seconds since the last delta was applied, when one was.
     pub seconds_since_replication: Option<f64>,
+    /// When the last delta was applied, in seconds since the Unix epoch.
+    pub last_replication_unix_seconds: Option<f64>,
     pub average_latency_seconds: f64,
     pub last_delta_latency_seconds: f64,
     /// Disk bytes shipped, before compression.
@@ -342,6 +344,14 @@ fn publish(
         seconds_since_replication: status
             .last_replication
             .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+        last_replication_unix_seconds: status.last_replication.and_then(|at| {
+            let ago = now.saturating_duration_since(at);
+            std::time::SystemTime::now()
+                .checked_sub(ago)?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|since| since.as_secs_f64())
+        }),
         average_latency_seconds: status.average_latency.as_secs_f64(),
         last_delta_latency_seconds: status.last_delta_latency.as_secs_f64(),
         bytes_before_compression: disk_bytes,
@@ -476,5 +486,28 @@ fn start_link(
         connection,
         control: control_sender,
         chunks: chunk_sender,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pacer_holds_bytes_to_the_rate_after_a_small_burst() {
+        let mut pacer = Pacer {
+            rate: 1_000_000,
+            credit: 0.0,
+            updated: Instant::now(),
+        };
+        // No credit yet: a megabyte waits about a second.
+        let first = pacer.delay_for(1_000_000);
+        assert!(
+            first > Duration::from_millis(900) && first <= Duration::from_millis(1000),
+            "{first:?}"
+        );
+        // Debt accumulates: the next megabyte waits about two seconds from now.
+        let second = pacer.delay_for(1_000_000);
+        assert!(second > Duration::from_millis(1900), "{second:?}");
     }
 }

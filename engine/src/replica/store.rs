@@ -629,7 +629,7 @@ mod tests {
                 &header,
                 offset,
                 data,
-                &[offset..offset + data.len() as u64],
+                std::slice::from_ref(&(offset..offset + data.len() as u64)),
                 Compression::Lz4,
             )
             .unwrap()
