@@ -80,8 +80,9 @@ pub struct Replica {
     early: Vec<(DeltaId, u32, u16, Bytes)>,
 }
 
-/// Early chunks held at most: the primary's window bounds what can arrive before the begin.
-const EARLY_LIMIT: usize = 256;
+/// Early chunks held at most (each under 1.1 MiB): the primary's window of 32 bounds what can
+/// arrive before the begin, so this is never reached by a primary that follows the protocol.
+const EARLY_LIMIT: usize = 64;
 
 impl Replica {
     pub fn new(vm: &str, record: ReplicaVmRecord) -> Self {

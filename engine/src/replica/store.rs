@@ -402,25 +402,39 @@ impl VmReplica {
         self.open_disks()?;
         let path = self.directory.join(STAGE);
         let stage = path.display().to_string();
-        let bytes =
-            std::fs::read(&path).map_err(|error| Error::file(&stage, "read staging", error))?;
-        let mut position = 0usize;
+        let staging = FileStorage::open(&path, false)
+            .map_err(|error| Error::file(&stage, "open staging", error))?;
+        let size = staging
+            .size()
+            .map_err(|error| Error::file(&stage, "read staging", error))?;
+        // One chunk in memory at a time, whatever the delta's size.
+        let mut payload = Vec::new();
+        let mut position = 0u64;
         let mut first = true;
-        while position < bytes.len() {
-            let header = bytes
-                .get(position..position + 6)
-                .ok_or_else(|| Error::corrupt(&stage, "staging ends inside a chunk header"))?;
-            let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        while position < size {
+            let mut header = [0u8; 6];
+            let mut payload_length = 0;
+            let read = staging.read_at(&mut header, position).and_then(|()| {
+                payload_length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+                if payload_length as usize > crate::proto::MAX_BODY {
+                    return Err(std::io::Error::other("chunk too long"));
+                }
+                payload.resize(payload_length as usize, 0);
+                staging.read_at(&mut payload, position + 6)
+            });
+            read.map_err(|_| {
+                Error::corrupt(
+                    &stage,
+                    format!("staging ends inside the chunk at byte {position}"),
+                )
+            })?;
             let disk = usize::from(u16::from_le_bytes([header[4], header[5]]));
-            let payload = bytes
-                .get(position + 6..position + 6 + length)
-                .ok_or_else(|| Error::corrupt(&stage, "staging ends inside a chunk"))?;
             let target = self
                 .disks
                 .get_mut(disk)
                 .ok_or_else(|| Error::corrupt(&stage, format!("chunk for disk {disk}")))?;
             apply_delta(
-                Cursor::new(payload),
+                Cursor::new(&payload),
                 &format!("{stage} at byte {position}"),
                 target,
                 TargetState::default(),
@@ -429,7 +443,7 @@ impl VmReplica {
                 // Part of the delta is on the disks, the rest not: the worst moment to die.
                 crash_point("replica-apply");
             }
-            position += 6 + length;
+            position += 6 + u64::from(payload_length);
         }
         for disk in &mut self.disks {
             disk.flush()?;
