@@ -230,6 +230,25 @@ pub fn protect(arguments: ProtectArguments) -> Outcome {
         arguments.io.options(),
         compression,
     )?);
+    // Whatever happens next, the disks are closed cleanly, so tracking is saved.
+    let outcome = replicate_vm(&arguments, &vm, identity, trusted, replica);
+    let closed = Arc::into_inner(vm)
+        .ok_or("the disks are still in use")?
+        .close();
+    outcome?;
+    closed?;
+    eprintln!("blockrep: stopped; tracking saved");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Serves the disks over NBD and replicates them until a signal or a final failure.
+fn replicate_vm(
+    arguments: &ProtectArguments,
+    vm: &Arc<ProtectedVm>,
+    identity: Identity,
+    trusted: blockrep::net::Certificate,
+    replica: SocketAddr,
+) -> Result<(), Box<dyn std::error::Error>> {
     let nbd = match &arguments.nbd {
         Some(address) => {
             let exports: Vec<(String, Arc<dyn ExportedDisk>)> = vm
@@ -288,7 +307,7 @@ pub fn protect(arguments: ProtectArguments) -> Outcome {
         .then(|| show_progress(Arc::clone(&report)));
     let outcome = runtime()?.block_on(async {
         let stopped = stop_on_signals()?;
-        Ok::<_, std::io::Error>(run_primary(Arc::clone(&vm), options, report, stopped).await)
+        Ok::<_, std::io::Error>(run_primary(Arc::clone(vm), options, report, stopped).await)
     })?;
     if let Some((bar, stop)) = progress {
         let _ = stop.send(());
@@ -298,11 +317,7 @@ pub fn protect(arguments: ProtectArguments) -> Outcome {
     if let Some(server) = nbd {
         server.shutdown()?;
     }
-    let vm = Arc::into_inner(vm).ok_or("the disks are still in use")?;
-    vm.close()?;
-    outcome?;
-    eprintln!("blockrep: stopped; tracking saved");
-    Ok(ExitCode::SUCCESS)
+    Ok(outcome?)
 }
 
 /// A progress bar for initial replication, on a terminal.

@@ -9,6 +9,10 @@ mod server;
 mod tls;
 
 pub use frame::{read_frame, write_message};
+
+/// A peer's certificate (DER), as pinned or allowed.
+pub type Certificate = rustls::pki_types::CertificateDer<'static>;
+
 pub use identity::{Identity, fingerprint, load_certificate};
 pub use primary::{PrimaryOptions, PrimaryReport, SharedReport, run_primary};
 pub use server::{ReplicaReport, ReplicaServer};
