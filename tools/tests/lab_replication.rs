@@ -1,0 +1,870 @@
+//! `blockrep serve` and `blockrep protect` as real processes, on two lab hosts made of network
+//! namespaces joined by a veth pair (shaped with tbf where bandwidth matters), and on loopback:
+//! writes made by qemu-io over NBD reach the replica byte for byte, a cycle sends about what
+//! changed, a link cut in the middle of a delta resumes from what the replica holds, an unknown
+//! primary is refused for good, and a replica server killed in the middle of an apply recovers.
+//!
+//! The namespace tests need root and `ip`/`tc` (iproute2); where they cannot run they print
+//! `SKIPPED <test>: <why>` and return. Every test needs qemu-img and qemu-io (qemu-utils): where
+//! they are missing, it skips, except under CI, where that is a failure. Every process a test
+//! starts is killed and waited for, and every namespace deleted, also when the test fails.
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+/// How long any one thing may take before the test gives up.
+const WAIT: Duration = Duration::from_secs(60);
+const BLOCKREP: &str = env!("CARGO_BIN_EXE_blockrep");
+
+fn text(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Runs a command to completion; panics with its output unless it succeeds.
+fn run_ok(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("run {command:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// True when qemu-img and qemu-io are installed; otherwise says why the test skips (and fails
+/// under CI, where the test script installs them).
+fn have_qemu(test: &str) -> bool {
+    let present = ["qemu-img", "qemu-io"].iter().all(|tool| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|output| output.status.success())
+    });
+    if !present {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: qemu-img/qemu-io missing under CI"
+        );
+        eprintln!(
+            "SKIPPED {test}: qemu-img or qemu-io is not installed (apt-get install qemu-utils)"
+        );
+    }
+    present
+}
+
+/// Random bytes (xorshift): they do not compress.
+fn random_bytes(length: u64, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut bytes = Vec::with_capacity(length as usize + 8);
+    while (bytes.len() as u64) < length {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes.truncate(length as usize);
+    bytes
+}
+
+/// Waits until `check` gives a value, polling; panics after `timeout` with `context()`.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A `blockrep serve` or `blockrep protect` process, its stderr going to a file. Dropping it
+/// kills the process (SIGKILL) and waits for it, unless it has already been waited for.
+struct Daemon {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Daemon {
+    fn spawn(name: &str, mut command: Command, log: PathBuf) -> Daemon {
+        let stderr = std::fs::File::create(&log).unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {name} ({command:?}): {error}"));
+        Daemon {
+            name: name.to_owned(),
+            child,
+            log,
+            exited: None,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of the log, for failure messages.
+    fn tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let start = lines.len().saturating_sub(40);
+        format!(
+            "--- {} (pid {}) stderr, last lines:\n{}\n",
+            self.name,
+            self.child.id(),
+            lines[start..].join("\n")
+        )
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if self.exited.is_none() {
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child,
+            // not yet waited for, so it cannot have been reused.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, signal);
+            }
+        }
+    }
+
+    /// The exit status, if the process has exited.
+    fn poll(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().unwrap();
+        }
+        self.exited
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let name = self.name.clone();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.poll() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not exit within {timeout:?}\n{}",
+                self.tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the daemon with SIGINT, as an operator would, and expects exit status 0.
+    fn stop(&mut self) {
+        self.signal(libc::SIGINT);
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGINT\n{}",
+            self.name,
+            self.tail()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Two lab hosts: network namespaces A (the replica's) and B (the primary's) joined by a veth
+/// pair, 10.231.N.1/30 in A and 10.231.N.2/30 in B. Dropping it deletes both namespaces, which
+/// deletes the veth pair with them.
+struct Lab {
+    a: String,
+    b: String,
+    veth_b: String,
+    address_a: String,
+}
+
+impl Lab {
+    /// Makes the lab, or says why the test skips and gives `None`.
+    fn create(test: &str, subnet: u8) -> Option<Lab> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED {test}: network namespaces need root");
+            return None;
+        }
+        let pid = std::process::id();
+        let a = format!("blockrep-{pid}-{subnet}-a");
+        let b = format!("blockrep-{pid}-{subnet}-b");
+        // Interface names hold at most 15 bytes: "br" + pid (at most 7 digits) + "x" + N + side.
+        let veth_a = format!("br{pid}x{subnet}a");
+        let veth_b = format!("br{pid}x{subnet}b");
+        match Command::new("ip").args(["netns", "add", &a]).output() {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => {
+                eprintln!(
+                    "SKIPPED {test}: `ip netns add` failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+                return None;
+            }
+            Err(error) => {
+                eprintln!("SKIPPED {test}: cannot run `ip` ({error}; apt-get install iproute2)");
+                return None;
+            }
+        }
+        let lab = Lab {
+            a,
+            b,
+            veth_b,
+            address_a: format!("10.231.{subnet}.1"),
+        };
+        let address_b = format!("10.231.{subnet}.2");
+        run_ok(Command::new("ip").args(["netns", "add", &lab.b]));
+        run_ok(Command::new("ip").args([
+            "link",
+            "add",
+            &veth_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &lab.veth_b,
+        ]));
+        run_ok(Command::new("ip").args(["link", "set", &veth_a, "netns", &lab.a]));
+        run_ok(Command::new("ip").args(["link", "set", &lab.veth_b, "netns", &lab.b]));
+        for (namespace, device, address) in [
+            (&lab.a, &veth_a, &lab.address_a),
+            (&lab.b, &lab.veth_b, &address_b),
+        ] {
+            run_ok(Command::new("ip").args([
+                "-n",
+                namespace,
+                "addr",
+                "add",
+                &format!("{address}/30"),
+                "dev",
+                device,
+            ]));
+            run_ok(Command::new("ip").args(["-n", namespace, "link", "set", "lo", "up"]));
+            run_ok(Command::new("ip").args(["-n", namespace, "link", "set", device, "up"]));
+        }
+        Some(lab)
+    }
+
+    /// A command run inside namespace `namespace`.
+    fn exec(namespace: &str, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", namespace, program]);
+        command
+    }
+
+    /// Limits what B sends to A: a token bucket at `rate`.
+    fn shape(&self, rate: &str) {
+        // tc lives in /usr/sbin, which is not on every PATH.
+        let tc = ["/usr/sbin/tc", "/sbin/tc"]
+            .into_iter()
+            .find(|path| Path::new(path).exists())
+            .unwrap_or("tc");
+        run_ok(Lab::exec(&self.b, tc).args([
+            "qdisc",
+            "add",
+            "dev",
+            &self.veth_b,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "256kbit",
+            "latency",
+            "50ms",
+        ]));
+    }
+
+    /// Bytes B has sent on its veth.
+    fn tx_bytes(&self) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/tx_bytes", self.veth_b);
+        run_ok(Lab::exec(&self.b, "cat").arg(path))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn set_link(&self, up: bool) {
+        run_ok(Command::new("ip").args([
+            "-n",
+            &self.b,
+            "link",
+            "set",
+            &self.veth_b,
+            if up { "up" } else { "down" },
+        ]));
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for namespace in [&self.a, &self.b] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", namespace])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// One test's files: identities, the primary's disk, the replica's store, the run directory
+/// for status sockets, and the NBD socket.
+struct Site {
+    directory: tempfile::TempDir,
+}
+
+impl Site {
+    /// Makes the replica's and the primary's identities and the primary's disk.
+    fn new(disk_size: &str) -> Site {
+        let site = Site {
+            directory: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir(site.run_directory()).unwrap();
+        for (name, directory) in [("replica", "rid"), ("primary", "pid"), ("stranger", "sid")] {
+            let out = site.path(directory);
+            run_ok(site.blockrep().args([
+                "identity",
+                "create",
+                "--name",
+                name,
+                "--out",
+                text(&out),
+            ]));
+        }
+        let disk = site.disk();
+        run_ok(
+            site.blockrep()
+                .args(["image", "create", text(&disk), "--size", disk_size]),
+        );
+        site
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.directory.path().join(name)
+    }
+
+    fn run_directory(&self) -> PathBuf {
+        self.path("run")
+    }
+
+    fn disk(&self) -> PathBuf {
+        self.path("disk.vhdx")
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    fn replica_disk(&self) -> PathBuf {
+        self.store().join("vm1").join("disk-0.vhdx")
+    }
+
+    /// Kept out of the run directory, where `blockrep status` would take it for a daemon's.
+    fn nbd_socket(&self) -> PathBuf {
+        self.path("nbd.sock")
+    }
+
+    /// Sets what every blockrep process of the test shares.
+    fn environment(&self, command: &mut Command) {
+        command
+            .env("BLOCKREP_RUN_DIR", self.run_directory())
+            .env("BLOCKREP_LOG", "info")
+            .env_remove("BLOCKREP_CRASH_POINT");
+    }
+
+    /// `blockrep` on this host (the root network namespace).
+    fn blockrep(&self) -> Command {
+        let mut command = Command::new(BLOCKREP);
+        self.environment(&mut command);
+        command
+    }
+
+    /// `blockrep serve`, in `namespace` when given, listening on `listen` (port 0 picks one).
+    fn serve(
+        &self,
+        namespace: Option<&str>,
+        listen: &str,
+        log: &str,
+        crash_point: Option<&str>,
+    ) -> (Daemon, String) {
+        let mut command = match namespace {
+            Some(namespace) => Lab::exec(namespace, BLOCKREP),
+            None => Command::new(BLOCKREP),
+        };
+        self.environment(&mut command);
+        if let Some(point) = crash_point {
+            command.env("BLOCKREP_CRASH_POINT", point);
+        }
+        command.args([
+            "serve",
+            "--listen",
+            listen,
+            "--store",
+            text(&self.store()),
+            "--identity",
+            text(&self.path("rid")),
+            "--allow",
+            text(&self.path("pid").join("identity.crt")),
+        ]);
+        let mut daemon = Daemon::spawn("blockrep serve", command, self.path(log));
+        // "blockrep: serving replicas in STORE on ADDRESS"
+        let address = wait_for(
+            "the replica server to listen",
+            WAIT,
+            || daemon.tail(),
+            || {
+                let log = daemon.log();
+                assert!(!log.contains("blockrep: error"), "{}", daemon.tail());
+                let line = log
+                    .lines()
+                    .find(|line| line.contains("serving replicas in"))?;
+                Some(line.rsplit(" on ").next()?.trim().to_owned())
+            },
+        );
+        assert!(daemon.poll().is_none(), "{}", daemon.tail());
+        (daemon, address)
+    }
+
+    /// `blockrep protect` of vm1 at `--frequency 1s`, its disk served over NBD.
+    fn protect(&self, namespace: Option<&str>, replica: &str, identity: &str) -> Daemon {
+        let mut command = match namespace {
+            Some(namespace) => Lab::exec(namespace, BLOCKREP),
+            None => Command::new(BLOCKREP),
+        };
+        self.environment(&mut command);
+        command.args([
+            "protect",
+            "--name",
+            "vm1",
+            "--disk",
+            text(&self.disk()),
+            "--replica",
+            replica,
+            "--identity",
+            text(&self.path(identity)),
+            "--trust",
+            text(&self.path("rid").join("identity.crt")),
+            "--frequency",
+            "1s",
+            "--nbd",
+            &format!("unix:{}", text(&self.nbd_socket())),
+        ]);
+        Daemon::spawn("blockrep protect", command, self.path("protect.log"))
+    }
+
+    /// The primary's answer in `blockrep status --json`, if a primary answers.
+    fn primary_status(&self) -> Option<serde_json::Value> {
+        let output = self.blockrep().args(["status", "--json"]).output().ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        let answers: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        answers
+            .as_array()?
+            .iter()
+            .find(|answer| answer["role"] == "primary")
+            .and_then(|answer| answer["vms"].get(0).cloned())
+    }
+
+    /// Waits until the primary's status satisfies `done`; gives that status.
+    fn wait_for_primary(
+        &self,
+        what: &str,
+        daemons: &[&Daemon],
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_for(
+            what,
+            WAIT,
+            || {
+                let mut context = format!("primary status: {:?}\n", self.primary_status());
+                for daemon in daemons {
+                    context += &daemon.tail();
+                }
+                context
+            },
+            || {
+                // A daemon that stopped with an error will not make progress: fail now.
+                for daemon in daemons {
+                    assert!(
+                        !daemon.log().contains("blockrep: error"),
+                        "{} stopped while waiting for {what}\n{}",
+                        daemon.name,
+                        daemon.tail()
+                    );
+                }
+                self.primary_status().filter(|status| done(status))
+            },
+        )
+    }
+
+    /// Waits until everything written before the call is applied on the replica: a delta cut
+    /// after the replica's current state was reported is applied, and nothing is pending.
+    /// Gives the applied sequence.
+    fn wait_until_replicated(&self, daemons: &[&Daemon]) -> u64 {
+        let now = self.wait_for_primary("the primary's status", daemons, |_| true);
+        let target = sequence(&now) + 2;
+        let done = self.wait_for_primary(
+            &format!("delta {target} applied and nothing pending"),
+            daemons,
+            |status| sequence(status) >= target && status["pending_bytes"] == 0,
+        );
+        sequence(&done)
+    }
+
+    /// Runs qemu-io commands on the primary's disk, through the NBD export.
+    fn nbd_io(&self, commands: &[&str]) {
+        let mut command = Command::new("qemu-io");
+        command.args([
+            "-f",
+            "raw",
+            &format!("nbd+unix:///?socket={}", text(&self.nbd_socket())),
+        ]);
+        for each in commands {
+            command.args(["-c", each]);
+        }
+        let output = run_ok(&mut command);
+        assert!(
+            !output.contains("failed") && !output.contains("error"),
+            "qemu-io {commands:?}: {output}"
+        );
+    }
+
+    /// Writes a file of random bytes for `write -s`.
+    fn random_file(&self, name: &str, length: u64, seed: u64) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, random_bytes(length, seed)).unwrap();
+        path
+    }
+
+    /// Asserts that qemu reads the replica's disk exactly as the primary's, and that
+    /// `qemu-img check` finds nothing wrong with the replica.
+    fn assert_replica_equals_primary(&self) {
+        let replica = self.replica_disk();
+        run_ok(Command::new("qemu-img").args(["check", text(&replica)]));
+        let primary_raw = self.path("primary.raw");
+        let replica_raw = self.path("replica.raw");
+        for (image, raw) in [(self.disk(), &primary_raw), (replica, &replica_raw)] {
+            let _ = std::fs::remove_file(raw);
+            run_ok(Command::new("qemu-img").args([
+                "convert",
+                "-O",
+                "raw",
+                text(&image),
+                text(raw),
+            ]));
+        }
+        assert_same_bytes(&primary_raw, &replica_raw);
+    }
+}
+
+fn sequence(status: &serde_json::Value) -> u64 {
+    status["applied_sequence"].as_u64().unwrap_or(0)
+}
+
+/// Compares two files a MiB at a time; on a difference, says which MiBs differ.
+fn assert_same_bytes(primary: &Path, replica: &Path) {
+    let (mut left, mut right) = (
+        std::fs::File::open(primary).unwrap(),
+        std::fs::File::open(replica).unwrap(),
+    );
+    let (left_size, right_size) = (
+        left.metadata().unwrap().len(),
+        right.metadata().unwrap().len(),
+    );
+    assert_eq!(left_size, right_size, "the replica's size differs");
+    let mut differing = Vec::new();
+    let (mut a, mut b) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
+    let mut offset = 0;
+    while offset < left_size {
+        let length = MIB.min(left_size - offset) as usize;
+        left.read_exact(&mut a[..length]).unwrap();
+        right.read_exact(&mut b[..length]).unwrap();
+        if a[..length] != b[..length] {
+            differing.push(offset / MIB);
+        }
+        offset += length as u64;
+    }
+    assert!(
+        differing.is_empty(),
+        "the replica differs from the primary in MiB {differing:?}"
+    );
+}
+
+/// The `chunks=N` of the primary's "resuming" log lines.
+fn resumed_chunks(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|line| line.contains("resuming: the replica already holds"))
+        .filter_map(|line| {
+            let value = line.split("chunks=").nth(1)?;
+            let digits: String = value.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_primary_and_a_replica_on_two_lab_hosts_end_with_the_same_bytes() {
+    let test = "a_primary_and_a_replica_on_two_lab_hosts_end_with_the_same_bytes";
+    if !have_qemu(test) {
+        return;
+    }
+    let Some(lab) = Lab::create(test, 1) else {
+        return;
+    };
+    let site = Site::new("64M");
+    let (mut serve, address) = site.serve(
+        Some(&lab.a),
+        &format!("{}:4433", lab.address_a),
+        "serve.log",
+        None,
+    );
+    let mut protect = site.protect(Some(&lab.b), &address, "pid");
+    site.wait_for_primary("initial replication", &[&protect, &serve], |status| {
+        sequence(status) >= 1 && status["pending_bytes"] == 0
+    });
+    let random = site.random_file("random.bin", 2 * MIB, 1);
+    let random_write = format!("write -s {} 40M 2M", text(&random));
+    let rounds: [&[&str]; 3] = [
+        &["write -P 0x11 0 4M", "write -P 0x22 20M 3M", &random_write],
+        &["write -z 1M 2M", "write -P 0x33 60M 1M", "discard 20M 1M"],
+        &[
+            "write -P 0x44 2M 512k",
+            "write -P 0x55 41M 4k",
+            "write -z 63M 1M",
+            "discard 21M 1M",
+        ],
+    ];
+    for round in rounds {
+        site.nbd_io(round);
+        site.wait_until_replicated(&[&protect, &serve]);
+    }
+    protect.stop();
+    assert!(
+        protect.log().contains("applied on the replica"),
+        "{}",
+        protect.tail()
+    );
+    serve.stop();
+    site.assert_replica_equals_primary();
+}
+
+#[test]
+fn a_cycle_on_a_shaped_link_sends_about_what_changed_not_the_whole_disk() {
+    let test = "a_cycle_on_a_shaped_link_sends_about_what_changed_not_the_whole_disk";
+    if !have_qemu(test) {
+        return;
+    }
+    let Some(lab) = Lab::create(test, 2) else {
+        return;
+    };
+    lab.shape("100mbit");
+    let site = Site::new("256M");
+    let (mut serve, address) = site.serve(
+        Some(&lab.a),
+        &format!("{}:4433", lab.address_a),
+        "serve.log",
+        None,
+    );
+    let mut protect = site.protect(Some(&lab.b), &address, "pid");
+    site.wait_for_primary("initial replication", &[&protect, &serve], |status| {
+        sequence(status) >= 1 && status["pending_bytes"] == 0
+    });
+    // A little data first, so the disk is mostly, not only, zeros.
+    site.nbd_io(&["write -P 0x5a 0 4M"]);
+    site.wait_until_replicated(&[&protect, &serve]);
+    let before = lab.tx_bytes();
+    let random = site.random_file("random.bin", MIB, 2);
+    site.nbd_io(&[&format!("write -s {} 100M 1M", text(&random))]);
+    site.wait_until_replicated(&[&protect, &serve]);
+    let sent = lab.tx_bytes() - before;
+    eprintln!("{test}: {sent} bytes on the wire for 1 MiB of random data on a 256 MiB disk");
+    assert!(
+        sent >= MIB,
+        "only {sent} bytes on the wire for 1 MiB of random data"
+    );
+    assert!(
+        sent < 8 * MIB,
+        "{sent} bytes on the wire for 1 MiB changed on a 256 MiB disk"
+    );
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}
+
+#[test]
+fn a_link_cut_in_the_middle_of_a_large_delta_resumes_from_what_the_replica_holds() {
+    let test = "a_link_cut_in_the_middle_of_a_large_delta_resumes_from_what_the_replica_holds";
+    if !have_qemu(test) {
+        return;
+    }
+    let Some(lab) = Lab::create(test, 3) else {
+        return;
+    };
+    lab.shape("100mbit");
+    let site = Site::new("128M");
+    let (mut serve, address) = site.serve(
+        Some(&lab.a),
+        &format!("{}:4433", lab.address_a),
+        "serve.log",
+        None,
+    );
+    let mut protect = site.protect(Some(&lab.b), &address, "pid");
+    site.wait_for_primary("initial replication", &[&protect, &serve], |status| {
+        sequence(status) >= 1 && status["pending_bytes"] == 0
+    });
+    // 64 MiB that do not compress: several seconds at 100 Mbit/s.
+    let random = site.random_file("random.bin", 64 * MIB, 3);
+    site.nbd_io(&[&format!("write -s {} 32M 64M", text(&random))]);
+    let partly = site.wait_for_primary(
+        "a large delta partly shipped",
+        &[&protect, &serve],
+        |status| {
+            let total = status["in_flight_bytes"].as_u64().unwrap_or(0);
+            let pending = status["pending_bytes"].as_u64().unwrap_or(0);
+            total >= 16 * MIB && pending >= 8 * MIB && total - pending >= 2 * MIB
+        },
+    );
+    lab.set_link(false);
+    // Longer than the QUIC idle timeout (10 s): the connection really drops.
+    std::thread::sleep(Duration::from_secs(12));
+    lab.set_link(true);
+    let chunks = wait_for(
+        "the primary to resume the delta in flight",
+        WAIT,
+        || format!("cut at {partly}\n{}{}", protect.tail(), serve.tail()),
+        || resumed_chunks(&protect.log()).into_iter().max(),
+    );
+    assert!(
+        chunks > 0,
+        "resumed with no chunks held by the replica\n{}",
+        protect.tail()
+    );
+    eprintln!(
+        "{test}: link cut with {} of {} bytes pending; resumed with {chunks} chunks already on the replica",
+        partly["pending_bytes"], partly["in_flight_bytes"]
+    );
+    site.wait_until_replicated(&[&protect, &serve]);
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}
+
+#[test]
+fn a_primary_with_an_unknown_certificate_is_refused_for_good() {
+    let site = Site::new("16M");
+    let (mut serve, address) = site.serve(None, "127.0.0.1:0", "serve.log", None);
+    // The server allows only "primary"; this one presents "stranger".
+    let mut protect = site.protect(None, &address, "sid");
+    let status = protect.wait_exit(Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "protect with an unknown certificate exited with {status}\n{}",
+        protect.tail()
+    );
+    assert!(
+        protect.log().contains("authentication refused"),
+        "protect's stderr does not say why it stopped\n{}",
+        protect.tail()
+    );
+    let vms: Vec<PathBuf> = std::fs::read_dir(site.store())
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir())
+        .collect();
+    assert!(vms.is_empty(), "the store holds {vms:?}");
+    assert!(serve.poll().is_none(), "{}", serve.tail());
+    serve.stop();
+}
+
+#[test]
+fn a_replica_server_killed_during_an_apply_recovers_and_ends_equal_to_the_primary() {
+    let test = "a_replica_server_killed_during_an_apply_recovers_and_ends_equal_to_the_primary";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let (mut crashing, address) = site.serve(
+        None,
+        "127.0.0.1:0",
+        "serve-crashing.log",
+        Some("replica-apply"),
+    );
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_for_primary("initial replication", &[&protect, &crashing], |status| {
+        sequence(status) >= 1 && status["pending_bytes"] == 0
+    });
+    // Several chunks in one changes delta: the server dies after applying the first.
+    let random = site.random_file("random.bin", 3 * MIB, 4);
+    site.nbd_io(&[
+        "write -P 0x61 0 1M",
+        "write -P 0x62 8M 2M",
+        &format!("write -s {} 30M 3M", text(&random)),
+        "write -z 8M 64k",
+    ]);
+    let written = sequence(&site.wait_for_primary("the primary's status", &[&protect], |_| true));
+    let status = crashing.wait_exit(WAIT);
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the server was to die by SIGKILL at the crash point, but: {status}\n{}",
+        crashing.tail()
+    );
+    assert!(
+        crashing.log().contains("BLOCKREP_CRASH_POINT"),
+        "{}",
+        crashing.tail()
+    );
+    // A disk between two deltas is still a sound VHDX.
+    run_ok(Command::new("qemu-img").args(["check", text(&site.replica_disk())]));
+    let crashed_at = sequence(&site.primary_status().unwrap_or_default());
+    let (mut serve, _) = site.serve(None, &address, "serve.log", None);
+    let target = written.max(crashed_at) + 2;
+    site.wait_for_primary(
+        "the primary to reconnect and catch up",
+        &[&protect, &serve],
+        |status| {
+            sequence(status) >= target
+                && status["pending_bytes"] == 0
+                && status["connected"] == true
+        },
+    );
+    assert!(
+        serve
+            .log()
+            .contains("redoing a commit interrupted by a crash"),
+        "{}",
+        serve.tail()
+    );
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}
