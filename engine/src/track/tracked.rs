@@ -21,7 +21,7 @@ use crate::image::BlockImage;
 use crate::io::Storage;
 use crate::{Error, Result};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 /// Tracking granularity unless a disk sets its own.
@@ -102,6 +102,9 @@ pub struct TrackedDisk<I: BlockImage> {
     unacknowledged: Mutex<Vec<(u64, DirtyBitmap)>>,
     /// The cut whose contents are being read, if one is.
     snapshot: RwLock<Option<Arc<Snapshot>>>,
+    /// Whether `snapshot` is set: lets writes skip its lock when no snapshot runs (nearly
+    /// always). Set under the generation lock, which every writer takes before reading it.
+    snapshot_active: AtomicBool,
 }
 
 fn unpoisoned<T>(result: std::sync::LockResult<T>) -> T {
@@ -175,6 +178,7 @@ impl<I: BlockImage> TrackedDisk<I> {
             journal,
             unacknowledged: Mutex::new(Vec::new()),
             snapshot: RwLock::new(None),
+            snapshot_active: AtomicBool::new(false),
         })
     }
 
@@ -272,6 +276,7 @@ impl<I: BlockImage> TrackedDisk<I> {
         if let Some(preservers) = preservers {
             for ((disk, generation), preserver) in disks.iter().zip(&frozen).zip(preservers) {
                 // Installed before any writer of the new generation can reach the image.
+                disk.snapshot_active.store(true, Ordering::Relaxed);
                 *unpoisoned(disk.snapshot.write()) = Some(Arc::new(Snapshot {
                     frozen: Arc::clone(generation),
                     taken: DirtyBitmap::new(generation.bitmap.blocks()),
@@ -324,6 +329,7 @@ impl<I: BlockImage> TrackedDisk<I> {
     /// in which case the delta read from it is not a consistent point.
     pub fn end_snapshot(&self) -> Result<()> {
         let snapshot = unpoisoned(self.snapshot.write()).take();
+        self.snapshot_active.store(false, Ordering::Relaxed);
         match snapshot.and_then(|snapshot| unpoisoned(snapshot.failure.lock()).take()) {
             Some(error) => Err(error),
             None => Ok(()),
@@ -406,6 +412,9 @@ impl<I: BlockImage> TrackedDisk<I> {
     /// Hands the old contents of snapshot blocks a write is about to change to the preserver.
     /// Called with the image locked for writing, so no snapshot read runs meanwhile.
     fn preserve_before_write(&self, image: &I, generation: u64, offset: u64, length: u64) {
+        if !self.snapshot_active.load(Ordering::Relaxed) {
+            return;
+        }
         let snapshot = unpoisoned(self.snapshot.read()).clone();
         let Some(snapshot) = snapshot else {
             return;
