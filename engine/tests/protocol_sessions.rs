@@ -442,3 +442,27 @@ fn a_delta_that_outlasts_the_interval_counts_missed_cycles_and_the_next_cut_foll
     assert!(world.cut.len() >= in_flight);
     world.check();
 }
+
+#[test]
+fn a_suspended_primary_cuts_nothing_and_resuming_cuts_at_once() {
+    let mut world = World::new(vec![1, 2, 3]);
+    world.run_actions();
+    world.settle();
+    let cut = world.cut.len();
+    world.primary.suspend(world.now, true);
+    assert_eq!(
+        world.primary.status(world.now).state,
+        ReplicationState::Suspended
+    );
+    let missed = world.primary.status(world.now).missed_cycles;
+    for _ in 0..5 {
+        world.step(Step::Wait);
+    }
+    assert_eq!(world.cut.len(), cut, "a suspended primary cut a delta");
+    assert_eq!(world.primary.status(world.now).missed_cycles, missed);
+    world.primary.suspend(world.now, false);
+    world.run_actions();
+    assert_eq!(world.cut.len(), cut + 1, "resuming did not cut at once");
+    world.settle();
+    world.check();
+}

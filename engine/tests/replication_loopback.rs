@@ -113,6 +113,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
         identity: primary_identity,
         streams: 3,
         max_rate: None,
+        suspended: None,
     };
     let primary = tokio::spawn(run_primary(
         Arc::clone(&vm),
@@ -196,6 +197,7 @@ async fn a_primary_the_replica_does_not_allow_is_refused_for_good_and_writes_not
         identity: stranger,
         streams: 2,
         max_rate: None,
+        suspended: None,
     };
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
@@ -243,6 +245,7 @@ async fn a_replica_whose_certificate_is_not_the_pinned_one_is_refused() {
         identity: primary_identity,
         streams: 1,
         max_rate: None,
+        suspended: None,
     };
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),

@@ -1,9 +1,10 @@
-//! The local control socket through which `blockrep status` asks running daemons how they are.
-//! Each `serve` and `protect` listens on a unix socket in the run directory; a client that
-//! connects reads one JSON document and the connection closes. The socket is removed when the
-//! daemon stops.
+//! The local control socket through which `blockrep status` asks running daemons how they are
+//! (and `blockrep suspend` / `resume` tell a primary to pause or go on). Each `serve` and
+//! `protect` listens on a unix socket in the run directory; a client sends one request line
+//! (`status`, `suspend`, `resume`), reads one JSON document, and the connection closes. The
+//! socket is removed when the daemon stops.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,10 +34,10 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    /// Listens at `path`, answering each connection with what `report` returns.
+    /// Listens at `path`, answering each request line with what `answer` returns for it.
     pub fn bind(
         path: &Path,
-        report: impl Fn() -> serde_json::Value + Send + 'static,
+        answer: impl Fn(&str) -> serde_json::Value + Send + 'static,
     ) -> std::io::Result<ControlSocket> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
@@ -59,7 +60,12 @@ impl ControlSocket {
                     match listener.accept() {
                         Ok((mut stream, _)) => {
                             let _ = stream.set_nonblocking(false);
-                            let mut text = report().to_string();
+                            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                            let mut request = String::new();
+                            if let Ok(reader) = stream.try_clone() {
+                                let _ = BufReader::new(reader).read_line(&mut request);
+                            }
+                            let mut text = answer(request.trim()).to_string();
                             text.push('\n');
                             let _ = stream.write_all(text.as_bytes());
                         }
@@ -108,12 +114,16 @@ pub fn query_all(directory: &Path) -> Vec<serde_json::Value> {
     paths.sort();
     paths
         .iter()
-        .filter_map(|path| {
-            let mut stream = UnixStream::connect(path).ok()?;
-            stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            let mut text = String::new();
-            stream.read_to_string(&mut text).ok()?;
-            serde_json::from_str(&text).ok()
-        })
+        .filter_map(|path| request(path, "status").ok())
         .collect()
+}
+
+/// Sends one request to the daemon at `path` and returns its answer.
+pub fn request(path: &Path, line: &str) -> std::io::Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    serde_json::from_str(&text).map_err(std::io::Error::other)
 }

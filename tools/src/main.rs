@@ -38,6 +38,16 @@ enum Command {
     /// Protect a VM: replicate its disks to a replica server, serving them over NBD so writes
     /// are tracked; runs until SIGINT or SIGTERM, then saves tracking and exits 0.
     Protect(replication_command::ProtectArguments),
+    /// Pause a running primary's replication: tracking goes on, nothing is sent until resume.
+    Suspend {
+        /// The VM's name, as given to `protect --name`.
+        vm: String,
+    },
+    /// Resume a suspended primary's replication, shipping what changed meanwhile at once.
+    Resume {
+        /// The VM's name, as given to `protect --name`.
+        vm: String,
+    },
     /// Show the state and health of the primaries and replica servers running here.
     Status {
         /// Print JSON instead of text.
@@ -76,6 +86,8 @@ fn main() -> ExitCode {
         Command::Serve(arguments) => replication_command::serve(arguments),
         Command::Protect(arguments) => replication_command::protect(arguments),
         Command::Status { json } => replication_command::status(json),
+        Command::Suspend { vm } => replication_command::suspend(&vm, true),
+        Command::Resume { vm } => replication_command::suspend(&vm, false),
     };
     match outcome {
         Ok(code) => code,

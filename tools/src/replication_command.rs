@@ -195,7 +195,7 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
         eprintln!("blockrep: serving replicas in {} on {address}", arguments.store.display());
         let control = {
             let server = Arc::clone(&server);
-            ControlSocket::bind(&run_directory().join(format!("serve-{}.sock", address.port())), move || {
+            ControlSocket::bind(&run_directory().join(format!("serve-{}.sock", address.port())), move |_| {
                 serde_json::json!({"role": "replica", "listen": address.to_string(), "vms": server.reports()})
             })?
         };
@@ -280,6 +280,7 @@ fn replicate_vm(
         needs_initial: vm.needs_initial(),
         seed: rand_seed(),
     };
+    let (suspend, suspended) = watch::channel(false);
     let options = PrimaryOptions {
         replica,
         identity,
@@ -287,13 +288,24 @@ fn replicate_vm(
         config,
         streams: usize::from(arguments.streams),
         max_rate: arguments.max_rate,
+        suspended: Some(suspended),
     };
     let report = SharedReport::default();
     let control = {
         let report = Arc::clone(&report);
+        let suspend = suspend.clone();
         ControlSocket::bind(
             &run_directory().join(format!("protect-{}.sock", arguments.name)),
-            move || {
+            move |request| {
+                match request {
+                    "suspend" => {
+                        let _ = suspend.send(true);
+                    }
+                    "resume" => {
+                        let _ = suspend.send(false);
+                    }
+                    _ => {}
+                }
                 let report = report
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -353,6 +365,22 @@ fn show_progress(report: SharedReport) -> (ProgressBar, std::sync::mpsc::Sender<
         }
     });
     (bar, stop)
+}
+
+/// `blockrep suspend VM` / `resume VM`: pause or go on with a running primary's replication.
+pub fn suspend(vm: &str, paused: bool) -> Outcome {
+    let path = run_directory().join(format!("protect-{vm}.sock"));
+    crate::control::request(&path, if paused { "suspend" } else { "resume" }).map_err(|error| {
+        format!(
+            "no running primary for {vm} answered at {} ({error})",
+            path.display()
+        )
+    })?;
+    println!(
+        "{vm}: replication {}",
+        if paused { "suspended" } else { "resumed" }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn status(json: bool) -> Outcome {

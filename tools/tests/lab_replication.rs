@@ -868,3 +868,34 @@ fn a_replica_server_killed_during_an_apply_recovers_and_ends_equal_to_the_primar
     serve.stop();
     site.assert_replica_equals_primary();
 }
+
+#[test]
+fn a_suspended_primary_ships_nothing_until_it_is_resumed() {
+    let test = "a_suspended_primary_ships_nothing_until_it_is_resumed";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("16M");
+    let (mut serve, address) = site.serve(None, "127.0.0.1:0", "serve.log", None);
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_until_replicated(&[&serve, &protect]);
+    run_ok(site.blockrep().args(["suspend", "vm1"]));
+    let paused = site.wait_for_primary("the suspended state", &[&serve, &protect], |status| {
+        status["state"] == "suspended"
+    });
+    site.nbd_io(&["write -P 0x5c 1M 2M"]);
+    // Three intervals pass: nothing is cut, nothing is missed.
+    std::thread::sleep(Duration::from_secs(3));
+    let still = site.primary_status().unwrap();
+    assert_eq!(
+        sequence(&still),
+        sequence(&paused),
+        "a suspended primary shipped a delta"
+    );
+    assert_eq!(still["missed_cycles"], paused["missed_cycles"]);
+    run_ok(site.blockrep().args(["resume", "vm1"]));
+    site.wait_until_replicated(&[&serve, &protect]);
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}

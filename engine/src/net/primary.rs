@@ -30,6 +30,8 @@ pub struct PrimaryOptions {
     pub streams: usize,
     /// Bytes per second on the wire at most.
     pub max_rate: Option<u64>,
+    /// True while the operator has replication paused.
+    pub suspended: Option<watch::Receiver<bool>>,
 }
 
 /// What the status socket reports for a primary.
@@ -147,6 +149,7 @@ pub async fn run_primary(
         }))
     });
     let mut outcome = Ok(());
+    let mut suspended = options.suspended.clone();
     'run: loop {
         while let Some(action) = primary.poll_action() {
             match action {
@@ -235,8 +238,21 @@ pub async fn run_primary(
                 None => std::future::pending().await,
             }
         };
+        let suspension = async {
+            match &mut suspended {
+                Some(receiver) => match receiver.changed().await {
+                    Ok(()) => Some(*receiver.borrow()),
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sleep => primary.handle_timeout(Instant::now()),
+            Some(paused) = suspension => {
+                tracing::info!(vm = %options.config.vm, paused, "replication {}", if paused { "suspended" } else { "resumed" });
+                primary.suspend(Instant::now(), paused);
+            }
             changed = stop.changed() => {
                 if changed.is_err() || *stop.borrow() {
                     break 'run;

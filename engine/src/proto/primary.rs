@@ -61,6 +61,8 @@ pub enum ReplicationState {
     InitialReplication,
     Replicating,
     ResynchronizationRequired,
+    /// Paused by the operator: tracking goes on, nothing is cut or sent.
+    Suspended,
     Stopped,
     Error,
 }
@@ -148,6 +150,7 @@ pub struct Primary {
     cuts: u64,
     failed: Option<String>,
     stopped: bool,
+    suspended: bool,
     actions: VecDeque<PrimaryAction>,
     cycles: CycleLog,
     delta_sizes: (u64, u64, u64),
@@ -174,6 +177,7 @@ impl Primary {
             cuts: 0,
             failed: None,
             stopped: false,
+            suspended: false,
             actions: VecDeque::new(),
             cycles: CycleLog::new(now),
             delta_sizes: (0, 0, 0),
@@ -214,7 +218,12 @@ impl Primary {
         if self.link == Link::Closed {
             return;
         }
-        if now >= self.next_cut_at {
+        if now >= self.next_cut_at && self.suspended {
+            // Paused: changes accumulate in tracking; no cycle is due, none is missed.
+            while self.next_cut_at <= now {
+                self.next_cut_at += self.config.frequency;
+            }
+        } else if now >= self.next_cut_at {
             if self.ready_to_cut() && self.applied.is_some() {
                 self.cut(now);
             } else if self.applied.is_some() || self.in_flight.is_some() {
@@ -401,6 +410,20 @@ impl Primary {
         }
     }
 
+    /// Pauses replication (no new cut; a delta in flight finishes) or resumes it, cutting at
+    /// once what accumulated meanwhile.
+    pub fn suspend(&mut self, now: Instant, suspended: bool) {
+        if self.suspended == suspended {
+            return;
+        }
+        self.suspended = suspended;
+        if !suspended {
+            self.cut_overdue = true;
+            self.cut(now);
+            self.next_cut_at = now + self.config.frequency;
+        }
+    }
+
     /// Ends replication cleanly: says goodbye if connected, and asks for nothing more.
     pub fn stop(&mut self) {
         if self.link == Link::Up || self.link == Link::Greeting {
@@ -420,6 +443,8 @@ impl Primary {
             } else {
                 ReplicationState::Error
             }
+        } else if self.suspended {
+            ReplicationState::Suspended
         } else if self.applied.unwrap_or(0) == 0
             || self.needs_initial
             || self.in_flight_kind() == Some(DeltaKind::Initial)
@@ -478,7 +503,10 @@ impl Primary {
     }
 
     fn ready_to_cut(&self) -> bool {
-        self.link == Link::Up && self.in_flight.is_none() && self.cutting.is_none()
+        self.link == Link::Up
+            && self.in_flight.is_none()
+            && self.cutting.is_none()
+            && !self.suspended
     }
 
     fn cut(&mut self, now: Instant) {
