@@ -261,3 +261,110 @@ async fn a_replica_whose_certificate_is_not_the_pinned_one_is_refused() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
+    let directory = tempfile::tempdir().unwrap();
+    let replica_identity =
+        Identity::create("replica", &directory.path().join("replica-id")).unwrap();
+    let first_identity = Identity::create("site-a", &directory.path().join("a-id")).unwrap();
+    let second_identity = Identity::create("site-c", &directory.path().join("c-id")).unwrap();
+    let store =
+        ReplicaStore::open(&directory.path().join("store"), StorageOptions::default()).unwrap();
+    let server = ReplicaServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        store,
+        &replica_identity,
+        vec![
+            first_identity.certificate.clone(),
+            second_identity.certificate.clone(),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut running = Vec::new();
+    for (vm_name, identity, disks) in [("web", first_identity, 2usize), ("db", second_identity, 1)]
+    {
+        let paths: Vec<_> = (0..disks)
+            .map(|index| {
+                let path = directory.path().join(format!("{vm_name}-{index}.raw"));
+                std::fs::write(
+                    &path,
+                    pattern(index as u64 + vm_name.len() as u64, 4 * MIB as usize),
+                )
+                .unwrap();
+                path
+            })
+            .collect();
+        let vm = Arc::new(
+            ProtectedVm::open(&paths, StorageOptions::default(), Compression::Lz4).unwrap(),
+        );
+        let report = SharedReport::default();
+        let (stop, stopped) = watch::channel(false);
+        let mut config = config(&vm, Duration::from_millis(200));
+        config.vm = vm_name.into();
+        let options = PrimaryOptions {
+            replica: server.address(),
+            trusted: replica_identity.certificate.clone(),
+            config,
+            identity,
+            streams: 2,
+            max_rate: None,
+            suspended: None,
+        };
+        let task = tokio::spawn(run_primary(
+            Arc::clone(&vm),
+            options,
+            report.clone(),
+            stopped,
+        ));
+        running.push((vm_name, vm, report, stop, task));
+    }
+    for (_, vm, report, _, _) in &running {
+        wait_for(report, "initial replication", |entry| {
+            entry.status.applied_sequence >= 1
+        })
+        .await;
+        // A write to each disk in the same instant's cut.
+        for (index, disk) in vm.disks().iter().enumerate() {
+            let disk = Arc::clone(disk);
+            tokio::task::spawn_blocking(move || {
+                disk.write_at(&pattern(50 + index as u64, 100_000), MIB + 777)
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+        }
+        let target = report
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .status
+            .applied_sequence
+            + 2;
+        wait_for(report, "the writes", |entry| {
+            entry.status.applied_sequence >= target
+        })
+        .await;
+    }
+    for (vm_name, vm, _, stop, task) in running {
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        for (index, disk) in vm.disks().iter().enumerate() {
+            let mut source = vec![0u8; 4 * MIB as usize];
+            disk.read_at(&mut source, 0).unwrap();
+            let replica = read_replica(
+                &directory
+                    .path()
+                    .join(format!("store/{vm_name}/disk-{index}.vhdx")),
+            );
+            assert!(
+                replica == source,
+                "{vm_name} disk {index} differs from its replica"
+            );
+        }
+        Arc::try_unwrap(vm).unwrap().close().unwrap();
+    }
+    server.shutdown().await;
+}
