@@ -1,6 +1,8 @@
 //! A primary and a replica server in one process over QUIC on loopback: initial replication,
 //! delta cycles while writes go on, pinned identities, and a replica equal to the primary.
 
+mod common;
+
 use blockrep::delta::Compression;
 use blockrep::image::{Access, BlockImage, VhdxImage};
 use blockrep::io::{FileStorage, StorageOptions};
@@ -8,24 +10,13 @@ use blockrep::net::{Identity, PrimaryOptions, ReplicaServer, SharedReport, run_p
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::PrimaryConfig;
 use blockrep::replica::ReplicaStore;
+use common::pattern;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 const MIB: u64 = 1 << 20;
-
-fn pattern(seed: u64, length: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..length)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
 
 fn config(vm: &ProtectedVm, frequency: Duration) -> PrimaryConfig {
     PrimaryConfig {
@@ -167,21 +158,24 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
     vm.close().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_primary_the_replica_does_not_allow_is_refused_for_good_and_writes_nothing() {
-    let directory = tempfile::tempdir().unwrap();
-    let disk_path = directory.path().join("disk.raw");
+/// Runs a primary presenting `presented` to a server with identity `server_identity` that
+/// allows only `allowed`, the primary trusting `trusted`; returns the primary's error and
+/// whether the store stayed empty.
+async fn refused(
+    directory: &Path,
+    server_identity: &Identity,
+    allowed: &Identity,
+    presented: Identity,
+    trusted: &Identity,
+) -> (String, bool) {
+    let disk_path = directory.join("disk.raw");
     std::fs::write(&disk_path, vec![1u8; MIB as usize]).unwrap();
-    let replica_identity =
-        Identity::create("replica", &directory.path().join("replica-id")).unwrap();
-    let allowed = Identity::create("allowed", &directory.path().join("allowed-id")).unwrap();
-    let stranger = Identity::create("stranger", &directory.path().join("stranger-id")).unwrap();
-    let store_path = directory.path().join("store");
+    let store_path = directory.join("store");
     let store = ReplicaStore::open(&store_path, StorageOptions::default()).unwrap();
     let server = ReplicaServer::start(
         "127.0.0.1:0".parse().unwrap(),
         store,
-        &replica_identity,
+        server_identity,
         vec![allowed.certificate.clone()],
     )
     .await
@@ -192,9 +186,9 @@ async fn a_primary_the_replica_does_not_allow_is_refused_for_good_and_writes_not
     let (_stop, stopped) = watch::channel(false);
     let options = PrimaryOptions {
         replica: server.address(),
-        trusted: replica_identity.certificate.clone(),
+        trusted: trusted.certificate.clone(),
         config: config(&vm, Duration::from_secs(1)),
-        identity: stranger,
+        identity: presented,
         streams: 2,
         max_rate: None,
         suspended: None,
@@ -205,61 +199,44 @@ async fn a_primary_the_replica_does_not_allow_is_refused_for_good_and_writes_not
     )
     .await
     .expect("a refused primary must stop, not retry forever");
-    let error = outcome.unwrap_err().to_string();
-    assert!(error.contains("authentication refused"), "{error}");
     server.shutdown().await;
-    assert!(
-        std::fs::read_dir(&store_path).unwrap().next().is_none(),
-        "the store was written"
-    );
+    let untouched = std::fs::read_dir(&store_path).unwrap().next().is_none();
+    (outcome.unwrap_err().to_string(), untouched)
+}
+
+fn identity(directory: &Path, name: &str) -> Identity {
+    Identity::create(name, &directory.join(name)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_the_replica_does_not_allow_is_refused_for_good_and_writes_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let replica = identity(directory.path(), "replica");
+    let allowed = identity(directory.path(), "allowed");
+    let stranger = identity(directory.path(), "stranger");
+    let (error, untouched) =
+        refused(directory.path(), &replica, &allowed, stranger, &replica).await;
+    assert!(error.contains("authentication refused"), "{error}");
+    assert!(untouched, "the store was written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_certificate_is_not_the_pinned_one_is_refused() {
     let directory = tempfile::tempdir().unwrap();
-    let disk_path = directory.path().join("disk.raw");
-    std::fs::write(&disk_path, vec![1u8; MIB as usize]).unwrap();
-    let replica_identity =
-        Identity::create("replica", &directory.path().join("replica-id")).unwrap();
-    let impostor = Identity::create("impostor", &directory.path().join("impostor-id")).unwrap();
-    let primary_identity =
-        Identity::create("primary", &directory.path().join("primary-id")).unwrap();
-    let store =
-        ReplicaStore::open(&directory.path().join("store"), StorageOptions::default()).unwrap();
-    let server = ReplicaServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        store,
+    let replica = identity(directory.path(), "replica");
+    let impostor = identity(directory.path(), "impostor");
+    let primary = identity(directory.path(), "primary");
+    let primary_certificate = Identity::load(&directory.path().join("primary")).unwrap();
+    let (error, untouched) = refused(
+        directory.path(),
         &impostor,
-        vec![primary_identity.certificate.clone()],
+        &primary_certificate,
+        primary,
+        &replica,
     )
-    .await
-    .unwrap();
-    let vm = Arc::new(
-        ProtectedVm::open(&[disk_path], StorageOptions::default(), Compression::Off).unwrap(),
-    );
-    let (_stop, stopped) = watch::channel(false);
-    let options = PrimaryOptions {
-        replica: server.address(),
-        trusted: replica_identity.certificate.clone(),
-        config: config(&vm, Duration::from_secs(1)),
-        identity: primary_identity,
-        streams: 1,
-        max_rate: None,
-        suspended: None,
-    };
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(30),
-        run_primary(vm, options, SharedReport::default(), stopped),
-    )
-    .await
-    .expect("must stop");
-    assert!(
-        outcome
-            .unwrap_err()
-            .to_string()
-            .contains("authentication refused")
-    );
-    server.shutdown().await;
+    .await;
+    assert!(error.contains("authentication refused"), "{error}");
+    assert!(untouched, "the store was written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

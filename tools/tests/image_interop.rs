@@ -4,7 +4,10 @@
 //! The qemu tools come from Debian's qemu-utils (the test script installs them). Where they are
 //! missing, each test says so and skips, except under CI, where a missing tool is a failure.
 
+mod common;
+
 use blockrep::image::vhdx::{Header, PayloadState};
+use common::have_qemu;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -40,27 +43,6 @@ fn blockrep_ok(arguments: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// True when qemu-img and qemu-io are installed; otherwise says why the test skips (and fails
-/// under CI, where the test script installs them).
-fn have_qemu(test: &str) -> bool {
-    let present = ["qemu-img", "qemu-io"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|output| output.status.success())
-    });
-    if !present {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: qemu-img/qemu-io missing under CI"
-        );
-        eprintln!(
-            "SKIPPED {test}: qemu-img or qemu-io is not installed (apt-get install qemu-utils)"
-        );
-    }
-    present
 }
 
 fn path(directory: &Path, name: &str) -> PathBuf {

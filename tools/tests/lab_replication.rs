@@ -9,6 +9,9 @@
 //! they are missing, it skips, except under CI, where that is a failure. Every process a test
 //! starts is killed and waited for, and every namespace deleted, also when the test fails.
 
+mod common;
+
+use common::have_qemu;
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -37,27 +40,6 @@ fn run_ok(command: &mut Command) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// True when qemu-img and qemu-io are installed; otherwise says why the test skips (and fails
-/// under CI, where the test script installs them).
-fn have_qemu(test: &str) -> bool {
-    let present = ["qemu-img", "qemu-io"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|output| output.status.success())
-    });
-    if !present {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: qemu-img/qemu-io missing under CI"
-        );
-        eprintln!(
-            "SKIPPED {test}: qemu-img or qemu-io is not installed (apt-get install qemu-utils)"
-        );
-    }
-    present
 }
 
 /// Random bytes (xorshift): they do not compress.

@@ -67,25 +67,7 @@ impl ReplicaServer {
     ) -> Result<ReplicaServer> {
         let vms: Vms = Arc::default();
         for vm in store.vms()? {
-            let opened = {
-                let store = store.clone();
-                let vm = vm.clone();
-                tokio::task::spawn_blocking(move || store.open_vm(&vm))
-                    .await
-                    .map_err(|error| Error::Replication {
-                        peer: "store".into(),
-                        problem: error.to_string(),
-                    })??
-            };
-            let machine = Replica::new(&vm, opened.record());
-            lock(&vms).insert(
-                vm,
-                Arc::new(Mutex::new(VmSlot {
-                    machine,
-                    replica: opened,
-                    connections: HashMap::new(),
-                })),
-            );
+            open_slot(&store, &vms, &vm).await?;
         }
         let allowed_count = allowed.len();
         let endpoint = quinn::Endpoint::server(server_config(identity, allowed)?, listen).map_err(
