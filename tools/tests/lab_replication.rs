@@ -612,26 +612,42 @@ fn resumed_chunks(log: &str) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn a_primary_and_a_replica_on_two_lab_hosts_end_with_the_same_bytes() {
-    let test = "a_primary_and_a_replica_on_two_lab_hosts_end_with_the_same_bytes";
+/// Two lab hosts for `test`: a replica server in namespace A and a primary of a `disk_size`
+/// disk in B, over a veth pair shaped to `rate` when given, with initial replication done.
+/// `None` (after saying why) when the test must skip.
+fn lab_hosts(
+    test: &str,
+    subnet: u8,
+    disk_size: &str,
+    rate: Option<&str>,
+) -> Option<(Lab, Site, Daemon, Daemon)> {
     if !have_qemu(test) {
-        return;
+        return None;
     }
-    let Some(lab) = Lab::create(test, 1) else {
-        return;
-    };
-    let site = Site::new("64M");
-    let (mut serve, address) = site.serve(
+    let lab = Lab::create(test, subnet)?;
+    if let Some(rate) = rate {
+        lab.shape(rate);
+    }
+    let site = Site::new(disk_size);
+    let (serve, address) = site.serve(
         Some(&lab.a),
         &format!("{}:4433", lab.address_a),
         "serve.log",
         None,
     );
-    let mut protect = site.protect(Some(&lab.b), &address, "pid");
+    let protect = site.protect(Some(&lab.b), &address, "pid");
     site.wait_for_primary("initial replication", &[&protect, &serve], |status| {
         sequence(status) >= 1 && status["pending_bytes"] == 0
     });
+    Some((lab, site, serve, protect))
+}
+
+#[test]
+fn a_primary_and_a_replica_on_two_lab_hosts_end_with_the_same_bytes() {
+    let test = "a_primary_and_a_replica_on_two_lab_hosts_end_with_the_same_bytes";
+    let Some((_lab, site, mut serve, mut protect)) = lab_hosts(test, 1, "64M", None) else {
+        return;
+    };
     let random = site.random_file("random.bin", 2 * MIB, 1);
     let random_write = format!("write -s {} 40M 2M", text(&random));
     let rounds: [&[&str]; 3] = [
@@ -661,24 +677,10 @@ fn a_primary_and_a_replica_on_two_lab_hosts_end_with_the_same_bytes() {
 #[test]
 fn a_cycle_on_a_shaped_link_sends_about_what_changed_not_the_whole_disk() {
     let test = "a_cycle_on_a_shaped_link_sends_about_what_changed_not_the_whole_disk";
-    if !have_qemu(test) {
-        return;
-    }
-    let Some(lab) = Lab::create(test, 2) else {
+    let Some((lab, site, mut serve, mut protect)) = lab_hosts(test, 2, "256M", Some("100mbit"))
+    else {
         return;
     };
-    lab.shape("100mbit");
-    let site = Site::new("256M");
-    let (mut serve, address) = site.serve(
-        Some(&lab.a),
-        &format!("{}:4433", lab.address_a),
-        "serve.log",
-        None,
-    );
-    let mut protect = site.protect(Some(&lab.b), &address, "pid");
-    site.wait_for_primary("initial replication", &[&protect, &serve], |status| {
-        sequence(status) >= 1 && status["pending_bytes"] == 0
-    });
     // A little data first, so the disk is mostly, not only, zeros.
     site.nbd_io(&["write -P 0x5a 0 4M"]);
     site.wait_until_replicated(&[&protect, &serve]);
@@ -704,24 +706,10 @@ fn a_cycle_on_a_shaped_link_sends_about_what_changed_not_the_whole_disk() {
 #[test]
 fn a_link_cut_in_the_middle_of_a_large_delta_resumes_from_what_the_replica_holds() {
     let test = "a_link_cut_in_the_middle_of_a_large_delta_resumes_from_what_the_replica_holds";
-    if !have_qemu(test) {
-        return;
-    }
-    let Some(lab) = Lab::create(test, 3) else {
+    let Some((lab, site, mut serve, mut protect)) = lab_hosts(test, 3, "128M", Some("100mbit"))
+    else {
         return;
     };
-    lab.shape("100mbit");
-    let site = Site::new("128M");
-    let (mut serve, address) = site.serve(
-        Some(&lab.a),
-        &format!("{}:4433", lab.address_a),
-        "serve.log",
-        None,
-    );
-    let mut protect = site.protect(Some(&lab.b), &address, "pid");
-    site.wait_for_primary("initial replication", &[&protect, &serve], |status| {
-        sequence(status) >= 1 && status["pending_bytes"] == 0
-    });
     // 64 MiB that do not compress: several seconds at 100 Mbit/s.
     let random = site.random_file("random.bin", 64 * MIB, 3);
     site.nbd_io(&[&format!("write -s {} 32M 64M", text(&random))]);

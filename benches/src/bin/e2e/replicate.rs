@@ -410,16 +410,6 @@ fn verify_replica(source: &Path, replica: &Path) -> Outcome {
     Ok(())
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[middle]
-    } else {
-        (values[middle - 1] + values[middle]) / 2.0
-    }
-}
-
 fn report(
     arguments: &ReplicateArguments,
     runs: &[RunFigures],
@@ -428,8 +418,8 @@ fn report(
 ) -> Outcome {
     let size = arguments.size as f64;
     let pick = |get: &dyn Fn(&RunFigures) -> Option<f64>| -> Option<f64> {
-        let values: Vec<f64> = runs.iter().filter_map(get).collect();
-        (!values.is_empty()).then(|| median(values))
+        let mut values: Vec<f64> = runs.iter().filter_map(get).collect();
+        (!values.is_empty()).then(|| crate::report::median(&mut values))
     };
     let baseline = pick(&|run| Some(run.baseline_seconds)).unwrap_or(f64::NAN);
     let initial = pick(&|run| Some(run.blockrep_initial_seconds)).unwrap_or(f64::NAN);
