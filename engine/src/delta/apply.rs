@@ -170,6 +170,20 @@ pub fn verify_delta(reader: impl Read, name: &str) -> Result<DeltaSummary> {
     walk(reader, name, |_, _, _| Ok(()))
 }
 
+/// Checks a whole delta and lists the extents it covers (data and zero alike), in order and
+/// merged where they touch: what applying it would change.
+pub fn delta_extents(reader: impl Read, name: &str) -> Result<Vec<std::ops::Range<u64>>> {
+    let mut extents: Vec<std::ops::Range<u64>> = Vec::new();
+    walk(reader, name, |offset, length, _| {
+        match extents.last_mut() {
+            Some(last) if last.end == offset => last.end += length,
+            _ => extents.push(offset..offset + length),
+        }
+        Ok(())
+    })?;
+    Ok(extents)
+}
+
 /// What the target of a delta already is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TargetState {

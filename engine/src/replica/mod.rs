@@ -1,6 +1,10 @@
 //! The replica side's storage: applying deltas crash-safely to replica disks. (Recovery
 //! points and failover build on this.) It knows nothing of transport.
 
+mod bundle;
+mod points;
 mod store;
 
-pub use store::{ReplicaStore, VmReplica};
+pub use bundle::apply_bundle;
+pub use points::{PointPolicy, RecoveryPoint};
+pub use store::{Disk, PointInfo, ReplicaStore, VmReplica};

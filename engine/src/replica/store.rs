@@ -10,10 +10,13 @@
 //! or "committing N" (the commit is redone from the durable staging on open: applying a delta
 //! twice gives the same bytes). Never a disk between two deltas.
 
+use super::bundle::{BundleWriter, apply_bundle, bundle_extents, write_contents};
+use super::points::{PointPolicy, RecoveryPoint, record_applied, undo_chain};
+use crate::delta::DeltaHeader;
 use crate::delta::{TargetState, apply_delta, verify_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use crate::image::{Access, BlockImage, VhdxImage};
-use crate::io::{FileStorage, Storage, StorageOptions, file_storage};
+use crate::io::{Storage, StorageOptions, file_storage};
 use crate::proto::{DeltaId, DeltaKind, DiskDescription, ReplicaVmRecord};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -25,7 +28,21 @@ const CATALOGUE: &str = "catalogue.json";
 const STAGE: &str = "delta.stage";
 const CATALOGUE_VERSION: u32 = 1;
 
-type Disk = VhdxImage<Box<dyn Storage>>;
+/// A replica disk as the store opens it.
+pub type Disk = VhdxImage<Box<dyn Storage>>;
+
+/// A recovery point as `blockrep points` lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PointInfo {
+    /// The delta sequence the point is at.
+    pub id: u64,
+    /// When it was the latest state, seconds since the Unix epoch.
+    pub time: f64,
+    pub latest: bool,
+    pub app_consistent: bool,
+    /// Undo data kept for it (0 for the latest state, which is the disks themselves).
+    pub bytes_kept: u64,
+}
 
 /// What the catalogue records of a VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,7 +53,16 @@ struct Catalogue {
     owner: String,
     disks: Vec<DiskDescription>,
     applied: u64,
+    /// When `applied` was applied, seconds since the Unix epoch.
+    #[serde(default)]
+    applied_at: f64,
     committing: Option<(DeltaId, DeltaKind)>,
+    /// Older states kept, oldest first.
+    #[serde(default)]
+    points: Vec<RecoveryPoint>,
+    /// Where the test failover copy is, while one exists.
+    #[serde(default)]
+    test_failover: Option<PathBuf>,
 }
 
 /// Where a VM's replicas live.
@@ -44,16 +70,23 @@ struct Catalogue {
 pub struct ReplicaStore {
     root: PathBuf,
     storage: StorageOptions,
+    policy: PointPolicy,
 }
 
 impl ReplicaStore {
     /// Opens (creating if needed) the store at `root`.
     pub fn open(root: &Path, storage: StorageOptions) -> Result<Self> {
+        Self::with_policy(root, storage, PointPolicy::default())
+    }
+
+    /// Opens the store, keeping recovery points by `policy`.
+    pub fn with_policy(root: &Path, storage: StorageOptions, policy: PointPolicy) -> Result<Self> {
         std::fs::create_dir_all(root)
             .map_err(|error| Error::file(&root.display().to_string(), "create store", error))?;
         Ok(ReplicaStore {
             root: root.to_owned(),
             storage,
+            policy,
         })
     }
 
@@ -94,6 +127,10 @@ impl ReplicaStore {
             catalogue,
             disks: Vec::new(),
             staging: None,
+            policy: self.policy,
+            pinned: 0,
+            pending_deletions: Vec::new(),
+            recent_undo: Vec::new(),
         };
         replica.recover()?;
         Ok(replica)
@@ -140,13 +177,8 @@ fn parse_catalogue(path: &Path, bytes: &[u8]) -> Result<Catalogue> {
 enum Staging {
     /// New disks being filled, renamed into place at commit.
     Initial { delta: DeltaId, disks: Vec<Disk> },
-    /// Chunks appended to the stage file: (disk, offset of the payload, payload length).
-    Changes {
-        delta: DeltaId,
-        file: FileStorage,
-        end: u64,
-        chunks: Vec<(u16, u64, u32)>,
-    },
+    /// Chunks appended to the stage file, a bundle.
+    Changes { delta: DeltaId, file: BundleWriter },
 }
 
 /// One VM's replica: its catalogue, open disks and staging.
@@ -157,6 +189,14 @@ pub struct VmReplica {
     catalogue: Option<Catalogue>,
     disks: Vec<Disk>,
     staging: Option<Staging>,
+    policy: PointPolicy,
+    /// Test failovers reading the undo files: while any runs, no undo file is deleted and no
+    /// point expires.
+    pinned: usize,
+    pending_deletions: Vec<String>,
+    /// Undo files made while pinned, by sequence: how a test failover of the latest state
+    /// undoes the deltas applied while it copied.
+    recent_undo: Vec<(u64, String)>,
 }
 
 impl std::fmt::Debug for VmReplica {
@@ -215,7 +255,10 @@ impl VmReplica {
             owner: owner.to_owned(),
             disks,
             applied: 0,
+            applied_at: unix_now(),
             committing: None,
+            points: Vec::new(),
+            test_failover: None,
         })
     }
 
@@ -231,24 +274,10 @@ impl VmReplica {
                 }
                 Staging::Initial { delta, disks }
             }
-            DeltaKind::Changes => {
-                let path = self.directory.join(STAGE);
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)
-                    .map_err(|error| {
-                        Error::file(&path.display().to_string(), "create staging", error)
-                    })?;
-                Staging::Changes {
-                    delta,
-                    file: FileStorage::from_file(file),
-                    end: 0,
-                    chunks: Vec::new(),
-                }
-            }
+            DeltaKind::Changes => Staging::Changes {
+                delta,
+                file: BundleWriter::create(&self.directory.join(STAGE))?,
+            },
         });
         Ok(())
     }
@@ -289,20 +318,7 @@ impl VmReplica {
             Some(Staging::Changes {
                 delta: staged,
                 file,
-                end,
-                chunks,
-            }) if *staged == delta => {
-                let mut record = Vec::with_capacity(6);
-                record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-                record.extend_from_slice(&disk.to_le_bytes());
-                let stage = self.directory.join(STAGE).display().to_string();
-                file.write_at(&record, *end)
-                    .and_then(|()| file.write_at(payload, *end + 6))
-                    .map_err(|error| Error::io(&stage, "write staging", *end, error))?;
-                chunks.push((disk, *end + 6, payload.len() as u32));
-                *end += 6 + payload.len() as u64;
-                Ok(())
-            }
+            }) if *staged == delta => file.append(disk, payload),
             _ => Err(self.refusal(format!("{delta} is not being staged"))),
         }
     }
@@ -334,10 +350,13 @@ impl VmReplica {
                 }),
                 DeltaKind::Changes,
             ) if staged == delta => {
-                let stage = self.directory.join(STAGE).display().to_string();
-                file.flush()
-                    .map_err(|error| Error::file(&stage, "flush staging", error))?;
+                file.flush()?;
                 drop(file);
+                if self.policy.keep > 0 || self.pinned > 0 {
+                    // What the delta overwrites, kept before the commit point: a redo after a
+                    // crash must not take half-applied blocks for the old ones.
+                    self.write_undo(delta)?;
+                }
                 self.mark_committing(Some((delta, kind)))?;
                 self.finish_changes(delta)
             }
@@ -358,6 +377,128 @@ impl VmReplica {
             .read_at(buf, offset)
     }
 
+    /// The latest state and the kept recovery points, newest first.
+    pub fn points(&self) -> Vec<PointInfo> {
+        let Some(catalogue) = &self.catalogue else {
+            return Vec::new();
+        };
+        let mut points = vec![PointInfo {
+            id: catalogue.applied,
+            time: catalogue.applied_at,
+            latest: true,
+            app_consistent: false,
+            bytes_kept: 0,
+        }];
+        for point in catalogue.points.iter().rev() {
+            let bytes_kept = point
+                .undo
+                .iter()
+                .filter_map(|name| std::fs::metadata(self.directory.join(name)).ok())
+                .map(|metadata| metadata.len())
+                .sum();
+            points.push(PointInfo {
+                id: point.sequence,
+                time: point.time,
+                latest: false,
+                app_consistent: point.app_consistent,
+                bytes_kept,
+            });
+        }
+        points
+    }
+
+    pub fn descriptions(&self) -> Vec<DiskDescription> {
+        self.catalogue
+            .as_ref()
+            .map(|catalogue| catalogue.disks.clone())
+            .unwrap_or_default()
+    }
+
+    /// Ranges of replica disk `index` that may hold data.
+    pub fn allocated_ranges(&mut self, index: usize) -> Result<Vec<std::ops::Range<u64>>> {
+        self.open_disks()?;
+        self.disks
+            .get(index)
+            .ok_or_else(|| self.refusal(format!("no disk {index}")))?
+            .allocated_ranges()
+    }
+
+    /// Holds every undo file and point until `unpin`, for a reader of them (a test failover);
+    /// returns the latest sequence now.
+    pub fn pin(&mut self) -> u64 {
+        self.pinned += 1;
+        self.applied()
+    }
+
+    /// Ends a `pin`; with none left, what was held for the readers is deleted.
+    pub fn unpin(&mut self) {
+        self.pinned = self.pinned.saturating_sub(1);
+        if self.pinned > 0 {
+            return;
+        }
+        let referenced: std::collections::HashSet<String> = self
+            .catalogue
+            .iter()
+            .flat_map(|catalogue| catalogue.points.iter().flat_map(|point| point.undo.clone()))
+            .collect();
+        let mut unneeded = std::mem::take(&mut self.pending_deletions);
+        unneeded.extend(
+            std::mem::take(&mut self.recent_undo)
+                .into_iter()
+                .map(|(_, name)| name)
+                .filter(|name| !referenced.contains(name)),
+        );
+        self.delete_undo(unneeded);
+    }
+
+    /// The undo files that take the current latest state back to `target`, in the order to
+    /// apply them. `pinned_at` is the latest state when the caller pinned: reaching it needs
+    /// only the deltas applied since, which the pin kept.
+    pub fn undo_path_to(&self, target: u64, pinned_at: u64) -> Result<Vec<PathBuf>> {
+        let names = if target == self.applied() {
+            Vec::new()
+        } else if target == pinned_at {
+            let mut recent: Vec<&(u64, String)> = self
+                .recent_undo
+                .iter()
+                .filter(|(sequence, _)| *sequence > target)
+                .collect();
+            recent.sort_by_key(|(sequence, _)| std::cmp::Reverse(*sequence));
+            recent.into_iter().map(|(_, name)| name.clone()).collect()
+        } else {
+            undo_chain(&self.catalogue()?.points, target)
+                .ok_or_else(|| self.refusal(format!("no recovery point {target} is kept")))?
+        };
+        Ok(names
+            .into_iter()
+            .map(|name| self.directory.join(name))
+            .collect())
+    }
+
+    /// Where the VM's test failover copy is, if one exists.
+    pub fn test_failover(&self) -> Option<PathBuf> {
+        self.catalogue
+            .as_ref()
+            .and_then(|catalogue| catalogue.test_failover.clone())
+    }
+
+    /// Records (or clears) the VM's test failover copy.
+    pub fn set_test_failover(&mut self, out: Option<PathBuf>) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.test_failover = out;
+        self.write_catalogue(catalogue)
+    }
+
+    /// Creates an empty disk like replica disk `index`, at `path`.
+    pub fn create_copy(&self, index: usize, path: &Path) -> Result<Disk> {
+        let description = *self
+            .catalogue()?
+            .disks
+            .get(index)
+            .ok_or_else(|| self.refusal(format!("no disk {index}")))?;
+        self.create_disk(path, &description)
+    }
+
     fn recover(&mut self) -> Result<()> {
         let Some(catalogue) = &self.catalogue else {
             return Ok(());
@@ -373,7 +514,30 @@ impl VmReplica {
             }
             None => self.discard_staging(),
         }
+        self.remove_orphan_undo();
         Ok(())
+    }
+
+    /// Deletes undo files no point names: written for a delta whose commit a crash prevented.
+    fn remove_orphan_undo(&self) {
+        let Some(catalogue) = &self.catalogue else {
+            return;
+        };
+        let referenced: std::collections::HashSet<&String> = catalogue
+            .points
+            .iter()
+            .flat_map(|point| &point.undo)
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&self.directory) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("undo-") && name.ends_with(".bundle") && !referenced.contains(&name)
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Renames the new disks into place (those not renamed before a crash), then records
@@ -393,64 +557,45 @@ impl VmReplica {
             }
         }
         sync_directory(&self.directory)?;
-        self.mark_applied(delta)?;
+        self.mark_applied(delta, DeltaKind::Initial)?;
         self.open_disks()
     }
 
     /// Applies the stage file to the disks, flushes them, then records the delta applied.
     fn finish_changes(&mut self, delta: DeltaId) -> Result<()> {
         self.open_disks()?;
-        let path = self.directory.join(STAGE);
-        let stage = path.display().to_string();
-        let staging = FileStorage::open(&path, false)
-            .map_err(|error| Error::file(&stage, "open staging", error))?;
-        let size = staging
-            .size()
-            .map_err(|error| Error::file(&stage, "read staging", error))?;
-        // One chunk in memory at a time, whatever the delta's size.
-        let mut payload = Vec::new();
-        let mut position = 0u64;
-        let mut first = true;
-        while position < size {
-            let mut header = [0u8; 6];
-            let mut payload_length = 0;
-            let read = staging.read_at(&mut header, position).and_then(|()| {
-                payload_length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-                if payload_length as usize > crate::proto::MAX_BODY {
-                    return Err(std::io::Error::other("chunk too long"));
-                }
-                payload.resize(payload_length as usize, 0);
-                staging.read_at(&mut payload, position + 6)
-            });
-            read.map_err(|_| {
-                Error::corrupt(
-                    &stage,
-                    format!("staging ends inside the chunk at byte {position}"),
-                )
-            })?;
-            let disk = usize::from(u16::from_le_bytes([header[4], header[5]]));
-            let target = self
-                .disks
-                .get_mut(disk)
-                .ok_or_else(|| Error::corrupt(&stage, format!("chunk for disk {disk}")))?;
-            apply_delta(
-                Cursor::new(&payload),
-                &format!("{stage} at byte {position}"),
-                target,
-                TargetState::default(),
-            )?;
-            if std::mem::take(&mut first) {
-                // Part of the delta is on the disks, the rest not: the worst moment to die.
-                crash_point("replica-apply");
-            }
-            position += 6 + u64::from(payload_length);
-        }
+        let stage = self.directory.join(STAGE);
+        // Part of the delta on the disks, the rest not: the worst moment to die.
+        apply_bundle(&stage, &mut self.disks, || crash_point("replica-apply"))?;
         for disk in &mut self.disks {
             disk.flush()?;
         }
-        self.mark_applied(delta)?;
-        let _ = std::fs::remove_file(&path);
+        self.mark_applied(delta, DeltaKind::Changes)?;
+        let _ = std::fs::remove_file(&stage);
         Ok(())
+    }
+
+    /// Writes what the staged delta will overwrite, as `undo-N.bundle`, durably.
+    fn write_undo(&mut self, delta: DeltaId) -> Result<()> {
+        self.open_disks()?;
+        let descriptions = self.catalogue()?.disks.clone();
+        let extents = bundle_extents(&self.directory.join(STAGE), descriptions.len())?;
+        let headers: Vec<DeltaHeader> = descriptions
+            .iter()
+            .map(|disk| DeltaHeader {
+                disk_id: disk.disk_id,
+                virtual_size: disk.virtual_size,
+                block_size: 64 << 10,
+                source_generation: delta.sequence,
+                sequence: delta.sequence - 1,
+                recovery_point: true,
+                full: false,
+            })
+            .collect();
+        let mut writer = BundleWriter::create(&self.directory.join(undo_name(delta.sequence)))?;
+        write_contents(&mut writer, &self.disks, &extents, &headers)?;
+        writer.flush()?;
+        sync_directory(&self.directory)
     }
 
     fn mark_committing(&mut self, committing: Option<(DeltaId, DeltaKind)>) -> Result<()> {
@@ -459,11 +604,68 @@ impl VmReplica {
         self.write_catalogue(catalogue)
     }
 
-    fn mark_applied(&mut self, delta: DeltaId) -> Result<()> {
+    /// Records `delta` applied and keeps or drops recovery points by the policy; undo files no
+    /// longer needed are deleted once the catalogue no longer names them.
+    fn mark_applied(&mut self, delta: DeltaId, kind: DeltaKind) -> Result<()> {
         let mut catalogue = self.catalogue()?.clone();
+        let mut unneeded = Vec::new();
+        match kind {
+            DeltaKind::Initial => {
+                // The disks were replaced whole: no undo leads back from them.
+                unneeded.extend(catalogue.points.drain(..).flat_map(|point| point.undo));
+            }
+            DeltaKind::Changes => {
+                let undo = undo_name(delta.sequence);
+                if self.directory.join(&undo).exists() {
+                    if self.pinned > 0 {
+                        self.recent_undo.push((delta.sequence, undo.clone()));
+                    }
+                    if self.policy.keep == 0 {
+                        // Only a test failover wanted it: it goes when that ends.
+                        if self.pinned == 0 {
+                            unneeded.push(undo);
+                        }
+                    } else {
+                        let policy = PointPolicy {
+                            // No point expires while a test failover reads them.
+                            keep: if self.pinned > 0 {
+                                usize::MAX
+                            } else {
+                                self.policy.keep
+                            },
+                            ..self.policy
+                        };
+                        unneeded = record_applied(
+                            &mut catalogue.points,
+                            policy,
+                            delta.sequence,
+                            catalogue.applied_at,
+                            undo,
+                        );
+                    }
+                } else if !catalogue.points.is_empty() {
+                    tracing::warn!(vm = %self.vm, "no undo data for {delta} (recovery points were off): older recovery points dropped");
+                    unneeded.extend(catalogue.points.drain(..).flat_map(|point| point.undo));
+                }
+            }
+        }
         catalogue.applied = delta.sequence;
+        catalogue.applied_at = unix_now();
         catalogue.committing = None;
-        self.write_catalogue(catalogue)
+        self.write_catalogue(catalogue)?;
+        self.delete_undo(unneeded);
+        Ok(())
+    }
+
+    /// Deletes undo files, or holds them while a test failover may read them.
+    fn delete_undo(&mut self, names: Vec<String>) {
+        if self.pinned > 0 {
+            self.pending_deletions.extend(names);
+            return;
+        }
+        for name in names {
+            let _ = std::fs::remove_file(self.directory.join(name));
+        }
     }
 
     /// Replaces the catalogue atomically: write beside, flush, rename, flush the directory.
@@ -579,6 +781,16 @@ fn crash_point(name: &str) {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+}
+
+fn undo_name(sequence: u64) -> String {
+    format!("undo-{sequence}.bundle")
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
 }
 
 fn check_disk(disk: &DiskDescription) -> Result<()> {
@@ -778,6 +990,113 @@ mod tests {
                 .stage_chunk(delta(2), 5, &chunk(&disks()[0], 2, 0, &[1; 512]))
                 .is_err()
         );
+    }
+
+    /// The replica's disks as they were at point `target`, from the latest state and undo.
+    fn at_point(replica: &mut VmReplica, target: u64) -> Vec<Vec<u8>> {
+        let mut images: Vec<crate::image::RawImage<crate::io::MemoryStorage>> = disks()
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| {
+                let mut bytes = vec![0u8; disk.virtual_size as usize];
+                replica.read_disk(index, &mut bytes, 0).unwrap();
+                crate::image::RawImage::open(
+                    crate::io::MemoryStorage::from_bytes(bytes),
+                    "copy",
+                    Access::ReadWrite,
+                )
+                .unwrap()
+            })
+            .collect();
+        let applied = replica.applied();
+        for path in replica.undo_path_to(target, applied + 1).unwrap() {
+            apply_bundle(&path, &mut images, || {}).unwrap();
+        }
+        images
+            .iter()
+            .map(|image| {
+                let mut bytes = vec![0u8; image.virtual_size() as usize];
+                image.read_at(&mut bytes, 0).unwrap();
+                bytes
+            })
+            .collect()
+    }
+
+    fn apply_change(replica: &mut VmReplica, sequence: u64, disk: usize, offset: u64, data: &[u8]) {
+        replica
+            .start_staging(delta(sequence), DeltaKind::Changes)
+            .unwrap();
+        replica
+            .stage_chunk(
+                delta(sequence),
+                disk as u16,
+                &chunk(&disks()[disk], sequence, offset, data),
+            )
+            .unwrap();
+        replica.commit(delta(sequence), DeltaKind::Changes).unwrap();
+    }
+
+    #[test]
+    fn every_kept_point_reads_back_as_the_replica_was_then() {
+        let (directory, _) = replicated();
+        let policy = PointPolicy {
+            keep: 3,
+            interval: std::time::Duration::ZERO,
+        };
+        let store =
+            ReplicaStore::with_policy(directory.path(), StorageOptions::default(), policy).unwrap();
+        let mut replica = store.open_vm("vm1").unwrap();
+        let mut history = vec![(1, at_point(&mut replica, 1))];
+        apply_change(&mut replica, 2, 0, (1 << 20) + 4096, &[0x33; 8192]);
+        history.push((2, at_point(&mut replica, 2)));
+        apply_change(&mut replica, 3, 1, 0, &[0x44; 4096]);
+        history.push((3, at_point(&mut replica, 3)));
+        apply_change(&mut replica, 4, 0, 1 << 20, &[0x55; 70_000]);
+        let listed: Vec<u64> = replica.points().iter().map(|point| point.id).collect();
+        assert_eq!(listed, vec![4, 3, 2, 1]);
+        assert!(
+            replica.points()[1..]
+                .iter()
+                .all(|point| point.bytes_kept > 0)
+        );
+        for (sequence, expected) in &history {
+            assert!(
+                at_point(&mut replica, *sequence) == *expected,
+                "point {sequence} differs"
+            );
+        }
+        // One more delta: the oldest point expires with its undo.
+        apply_change(&mut replica, 5, 1, 8192, &[0x66; 4096]);
+        let listed: Vec<u64> = replica.points().iter().map(|point| point.id).collect();
+        assert_eq!(listed, vec![5, 4, 3, 2]);
+        assert!(!directory.path().join("vm1").join(undo_name(2)).exists());
+        assert!(replica.undo_path_to(1, 6).is_err());
+        // Points survive a restart of the server.
+        drop(replica);
+        let mut reopened = store.open_vm("vm1").unwrap();
+        assert_eq!(reopened.points().len(), 4);
+        assert!(at_point(&mut reopened, 2) == history[1].1);
+    }
+
+    #[test]
+    fn a_pin_keeps_undo_even_when_no_points_are_kept() {
+        let (directory, _) = replicated();
+        let policy = PointPolicy {
+            keep: 0,
+            interval: std::time::Duration::ZERO,
+        };
+        let store =
+            ReplicaStore::with_policy(directory.path(), StorageOptions::default(), policy).unwrap();
+        let mut replica = store.open_vm("vm1").unwrap();
+        let before = at_point(&mut replica, 1);
+        let pinned_at = replica.pin();
+        apply_change(&mut replica, 2, 0, 1 << 20, &[0x77; 4096]);
+        let undo = replica.undo_path_to(pinned_at, pinned_at).unwrap();
+        assert_eq!(undo.len(), 1);
+        assert!(before[0][1 << 20] == 0x11 && undo[0].exists());
+        replica.unpin();
+        assert!(!undo[0].exists(), "the held undo was not deleted at unpin");
+        assert_eq!(replica.points().len(), 1);
     }
 
     #[test]
