@@ -7,6 +7,7 @@ mod output_file;
 mod replication_command;
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Block replication for Linux lab hosts: VHDX images, change tracking and replication of
@@ -48,6 +49,31 @@ enum Command {
         /// The VM's name, as given to `protect --name`.
         vm: String,
     },
+    /// List a VM's recovery points on the replica server running here: the latest state and
+    /// the older points kept (id, time, consistency, undo data kept).
+    Points {
+        vm: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail a VM over. Only test failover exists so far: a copy of a recovery point, as VHDX
+    /// disks in --out, made while replication goes on (one per VM at a time).
+    Failover {
+        vm: String,
+        /// Test failover: copy a point out, leaving replication untouched.
+        #[arg(long, required = true)]
+        test: bool,
+        /// The point to copy: an id from `blockrep points`, or latest.
+        #[arg(long, value_name = "ID|latest", conflicts_with = "cleanup")]
+        point: Option<String>,
+        /// Where the copy's disks go (a new or empty directory).
+        #[arg(long, required_unless_present = "cleanup")]
+        out: Option<PathBuf>,
+        /// Remove the VM's test failover copy.
+        #[arg(long)]
+        cleanup: bool,
+    },
     /// Show the state and health of the primaries and replica servers running here.
     Status {
         /// Print JSON instead of text.
@@ -87,6 +113,14 @@ fn main() -> ExitCode {
         Command::Protect(arguments) => replication_command::protect(arguments),
         Command::Status { json } => replication_command::status(json),
         Command::Suspend { vm } => replication_command::suspend(&vm, true),
+        Command::Points { vm, json } => replication_command::points(&vm, json),
+        Command::Failover {
+            vm,
+            test: _,
+            point,
+            out,
+            cleanup,
+        } => replication_command::test_failover(&vm, point.as_deref(), out.as_deref(), cleanup),
         Command::Resume { vm } => replication_command::suspend(&vm, false),
     };
     match outcome {

@@ -9,7 +9,7 @@ use blockrep::net::{
 };
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::{PrimaryConfig, ReplicationState};
-use blockrep::replica::ReplicaStore;
+use blockrep::replica::{PointPolicy, ReplicaStore};
 use blockrep::units::{format_size, parse_duration, parse_rate};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -53,6 +53,12 @@ pub struct ServeArguments {
     /// Certificates of the primaries allowed to replicate here (repeat for several).
     #[arg(long = "allow", value_name = "CERT", required = true)]
     allowed: Vec<PathBuf>,
+    /// Older recovery points kept per VM besides the latest state (0: only the latest).
+    #[arg(long, default_value_t = 24)]
+    recovery_points: usize,
+    /// At most one recovery point is kept per interval.
+    #[arg(long, value_parser = duration_argument, default_value = "1h")]
+    recovery_point_interval: Duration,
     #[command(flatten)]
     io: IoArguments,
 }
@@ -187,7 +193,11 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
         .iter()
         .map(|path| load_certificate(path))
         .collect::<Result<Vec<_>, _>>()?;
-    let store = ReplicaStore::open(&arguments.store, arguments.io.options())?;
+    let policy = PointPolicy {
+        keep: arguments.recovery_points,
+        interval: arguments.recovery_point_interval,
+    };
+    let store = ReplicaStore::with_policy(&arguments.store, arguments.io.options(), policy)?;
     runtime()?.block_on(async move {
         let mut stopped = stop_on_signals()?;
         let server = Arc::new(ReplicaServer::start(arguments.listen, store, &identity, allowed).await?);
@@ -195,8 +205,12 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
         eprintln!("blockrep: serving replicas in {} on {address}", arguments.store.display());
         let control = {
             let server = Arc::clone(&server);
-            ControlSocket::bind(&run_directory().join(format!("serve-{}.sock", address.port())), move |_| {
-                serde_json::json!({"role": "replica", "listen": address.to_string(), "vms": server.reports()})
+            let runtime = tokio::runtime::Handle::current();
+            ControlSocket::bind(&run_directory().join(format!("serve-{}.sock", address.port())), move |request| {
+                match serde_json::from_str::<ReplicaRequest>(request) {
+                    Ok(request) => answer_replica_request(&server, &runtime, request),
+                    Err(_) => serde_json::json!({"role": "replica", "listen": address.to_string(), "vms": server.reports()}),
+                }
             })?
         };
         while !*stopped.borrow() {
@@ -365,6 +379,179 @@ fn show_progress(report: SharedReport) -> (ProgressBar, std::sync::mpsc::Sender<
         }
     });
     (bar, stop)
+}
+
+/// What `blockrep points` and `blockrep failover` ask a replica server.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case")]
+enum ReplicaRequest {
+    Points {
+        vm: String,
+    },
+    TestFailover {
+        vm: String,
+        point: Option<u64>,
+        out: PathBuf,
+    },
+    CleanupTestFailover {
+        vm: String,
+    },
+}
+
+fn answer_replica_request(
+    server: &ReplicaServer,
+    runtime: &tokio::runtime::Handle,
+    request: ReplicaRequest,
+) -> serde_json::Value {
+    let outcome = match request {
+        ReplicaRequest::Points { vm } => server
+            .points(&vm)
+            .map(|points| serde_json::json!({"vm": vm, "points": points})),
+        ReplicaRequest::TestFailover { vm, point, out } => runtime
+            .block_on(server.test_failover(&vm, point, &out))
+            .map(|copy| serde_json::json!(copy)),
+        ReplicaRequest::CleanupTestFailover { vm } => server
+            .cleanup_test_failover(&vm)
+            .map(|out| serde_json::json!({"vm": vm, "removed": out})),
+    };
+    match outcome {
+        Ok(answer) => serde_json::json!({"ok": answer}),
+        Err(error) => serde_json::json!({"error": error.to_string()}),
+    }
+}
+
+/// Asks every running replica server; the answer of the one that knows the VM (or the last
+/// error when none does).
+fn ask_replica_servers(vm: &str, request: &ReplicaRequest) -> Result<serde_json::Value, String> {
+    let line = serde_json::to_string(request).map_err(|error| error.to_string())?;
+    let directory = run_directory();
+    let sockets: Vec<PathBuf> = std::fs::read_dir(&directory)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|path| {
+                    path.file_name()
+                        .is_some_and(|name| name.to_string_lossy().starts_with("serve-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut last_error = format!(
+        "no replica server is running here (looked in {})",
+        directory.display()
+    );
+    for socket in sockets {
+        match crate::control::request(&socket, &line) {
+            Ok(answer) if answer.get("ok").is_some() => return Ok(answer["ok"].clone()),
+            Ok(answer) => {
+                last_error = answer["error"].as_str().unwrap_or("no answer").to_owned();
+            }
+            Err(error) => last_error = format!("{}: {error}", socket.display()),
+        }
+    }
+    Err(format!("{vm}: {last_error}"))
+}
+
+/// `blockrep points VM`: the latest state and the recovery points a replica server keeps.
+pub fn points(vm: &str, json: bool) -> Outcome {
+    let answer = ask_replica_servers(vm, &ReplicaRequest::Points { vm: vm.to_owned() })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer["points"])?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>10}  {:<25} {:<22} {:>12}",
+        "point", "time (UTC)", "consistency", "kept"
+    );
+    for point in answer["points"].as_array().into_iter().flatten() {
+        let id = point["id"].as_u64().unwrap_or(0);
+        let label = if point["latest"].as_bool() == Some(true) {
+            format!("{id} (latest)")
+        } else {
+            id.to_string()
+        };
+        let consistency = if point["app_consistent"].as_bool() == Some(true) {
+            "application-consistent"
+        } else {
+            "crash-consistent"
+        };
+        println!(
+            "{label:>10}  {:<25} {consistency:<22} {:>12}",
+            format_time(point["time"].as_f64().unwrap_or(0.0)),
+            format_size(point["bytes_kept"].as_u64().unwrap_or(0))
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blockrep failover VM --test`: a copy of a recovery point, or its removal.
+pub fn test_failover(
+    vm: &str,
+    point: Option<&str>,
+    out: Option<&std::path::Path>,
+    cleanup: bool,
+) -> Outcome {
+    if cleanup {
+        let answer = ask_replica_servers(
+            vm,
+            &ReplicaRequest::CleanupTestFailover { vm: vm.to_owned() },
+        )?;
+        println!(
+            "{vm}: test failover removed from {}",
+            answer["removed"].as_str().unwrap_or("?")
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let out = out.ok_or("--out DIR is needed for a test failover")?;
+    let out = std::path::absolute(out)?;
+    let point = match point {
+        None | Some("latest") => None,
+        Some(text) => Some(
+            text.parse::<u64>()
+                .map_err(|_| format!("--point {text}: expected a point id or latest"))?,
+        ),
+    };
+    let answer = ask_replica_servers(
+        vm,
+        &ReplicaRequest::TestFailover {
+            vm: vm.to_owned(),
+            point,
+            out,
+        },
+    )?;
+    println!("{vm}: test failover of point {} ready:", answer["point"]);
+    for disk in answer["disks"].as_array().into_iter().flatten() {
+        println!("  {}", disk.as_str().unwrap_or("?"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS`, UTC.
+fn format_time(seconds: f64) -> String {
+    let total = seconds as i64;
+    let (days, rest) = (total.div_euclid(86_400), total.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm, public domain).
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// `blockrep suspend VM` / `resume VM`: pause or go on with a running primary's replication.

@@ -15,5 +15,5 @@ pub type Certificate = rustls::pki_types::CertificateDer<'static>;
 
 pub use identity::{Identity, fingerprint, load_certificate};
 pub use primary::{PrimaryOptions, PrimaryReport, SharedReport, run_primary};
-pub use server::{ReplicaReport, ReplicaServer};
+pub use server::{ReplicaReport, ReplicaServer, TestCopy};
 pub use tls::{client_config, is_authentication_failure, server_config};

@@ -6,12 +6,14 @@
 use super::frame::{read_frame, write_message};
 use super::identity::{Identity, fingerprint};
 use super::tls::server_config;
+use crate::image::{BlockImage, is_zero};
 use crate::proto::{ConnectionId, Message, Replica, ReplicaAction};
-use crate::replica::{ReplicaStore, VmReplica};
+use crate::replica::{PointInfo, ReplicaStore, VmReplica, apply_bundle};
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +33,121 @@ pub struct ReplicaReport {
     pub staging: Option<(u64, u64, u32)>,
     pub error: Option<String>,
     pub disks: Vec<String>,
+}
+
+/// A test failover's copy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TestCopy {
+    pub vm: String,
+    /// The point copied: the delta sequence the replica was at.
+    pub point: u64,
+    pub disks: Vec<PathBuf>,
+}
+
+/// Pieces the latest disks are copied in: the slot's lock is taken for one piece at a time,
+/// so commits go on between them.
+const COPY_PIECE: u64 = 4 << 20;
+
+fn test_failover(
+    slot: &Mutex<VmSlot>,
+    vm: &str,
+    point: Option<u64>,
+    out: &Path,
+) -> Result<TestCopy> {
+    let refuse = |problem: String| Error::Replication {
+        peer: vm.to_owned(),
+        problem,
+    };
+    let (pinned_at, target, disks) = {
+        let mut slot = lock(slot);
+        if let Some(existing) = slot.replica.test_failover() {
+            return Err(refuse(format!(
+                "a test failover exists at {}; remove it first with `blockrep failover {vm} --test --cleanup`",
+                existing.display()
+            )));
+        }
+        let latest = slot.replica.applied();
+        let target = point.unwrap_or(latest);
+        if latest == 0 {
+            return Err(refuse("initial replication has not completed".into()));
+        }
+        if target != latest && !slot.replica.points().iter().any(|kept| kept.id == target) {
+            return Err(refuse(format!(
+                "no recovery point {target} (see `blockrep points {vm}`)"
+            )));
+        }
+        if std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some()) {
+            return Err(refuse(format!("{} is not empty", out.display())));
+        }
+        slot.replica.set_test_failover(Some(out.to_owned()))?;
+        let pinned_at = slot.replica.pin();
+        (pinned_at, target, slot.replica.descriptions().len())
+    };
+    let copied = copy_point(slot, pinned_at, target, disks, out);
+    let mut guard = lock(slot);
+    guard.replica.unpin();
+    match copied {
+        Ok(paths) => Ok(TestCopy {
+            vm: vm.to_owned(),
+            point: target,
+            disks: paths,
+        }),
+        Err(error) => {
+            for index in 0..disks {
+                let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
+            }
+            let _ = guard.replica.set_test_failover(None);
+            Err(error)
+        }
+    }
+}
+
+/// Copies the latest disks into `out`, then undoes back to `target`.
+fn copy_point(
+    slot: &Mutex<VmSlot>,
+    pinned_at: u64,
+    target: u64,
+    disks: usize,
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out)
+        .map_err(|error| Error::file(&out.display().to_string(), "create", error))?;
+    let mut copies = Vec::with_capacity(disks);
+    let mut paths = Vec::with_capacity(disks);
+    let mut buffer = vec![0u8; COPY_PIECE as usize];
+    for index in 0..disks {
+        let path = out.join(format!("disk-{index}.vhdx"));
+        let (mut copy, ranges) = {
+            let mut slot = lock(slot);
+            (
+                slot.replica.create_copy(index, &path)?,
+                slot.replica.allocated_ranges(index)?,
+            )
+        };
+        for range in ranges {
+            let mut position = range.start;
+            while position < range.end {
+                let length = COPY_PIECE.min(range.end - position) as usize;
+                lock(slot)
+                    .replica
+                    .read_disk(index, &mut buffer[..length], position)?;
+                if !is_zero(&buffer[..length]) {
+                    copy.write_at(&buffer[..length], position)?;
+                }
+                position += length as u64;
+            }
+        }
+        copies.push(copy);
+        paths.push(path);
+    }
+    let undo = lock(slot).replica.undo_path_to(target, pinned_at)?;
+    for bundle in undo {
+        apply_bundle(&bundle, &mut copies, || {})?;
+    }
+    for copy in copies {
+        copy.close()?;
+    }
+    Ok(paths)
 }
 
 struct VmSlot {
@@ -132,6 +249,61 @@ impl ReplicaServer {
             .collect();
         reports.sort_by(|a, b| a.vm.cmp(&b.vm));
         reports
+    }
+
+    /// A VM's latest state and recovery points, newest first.
+    pub fn points(&self, vm: &str) -> Result<Vec<PointInfo>> {
+        let slot = self.slot(vm)?;
+        let points = lock(&slot).replica.points();
+        Ok(points)
+    }
+
+    /// Makes a test failover copy of `vm` at `point` (the latest state when `None`) in `out`,
+    /// as VHDX disks, while replication goes on: the latest disks are copied piece by piece
+    /// between commits, then every delta applied meanwhile and every newer point is undone.
+    pub async fn test_failover(
+        &self,
+        vm: &str,
+        point: Option<u64>,
+        out: &Path,
+    ) -> Result<TestCopy> {
+        let slot = self.slot(vm)?;
+        let (vm, out) = (vm.to_owned(), out.to_owned());
+        tokio::task::spawn_blocking(move || test_failover(&slot, &vm, point, &out))
+            .await
+            .map_err(|error| Error::Replication {
+                peer: "test failover".into(),
+                problem: error.to_string(),
+            })?
+    }
+
+    /// Removes `vm`'s test failover copy; returns where it was.
+    pub fn cleanup_test_failover(&self, vm: &str) -> Result<PathBuf> {
+        let slot = self.slot(vm)?;
+        let mut slot = lock(&slot);
+        let out = slot
+            .replica
+            .test_failover()
+            .ok_or_else(|| Error::Replication {
+                peer: vm.to_owned(),
+                problem: "no test failover to clean up".into(),
+            })?;
+        for index in 0..slot.replica.descriptions().len() {
+            let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
+        }
+        let _ = std::fs::remove_dir(&out);
+        slot.replica.set_test_failover(None)?;
+        Ok(out)
+    }
+
+    fn slot(&self, vm: &str) -> Result<Arc<Mutex<VmSlot>>> {
+        lock(&self.vms)
+            .get(vm)
+            .cloned()
+            .ok_or_else(|| Error::Replication {
+                peer: vm.to_owned(),
+                problem: "no replica of this VM on this server".into(),
+            })
     }
 
     pub fn store(&self) -> &ReplicaStore {
