@@ -438,7 +438,7 @@ fn ask_replica_servers(vm: &str, request: &ReplicaRequest) -> Result<serde_json:
         })
         .unwrap_or_default();
     let mut last_error = format!(
-        "no replica server is running here (looked in {})",
+        "{vm}: no replica server is running here (looked in {})",
         directory.display()
     );
     for socket in sockets {
@@ -450,7 +450,7 @@ fn ask_replica_servers(vm: &str, request: &ReplicaRequest) -> Result<serde_json:
             Err(error) => last_error = format!("{}: {error}", socket.display()),
         }
     }
-    Err(format!("{vm}: {last_error}"))
+    Err(last_error)
 }
 
 /// `blockrep points VM`: the latest state and the recovery points a replica server keeps.
