@@ -869,3 +869,95 @@ fn a_suspended_primary_ships_nothing_until_it_is_resumed() {
     serve.stop();
     site.assert_replica_equals_primary();
 }
+
+impl Site {
+    /// The primary's disk as its NBD clients see it now, saved as a raw file.
+    fn capture_through_nbd(&self, name: &str) -> PathBuf {
+        let path = self.path(name);
+        run_ok(Command::new("qemu-img").args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("nbd+unix:///?socket={}", text(&self.nbd_socket())),
+            text(&path),
+        ]));
+        path
+    }
+
+    /// Runs `blockrep failover vm1 --test ARGUMENTS` and returns the copy's disk, as raw.
+    fn test_failover(&self, arguments: &[&str], raw: &str) -> PathBuf {
+        let out = self.path(&format!("{raw}.out"));
+        let mut command = self.blockrep();
+        command.args(["failover", "vm1", "--test", "--out", text(&out)]);
+        command.args(arguments);
+        run_ok(&mut command);
+        let disk = out.join("disk-0.vhdx");
+        run_ok(Command::new("qemu-img").args(["check", text(&disk)]));
+        let path = self.path(raw);
+        run_ok(Command::new("qemu-img").args(["convert", "-O", "raw", text(&disk), text(&path)]));
+        path
+    }
+}
+
+#[test]
+fn a_test_failover_gives_the_disk_as_it_was_at_the_latest_or_an_older_point() {
+    let test = "a_test_failover_gives_the_disk_as_it_was_at_the_latest_or_an_older_point";
+    let Some((_lab, site, mut serve, mut protect)) = lab_hosts(test, 4, "64M", None) else {
+        return;
+    };
+    // The disk as initial replication left it: recovery point 1 once the next delta lands.
+    let at_initial = site.capture_through_nbd("at-initial.raw");
+    let random = site.random_file("random.bin", 2 * MIB, 4);
+    site.nbd_io(&[
+        "write -P 0x21 0 8M",
+        &format!("write -s {} 16M 2M", text(&random)),
+    ]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    site.nbd_io(&["write -z 1M 1M", "write -P 0x43 40M 64k"]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    let now = site.capture_through_nbd("now.raw");
+    let points: serde_json::Value =
+        serde_json::from_str(&run_ok(site.blockrep().args(["points", "vm1", "--json"]))).unwrap();
+    let ids: Vec<u64> = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|point| point["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.contains(&1), "point 1 is not listed: {points}");
+    let older = site.test_failover(&["--point", "1"], "older.raw");
+    assert_same_bytes(&at_initial, &older);
+    // One test failover per VM at a time.
+    let second = site
+        .blockrep()
+        .args([
+            "failover",
+            "vm1",
+            "--test",
+            "--out",
+            text(&site.path("second")),
+        ])
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "a second test failover was made");
+    assert!(String::from_utf8_lossy(&second.stderr).contains("--cleanup"));
+    run_ok(
+        site.blockrep()
+            .args(["failover", "vm1", "--test", "--cleanup"]),
+    );
+    assert!(
+        !site.path("older.raw.out").exists(),
+        "cleanup left the copy"
+    );
+    let latest = site.test_failover(&["--point", "latest"], "latest.raw");
+    assert_same_bytes(&now, &latest);
+    run_ok(
+        site.blockrep()
+            .args(["failover", "vm1", "--test", "--cleanup"]),
+    );
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}

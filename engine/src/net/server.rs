@@ -591,3 +591,145 @@ fn close_all(slot: &mut VmSlot, reason: &str) {
         connection.close(5u32.into(), reason.as_bytes());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta::{Compression, DeltaEncoder, DeltaHeader};
+    use crate::image::{Access, VhdxImage};
+    use crate::io::{FileStorage, StorageOptions};
+    use crate::proto::{DeltaId, DeltaKind, DiskDescription};
+    use crate::replica::PointPolicy;
+
+    const MIB: u64 = 1 << 20;
+    const SIZE: u64 = 48 * MIB;
+
+    fn disk() -> DiskDescription {
+        DiskDescription {
+            disk_id: uuid::Uuid::from_u128(9),
+            virtual_size: SIZE,
+            logical_sector: 512,
+        }
+    }
+
+    fn chunk(sequence: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+        let header = DeltaHeader {
+            disk_id: disk().disk_id,
+            virtual_size: SIZE,
+            block_size: 64 << 10,
+            source_generation: sequence,
+            sequence,
+            recovery_point: true,
+            full: false,
+        };
+        let range = offset..offset + data.len() as u64;
+        DeltaEncoder::new()
+            .encode_chunk(
+                &header,
+                offset,
+                data,
+                std::slice::from_ref(&range),
+                Compression::Lz4,
+            )
+            .unwrap()
+    }
+
+    fn id(sequence: u64) -> DeltaId {
+        DeltaId {
+            sequence,
+            cut: sequence,
+        }
+    }
+
+    /// Delta k writes byte k over region k (1 MiB at k MiB) and a counter block at 0.
+    fn apply(slot: &Mutex<VmSlot>, sequence: u64) {
+        let mut slot = lock(slot);
+        let replica = &mut slot.replica;
+        replica
+            .start_staging(id(sequence), DeltaKind::Changes)
+            .unwrap();
+        let region = vec![sequence as u8; MIB as usize];
+        replica
+            .stage_chunk(id(sequence), 0, &chunk(sequence, sequence * MIB, &region))
+            .unwrap();
+        replica
+            .stage_chunk(
+                id(sequence),
+                0,
+                &chunk(sequence, 0, &[sequence as u8; 4096]),
+            )
+            .unwrap();
+        replica.commit(id(sequence), DeltaKind::Changes).unwrap();
+    }
+
+    #[test]
+    fn a_test_failover_made_while_deltas_land_is_one_consistent_state() {
+        for keep in [0, 24] {
+            let directory = tempfile::tempdir().unwrap();
+            let policy = PointPolicy {
+                keep,
+                interval: Duration::from_secs(3600),
+            };
+            let store =
+                ReplicaStore::with_policy(directory.path(), StorageOptions::default(), policy)
+                    .unwrap();
+            let mut replica = store.open_vm("vm1").unwrap();
+            replica.prepare(vec![disk()], "owner").unwrap();
+            replica.start_staging(id(1), DeltaKind::Initial).unwrap();
+            replica.commit(id(1), DeltaKind::Initial).unwrap();
+            let slot = Arc::new(Mutex::new(VmSlot {
+                machine: Replica::new("vm1", replica.record()),
+                replica,
+                connections: HashMap::new(),
+            }));
+            let writer = {
+                let slot = Arc::clone(&slot);
+                std::thread::spawn(move || {
+                    for sequence in 2..=40 {
+                        apply(&slot, sequence);
+                    }
+                })
+            };
+            while lock(&slot).replica.applied() < 6 {
+                std::thread::yield_now();
+            }
+            let out = directory.path().join("test-failover");
+            let copy = test_failover(&slot, "vm1", None, &out).unwrap();
+            writer.join().unwrap();
+            let image = VhdxImage::open(
+                FileStorage::open(&copy.disks[0], false).unwrap(),
+                "copy",
+                Access::ReadOnly,
+            )
+            .unwrap();
+            let mut counter = [0u8; 4096];
+            image.read_at(&mut counter, 0).unwrap();
+            let at = u64::from(counter[0]);
+            assert_eq!(
+                at, copy.point,
+                "keep {keep}: the counter says {at}, the copy claims point {}",
+                copy.point
+            );
+            let mut region = vec![0u8; MIB as usize];
+            for sequence in 2..=40u64 {
+                image.read_at(&mut region, sequence * MIB).unwrap();
+                let expected = if sequence <= at { sequence as u8 } else { 0 };
+                assert!(
+                    region[1..].iter().all(|&byte| byte == expected)
+                        && (sequence == 0 || region[0] == expected),
+                    "keep {keep}: region {sequence} of a copy at point {at} holds {}",
+                    region[0]
+                );
+            }
+            // Nothing held for the copy stays behind when no points are kept.
+            if keep == 0 {
+                let leftovers = std::fs::read_dir(directory.path().join("vm1"))
+                    .unwrap()
+                    .flatten()
+                    .filter(|entry| entry.file_name().to_string_lossy().starts_with("undo-"))
+                    .count();
+                assert_eq!(leftovers, 0, "undo files left behind");
+            }
+        }
+    }
+}
