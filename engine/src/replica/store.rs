@@ -15,7 +15,7 @@ use super::points::{PointPolicy, RecoveryPoint, record_applied, undo_chain};
 use crate::delta::DeltaHeader;
 use crate::delta::{TargetState, apply_delta, verify_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
-use crate::image::{Access, BlockImage, VhdxImage};
+use crate::image::{Access, BlockImage, RawImage, VhdxImage};
 use crate::io::{Storage, StorageOptions, file_storage};
 use crate::proto::{DeltaId, DeltaKind, DiskDescription, ReplicaVmRecord};
 use crate::{Error, Result};
@@ -572,6 +572,90 @@ impl VmReplica {
         }
         self.mark_applied(delta, DeltaKind::Changes)?;
         let _ = std::fs::remove_file(&stage);
+        if let Err(error) = self.compact_points() {
+            // The points stay usable uncompacted; only space is lost.
+            tracing::warn!(vm = %self.vm, %error, "cannot compact recovery points");
+        }
+        Ok(())
+    }
+
+    /// Merges the undo files of every point but the newest into one file each: a point then
+    /// costs the union of what its deltas overwrote, not their sum (a block rewritten every
+    /// cycle of the hour is kept once). The newest point's list still grows, so it waits.
+    fn compact_points(&mut self) -> Result<()> {
+        if self.pinned > 0 {
+            return Ok(());
+        }
+        let points = self.catalogue()?.points.clone();
+        for (index, point) in points
+            .iter()
+            .enumerate()
+            .take(points.len().saturating_sub(1))
+        {
+            if point.undo.len() > 1 {
+                self.compact_point(index, point)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replays `point`'s undo files, newest first, into sparse scratch files (so the oldest
+    /// contents win), then writes the union of their extents as one file.
+    fn compact_point(&mut self, index: usize, point: &RecoveryPoint) -> Result<()> {
+        let descriptions = self.catalogue()?.disks.clone();
+        let mut scratch_paths = Vec::with_capacity(descriptions.len());
+        let mut images = Vec::with_capacity(descriptions.len());
+        let mut union: Vec<Vec<std::ops::Range<u64>>> = vec![Vec::new(); descriptions.len()];
+        for (disk, description) in descriptions.iter().enumerate() {
+            let path = self.directory.join(format!("compact-{disk}.scratch"));
+            let name = path.display().to_string();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(|error| Error::file(&name, "create scratch", error))?;
+            file.set_len(description.virtual_size)
+                .map_err(|error| Error::file(&name, "size scratch", error))?;
+            let storage: Box<dyn Storage> = Box::new(crate::io::FileStorage::from_file(file));
+            images.push(RawImage::open(storage, &name, Access::ReadWrite)?);
+            scratch_paths.push(path);
+        }
+        let outcome = (|| -> Result<String> {
+            for name in &point.undo {
+                let path = self.directory.join(name);
+                apply_bundle(&path, &mut images, || {})?;
+                for (disk, extents) in bundle_extents(&path, descriptions.len())?
+                    .into_iter()
+                    .enumerate()
+                {
+                    union[disk].extend(extents);
+                }
+            }
+            let union: Vec<Vec<std::ops::Range<u64>>> =
+                union.into_iter().map(super::bundle::merge_ranges).collect();
+            let merged = format!("undo-point-{}-{}.bundle", point.sequence, point.undo.len());
+            let mut writer = BundleWriter::create(&self.directory.join(&merged))?;
+            write_contents(
+                &mut writer,
+                &images,
+                &union,
+                &undo_headers(&descriptions, point.sequence),
+            )?;
+            writer.flush()?;
+            sync_directory(&self.directory)?;
+            Ok(merged)
+        })();
+        drop(images);
+        for path in &scratch_paths {
+            let _ = std::fs::remove_file(path);
+        }
+        let merged = outcome?;
+        let mut catalogue = self.catalogue()?.clone();
+        let old = std::mem::replace(&mut catalogue.points[index].undo, vec![merged]);
+        self.write_catalogue(catalogue)?;
+        self.delete_undo(old);
         Ok(())
     }
 
@@ -580,18 +664,7 @@ impl VmReplica {
         self.open_disks()?;
         let descriptions = self.catalogue()?.disks.clone();
         let extents = bundle_extents(&self.directory.join(STAGE), descriptions.len())?;
-        let headers: Vec<DeltaHeader> = descriptions
-            .iter()
-            .map(|disk| DeltaHeader {
-                disk_id: disk.disk_id,
-                virtual_size: disk.virtual_size,
-                block_size: 64 << 10,
-                source_generation: delta.sequence,
-                sequence: delta.sequence - 1,
-                recovery_point: true,
-                full: false,
-            })
-            .collect();
+        let headers = undo_headers(&descriptions, delta.sequence - 1);
         let mut writer = BundleWriter::create(&self.directory.join(undo_name(delta.sequence)))?;
         write_contents(&mut writer, &self.disks, &extents, &headers)?;
         writer.flush()?;
@@ -781,6 +854,22 @@ fn crash_point(name: &str) {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+}
+
+/// Headers for undo deltas that lead back to state `sequence`.
+fn undo_headers(descriptions: &[DiskDescription], sequence: u64) -> Vec<DeltaHeader> {
+    descriptions
+        .iter()
+        .map(|disk| DeltaHeader {
+            disk_id: disk.disk_id,
+            virtual_size: disk.virtual_size,
+            block_size: 64 << 10,
+            source_generation: sequence,
+            sequence,
+            recovery_point: true,
+            full: false,
+        })
+        .collect()
 }
 
 fn undo_name(sequence: u64) -> String {
@@ -1076,6 +1165,63 @@ mod tests {
         let mut reopened = store.open_vm("vm1").unwrap();
         assert_eq!(reopened.points().len(), 4);
         assert!(at_point(&mut reopened, 2) == history[1].1);
+    }
+
+    #[test]
+    fn a_point_whose_deltas_rewrote_one_block_keeps_it_once_after_compaction() {
+        let (directory, _) = replicated();
+        let policy = PointPolicy {
+            keep: 24,
+            interval: std::time::Duration::from_millis(300),
+        };
+        let store =
+            ReplicaStore::with_policy(directory.path(), StorageOptions::default(), policy).unwrap();
+        let mut replica = store.open_vm("vm1").unwrap();
+        let at_one = at_point(&mut replica, 1);
+        let random = |seed: u8| -> Vec<u8> {
+            let mut state = u64::from(seed) | 0x100;
+            (0..65536)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect()
+        };
+        // Three deltas rewrite the same 64 KiB within point 1's interval.
+        for sequence in 2..=4 {
+            apply_change(&mut replica, sequence, 0, 2 << 20, &random(sequence as u8));
+            if sequence == 3 {
+                std::thread::sleep(std::time::Duration::from_millis(350));
+            }
+        }
+        let before = replica
+            .points()
+            .iter()
+            .find(|point| point.id == 1)
+            .unwrap()
+            .bytes_kept;
+        // The next state starts a new point: point 1's list is final and gets compacted.
+        apply_change(&mut replica, 5, 1, 0, &[0x99; 4096]);
+        let points = replica.points();
+        let one = points.iter().find(|point| point.id == 1).unwrap();
+        assert!(points.iter().any(|point| point.id == 4), "{points:?}");
+        assert!(
+            one.bytes_kept * 2 < before,
+            "compaction kept {} of {before} bytes",
+            one.bytes_kept
+        );
+        assert!(
+            at_point(&mut replica, 1) == at_one,
+            "point 1 changed by compaction"
+        );
+        let files = std::fs::read_dir(directory.path().join("vm1"))
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with("undo-"))
+            .count();
+        assert_eq!(files, 2, "the compacted files were not removed");
     }
 
     #[test]
