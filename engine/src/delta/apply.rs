@@ -236,10 +236,21 @@ pub fn apply_delta<R: Read + Seek>(
     reader
         .seek(SeekFrom::Start(0))
         .map_err(|error| Error::file(name, "rewind delta", error))?;
+    write_delta(reader, name, target)?;
+    target.flush()?;
+    Ok(summary)
+}
+
+/// Writes a delta already verified whole (by [`verify_delta`]) to `target`, in one pass, each
+/// extent only after its own checksum holds again; does not flush: the caller flushes once
+/// after many deltas (the chunks of a replication cycle).
+pub fn write_delta(
+    reader: impl Read,
+    name: &str,
+    target: &mut dyn BlockImage,
+) -> Result<DeltaSummary> {
     walk(reader, name, |offset, length, data| match data {
         Some(bytes) => target.write_at(bytes, offset),
         None => target.zero_range(offset, length),
-    })?;
-    target.flush()?;
-    Ok(summary)
+    })
 }

@@ -8,7 +8,7 @@ mod encode;
 mod format;
 mod spool;
 
-pub use apply::{DeltaSummary, TargetState, apply_delta, delta_extents, verify_delta};
+pub use apply::{DeltaSummary, TargetState, apply_delta, delta_extents, verify_delta, write_delta};
 pub use encode::{Compression, DeltaEncoder, EncodeStatistics, encode_delta};
 pub use format::{DeltaHeader, FORMAT_VERSION};
 pub use spool::{Spool, chunk_pieces};

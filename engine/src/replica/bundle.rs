@@ -3,9 +3,7 @@
 //! holds a delta's chunks this way; undo data (what a delta overwrote) is kept the same way,
 //! so one reader applies both. Entries are disjoint, so their order does not matter.
 
-use crate::delta::{
-    Compression, DeltaEncoder, DeltaHeader, TargetState, apply_delta, chunk_pieces,
-};
+use crate::delta::{Compression, DeltaEncoder, DeltaHeader, chunk_pieces, write_delta};
 use crate::image::BlockImage;
 use crate::io::{FileStorage, Storage};
 use crate::proto::MAX_BODY;
@@ -102,8 +100,8 @@ pub fn for_each_entry(
     Ok(())
 }
 
-/// Applies every entry of the bundle at `path` to its disk; `after_first` runs once the first
-/// entry is on its disk.
+/// Applies every entry of the bundle at `path` to its disk, without flushing them; `after_first`
+/// runs once the first entry is on its disk.
 pub fn apply_bundle<D: BlockImage>(
     path: &Path,
     disks: &mut [D],
@@ -115,12 +113,10 @@ pub fn apply_bundle<D: BlockImage>(
         let target = disks
             .get_mut(usize::from(disk))
             .ok_or_else(|| Error::corrupt(&name, format!("entry for disk {disk}")))?;
-        apply_delta(
-            Cursor::new(payload),
-            &format!("{name} at byte {position}"),
-            target,
-            TargetState::default(),
-        )?;
+        // Every entry is verified whole before a byte of it is written; the caller flushes.
+        let entry = format!("{name} at byte {position}");
+        crate::delta::verify_delta(Cursor::new(payload), &entry)?;
+        write_delta(Cursor::new(payload), &entry, target)?;
         if std::mem::take(&mut first) {
             after_first();
         }

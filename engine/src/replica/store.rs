@@ -13,7 +13,7 @@
 use super::bundle::{BundleWriter, apply_bundle, bundle_extents, write_contents};
 use super::points::{PointPolicy, RecoveryPoint, record_applied, undo_chain};
 use crate::delta::DeltaHeader;
-use crate::delta::{TargetState, apply_delta, verify_delta};
+use crate::delta::{verify_delta, write_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use crate::image::{Access, BlockImage, RawImage, VhdxImage};
 use crate::io::{Storage, StorageOptions, file_storage};
@@ -307,12 +307,8 @@ impl VmReplica {
                 delta: staged,
                 disks,
             }) if *staged == delta => {
-                apply_delta(
-                    Cursor::new(payload),
-                    &name,
-                    &mut disks[usize::from(disk)],
-                    TargetState::default(),
-                )?;
+                // Verified whole above; the replica disk is flushed once, at the commit.
+                write_delta(Cursor::new(payload), &name, &mut disks[usize::from(disk)])?;
                 Ok(())
             }
             Some(Staging::Changes {

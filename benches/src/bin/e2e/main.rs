@@ -4,9 +4,11 @@
 //!
 //! `cargo run --release -p blockrep-benches --bin e2e -- convert [--size 4G] [--runs 3] [--json]`
 //! `cargo run --release -p blockrep-benches --bin e2e -- replicate [--size 4G] [--runs 3]`
+//! `cargo run --release -p blockrep-benches --bin e2e -- points [--size 1G] [--hours 24]`
 
 mod measure;
 mod nbd_client;
+mod points;
 mod replicate;
 mod report;
 mod source;
@@ -34,6 +36,9 @@ enum Scenario {
     /// Replication over loopback: initial replication and a delta of changed blocks, blockrep
     /// (serve + protect) against rsync through an rsync daemon and an O_DIRECT write loop.
     Replicate(replicate::ReplicateArguments),
+    /// Recovery points: the undo data a day of hourly points keeps, against the disk's size
+    /// and against keeping every cycle's undo.
+    Points(points::PointsArguments),
 }
 
 #[derive(clap::Args)]
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
     let outcome = match cli.scenario {
         Scenario::Convert(arguments) => convert(&arguments),
         Scenario::Replicate(arguments) => replicate::replicate(&arguments),
+        Scenario::Points(arguments) => points::points(&arguments),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
