@@ -57,22 +57,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Fail a VM over. Only test failover exists so far: a copy of a recovery point, as VHDX
-    /// disks in --out, made while replication goes on (one per VM at a time).
+    /// Fail a VM over on the replica server running here: a test copy of a recovery point
+    /// (--test, made while replication goes on, one per VM at a time), or an unplanned
+    /// failover when the primary is gone (--unplanned; then --commit or --cancel).
+    #[command(group(clap::ArgGroup::new("mode").required(true).args(["test", "unplanned", "commit", "cancel"])))]
     Failover {
         vm: String,
-        /// Test failover: copy a point out, leaving replication untouched.
-        #[arg(long, required = true)]
-        test: bool,
-        /// The point to copy: an id from `blockrep points`, or latest.
-        #[arg(long, value_name = "ID|latest", conflicts_with = "cleanup")]
-        point: Option<String>,
-        /// Where the copy's disks go (a new or empty directory).
-        #[arg(long, required_unless_present = "cleanup")]
-        out: Option<PathBuf>,
-        /// Remove the VM's test failover copy.
+        /// Test failover: copy a point to --out as VHDX disks, leaving replication untouched.
         #[arg(long)]
+        test: bool,
+        /// Unplanned failover: fence replication off and make the point writable disks (in the
+        /// VM's `failover` directory of the store). Refused while the primary is connected.
+        #[arg(long)]
+        unplanned: bool,
+        /// Make an unplanned failover final: its disks become the VM's, older points go.
+        #[arg(long)]
+        commit: bool,
+        /// Undo an unplanned failover not committed: replication from the primary resumes.
+        #[arg(long)]
+        cancel: bool,
+        /// The point: an id from `blockrep points`, or latest.
+        #[arg(long, value_name = "ID|latest")]
+        point: Option<String>,
+        /// With --test: where the copy's disks go (a new or empty directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// With --test: remove the VM's test failover copy.
+        #[arg(long, requires = "test")]
         cleanup: bool,
+        /// With --unplanned: fail over although the primary still replicates (split brain).
+        #[arg(long, requires = "unplanned")]
+        force: bool,
     },
     /// Show the state and health of the primaries and replica servers running here.
     Status {
@@ -116,11 +131,23 @@ fn main() -> ExitCode {
         Command::Points { vm, json } => replication_command::points(&vm, json),
         Command::Failover {
             vm,
-            test: _,
+            test,
+            unplanned,
+            commit,
+            cancel: _,
             point,
             out,
             cleanup,
-        } => replication_command::test_failover(&vm, point.as_deref(), out.as_deref(), cleanup),
+            force,
+        } => {
+            if test {
+                replication_command::test_failover(&vm, point.as_deref(), out.as_deref(), cleanup)
+            } else if unplanned {
+                replication_command::unplanned_failover(&vm, point.as_deref(), force)
+            } else {
+                replication_command::finish_failover(&vm, commit)
+            }
+        }
         Command::Resume { vm } => replication_command::suspend(&vm, false),
     };
     match outcome {

@@ -396,6 +396,17 @@ enum ReplicaRequest {
     CleanupTestFailover {
         vm: String,
     },
+    UnplannedFailover {
+        vm: String,
+        point: Option<u64>,
+        force: bool,
+    },
+    CommitFailover {
+        vm: String,
+    },
+    CancelFailover {
+        vm: String,
+    },
 }
 
 fn answer_replica_request(
@@ -413,6 +424,15 @@ fn answer_replica_request(
         ReplicaRequest::CleanupTestFailover { vm } => server
             .cleanup_test_failover(&vm)
             .map(|out| serde_json::json!({"vm": vm, "removed": out})),
+        ReplicaRequest::UnplannedFailover { vm, point, force } => runtime
+            .block_on(server.unplanned_failover(&vm, point, force))
+            .map(|copy| serde_json::json!(copy)),
+        ReplicaRequest::CommitFailover { vm } => server
+            .commit_failover(&vm)
+            .map(|disks| serde_json::json!({"vm": vm, "disks": disks})),
+        ReplicaRequest::CancelFailover { vm } => server
+            .cancel_failover(&vm)
+            .map(|()| serde_json::json!({"vm": vm})),
     };
     match outcome {
         Ok(answer) => serde_json::json!({"ok": answer}),
@@ -505,13 +525,7 @@ pub fn test_failover(
     }
     let out = out.ok_or("--out DIR is needed for a test failover")?;
     let out = std::path::absolute(out)?;
-    let point = match point {
-        None | Some("latest") => None,
-        Some(text) => Some(
-            text.parse::<u64>()
-                .map_err(|_| format!("--point {text}: expected a point id or latest"))?,
-        ),
-    };
+    let point = parse_point(point)?;
     let answer = ask_replica_servers(
         vm,
         &ReplicaRequest::TestFailover {
@@ -523,6 +537,57 @@ pub fn test_failover(
     println!("{vm}: test failover of point {} ready:", answer["point"]);
     for disk in answer["disks"].as_array().into_iter().flatten() {
         println!("  {}", disk.as_str().unwrap_or("?"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_point(point: Option<&str>) -> Result<Option<u64>, String> {
+    match point {
+        None | Some("latest") => Ok(None),
+        Some(text) => text
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| format!("--point {text}: expected a point id or latest")),
+    }
+}
+
+/// `blockrep failover VM --unplanned`: the VM comes up at the replica site from a point.
+pub fn unplanned_failover(vm: &str, point: Option<&str>, force: bool) -> Outcome {
+    let point = parse_point(point)?;
+    let answer = ask_replica_servers(
+        vm,
+        &ReplicaRequest::UnplannedFailover {
+            vm: vm.to_owned(),
+            point,
+            force,
+        },
+    )?;
+    println!(
+        "{vm}: failed over to point {}; replication from the primary is fenced off. Writable disks:",
+        answer["point"]
+    );
+    for disk in answer["disks"].as_array().into_iter().flatten() {
+        println!("  {}", disk.as_str().unwrap_or("?"));
+    }
+    println!("then `blockrep failover {vm} --commit` to keep them, or `--cancel` to go back");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blockrep failover VM --commit | --cancel`.
+pub fn finish_failover(vm: &str, commit: bool) -> Outcome {
+    let request = if commit {
+        ReplicaRequest::CommitFailover { vm: vm.to_owned() }
+    } else {
+        ReplicaRequest::CancelFailover { vm: vm.to_owned() }
+    };
+    let answer = ask_replica_servers(vm, &request)?;
+    if commit {
+        println!("{vm}: failover committed; the VM's disks:");
+        for disk in answer["disks"].as_array().into_iter().flatten() {
+            println!("  {}", disk.as_str().unwrap_or("?"));
+        }
+    } else {
+        println!("{vm}: failover cancelled; replication from the primary resumes when it connects");
     }
     Ok(ExitCode::SUCCESS)
 }

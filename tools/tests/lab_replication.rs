@@ -436,6 +436,17 @@ impl Site {
 
     /// `blockrep protect` of vm1 at `--frequency 1s`, its disk served over NBD.
     fn protect(&self, namespace: Option<&str>, replica: &str, identity: &str) -> Daemon {
+        self.protect_with(namespace, replica, identity, &[])
+    }
+
+    /// `protect`, with `extra` arguments.
+    fn protect_with(
+        &self,
+        namespace: Option<&str>,
+        replica: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> Daemon {
         let mut command = match namespace {
             Some(namespace) => Lab::exec(namespace, BLOCKREP),
             None => Command::new(BLOCKREP),
@@ -458,6 +469,7 @@ impl Site {
             "--nbd",
             &format!("unix:{}", text(&self.nbd_socket())),
         ]);
+        command.args(extra);
         Daemon::spawn("blockrep protect", command, self.path("protect.log"))
     }
 
@@ -960,4 +972,83 @@ fn a_test_failover_gives_the_disk_as_it_was_at_the_latest_or_an_older_point() {
     protect.stop();
     serve.stop();
     site.assert_replica_equals_primary();
+}
+
+impl Site {
+    /// The replica server's answer for vm1 in `blockrep status --json`.
+    fn replica_status(&self) -> Option<serde_json::Value> {
+        let output = self.blockrep().args(["status", "--json"]).output().ok()?;
+        let answers: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        answers
+            .as_array()?
+            .iter()
+            .find(|answer| answer["role"] == "replica")
+            .and_then(|answer| answer["vms"].get(0).cloned())
+    }
+}
+
+#[test]
+fn an_unplanned_failover_after_the_primary_dies_mid_delta_gives_its_last_shipped_cut() {
+    let test = "an_unplanned_failover_after_the_primary_dies_mid_delta_gives_its_last_shipped_cut";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let (mut serve, address) = site.serve(None, "127.0.0.1:0", "serve.log", None);
+    // Slowed down, so the primary can be killed while a delta is on its way.
+    let mut protect = site.protect_with(None, &address, "pid", &["--max-rate", "16M"]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    site.nbd_io(&["write -P 0x61 0 2M", "write -z 8M 1M"]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    let last_shipped = site.capture_through_nbd("last-shipped.raw");
+    let shipped = sequence(&site.primary_status().unwrap());
+    let random = site.random_file("random.bin", 32 * MIB, 9);
+    site.nbd_io(&[&format!("write -s {} 16M 32M", text(&random))]);
+    site.wait_for_primary(
+        "the big delta to be on its way",
+        &[&serve, &protect],
+        |status| status["pending_bytes"].as_u64().unwrap_or(0) > 0 && sequence(status) == shipped,
+    );
+    protect.signal(libc::SIGKILL);
+    protect.wait_exit(WAIT);
+    // The replica notices the dead primary (QUIC idle timeout), then fails over.
+    wait_for(
+        "the replica to see the primary gone",
+        WAIT,
+        || format!("{:?}\n{}", site.replica_status(), serve.tail()),
+        || {
+            site.replica_status()
+                .filter(|status| status["connected"] == false)
+        },
+    );
+    run_ok(site.blockrep().args(["failover", "vm1", "--unplanned"]));
+    let failover = site
+        .store()
+        .join("vm1")
+        .join("failover")
+        .join("disk-0.vhdx");
+    run_ok(Command::new("qemu-img").args(["check", text(&failover)]));
+    let failed_over = site.path("failed-over.raw");
+    run_ok(Command::new("qemu-img").args([
+        "convert",
+        "-O",
+        "raw",
+        text(&failover),
+        text(&failed_over),
+    ]));
+    assert_same_bytes(&last_shipped, &failed_over);
+    // Committed, the failover is final: the old primary is refused for good.
+    run_ok(site.blockrep().args(["failover", "vm1", "--commit"]));
+    let mut returning = site.protect(None, &address, "pid");
+    let status = returning.wait_exit(WAIT);
+    assert!(
+        !status.success(),
+        "the old primary was not refused after the commit"
+    );
+    assert!(
+        returning.log().contains("failed over"),
+        "the refusal does not say why\n{}",
+        returning.tail()
+    );
+    serve.stop();
 }

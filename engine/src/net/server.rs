@@ -8,7 +8,7 @@ use super::identity::{Identity, fingerprint};
 use super::tls::server_config;
 use crate::image::{BlockImage, is_zero};
 use crate::proto::{ConnectionId, Message, Replica, ReplicaAction};
-use crate::replica::{PointInfo, ReplicaStore, VmReplica, apply_bundle};
+use crate::replica::{PointInfo, ReplicaStore, VmReplica, apply_bundle, fence_for};
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
@@ -97,6 +97,67 @@ fn test_failover(
                 let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
             }
             let _ = guard.replica.set_test_failover(None);
+            Err(error)
+        }
+    }
+}
+
+fn unplanned_failover(
+    slot: &Mutex<VmSlot>,
+    vm: &str,
+    point: Option<u64>,
+    force: bool,
+) -> Result<TestCopy> {
+    let refuse = |problem: String| Error::Replication {
+        peer: vm.to_owned(),
+        problem,
+    };
+    let (pinned_at, target, disks, out) = {
+        let mut guard = lock(slot);
+        if let Some(failover) = guard.replica.failover() {
+            return Err(refuse(format!(
+                "already failed over to point {}; commit or cancel that first",
+                failover.point
+            )));
+        }
+        if guard.machine.connection().is_some() && !force {
+            return Err(refuse(
+                "the primary is still connected and replicating: failing over now would leave two primaries (split brain). Stop the primary (a primary that died is noticed within 10 s), or add --force".into(),
+            ));
+        }
+        let latest = guard.replica.applied();
+        if latest == 0 {
+            return Err(refuse("initial replication has not completed".into()));
+        }
+        let target = point.unwrap_or(latest);
+        if target != latest && !guard.replica.points().iter().any(|kept| kept.id == target) {
+            return Err(refuse(format!(
+                "no recovery point {target} (see `blockrep points {vm}`)"
+            )));
+        }
+        guard.replica.begin_failover(target)?;
+        let fence = guard.replica.failover().as_ref().map(fence_for);
+        guard.machine.fence(fence);
+        drive(&mut guard);
+        let out = guard.replica.failover_directory();
+        let _ = std::fs::remove_dir_all(&out);
+        let pinned_at = guard.replica.pin();
+        (pinned_at, target, guard.replica.descriptions().len(), out)
+    };
+    tracing::warn!(%vm, point = target, "unplanned failover: replication from the primary is fenced off");
+    let copied = copy_point(slot, pinned_at, target, disks, &out);
+    let mut guard = lock(slot);
+    guard.replica.unpin();
+    match copied {
+        Ok(paths) => Ok(TestCopy {
+            vm: vm.to_owned(),
+            point: target,
+            disks: paths,
+        }),
+        Err(error) => {
+            let _ = guard.replica.cancel_failover();
+            guard.machine.fence(None);
+            drive(&mut guard);
             Err(error)
         }
     }
@@ -294,6 +355,48 @@ impl ReplicaServer {
         let _ = std::fs::remove_dir(&out);
         slot.replica.set_test_failover(None)?;
         Ok(out)
+    }
+
+    /// Unplanned failover to `point` (the latest when `None`): replication from the primary is
+    /// fenced off and the point is made into writable disks in the VM's `failover` directory.
+    /// Refused while the primary is connected and replicating (split-brain guard) unless
+    /// `force`.
+    pub async fn unplanned_failover(
+        &self,
+        vm: &str,
+        point: Option<u64>,
+        force: bool,
+    ) -> Result<TestCopy> {
+        let slot = self.slot(vm)?;
+        let vm = vm.to_owned();
+        tokio::task::spawn_blocking(move || unplanned_failover(&slot, &vm, point, force))
+            .await
+            .map_err(|error| Error::Replication {
+                peer: "failover".into(),
+                problem: error.to_string(),
+            })?
+    }
+
+    /// Commits a failover: its disks become the VM's, the older points go, and replication
+    /// from the old primary has ended for good.
+    pub fn commit_failover(&self, vm: &str) -> Result<Vec<PathBuf>> {
+        let slot = self.slot(vm)?;
+        let mut slot = lock(&slot);
+        let disks = slot.replica.commit_failover()?;
+        let fence = slot.replica.failover().as_ref().map(fence_for);
+        slot.machine.fence(fence);
+        drive(&mut slot);
+        Ok(disks)
+    }
+
+    /// Cancels a failover not committed: its disks go and replication may resume.
+    pub fn cancel_failover(&self, vm: &str) -> Result<()> {
+        let slot = self.slot(vm)?;
+        let mut slot = lock(&slot);
+        slot.replica.cancel_failover()?;
+        slot.machine.fence(None);
+        drive(&mut slot);
+        Ok(())
     }
 
     fn slot(&self, vm: &str) -> Result<Arc<Mutex<VmSlot>>> {

@@ -17,4 +17,4 @@ pub use message::{
     PROTOCOL_VERSION, ProtocolError, Staged, chunk_frame_prefix, decode_frame_header,
 };
 pub use primary::{Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, ReplicationState};
-pub use replica::{ConnectionId, Replica, ReplicaAction, ReplicaVmRecord};
+pub use replica::{ConnectionId, Fence, Replica, ReplicaAction, ReplicaVmRecord};

@@ -63,6 +63,16 @@ pub struct ReplicaVmRecord {
     pub applied: u64,
     /// The identity of the primary allowed to replicate this VM.
     pub owner: Option<String>,
+    /// Replication from the primary is fenced off (the VM failed over to the replica site):
+    /// why, and whether for good (a committed failover) or until the failover is cancelled.
+    pub fenced: Option<Fence>,
+}
+
+/// Why a replica takes nothing from its primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub reason: String,
+    pub permanent: bool,
 }
 
 /// The replica's state machine for one VM.
@@ -181,6 +191,10 @@ impl Replica {
         if let Some(reason) = &self.failed {
             let reason = format!("{}: {reason}", self.vm);
             return refuse(self, reason, true);
+        }
+        if let Some(fence) = &self.record.fenced {
+            let (reason, permanent) = (format!("{}: {}", self.vm, fence.reason), fence.permanent);
+            return refuse(self, reason, !permanent);
         }
         if let Some(previous) = self.connection.replace(connection)
             && previous != connection
@@ -424,6 +438,24 @@ impl Replica {
                 connection,
                 reason: reason.to_owned(),
             });
+        }
+    }
+
+    /// Fences replication off (a failover) or lifts the fence (`None`: the failover was
+    /// cancelled). A connected primary is refused at once.
+    pub fn fence(&mut self, fence: Option<Fence>) {
+        self.record.fenced = fence.clone();
+        if let (Some(fence), Some(connection)) = (fence, self.connection.take()) {
+            let reason = format!("{}: {}", self.vm, fence.reason);
+            self.send(
+                connection,
+                Message::Refused {
+                    reason: reason.clone(),
+                    retry: !fence.permanent,
+                },
+            );
+            self.actions
+                .push_back(ReplicaAction::Close { connection, reason });
         }
     }
 

@@ -17,7 +17,7 @@ use crate::delta::{verify_delta, write_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use crate::image::{Access, BlockImage, RawImage, VhdxImage};
 use crate::io::{Storage, StorageOptions, file_storage};
-use crate::proto::{DeltaId, DeltaKind, DiskDescription, ReplicaVmRecord};
+use crate::proto::{DeltaId, DeltaKind, DiskDescription, Fence, ReplicaVmRecord};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -63,6 +63,18 @@ struct Catalogue {
     /// Where the test failover copy is, while one exists.
     #[serde(default)]
     test_failover: Option<PathBuf>,
+    /// The VM failed over to this site, when it has.
+    #[serde(default)]
+    failover: Option<FailoverRecord>,
+}
+
+/// A failover of the VM to the replica site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    /// The recovery point the VM was brought up from.
+    pub point: u64,
+    /// Committed: the failover disks became the VM's disks and the points were dropped.
+    pub committed: bool,
 }
 
 /// Where a VM's replicas live.
@@ -217,6 +229,7 @@ impl VmReplica {
                 disks: Some(catalogue.disks.clone()),
                 applied: catalogue.applied,
                 owner: Some(catalogue.owner.clone()),
+                fenced: catalogue.failover.as_ref().map(fence_for),
             },
             None => ReplicaVmRecord::default(),
         }
@@ -259,6 +272,7 @@ impl VmReplica {
             committing: None,
             points: Vec::new(),
             test_failover: None,
+            failover: None,
         })
     }
 
@@ -483,6 +497,82 @@ impl VmReplica {
         let mut catalogue = self.catalogue()?.clone();
         catalogue.test_failover = out;
         self.write_catalogue(catalogue)
+    }
+
+    /// The failover of the VM to this site, if there is one.
+    pub fn failover(&self) -> Option<FailoverRecord> {
+        self.catalogue
+            .as_ref()
+            .and_then(|catalogue| catalogue.failover.clone())
+    }
+
+    /// Where failover disks are made: beside the replica's, until committed.
+    pub fn failover_directory(&self) -> PathBuf {
+        self.directory.join("failover")
+    }
+
+    /// Records an unplanned failover to `point` (its disks being made in
+    /// `failover_directory`): from now on the primary is refused.
+    pub fn begin_failover(&mut self, point: u64) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.failover = Some(FailoverRecord {
+            point,
+            committed: false,
+        });
+        self.write_catalogue(catalogue)
+    }
+
+    /// Drops a failover that was not committed: its disks go, replication may resume.
+    pub fn cancel_failover(&mut self) -> Result<()> {
+        match self.failover() {
+            None => return Err(self.refusal("has not failed over".into())),
+            Some(failover) if failover.committed => {
+                return Err(
+                    self.refusal("the failover is committed; it cannot be cancelled".into())
+                );
+            }
+            Some(_) => {}
+        }
+        let _ = std::fs::remove_dir_all(self.failover_directory());
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.failover = None;
+        self.write_catalogue(catalogue)
+    }
+
+    /// Makes the failover disks the VM's disks for good: they replace the replica disks, and
+    /// the recovery points (histories of the replica the VM left) are dropped.
+    pub fn commit_failover(&mut self) -> Result<Vec<PathBuf>> {
+        let Some(failover) = self.failover() else {
+            return Err(self.refusal("has not failed over".into()));
+        };
+        if failover.committed {
+            return Err(self.refusal("the failover is already committed".into()));
+        }
+        self.disks.clear();
+        let mut catalogue = self.catalogue()?.clone();
+        for index in 0..catalogue.disks.len() {
+            let from = self.failover_directory().join(format!("disk-{index}.vhdx"));
+            let to = self.disk_path(index);
+            if from.exists() {
+                std::fs::rename(&from, &to).map_err(|error| {
+                    Error::file(&to.display().to_string(), "commit the failover disk", error)
+                })?;
+            }
+        }
+        sync_directory(&self.directory)?;
+        let _ = std::fs::remove_dir(self.failover_directory());
+        let dropped: Vec<String> = catalogue
+            .points
+            .drain(..)
+            .flat_map(|point| point.undo)
+            .collect();
+        catalogue.failover = Some(FailoverRecord {
+            committed: true,
+            ..failover
+        });
+        self.write_catalogue(catalogue)?;
+        self.delete_undo(dropped);
+        Ok(self.disk_paths())
     }
 
     /// Creates an empty disk like replica disk `index`, at `path`.
@@ -849,6 +939,24 @@ fn crash_point(name: &str) {
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
+    }
+}
+
+/// What a failover means for replication from the primary.
+pub fn fence_for(failover: &FailoverRecord) -> Fence {
+    Fence {
+        reason: if failover.committed {
+            format!(
+                "failed over to the replica site from point {} and committed: replication from this primary has ended",
+                failover.point
+            )
+        } else {
+            format!(
+                "failed over to the replica site from point {} (not committed): replication resumes if the failover is cancelled",
+                failover.point
+            )
+        },
+        permanent: failover.committed,
     }
 }
 
