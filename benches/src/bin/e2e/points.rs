@@ -125,7 +125,7 @@ pub fn points(arguments: &PointsArguments) -> Outcome {
     let mut replica = store.open_vm("vm1")?;
     replica.prepare(vec![disk(arguments.size)], "bench")?;
     let blocks = arguments.size / BLOCK;
-    let mut random = Random(0x5EED_0F_B10C);
+    let mut random = Random(0x005E_ED0F_B10C);
     eprintln!(
         "filling a {} disk with random data",
         blockrep::units::format_size(arguments.size)
@@ -158,7 +158,7 @@ pub fn points(arguments: &PointsArguments) -> Outcome {
         for cycle in 0..arguments.cycles.max(2) {
             let mut changed: Vec<(u64, Vec<u8>)> = Vec::new();
             for &index in &hot {
-                if random.next() % 2 == 0 {
+                if random.next().is_multiple_of(2) {
                     changed.push((index, random.block()));
                 }
             }
