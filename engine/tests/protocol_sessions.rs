@@ -3,7 +3,7 @@
 //! every delta is committed once, whole, in sequence, and the primary hears of each.
 
 use blockrep::proto::{
-    ConnectionId, DeltaId, DeltaKind, DiskDescription, Message, Primary, PrimaryAction,
+    ConnectionId, DeltaId, DeltaKind, DiskDescription, Fence, Message, Primary, PrimaryAction,
     PrimaryConfig, Replica, ReplicaAction, ReplicaVmRecord, ReplicationState,
 };
 use bytes::Bytes;
@@ -336,6 +336,7 @@ fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
             disks: Some(config().disks),
             applied: 5,
             owner: Some("fingerprint-a".into()),
+            fenced: None,
         },
     );
     replica.hello(7, "fingerprint-a", 1, config().disks);
@@ -374,6 +375,7 @@ fn another_primary_or_other_disks_are_refused_for_good() {
         disks: Some(config().disks),
         applied: 1,
         owner: Some("fingerprint-a".into()),
+        fenced: None,
     };
     let refusals = |owner: &str, disks: Vec<DiskDescription>| {
         let mut replica = Replica::new("vm1", record.clone());
@@ -465,4 +467,52 @@ fn a_suspended_primary_cuts_nothing_and_resuming_cuts_at_once() {
     assert_eq!(world.cut.len(), cut + 1, "resuming did not cut at once");
     world.settle();
     world.check();
+}
+
+#[test]
+fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
+    let record = ReplicaVmRecord {
+        disks: Some(config().disks),
+        applied: 3,
+        owner: Some("fingerprint-a".into()),
+        fenced: None,
+    };
+    let mut replica = Replica::new("vm1", record);
+    let refusals = |replica: &mut Replica| {
+        std::iter::from_fn(|| replica.poll_action())
+            .filter_map(|action| match action {
+                ReplicaAction::Send {
+                    message: Message::Refused { reason, retry },
+                    ..
+                } => Some((reason, retry)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    replica.hello(1, "fingerprint-a", 1, config().disks);
+    assert!(refusals(&mut replica).is_empty());
+    // Failing over refuses the connected primary at once, worth retrying (it may be cancelled).
+    replica.fence(Some(Fence {
+        reason: "failed over".into(),
+        permanent: false,
+    }));
+    assert_eq!(
+        refusals(&mut replica),
+        vec![("vm1: failed over".to_string(), true)]
+    );
+    assert_eq!(replica.connection(), None);
+    replica.hello(2, "fingerprint-a", 1, config().disks);
+    assert!(refusals(&mut replica)[0].1, "a cancellable failover is worth retrying");
+    // Committed: refused for good.
+    replica.fence(Some(Fence {
+        reason: "committed".into(),
+        permanent: true,
+    }));
+    replica.hello(3, "fingerprint-a", 1, config().disks);
+    assert!(!refusals(&mut replica)[0].1, "a committed failover is final");
+    // Cancelled: welcome again.
+    replica.fence(None);
+    replica.hello(4, "fingerprint-a", 1, config().disks);
+    assert!(refusals(&mut replica).is_empty());
+    assert_eq!(replica.connection(), Some(4));
 }
