@@ -502,14 +502,20 @@ fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
     );
     assert_eq!(replica.connection(), None);
     replica.hello(2, "fingerprint-a", 1, config().disks);
-    assert!(refusals(&mut replica)[0].1, "a cancellable failover is worth retrying");
+    assert!(
+        refusals(&mut replica)[0].1,
+        "a cancellable failover is worth retrying"
+    );
     // Committed: refused for good.
     replica.fence(Some(Fence {
         reason: "committed".into(),
         permanent: true,
     }));
     replica.hello(3, "fingerprint-a", 1, config().disks);
-    assert!(!refusals(&mut replica)[0].1, "a committed failover is final");
+    assert!(
+        !refusals(&mut replica)[0].1,
+        "a committed failover is final"
+    );
     // Cancelled: welcome again.
     replica.fence(None);
     replica.hello(4, "fingerprint-a", 1, config().disks);
