@@ -36,6 +36,7 @@ fn config() -> PrimaryConfig {
         reconnect_max: Duration::from_secs(8),
         needs_initial: true,
         seed: 42,
+        app_consistent_every: None,
     }
 }
 
@@ -145,7 +146,7 @@ impl World {
                     });
                 }
             }
-            PrimaryAction::Cut { delta, kind } => {
+            PrimaryAction::Cut { delta, kind, .. } => {
                 let count = self.chunk_counts.pop_front().unwrap_or(0);
                 let previous = self.cut.insert(delta.sequence, (delta, kind, count));
                 assert!(
@@ -153,7 +154,7 @@ impl World {
                     "a sequence reused with the same cut number"
                 );
                 self.primary
-                    .delta_ready(self.now, delta, vec![1 << 20; count as usize]);
+                    .delta_ready(self.now, delta, vec![1 << 20; count as usize], false);
             }
             PrimaryAction::Acknowledged { delta, .. } => self.acknowledged.push(delta),
             PrimaryAction::Disconnect { reason } => panic!("primary disconnected: {reason}"),
@@ -188,7 +189,7 @@ impl World {
                 assert_eq!(payload, Bytes::from(format!("{}:{index}", delta.sequence)));
                 self.staging.push_back((delta, index));
             }
-            ReplicaAction::Commit { delta, kind } => {
+            ReplicaAction::Commit { delta, kind, .. } => {
                 let chunks = self.staged.remove(&delta).unwrap();
                 self.committed.push((delta, kind, chunks));
                 self.replica.committed(delta);
@@ -350,6 +351,7 @@ fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
             kind: DeltaKind::Changes,
             chunks: 1,
             recovery_point: true,
+            app_consistent: false,
         },
     );
     let refusal = std::iter::from_fn(|| replica.poll_action())

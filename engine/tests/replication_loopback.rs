@@ -6,7 +6,9 @@ mod common;
 use blockrep::delta::Compression;
 use blockrep::image::{Access, BlockImage, VhdxImage};
 use blockrep::io::{FileStorage, StorageOptions};
-use blockrep::net::{Identity, PrimaryOptions, ReplicaServer, SharedReport, run_primary};
+use blockrep::net::{
+    ConsistencyHook, Identity, PrimaryOptions, ReplicaServer, SharedReport, run_primary,
+};
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::PrimaryConfig;
 use blockrep::replica::ReplicaStore;
@@ -29,6 +31,7 @@ fn config(vm: &ProtectedVm, frequency: Duration) -> PrimaryConfig {
         reconnect_max: Duration::from_secs(1),
         needs_initial: vm.needs_initial(),
         seed: 7,
+        app_consistent_every: None,
     }
 }
 
@@ -105,6 +108,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
         streams: 3,
         max_rate: None,
         suspended: None,
+        consistency_hook: None,
     };
     let primary = tokio::spawn(run_primary(
         Arc::clone(&vm),
@@ -192,6 +196,7 @@ async fn refused(
         streams: 2,
         max_rate: None,
         suspended: None,
+        consistency_hook: None,
     };
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
@@ -280,6 +285,15 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
         let (stop, stopped) = watch::channel(false);
         let mut config = config(&vm, Duration::from_millis(200));
         config.vm = vm_name.into();
+        // The web VM freezes its applications at every cut.
+        let hook_log = directory.path().join(format!("{vm_name}-hook.log"));
+        let consistency_hook = (vm_name == "web").then(|| ConsistencyHook {
+            command: format!("echo >> {}", hook_log.display()),
+            timeout: Duration::from_secs(10),
+        });
+        if consistency_hook.is_some() {
+            config.app_consistent_every = Some(Duration::ZERO);
+        }
         let options = PrimaryOptions {
             replica: server.address(),
             trusted: replica_identity.certificate.clone(),
@@ -288,6 +302,7 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
             streams: 2,
             max_rate: None,
             suspended: None,
+            consistency_hook,
         };
         let task = tokio::spawn(run_primary(
             Arc::clone(&vm),
@@ -343,5 +358,17 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
         }
         Arc::try_unwrap(vm).unwrap().close().unwrap();
     }
+    let web = server.points("web").unwrap();
+    assert!(
+        web[0].app_consistent,
+        "the web VM's latest state is not application-consistent: {web:?}"
+    );
+    assert!(!server.points("db").unwrap()[0].app_consistent);
+    let hook_calls = std::fs::read_to_string(directory.path().join("web-hook.log")).unwrap();
+    let phases: Vec<&str> = hook_calls.split_whitespace().collect();
+    assert!(
+        phases.len() >= 2 && phases.chunks(2).all(|pair| pair == ["freeze", "thaw"]),
+        "{phases:?}"
+    );
     server.shutdown().await;
 }

@@ -76,8 +76,8 @@ enum Command {
         /// Undo an unplanned failover not committed: replication from the primary resumes.
         #[arg(long)]
         cancel: bool,
-        /// The point: an id from `blockrep points`, or latest.
-        #[arg(long, value_name = "ID|latest")]
+        /// The point: an id from `blockrep points`, latest, or latest-app-consistent.
+        #[arg(long, value_name = "ID|latest|latest-app-consistent")]
         point: Option<String>,
         /// With --test: where the copy's disks go (a new or empty directory).
         #[arg(long)]

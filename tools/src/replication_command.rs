@@ -5,7 +5,8 @@ use blockrep::delta::Compression;
 use blockrep::io::{IoEngine, StorageOptions};
 use blockrep::nbd::{ExportedDisk, NbdAddress, NbdServer};
 use blockrep::net::{
-    Identity, PrimaryOptions, ReplicaServer, SharedReport, load_certificate, run_primary,
+    ConsistencyHook, Identity, PrimaryOptions, ReplicaServer, SharedReport, load_certificate,
+    run_primary,
 };
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::{PrimaryConfig, ReplicationState};
@@ -94,6 +95,16 @@ pub struct ProtectArguments {
     /// Compress deltas with lz4 where it pays.
     #[arg(long, value_enum, default_value = "on")]
     compression: Switch,
+    /// A command that freezes the VM's applications (`fsfreeze`, a database checkpoint): run as
+    /// `COMMAND freeze` before an application-consistent cut and `COMMAND thaw` after it.
+    #[arg(long, value_name = "COMMAND")]
+    consistency_hook: Option<String>,
+    /// How long the hook may take before the cut goes ahead crash-consistent.
+    #[arg(long, value_parser = duration_argument, default_value = "60s")]
+    hook_timeout: Duration,
+    /// How often a cut is application-consistent (needs --consistency-hook).
+    #[arg(long, value_parser = duration_argument, default_value = "1h", requires = "consistency_hook")]
+    app_consistent_every: Duration,
     /// Data streams used at once for large deltas.
     #[arg(long, default_value = "4", value_parser = clap::value_parser!(u16).range(1..=32))]
     streams: u16,
@@ -293,6 +304,10 @@ fn replicate_vm(
         reconnect_max: Duration::from_secs(30),
         needs_initial: vm.needs_initial(),
         seed: rand_seed(),
+        app_consistent_every: arguments
+            .consistency_hook
+            .as_ref()
+            .map(|_| arguments.app_consistent_every),
     };
     let (suspend, suspended) = watch::channel(false);
     let options = PrimaryOptions {
@@ -303,6 +318,13 @@ fn replicate_vm(
         streams: usize::from(arguments.streams),
         max_rate: arguments.max_rate,
         suspended: Some(suspended),
+        consistency_hook: arguments
+            .consistency_hook
+            .clone()
+            .map(|command| ConsistencyHook {
+                command,
+                timeout: arguments.hook_timeout,
+            }),
     };
     let report = SharedReport::default();
     let control = {
@@ -525,7 +547,7 @@ pub fn test_failover(
     }
     let out = out.ok_or("--out DIR is needed for a test failover")?;
     let out = std::path::absolute(out)?;
-    let point = parse_point(point)?;
+    let point = parse_point(vm, point)?;
     let answer = ask_replica_servers(
         vm,
         &ReplicaRequest::TestFailover {
@@ -541,19 +563,31 @@ pub fn test_failover(
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_point(point: Option<&str>) -> Result<Option<u64>, String> {
+/// A `--point` argument: an id, `latest` (`None`), or `latest-app-consistent`, the newest
+/// point the primary made application-consistent.
+fn parse_point(vm: &str, point: Option<&str>) -> Result<Option<u64>, String> {
     match point {
         None | Some("latest") => Ok(None),
-        Some(text) => text
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| format!("--point {text}: expected a point id or latest")),
+        Some("latest-app-consistent") => {
+            let answer = ask_replica_servers(vm, &ReplicaRequest::Points { vm: vm.to_owned() })?;
+            answer["points"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|point| point["app_consistent"].as_bool() == Some(true))
+                .and_then(|point| point["id"].as_u64())
+                .map(Some)
+                .ok_or_else(|| format!("{vm}: no application-consistent recovery point is kept"))
+        }
+        Some(text) => text.parse::<u64>().map(Some).map_err(|_| {
+            format!("--point {text}: expected a point id, latest or latest-app-consistent")
+        }),
     }
 }
 
 /// `blockrep failover VM --unplanned`: the VM comes up at the replica site from a point.
 pub fn unplanned_failover(vm: &str, point: Option<&str>, force: bool) -> Outcome {
-    let point = parse_point(point)?;
+    let point = parse_point(vm, point)?;
     let answer = ask_replica_servers(
         vm,
         &ReplicaRequest::UnplannedFailover {

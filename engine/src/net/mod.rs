@@ -14,6 +14,6 @@ pub use frame::{read_frame, write_message};
 pub type Certificate = rustls::pki_types::CertificateDer<'static>;
 
 pub use identity::{Identity, fingerprint, load_certificate};
-pub use primary::{PrimaryOptions, PrimaryReport, SharedReport, run_primary};
+pub use primary::{ConsistencyHook, PrimaryOptions, PrimaryReport, SharedReport, run_primary};
 pub use server::{ReplicaReport, ReplicaServer, TestCopy};
 pub use tls::{client_config, is_authentication_failure, server_config};

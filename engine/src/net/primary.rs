@@ -32,6 +32,67 @@ pub struct PrimaryOptions {
     pub max_rate: Option<u64>,
     /// True while the operator has replication paused.
     pub suspended: Option<watch::Receiver<bool>>,
+    /// Run around application-consistent cuts.
+    pub consistency_hook: Option<ConsistencyHook>,
+}
+
+/// A command that freezes the VM's applications before a cut and thaws them after: run as
+/// `sh -c 'COMMAND "$1"' hook freeze`, then `... thaw`. A freeze that fails or outlasts its
+/// timeout makes the cut crash-consistent (and thaws anyway).
+#[derive(Debug, Clone)]
+pub struct ConsistencyHook {
+    pub command: String,
+    pub timeout: Duration,
+}
+
+impl ConsistencyHook {
+    fn run(&self, phase: &str) -> std::result::Result<(), String> {
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} \"$1\"", self.command))
+            .arg("consistency-hook")
+            .arg(phase)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|error| format!("cannot run the consistency hook: {error}"))?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    return Err(format!(
+                        "the consistency hook's {phase} exited with {status}"
+                    ));
+                }
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "the consistency hook's {phase} took longer than {:?}",
+                        self.timeout
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+    }
+
+    /// Runs `prepare` frozen; says whether the freeze held.
+    fn around<T>(&self, prepare: impl FnOnce() -> T) -> (T, bool) {
+        let frozen = match self.run("freeze") {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::warn!(%reason, "this cut is crash-consistent only");
+                false
+            }
+        };
+        let outcome = prepare();
+        if let Err(reason) = self.run("thaw") {
+            tracing::error!(%reason, "thawing after the cut failed");
+        }
+        (outcome, frozen)
+    }
 }
 
 /// What the status socket reports for a primary.
@@ -79,6 +140,7 @@ enum Event {
     Prepared {
         delta: DeltaId,
         outcome: Result<Vec<u64>>,
+        app_consistent: bool,
     },
 }
 
@@ -196,12 +258,24 @@ pub async fn run_primary(
                         let _ = link.chunks.send((delta, index));
                     }
                 }
-                PrimaryAction::Cut { delta, kind } => {
+                PrimaryAction::Cut {
+                    delta,
+                    kind,
+                    app_consistent,
+                } => {
                     let vm = Arc::clone(&vm);
                     let events = events.clone();
+                    let hook = options.consistency_hook.clone().filter(|_| app_consistent);
                     tokio::task::spawn_blocking(move || {
-                        let outcome = vm.prepare(delta, kind);
-                        let _ = events.send(Event::Prepared { delta, outcome });
+                        let (outcome, app_consistent) = match hook {
+                            Some(hook) => hook.around(|| vm.prepare(delta, kind)),
+                            None => (vm.prepare(delta, kind), false),
+                        };
+                        let _ = events.send(Event::Prepared {
+                            delta,
+                            outcome,
+                            app_consistent,
+                        });
                     });
                 }
                 PrimaryAction::Acknowledged { delta, kind } => {
@@ -304,11 +378,11 @@ pub async fn run_primary(
                             primary.connection_lost(now, &reason);
                         }
                     }
-                    Event::Prepared { delta, outcome } => match outcome {
+                    Event::Prepared { delta, outcome, app_consistent } => match outcome {
                         Ok(chunk_bytes) => {
                             disk_bytes += chunk_bytes.iter().sum::<u64>();
-                            tracing::debug!(%delta, chunks = chunk_bytes.len(), "delta prepared");
-                            primary.delta_ready(now, delta, chunk_bytes);
+                            tracing::debug!(%delta, chunks = chunk_bytes.len(), app_consistent, "delta prepared");
+                            primary.delta_ready(now, delta, chunk_bytes, app_consistent);
                         }
                         Err(error) => {
                             tracing::error!(%delta, %error, "cannot prepare the delta; its changes ship with the next");

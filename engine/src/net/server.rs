@@ -656,9 +656,13 @@ fn drive(slot: &mut VmSlot) {
                     slot.machine.chunk_refused(delta, index, &error.to_string());
                 }
             },
-            ReplicaAction::Commit { delta, kind } => {
+            ReplicaAction::Commit {
+                delta,
+                kind,
+                app_consistent,
+            } => {
                 let started = std::time::Instant::now();
-                match slot.replica.commit(delta, kind) {
+                match slot.replica.commit(delta, kind, app_consistent) {
                     Ok(()) => {
                         tracing::info!(%delta, ?kind, seconds = started.elapsed().as_secs_f64(), "applied");
                         slot.machine.committed(delta);
@@ -762,7 +766,9 @@ mod tests {
                 &chunk(sequence, 0, &[sequence as u8; 4096]),
             )
             .unwrap();
-        replica.commit(id(sequence), DeltaKind::Changes).unwrap();
+        replica
+            .commit(id(sequence), DeltaKind::Changes, false)
+            .unwrap();
     }
 
     #[test]
@@ -779,7 +785,7 @@ mod tests {
             let mut replica = store.open_vm("vm1").unwrap();
             replica.prepare(vec![disk()], "owner").unwrap();
             replica.start_staging(id(1), DeltaKind::Initial).unwrap();
-            replica.commit(id(1), DeltaKind::Initial).unwrap();
+            replica.commit(id(1), DeltaKind::Initial, false).unwrap();
             let slot = Arc::new(Mutex::new(VmSlot {
                 machine: Replica::new("vm1", replica.record()),
                 replica,

@@ -96,6 +96,8 @@ pub enum Message {
         kind: DeltaKind,
         chunks: u32,
         recovery_point: bool,
+        /// The primary froze its applications for the cut (a consistency hook ran).
+        app_consistent: bool,
     },
     /// Primary to replica, on a data stream: chunk `index` of a delta, for disk `disk` (its
     /// place in Hello's list). The payload is a complete delta in the delta format (v1).
@@ -224,13 +226,14 @@ impl Message {
                 kind,
                 chunks,
                 recovery_point,
+                app_consistent,
             } => {
                 put_delta(&mut body, *delta);
                 body.put_u8(match kind {
                     DeltaKind::Initial => 1,
                     DeltaKind::Changes => 2,
                 });
-                body.put_u8(u8::from(*recovery_point));
+                body.put_u8(u8::from(*recovery_point) | (u8::from(*app_consistent) << 1));
                 body.put_u32_le(*chunks);
                 KIND_DELTA_BEGIN
             }
@@ -322,13 +325,15 @@ impl Message {
                     2 => DeltaKind::Changes,
                     other => return Err(error(format!("delta begin: unknown kind {other}"))),
                 };
-                let recovery_point = take_u8(&mut body)? != 0;
+                let flags = take_u8(&mut body)?;
+                let (recovery_point, app_consistent) = (flags & 1 != 0, flags & 2 != 0);
                 let chunks = take_u32(&mut body)?;
                 Message::DeltaBegin {
                     delta,
                     kind,
                     chunks,
                     recovery_point,
+                    app_consistent,
                 }
             }
             KIND_CHUNK => {
@@ -476,6 +481,7 @@ mod tests {
             kind: DeltaKind::Initial,
             chunks: 12,
             recovery_point: true,
+            app_consistent: true,
         });
         round_trip(Message::Chunk {
             delta,

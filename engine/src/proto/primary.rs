@@ -32,6 +32,9 @@ pub struct PrimaryConfig {
     pub needs_initial: bool,
     /// Mixed into the numbers that identify cuts; a driver draws it at random.
     pub seed: u64,
+    /// How often a cut is made application-consistent (the driver runs a consistency hook
+    /// around it); never when `None`.
+    pub app_consistent_every: Option<Duration>,
 }
 
 /// What the driver must do next.
@@ -45,7 +48,12 @@ pub enum PrimaryAction {
     SendChunk { delta: DeltaId, index: u32 },
     /// Cut every disk at one instant and prepare the delta, then call `delta_ready` (or
     /// `delta_failed`). An initial delta covers every allocated block instead.
-    Cut { delta: DeltaId, kind: DeltaKind },
+    Cut {
+        delta: DeltaId,
+        kind: DeltaKind,
+        /// Freeze applications around this cut (run the consistency hook).
+        app_consistent: bool,
+    },
     /// The replica applied this delta: its changes may be forgotten by tracking.
     Acknowledged { delta: DeltaId, kind: DeltaKind },
     /// Close the connection (the peer broke the protocol); `connection_lost` follows.
@@ -124,6 +132,7 @@ struct InFlight {
     cursor: u32,
     begin_sent: bool,
     end_sent: bool,
+    app_consistent: bool,
 }
 
 impl InFlight {
@@ -147,6 +156,8 @@ pub struct Primary {
     next_cut_at: Instant,
     /// A cycle came due while busy: cut as soon as the delta in flight is applied.
     cut_overdue: bool,
+    /// When the last application-consistent cut was made.
+    last_app_consistent: Option<Instant>,
     cuts: u64,
     failed: Option<String>,
     stopped: bool,
@@ -174,6 +185,7 @@ impl Primary {
             in_flight: None,
             next_cut_at: now,
             cut_overdue: false,
+            last_app_consistent: None,
             cuts: 0,
             failed: None,
             stopped: false,
@@ -376,8 +388,15 @@ impl Primary {
         }
     }
 
-    /// The driver prepared the delta of a `Cut`: `chunk_bytes` holds each chunk's disk bytes.
-    pub fn delta_ready(&mut self, now: Instant, delta: DeltaId, chunk_bytes: Vec<u64>) {
+    /// The driver prepared the delta of a `Cut`: `chunk_bytes` holds each chunk's disk bytes;
+    /// `app_consistent` says whether the consistency hook froze applications for it.
+    pub fn delta_ready(
+        &mut self,
+        now: Instant,
+        delta: DeltaId,
+        chunk_bytes: Vec<u64>,
+        app_consistent: bool,
+    ) {
         let Some((cutting, kind, cut_at)) = self.cutting else {
             return;
         };
@@ -385,7 +404,9 @@ impl Primary {
             return;
         }
         self.cutting = None;
-        let _ = now;
+        if app_consistent {
+            self.last_app_consistent = Some(now);
+        }
         self.in_flight = Some(InFlight {
             delta,
             kind,
@@ -396,6 +417,7 @@ impl Primary {
             cursor: 0,
             begin_sent: false,
             end_sent: false,
+            app_consistent,
         });
         self.pump();
     }
@@ -528,7 +550,16 @@ impl Primary {
         };
         self.cut_overdue = false;
         self.cutting = Some((delta, kind, now));
-        self.actions.push_back(PrimaryAction::Cut { delta, kind });
+        let app_consistent = kind == DeltaKind::Changes
+            && self.config.app_consistent_every.is_some_and(|every| {
+                self.last_app_consistent
+                    .is_none_or(|last| now.saturating_duration_since(last) >= every)
+            });
+        self.actions.push_back(PrimaryAction::Cut {
+            delta,
+            kind,
+            app_consistent,
+        });
     }
 
     /// Sends what the window allows: the begin, chunks not staged, then the end.
@@ -547,6 +578,7 @@ impl Primary {
                     kind: in_flight.kind,
                     chunks: in_flight.count(),
                     recovery_point: true,
+                    app_consistent: in_flight.app_consistent,
                 }));
         }
         while (in_flight.outstanding.len() as u32) < self.config.window.max(1) {

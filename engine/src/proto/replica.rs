@@ -36,7 +36,12 @@ pub enum ReplicaAction {
     },
     /// Every chunk is staged and the primary has sent them all: make the delta the replica's
     /// state atomically on every disk, then call `committed` or `commit_failed`.
-    Commit { delta: DeltaId, kind: DeltaKind },
+    Commit {
+        delta: DeltaId,
+        kind: DeltaKind,
+        /// The primary froze its applications for this delta's cut.
+        app_consistent: bool,
+    },
     /// Drop a connection.
     Close {
         connection: ConnectionId,
@@ -53,6 +58,7 @@ struct Staging {
     /// Handed to the driver, not yet confirmed.
     requested: ChunkSet,
     end: bool,
+    app_consistent: bool,
 }
 
 /// What a replica knows of a VM when it starts: from its catalogue.
@@ -236,7 +242,8 @@ impl Replica {
                 kind,
                 chunks,
                 recovery_point: _,
-            } => self.begin(connection, delta, kind, chunks),
+                app_consistent,
+            } => self.begin(connection, delta, kind, chunks, app_consistent),
             Message::Chunk {
                 delta,
                 index,
@@ -304,7 +311,14 @@ impl Replica {
         }
     }
 
-    fn begin(&mut self, connection: ConnectionId, delta: DeltaId, kind: DeltaKind, chunks: u32) {
+    fn begin(
+        &mut self,
+        connection: ConnectionId,
+        delta: DeltaId,
+        kind: DeltaKind,
+        chunks: u32,
+        app_consistent: bool,
+    ) {
         if self.committing.is_some() {
             return self.violation(connection, format!("{delta} begun while another commits"));
         }
@@ -344,6 +358,7 @@ impl Replica {
             staged: ChunkSet::new(),
             requested: ChunkSet::new(),
             end: false,
+            app_consistent,
         });
         self.actions
             .push_back(ReplicaAction::StartStaging { delta, kind });
@@ -487,6 +502,7 @@ impl Replica {
             self.actions.push_back(ReplicaAction::Commit {
                 delta: staging.delta,
                 kind: staging.kind,
+                app_consistent: staging.app_consistent,
             });
         }
     }

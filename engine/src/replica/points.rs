@@ -40,26 +40,31 @@ pub struct RecoveryPoint {
 }
 
 /// Records that delta `sequence` was applied over the state `sequence - 1` (applied at
-/// `previous_time`), whose undo is in `undo`. Returns the undo files no longer needed.
+/// `previous.0`, application-consistent when `previous.1`), whose undo is in `undo`. An
+/// application-consistent state is always kept. Returns the undo files no longer needed.
 pub fn record_applied(
     points: &mut Vec<RecoveryPoint>,
     policy: PointPolicy,
     sequence: u64,
-    previous_time: f64,
+    previous: (f64, bool),
     undo: String,
 ) -> Vec<String> {
+    let (previous_time, previous_app_consistent) = previous;
     if policy.keep == 0 {
         return vec![undo];
     }
     match points.last_mut() {
-        Some(newest) if previous_time - newest.time < policy.interval.as_secs_f64() => {
+        Some(newest)
+            if !previous_app_consistent
+                && previous_time - newest.time < policy.interval.as_secs_f64() =>
+        {
             // The previous state is not kept: its undo joins the newest point's.
             newest.undo.insert(0, undo);
         }
         _ => points.push(RecoveryPoint {
             sequence: sequence - 1,
             time: previous_time,
-            app_consistent: false,
+            app_consistent: previous_app_consistent,
             undo: vec![undo],
         }),
     }
@@ -107,7 +112,7 @@ mod tests {
                 &mut points,
                 policy(24),
                 sequence,
-                previous_time,
+                (previous_time, false),
                 format!("u{sequence}"),
             ));
         }
@@ -134,7 +139,7 @@ mod tests {
                 &mut points,
                 policy(2),
                 sequence,
-                (sequence - 2) as f64 * HOUR,
+                ((sequence - 2) as f64 * HOUR, false),
                 format!("u{sequence}"),
             ));
         }
@@ -149,10 +154,24 @@ mod tests {
     }
 
     #[test]
+    fn an_application_consistent_state_is_kept_whatever_the_interval() {
+        let mut points = Vec::new();
+        record_applied(&mut points, policy(24), 2, (0.0, false), "u2".into());
+        record_applied(&mut points, policy(24), 3, (60.0, true), "u3".into());
+        record_applied(&mut points, policy(24), 4, (120.0, false), "u4".into());
+        let kept: Vec<(u64, bool)> = points
+            .iter()
+            .map(|point| (point.sequence, point.app_consistent))
+            .collect();
+        assert_eq!(kept, vec![(1, false), (2, true)]);
+        assert_eq!(points[1].undo, vec!["u4", "u3"]);
+    }
+
+    #[test]
     fn keeping_no_points_keeps_no_undo() {
         let mut points = Vec::new();
         assert_eq!(
-            record_applied(&mut points, policy(0), 2, 0.0, "u2".into()),
+            record_applied(&mut points, policy(0), 2, (0.0, false), "u2".into()),
             vec!["u2"]
         );
         assert!(points.is_empty());

@@ -56,6 +56,12 @@ struct Catalogue {
     /// When `applied` was applied, seconds since the Unix epoch.
     #[serde(default)]
     applied_at: f64,
+    /// The primary froze its applications for the cut of `applied`.
+    #[serde(default)]
+    applied_app_consistent: bool,
+    /// The same, for the delta being committed.
+    #[serde(default)]
+    committing_app_consistent: bool,
     committing: Option<(DeltaId, DeltaKind)>,
     /// Older states kept, oldest first.
     #[serde(default)]
@@ -269,6 +275,8 @@ impl VmReplica {
             disks,
             applied: 0,
             applied_at: unix_now(),
+            applied_app_consistent: false,
+            committing_app_consistent: false,
             committing: None,
             points: Vec::new(),
             test_failover: None,
@@ -334,7 +342,7 @@ impl VmReplica {
     }
 
     /// Makes the staged `delta` the replica's state on every disk, atomically.
-    pub fn commit(&mut self, delta: DeltaId, kind: DeltaKind) -> Result<()> {
+    pub fn commit(&mut self, delta: DeltaId, kind: DeltaKind, app_consistent: bool) -> Result<()> {
         let staging = self.staging.take();
         match (staging, kind) {
             (
@@ -348,7 +356,7 @@ impl VmReplica {
                     disk.close()?;
                 }
                 self.disks.clear();
-                self.mark_committing(Some((delta, kind)))?;
+                self.mark_committing(Some((delta, kind)), false)?;
                 crash_point("replica-initial-commit");
                 self.finish_initial(delta)
             }
@@ -367,7 +375,7 @@ impl VmReplica {
                     // crash must not take half-applied blocks for the old ones.
                     self.write_undo(delta)?;
                 }
-                self.mark_committing(Some((delta, kind)))?;
+                self.mark_committing(Some((delta, kind)), app_consistent)?;
                 self.finish_changes(delta)
             }
             (other, _) => {
@@ -396,7 +404,7 @@ impl VmReplica {
             id: catalogue.applied,
             time: catalogue.applied_at,
             latest: true,
-            app_consistent: false,
+            app_consistent: catalogue.applied_app_consistent,
             bytes_kept: 0,
         }];
         for point in catalogue.points.iter().rev() {
@@ -757,9 +765,14 @@ impl VmReplica {
         sync_directory(&self.directory)
     }
 
-    fn mark_committing(&mut self, committing: Option<(DeltaId, DeltaKind)>) -> Result<()> {
+    fn mark_committing(
+        &mut self,
+        committing: Option<(DeltaId, DeltaKind)>,
+        app_consistent: bool,
+    ) -> Result<()> {
         let mut catalogue = self.catalogue()?.clone();
         catalogue.committing = committing;
+        catalogue.committing_app_consistent = app_consistent;
         self.write_catalogue(catalogue)
     }
 
@@ -798,7 +811,7 @@ impl VmReplica {
                             &mut catalogue.points,
                             policy,
                             delta.sequence,
-                            catalogue.applied_at,
+                            (catalogue.applied_at, catalogue.applied_app_consistent),
                             undo,
                         );
                     }
@@ -810,7 +823,10 @@ impl VmReplica {
         }
         catalogue.applied = delta.sequence;
         catalogue.applied_at = unix_now();
+        catalogue.applied_app_consistent =
+            kind == DeltaKind::Changes && catalogue.committing_app_consistent;
         catalogue.committing = None;
+        catalogue.committing_app_consistent = false;
         self.write_catalogue(catalogue)?;
         self.delete_undo(unneeded);
         Ok(())
@@ -1081,7 +1097,7 @@ mod tests {
         replica
             .stage_chunk(delta(1), 1, &chunk(&disks()[1], 1, 0, &[0x22; 4096]))
             .unwrap();
-        replica.commit(delta(1), DeltaKind::Initial).unwrap();
+        replica.commit(delta(1), DeltaKind::Initial, false).unwrap();
         assert_eq!(replica.applied(), 1);
         (directory, store)
     }
@@ -1096,7 +1112,7 @@ mod tests {
         replica
             .stage_chunk(delta(2), 0, &chunk(&disks()[0], 2, 1 << 20, &[0x33; 4096]))
             .unwrap();
-        replica.commit(delta(2), DeltaKind::Changes).unwrap();
+        replica.commit(delta(2), DeltaKind::Changes, false).unwrap();
         let reopened = &mut store.open_vm("vm1").unwrap();
         assert_eq!(reopened.applied(), 2);
         assert_eq!(read(reopened, 0, 1 << 20, 4096), vec![0x33; 4096]);
@@ -1117,7 +1133,7 @@ mod tests {
             file.flush().unwrap();
         }
         replica
-            .mark_committing(Some((delta(2), DeltaKind::Changes)))
+            .mark_committing(Some((delta(2), DeltaKind::Changes)), false)
             .unwrap();
         drop(replica);
         let mut recovered = store.open_vm("vm1").unwrap();
@@ -1156,7 +1172,7 @@ mod tests {
             }
         }
         replica
-            .mark_committing(Some((delta(1), DeltaKind::Initial)))
+            .mark_committing(Some((delta(1), DeltaKind::Initial)), false)
             .unwrap();
         drop(replica);
         let mut recovered = store.open_vm("vm1").unwrap();
@@ -1226,7 +1242,9 @@ mod tests {
                 &chunk(&disks()[disk], sequence, offset, data),
             )
             .unwrap();
-        replica.commit(delta(sequence), DeltaKind::Changes).unwrap();
+        replica
+            .commit(delta(sequence), DeltaKind::Changes, false)
+            .unwrap();
     }
 
     #[test]

@@ -100,7 +100,7 @@ fn apply(
         )?;
         replica.stage_chunk(id(sequence), 0, &chunk)?;
     }
-    replica.commit(id(sequence), kind)?;
+    replica.commit(id(sequence), kind, false)?;
     Ok(())
 }
 
