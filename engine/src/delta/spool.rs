@@ -104,17 +104,11 @@ pub struct Spool {
 impl Spool {
     /// Creates (or empties) the spool file at `path`.
     pub fn create(path: &Path) -> Result<Spool> {
-        let name = path.display().to_string();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|source| Error::file(&name, "create spool", source))?;
+        let storage = FileStorage::create(path)
+            .map_err(|source| Error::file(&path.display().to_string(), "create spool", source))?;
         Ok(Spool {
             path: path.to_owned(),
-            storage: FileStorage::from_file(file),
+            storage,
             chunks: Mutex::new((0, Vec::new())),
         })
     }

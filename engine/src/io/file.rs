@@ -33,6 +33,17 @@ impl FileStorage {
         Ok(FileStorage { file })
     }
 
+    /// Creates a file, or empties the one at `path`: scratch and spool files.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileStorage { file })
+    }
+
     /// Wraps a file that is already open.
     pub fn from_file(file: File) -> Self {
         FileStorage { file }

@@ -83,21 +83,46 @@ fn test_failover(
         let pinned_at = slot.replica.pin();
         (pinned_at, target, slot.replica.descriptions().len())
     };
-    let copied = copy_point(slot, pinned_at, target, disks, out);
-    let mut guard = lock(slot);
-    guard.replica.unpin();
-    match copied {
-        Ok(paths) => Ok(TestCopy {
-            vm: vm.to_owned(),
-            point: target,
-            disks: paths,
-        }),
-        Err(error) => {
-            for index in 0..disks {
-                let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
+    let copy = Copy {
+        vm,
+        pinned_at,
+        target,
+        disks,
+        out,
+    };
+    copy.run(slot, |slot| {
+        for index in 0..disks {
+            let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
+        }
+        let _ = slot.replica.set_test_failover(None);
+    })
+}
+
+/// A copy of a recovery point, taken with the VM's undo pinned.
+struct Copy<'a> {
+    vm: &'a str,
+    pinned_at: u64,
+    target: u64,
+    disks: usize,
+    out: &'a Path,
+}
+
+impl Copy<'_> {
+    /// Makes the copy, unpins, and on failure runs `undo` (under the VM's lock).
+    fn run(self, slot: &Mutex<VmSlot>, undo: impl FnOnce(&mut VmSlot)) -> Result<TestCopy> {
+        let copied = copy_point(slot, self.pinned_at, self.target, self.disks, self.out);
+        let mut guard = lock(slot);
+        guard.replica.unpin();
+        match copied {
+            Ok(paths) => Ok(TestCopy {
+                vm: self.vm.to_owned(),
+                point: self.target,
+                disks: paths,
+            }),
+            Err(error) => {
+                undo(&mut guard);
+                Err(error)
             }
-            let _ = guard.replica.set_test_failover(None);
-            Err(error)
         }
     }
 }
@@ -145,22 +170,18 @@ fn unplanned_failover(
         (pinned_at, target, guard.replica.descriptions().len(), out)
     };
     tracing::warn!(%vm, point = target, "unplanned failover: replication from the primary is fenced off");
-    let copied = copy_point(slot, pinned_at, target, disks, &out);
-    let mut guard = lock(slot);
-    guard.replica.unpin();
-    match copied {
-        Ok(paths) => Ok(TestCopy {
-            vm: vm.to_owned(),
-            point: target,
-            disks: paths,
-        }),
-        Err(error) => {
-            let _ = guard.replica.cancel_failover();
-            guard.machine.fence(None);
-            drive(&mut guard);
-            Err(error)
-        }
-    }
+    let copy = Copy {
+        vm,
+        pinned_at,
+        target,
+        disks,
+        out: &out,
+    };
+    copy.run(slot, |slot| {
+        let _ = slot.replica.cancel_failover();
+        slot.machine.fence(None);
+        drive(slot);
+    })
 }
 
 /// Copies the latest disks into `out`, then undoes back to `target`.

@@ -27,17 +27,11 @@ pub struct BundleWriter {
 impl BundleWriter {
     /// Creates (or empties) the bundle at `path`.
     pub fn create(path: &Path) -> Result<Self> {
-        let name = path.display().to_string();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|error| Error::file(&name, "create", error))?;
+        let storage = FileStorage::create(path)
+            .map_err(|error| Error::file(&path.display().to_string(), "create", error))?;
         Ok(BundleWriter {
             path: path.to_owned(),
-            storage: FileStorage::from_file(file),
+            storage,
             end: 0,
         })
     }

@@ -703,16 +703,10 @@ impl VmReplica {
         for (disk, description) in descriptions.iter().enumerate() {
             let path = self.directory.join(format!("compact-{disk}.scratch"));
             let name = path.display().to_string();
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
+            let scratch = crate::io::FileStorage::create(&path)
+                .and_then(|scratch| scratch.set_len(description.virtual_size).map(|()| scratch))
                 .map_err(|error| Error::file(&name, "create scratch", error))?;
-            file.set_len(description.virtual_size)
-                .map_err(|error| Error::file(&name, "size scratch", error))?;
-            let storage: Box<dyn Storage> = Box::new(crate::io::FileStorage::from_file(file));
+            let storage: Box<dyn Storage> = Box::new(scratch);
             images.push(RawImage::open(storage, &name, Access::ReadWrite)?);
             scratch_paths.push(path);
         }
