@@ -1195,6 +1195,12 @@ mod tests {
         );
     }
 
+    /// The store at `root`, keeping `keep` points at most one per `interval`.
+    fn store_keeping(root: &Path, keep: usize, interval: std::time::Duration) -> ReplicaStore {
+        let policy = PointPolicy { keep, interval };
+        ReplicaStore::with_policy(root, StorageOptions::default(), policy).unwrap()
+    }
+
     /// The replica's disks as they were at point `target`, from the latest state and undo.
     fn at_point(replica: &mut VmReplica, target: u64) -> Vec<Vec<u8>> {
         let mut images: Vec<crate::image::RawImage<crate::io::MemoryStorage>> = disks()
@@ -1244,12 +1250,7 @@ mod tests {
     #[test]
     fn every_kept_point_reads_back_as_the_replica_was_then() {
         let (directory, _) = replicated();
-        let policy = PointPolicy {
-            keep: 3,
-            interval: std::time::Duration::ZERO,
-        };
-        let store =
-            ReplicaStore::with_policy(directory.path(), StorageOptions::default(), policy).unwrap();
+        let store = store_keeping(directory.path(), 3, std::time::Duration::ZERO);
         let mut replica = store.open_vm("vm1").unwrap();
         let mut history = vec![(1, at_point(&mut replica, 1))];
         apply_change(&mut replica, 2, 0, (1 << 20) + 4096, &[0x33; 8192]);
@@ -1286,12 +1287,7 @@ mod tests {
     #[test]
     fn a_point_whose_deltas_rewrote_one_block_keeps_it_once_after_compaction() {
         let (directory, _) = replicated();
-        let policy = PointPolicy {
-            keep: 24,
-            interval: std::time::Duration::from_millis(300),
-        };
-        let store =
-            ReplicaStore::with_policy(directory.path(), StorageOptions::default(), policy).unwrap();
+        let store = store_keeping(directory.path(), 24, std::time::Duration::from_millis(300));
         let mut replica = store.open_vm("vm1").unwrap();
         let at_one = at_point(&mut replica, 1);
         let random = |seed: u8| -> Vec<u8> {
@@ -1343,12 +1339,7 @@ mod tests {
     #[test]
     fn a_pin_keeps_undo_even_when_no_points_are_kept() {
         let (directory, _) = replicated();
-        let policy = PointPolicy {
-            keep: 0,
-            interval: std::time::Duration::ZERO,
-        };
-        let store =
-            ReplicaStore::with_policy(directory.path(), StorageOptions::default(), policy).unwrap();
+        let store = store_keeping(directory.path(), 0, std::time::Duration::ZERO);
         let mut replica = store.open_vm("vm1").unwrap();
         let before = at_point(&mut replica, 1);
         let pinned_at = replica.pin();
