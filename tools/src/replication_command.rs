@@ -763,6 +763,25 @@ fn print_replica(vm: &serde_json::Value) {
     for disk in vm["disks"].as_array().into_iter().flatten() {
         println!("  disk:                {}", disk.as_str().unwrap_or("?"));
     }
+    println!(
+        "  recovery points:     {} besides the latest",
+        vm["recovery_points"].as_u64().unwrap_or(0)
+    );
+    if let Some(out) = vm["test_failover"].as_str() {
+        println!("  test failover:       {out}");
+    }
+    if vm["failover"].is_object() {
+        let committed = vm["failover"]["committed"].as_bool() == Some(true);
+        println!(
+            "  failed over:         to point {}{}",
+            vm["failover"]["point"],
+            if committed {
+                ", committed"
+            } else {
+                " (not committed)"
+            }
+        );
+    }
     if let Some(error) = vm["error"].as_str() {
         println!("  error:               {error}");
     }

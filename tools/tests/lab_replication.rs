@@ -1037,6 +1037,13 @@ fn an_unplanned_failover_after_the_primary_dies_mid_delta_gives_its_last_shipped
         text(&failed_over),
     ]));
     assert_same_bytes(&last_shipped, &failed_over);
+    let status = site.replica_status().unwrap();
+    assert_eq!(
+        status["failover"]["point"].as_u64(),
+        Some(shipped),
+        "{status}"
+    );
+    assert_eq!(status["failover"]["committed"], false, "{status}");
     // Committed, the failover is final: the old primary is refused for good.
     run_ok(site.blockrep().args(["failover", "vm1", "--commit"]));
     let mut returning = site.protect(None, &address, "pid");

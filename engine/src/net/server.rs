@@ -33,6 +33,12 @@ pub struct ReplicaReport {
     pub staging: Option<(u64, u64, u32)>,
     pub error: Option<String>,
     pub disks: Vec<String>,
+    /// Recovery points kept besides the latest state.
+    pub recovery_points: usize,
+    /// The point a test failover copy was made of, and where it is.
+    pub test_failover: Option<PathBuf>,
+    /// The unplanned failover to this site, if there is one.
+    pub failover: Option<crate::replica::FailoverRecord>,
 }
 
 /// A test failover's copy.
@@ -326,6 +332,9 @@ impl ReplicaServer {
                         .iter()
                         .map(|path| path.display().to_string())
                         .collect(),
+                    recovery_points: slot.replica.points().len().saturating_sub(1),
+                    test_failover: slot.replica.test_failover(),
+                    failover: slot.replica.failover(),
                 }
             })
             .collect();
