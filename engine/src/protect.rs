@@ -164,19 +164,19 @@ impl ProtectedVm {
                             what: "chunk",
                             reason: format!("{delta} has no chunk {index}"),
                         })?;
-                let tracked = &self.disks[usize::from(*disk)];
-                let start = ranges[0].start;
-                let end = ranges[ranges.len() - 1].end;
-                let mut data = vec![0u8; (end - start) as usize];
-                for range in ranges {
-                    tracked.read_at(
-                        &mut data[(range.start - start) as usize..(range.end - start) as usize],
-                        range.start,
-                    )?;
-                }
+                // Encoded straight from the image, read live (initial replication is made
+                // consistent by the changes delta that follows it).
                 let header = self.header(*disk, delta, prepared.kind, 0);
-                let chunk =
-                    encoder.encode_chunk(&header, start, &data, ranges, self.compression)?;
+                let mut chunk = Vec::new();
+                let image = self.disks[usize::from(*disk)].image();
+                encoder.encode(
+                    &**image,
+                    ranges,
+                    &header,
+                    &mut chunk,
+                    "chunk",
+                    self.compression,
+                )?;
                 Ok((*disk, Bytes::from(chunk)))
             }
         }

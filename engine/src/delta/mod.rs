@@ -10,5 +10,5 @@ mod spool;
 
 pub use apply::{DeltaSummary, TargetState, apply_delta, delta_extents, verify_delta, write_delta};
 pub use encode::{Compression, DeltaEncoder, EncodeStatistics, encode_delta};
-pub use format::{DeltaHeader, FORMAT_VERSION};
+pub use format::{DeltaHeader, FORMAT_VERSION, HEADER_SIZE};
 pub use spool::{Spool, chunk_pieces};

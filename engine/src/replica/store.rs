@@ -12,7 +12,7 @@
 
 use super::bundle::{BundleWriter, apply_bundle, bundle_extents, write_contents};
 use super::points::{PointPolicy, RecoveryPoint, record_applied, undo_chain};
-use crate::delta::DeltaHeader;
+use crate::delta::{DeltaHeader, HEADER_SIZE};
 use crate::delta::{verify_delta, write_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use crate::image::{Access, BlockImage, RawImage, VhdxImage};
@@ -313,8 +313,15 @@ impl VmReplica {
             .get(usize::from(disk))
             .ok_or_else(|| self.refusal(format!("chunk for disk {disk}, which does not exist")))?;
         let name = format!("{}: chunk of {delta} for disk {disk}", self.vm);
-        let summary = verify_delta(Cursor::new(payload), &name)?;
-        let header = &summary.header;
+        let header = payload
+            .get(..HEADER_SIZE)
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| "truncated: shorter than a delta header".to_owned())
+            .and_then(DeltaHeader::decode)
+            .map_err(|problem| Error::Delta {
+                name: name.clone(),
+                problem,
+            })?;
         if header.virtual_size != description.virtual_size
             || (!header.disk_id.is_nil() && header.disk_id != description.disk_id)
             || header.sequence != delta.sequence
@@ -329,14 +336,19 @@ impl VmReplica {
                 delta: staged,
                 disks,
             }) if *staged == delta => {
-                // Verified whole above; the replica disk is flushed once, at the commit.
+                // One pass: each extent is written once its own checksum holds. A chunk found
+                // damaged part-way is refused and sent again, and its resend overwrites what it
+                // wrote; the new disk is not the replica until the commit, which flushes it.
                 write_delta(Cursor::new(payload), &name, &mut disks[usize::from(disk)])?;
                 Ok(())
             }
             Some(Staging::Changes {
                 delta: staged,
                 file,
-            }) if *staged == delta => file.append(disk, payload),
+            }) if *staged == delta => {
+                verify_delta(Cursor::new(payload), &name)?;
+                file.append(disk, payload)
+            }
             _ => Err(self.refusal(format!("{delta} is not being staged"))),
         }
     }
@@ -1350,6 +1362,24 @@ mod tests {
         replica.unpin();
         assert!(!undo[0].exists(), "the held undo was not deleted at unpin");
         assert_eq!(replica.points().len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_chunk_of_an_initial_replication_is_refused_and_its_resend_wins() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(directory.path(), StorageOptions::default()).unwrap();
+        let mut replica = store.open_vm("vm1").unwrap();
+        replica.prepare(disks(), "sha256:owner").unwrap();
+        replica.start_staging(delta(1), DeltaKind::Initial).unwrap();
+        let good = chunk(&disks()[0], 1, 0, &[0x77; 65536]);
+        let mut damaged = good.clone();
+        let last = damaged.len() - 40;
+        damaged[last] ^= 1;
+        assert!(replica.stage_chunk(delta(1), 0, &damaged).is_err());
+        assert!(replica.stage_chunk(delta(1), 0, &good[..100]).is_err());
+        replica.stage_chunk(delta(1), 0, &good).unwrap();
+        replica.commit(delta(1), DeltaKind::Initial, false).unwrap();
+        assert_eq!(read(&mut replica, 0, 0, 65536), vec![0x77; 65536]);
     }
 
     #[test]
