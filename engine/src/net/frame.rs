@@ -26,6 +26,33 @@ pub async fn read_frame(stream: &mut quinn::RecvStream) -> Result<Option<Message
     Ok(Some(Message::decode(kind, Bytes::from(body))?))
 }
 
+/// How long a finished control stream may wait for the peer to acknowledge its last bytes.
+const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Starts the task that writes a connection's control messages in order. Dropping the sender
+/// finishes the stream; the task ends once the peer has acknowledged everything written (a
+/// goodbye, a refusal) or after a short timeout, so awaiting it before closing the connection
+/// delivers the last message instead of racing it.
+pub fn spawn_control_writer(
+    mut stream: quinn::SendStream,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<Message>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (sender, mut queue) = tokio::sync::mpsc::unbounded_channel::<Message>();
+    let task = tokio::spawn(async move {
+        while let Some(message) = queue.recv().await {
+            if write_message(&mut stream, &message).await.is_err() {
+                return;
+            }
+        }
+        if stream.finish().is_ok() {
+            let _ = tokio::time::timeout(DELIVERY_TIMEOUT, stream.stopped()).await;
+        }
+    });
+    (sender, task)
+}
+
 /// Writes one message.
 pub async fn write_message(
     stream: &mut quinn::SendStream,

@@ -3,7 +3,7 @@
 //! unidirectional ones, has the [`ProtectedVm`] cut and read deltas on blocking threads, paces
 //! chunks to `--max-rate`, and publishes the machine's status for `blockrep status`.
 
-use super::frame::{read_frame, write_message};
+use super::frame::{read_frame, spawn_control_writer};
 use super::identity::Identity;
 use super::tls::{client_config, is_authentication_failure};
 use crate::delta::DeltaEncoder;
@@ -148,6 +148,8 @@ enum Event {
 struct Link {
     connection: quinn::Connection,
     control: mpsc::UnboundedSender<Message>,
+    /// Ends once the control messages sent were delivered.
+    control_writer: tokio::task::JoinHandle<()>,
     chunks: mpsc::UnboundedSender<(DeltaId, u32)>,
 }
 
@@ -401,9 +403,9 @@ pub async fn run_primary(
     }
     publish(&report, &primary, &options, &wire_bytes, disk_bytes);
     if let Some(link) = link {
-        // Let the goodbye reach the replica, briefly.
+        // The goodbye is delivered before the close.
         drop(link.control);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = link.control_writer.await;
         link.connection.close(0u32.into(), b"goodbye");
     }
     tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
@@ -459,7 +461,7 @@ fn publish(
 fn start_link(
     generation: u64,
     connection: quinn::Connection,
-    mut control: quinn::SendStream,
+    control: quinn::SendStream,
     mut incoming: quinn::RecvStream,
     vm: &Arc<ProtectedVm>,
     events: &mpsc::UnboundedSender<Event>,
@@ -467,15 +469,7 @@ fn start_link(
     pacer: Option<Arc<tokio::sync::Mutex<Pacer>>>,
     wire_bytes: &Arc<AtomicU64>,
 ) -> Link {
-    let (control_sender, mut control_queue) = mpsc::unbounded_channel::<Message>();
-    tokio::spawn(async move {
-        while let Some(message) = control_queue.recv().await {
-            if write_message(&mut control, &message).await.is_err() {
-                return;
-            }
-        }
-        let _ = control.finish();
-    });
+    let (control_sender, control_writer) = spawn_control_writer(control);
     let reader_events = events.clone();
     tokio::spawn(async move {
         loop {
@@ -575,6 +569,7 @@ fn start_link(
     Link {
         connection,
         control: control_sender,
+        control_writer,
         chunks: chunk_sender,
     }
 }

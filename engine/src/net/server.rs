@@ -3,7 +3,7 @@
 //! [`VmReplica`] (staging, commits) on blocking threads. One process serves many VMs from many
 //! primaries; each VM's work is serialized by its own lock, VMs proceed independently.
 
-use super::frame::{read_frame, write_message};
+use super::frame::{read_frame, spawn_control_writer, write_message};
 use super::identity::{Identity, fingerprint};
 use super::tls::server_config;
 use crate::image::{BlockImage, is_zero};
@@ -238,10 +238,19 @@ fn copy_point(
     Ok(paths)
 }
 
+/// A primary's connection, as its VM's slot holds it.
+struct Peer {
+    connection: quinn::Connection,
+    /// The control messages to send it.
+    outgoing: mpsc::UnboundedSender<Message>,
+    /// The task writing them; it ends once the last one was delivered.
+    writer: tokio::task::JoinHandle<()>,
+}
+
 struct VmSlot {
     machine: Replica,
     replica: VmReplica,
-    connections: HashMap<ConnectionId, (quinn::Connection, mpsc::UnboundedSender<Message>)>,
+    connections: HashMap<ConnectionId, Peer>,
 }
 
 type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
@@ -534,18 +543,15 @@ async fn serve_connection(
             return;
         }
     };
-    let (outgoing, mut queue) = mpsc::unbounded_channel::<Message>();
-    tokio::spawn(async move {
-        while let Some(message) = queue.recv().await {
-            if write_message(&mut send, &message).await.is_err() {
-                return;
-            }
-        }
-        let _ = send.finish();
-    });
-    lock(&slot)
-        .connections
-        .insert(id, (connection.clone(), outgoing));
+    let (outgoing, writer) = spawn_control_writer(send);
+    lock(&slot).connections.insert(
+        id,
+        Peer {
+            connection: connection.clone(),
+            outgoing,
+            writer,
+        },
+    );
     {
         let slot = Arc::clone(&slot);
         let owner = owner.clone();
@@ -657,8 +663,8 @@ fn drive(slot: &mut VmSlot) {
                 connection,
                 message,
             } => {
-                if let Some((_, outgoing)) = slot.connections.get(&connection) {
-                    let _ = outgoing.send(message);
+                if let Some(peer) = slot.connections.get(&connection) {
+                    let _ = peer.outgoing.send(message);
                 }
             }
             ReplicaAction::PrepareDisks { disks, owner } => {
@@ -704,18 +710,21 @@ fn drive(slot: &mut VmSlot) {
                 }
             }
             ReplicaAction::Close { connection, reason } => {
-                if let Some((handle, outgoing)) = slot.connections.remove(&connection) {
+                if let Some(peer) = slot.connections.remove(&connection) {
                     tracing::info!(%reason, "closing a connection");
-                    // Dropping the queue finishes the control stream after what is queued (a
-                    // refusal, say); the close follows once that had time to arrive.
+                    // What is queued (a refusal, say) is delivered before the close.
+                    let Peer {
+                        connection,
+                        outgoing,
+                        writer,
+                    } = peer;
                     drop(outgoing);
-                    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                        runtime.spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                            handle.close(0u32.into(), reason.as_bytes());
-                        });
-                    } else {
-                        handle.close(0u32.into(), reason.as_bytes());
+                    match tokio::runtime::Handle::try_current() {
+                        Ok(runtime) => drop(runtime.spawn(async move {
+                            let _ = writer.await;
+                            connection.close(0u32.into(), reason.as_bytes());
+                        })),
+                        Err(_) => connection.close(0u32.into(), reason.as_bytes()),
                     }
                 }
             }
@@ -724,8 +733,8 @@ fn drive(slot: &mut VmSlot) {
 }
 
 fn close_all(slot: &mut VmSlot, reason: &str) {
-    for (_, (connection, _)) in slot.connections.drain() {
-        connection.close(5u32.into(), reason.as_bytes());
+    for (_, peer) in slot.connections.drain() {
+        peer.connection.close(5u32.into(), reason.as_bytes());
     }
 }
 
