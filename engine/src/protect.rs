@@ -361,13 +361,18 @@ fn open_disk(
     storage: StorageOptions,
 ) -> Result<(ProtectedDisk, DiskDescription, bool)> {
     let name = path.display().to_string();
-    let format = ImageFormat::from_extension(path).unwrap_or(ImageFormat::Raw);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(|error| Error::file(&name, "open", error))?;
     let store = file_storage(file, storage).map_err(|error| Error::file(&name, "open", error))?;
+    // The extension says what the file should be, else its first bytes: a VHDX file taken
+    // for raw would be corrupted by the first write.
+    let format = match ImageFormat::from_extension(path) {
+        Some(format) => format,
+        None => ImageFormat::detect(&*store).map_err(|error| Error::file(&name, "read", error))?,
+    };
     let (image, disk_id, logical_sector): (Box<dyn BlockImage>, Uuid, u32) = match format {
         ImageFormat::Vhdx => {
             let image = VhdxImage::open(store, &name, Access::ReadWrite)?;

@@ -114,14 +114,19 @@ pub fn query_all(directory: &Path) -> Vec<serde_json::Value> {
     paths.sort();
     paths
         .iter()
-        .filter_map(|path| request(path, "status").ok())
+        .filter_map(|path| request(path, "status", Some(Duration::from_secs(5))).ok())
         .collect()
 }
 
-/// Sends one request to the daemon at `path` and returns its answer.
-pub fn request(path: &Path, line: &str) -> std::io::Result<serde_json::Value> {
+/// Sends one request to the daemon at `path` and returns its answer, waiting at most `timeout`
+/// (`None`: as long as the work takes, such as copying disks for a failover).
+pub fn request(
+    path: &Path,
+    line: &str,
+    timeout: Option<Duration>,
+) -> std::io::Result<serde_json::Value> {
     let mut stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_read_timeout(timeout)?;
     stream.write_all(format!("{line}\n").as_bytes())?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;

@@ -484,7 +484,7 @@ fn ask_replica_servers(vm: &str, request: &ReplicaRequest) -> Result<serde_json:
         directory.display()
     );
     for socket in sockets {
-        match crate::control::request(&socket, &line) {
+        match crate::control::request(&socket, &line, None) {
             Ok(answer) if answer.get("ok").is_some() => return Ok(answer["ok"].clone()),
             Ok(answer) => {
                 last_error = answer["error"].as_str().unwrap_or("no answer").to_owned();
@@ -656,7 +656,12 @@ fn format_time(seconds: f64) -> String {
 /// `blockrep suspend VM` / `resume VM`: pause or go on with a running primary's replication.
 pub fn suspend(vm: &str, paused: bool) -> Outcome {
     let path = run_directory().join(format!("protect-{vm}.sock"));
-    crate::control::request(&path, if paused { "suspend" } else { "resume" }).map_err(|error| {
+    crate::control::request(
+        &path,
+        if paused { "suspend" } else { "resume" },
+        Some(std::time::Duration::from_secs(5)),
+    )
+    .map_err(|error| {
         format!(
             "no running primary for {vm} answered at {} ({error})",
             path.display()

@@ -174,14 +174,6 @@ impl Spool {
         state.1.iter().map(|chunk| chunk.disk_bytes).collect()
     }
 
-    /// Bytes of chunks spooled (what will cross the wire).
-    pub fn spooled_bytes(&self) -> u64 {
-        self.chunks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
-    }
-
     /// Deletes the spool file (chunks already read stay readable until the spool is dropped).
     pub fn remove(&self) -> Result<()> {
         let name = self.path.display().to_string();

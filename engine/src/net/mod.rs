@@ -8,8 +8,6 @@ mod primary;
 mod server;
 mod tls;
 
-pub use frame::{read_frame, write_message};
-
 /// A peer's certificate (DER), as pinned or allowed.
 pub type Certificate = rustls::pki_types::CertificateDer<'static>;
 

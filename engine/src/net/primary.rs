@@ -142,6 +142,10 @@ enum Event {
         outcome: Result<Vec<u64>>,
         app_consistent: bool,
     },
+    /// A chunk of the delta in flight cannot be read: resending it would fail the same way.
+    ChunkFailed {
+        reason: String,
+    },
 }
 
 /// The live connection and the tasks that serve it.
@@ -282,12 +286,14 @@ pub async fn run_primary(
                 }
                 PrimaryAction::Acknowledged { delta, kind } => {
                     tracing::info!(vm = %options.config.vm, %delta, ?kind, "applied on the replica");
+                    // Awaited: the cut that often follows at once must not start before
+                    // tracking has forgotten this delta and its spool is gone.
                     let vm = Arc::clone(&vm);
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(error) = vm.acknowledge(delta) {
-                            tracing::error!(%error, "cannot record an acknowledged delta");
-                        }
-                    });
+                    let acknowledged =
+                        tokio::task::spawn_blocking(move || vm.acknowledge(delta)).await;
+                    if let Ok(Err(error)) = acknowledged {
+                        tracing::error!(%error, "cannot record an acknowledged delta; its changes ship again");
+                    }
                 }
                 PrimaryAction::Disconnect { reason } => {
                     tracing::warn!(replica = %peer, %reason, "dropping the connection");
@@ -379,6 +385,11 @@ pub async fn run_primary(
                             tracing::warn!(replica = %peer, %reason, "connection lost; resuming after reconnecting");
                             primary.connection_lost(now, &reason);
                         }
+                    }
+                    Event::ChunkFailed { reason } => {
+                        tracing::error!(replica = %peer, %reason, "replication stopped");
+                        outcome = Err(Error::Replication { peer: peer.clone(), problem: reason });
+                        break 'run;
                     }
                     Event::Prepared { delta, outcome, app_consistent } => match outcome {
                         Ok(chunk_bytes) => {
@@ -511,6 +522,7 @@ fn start_link(
         let vm = Arc::clone(vm);
         let pacer = pacer.clone();
         let wire_bytes = Arc::clone(wire_bytes);
+        let chunk_events = events.clone();
         tokio::spawn(async move {
             let mut stream: Option<quinn::SendStream> = None;
             let mut encoder = Some(DeltaEncoder::new());
@@ -532,8 +544,9 @@ fn start_link(
                         chunk
                     }
                     Ok((Err(error), _)) => {
-                        tracing::error!(%delta, index, %error, "cannot read a chunk");
-                        connection.close(2u32.into(), b"cannot read a chunk");
+                        let _ = chunk_events.send(Event::ChunkFailed {
+                            reason: format!("cannot read chunk {index} of {delta}: {error}"),
+                        });
                         break;
                     }
                     Err(_) => break,

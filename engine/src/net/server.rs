@@ -3,7 +3,7 @@
 //! [`VmReplica`] (staging, commits) on blocking threads. One process serves many VMs from many
 //! primaries; each VM's work is serialized by its own lock, VMs proceed independently.
 
-use super::frame::{read_frame, spawn_control_writer, write_message};
+use super::frame::{read_frame, spawn_control_writer};
 use super::identity::{Identity, fingerprint};
 use super::tls::server_config;
 use crate::image::{BlockImage, is_zero};
@@ -251,6 +251,9 @@ struct VmSlot {
     machine: Replica,
     replica: VmReplica,
     connections: HashMap<ConnectionId, Peer>,
+    /// Where a connection's close waits for its last message: the slot is also driven from
+    /// threads outside the runtime (the control socket's).
+    runtime: tokio::runtime::Handle,
 }
 
 type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
@@ -512,7 +515,7 @@ async fn serve_connection(
         Some((send, receive, hello))
     })
     .await;
-    let Ok(Some((mut send, mut receive, hello))) = accepted else {
+    let Ok(Some((send, mut receive, hello))) = accepted else {
         tracing::warn!(peer = %remote, primary = %owner, "closing a connection that did not say hello");
         connection.close(3u32.into(), b"expected hello");
         return;
@@ -536,9 +539,10 @@ async fn serve_connection(
                 reason: format!("{vm}: {error}"),
                 retry: false,
             };
-            let _ = write_message(&mut send, &refusal).await;
-            let _ = send.finish();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (outgoing, writer) = spawn_control_writer(send);
+            let _ = outgoing.send(refusal);
+            drop(outgoing);
+            let _ = writer.await;
             connection.close(4u32.into(), b"refused");
             return;
         }
@@ -634,6 +638,7 @@ async fn open_slot(store: &ReplicaStore, vms: &Vms, vm: &str) -> Result<Arc<Mute
             machine: Replica::new(vm, opened.record()),
             replica: opened,
             connections: HashMap::new(),
+            runtime: tokio::runtime::Handle::current(),
         }))
     });
     Ok(Arc::clone(slot))
@@ -719,13 +724,10 @@ fn drive(slot: &mut VmSlot) {
                         writer,
                     } = peer;
                     drop(outgoing);
-                    match tokio::runtime::Handle::try_current() {
-                        Ok(runtime) => drop(runtime.spawn(async move {
-                            let _ = writer.await;
-                            connection.close(0u32.into(), reason.as_bytes());
-                        })),
-                        Err(_) => connection.close(0u32.into(), reason.as_bytes()),
-                    }
+                    drop(slot.runtime.spawn(async move {
+                        let _ = writer.await;
+                        connection.close(0u32.into(), reason.as_bytes());
+                    }));
                 }
             }
         }
@@ -825,10 +827,14 @@ mod tests {
             replica.prepare(vec![disk()], "owner").unwrap();
             replica.start_staging(id(1), DeltaKind::Initial).unwrap();
             replica.commit(id(1), DeltaKind::Initial, false).unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
             let slot = Arc::new(Mutex::new(VmSlot {
                 machine: Replica::new("vm1", replica.record()),
                 replica,
                 connections: HashMap::new(),
+                runtime: runtime.handle().clone(),
             }));
             let writer = {
                 let slot = Arc::clone(&slot);

@@ -202,10 +202,6 @@ impl Primary {
         }
     }
 
-    pub fn config(&self) -> &PrimaryConfig {
-        &self.config
-    }
-
     /// The next action for the driver, in order.
     pub fn poll_action(&mut self) -> Option<PrimaryAction> {
         self.actions.pop_front()
