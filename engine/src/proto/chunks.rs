@@ -42,6 +42,23 @@ impl ChunkSet {
         self.ranges.splice(first..last, std::iter::once(merged));
     }
 
+    pub fn remove(&mut self, index: u32) {
+        let at = self.ranges.partition_point(|held| held.end <= index);
+        let Some(held) = self
+            .ranges
+            .get(at)
+            .cloned()
+            .filter(|held| held.start <= index)
+        else {
+            return;
+        };
+        let pieces = [held.start..index, index + 1..held.end];
+        self.ranges.splice(
+            at..=at,
+            pieces.into_iter().filter(|piece| !piece.is_empty()),
+        );
+    }
+
     pub fn contains(&self, index: u32) -> bool {
         let at = self.ranges.partition_point(|held| held.end <= index);
         self.ranges.get(at).is_some_and(|held| held.start <= index)
@@ -89,12 +106,19 @@ mod tests {
 
     proptest! {
         #[test]
-        fn the_set_holds_exactly_what_was_inserted(indexes in prop::collection::vec(0u32..200, 0..300)) {
+        fn the_set_holds_exactly_what_was_inserted_and_not_removed(
+            indexes in prop::collection::vec((0u32..200, any::<bool>()), 0..300),
+        ) {
             let mut set = ChunkSet::new();
             let mut model = std::collections::BTreeSet::new();
-            for &index in &indexes {
-                set.insert(index);
-                model.insert(index);
+            for &(index, insert) in &indexes {
+                if insert {
+                    set.insert(index);
+                    model.insert(index);
+                } else {
+                    set.remove(index);
+                    model.remove(&index);
+                }
             }
             for index in 0..210 {
                 prop_assert_eq!(set.contains(index), model.contains(&index));

@@ -275,7 +275,8 @@ impl Replica {
                         format!("chunk {index} for disk {disk} is outside {delta} ({chunks} chunks, {disks} disks)"),
                     );
                 }
-                if staging.staged.contains(index) || staging.requested.contains(index) {
+                // Every staged chunk was requested first: one set answers for both.
+                if staging.requested.contains(index) {
                     return;
                 }
                 staging.requested.insert(index);
@@ -408,13 +409,7 @@ impl Replica {
             .filter(|staging| staging.delta == delta)
         {
             // Forget the request so a resend is staged.
-            let mut kept = ChunkSet::new();
-            for range in staging.requested.ranges() {
-                for held in range.clone().filter(|held| *held != index) {
-                    kept.insert(held);
-                }
-            }
-            staging.requested = kept;
+            staging.requested.remove(index);
         }
         if let Some(connection) = self.connection {
             self.violation(connection, format!("chunk {index} of {delta}: {reason}"));
