@@ -37,8 +37,9 @@ impl ControlSocket {
     /// Listens at `path`, answering each request line with what `answer` returns for it.
     pub fn bind(
         path: &Path,
-        answer: impl Fn(&str) -> serde_json::Value + Send + 'static,
+        answer: impl Fn(&str) -> serde_json::Value + Send + Sync + 'static,
     ) -> std::io::Result<ControlSocket> {
+        let answer = Arc::new(answer);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -59,15 +60,20 @@ impl ControlSocket {
                 while !stopping.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((mut stream, _)) => {
-                            let _ = stream.set_nonblocking(false);
-                            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                            let mut request = String::new();
-                            if let Ok(reader) = stream.try_clone() {
-                                let _ = BufReader::new(reader).read_line(&mut request);
-                            }
-                            let mut text = answer(request.trim()).to_string();
-                            text.push('\n');
-                            let _ = stream.write_all(text.as_bytes());
+                            // A thread per request: a long one (a failover's copy) must not
+                            // keep `status` waiting.
+                            let answer = Arc::clone(&answer);
+                            std::thread::spawn(move || {
+                                let _ = stream.set_nonblocking(false);
+                                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                                let mut request = String::new();
+                                if let Ok(reader) = stream.try_clone() {
+                                    let _ = BufReader::new(reader).read_line(&mut request);
+                                }
+                                let mut text = answer(request.trim()).to_string();
+                                text.push('\n');
+                                let _ = stream.write_all(text.as_bytes());
+                            });
                         }
                         Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(50));
