@@ -10,6 +10,7 @@ use crate::delta::{Compression, DeltaEncoder, DeltaHeader, Spool, chunk_pieces};
 use crate::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
 use crate::io::{FileStorage, Storage, StorageOptions, file_storage};
 use crate::proto::{CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription};
+use crate::resync::BlockHashes;
 use crate::track::{
     Cut, DEFAULT_GRANULARITY, DEFAULT_REGION_SIZE, DirtyBitmap, Journal, JournalIdentity,
     PreserveBlocks, Recovered, TrackedDisk,
@@ -60,7 +61,7 @@ impl std::fmt::Debug for ProtectedVm {
     }
 }
 
-fn journal_path(image: &Path) -> PathBuf {
+pub(crate) fn journal_path(image: &Path) -> PathBuf {
     let mut name = image.as_os_str().to_owned();
     name.push(".brtrack");
     PathBuf::from(name)
@@ -201,6 +202,37 @@ impl ProtectedVm {
         }
         if let Source::Spooled { spool, .. } = &prepared.source {
             spool.remove()?;
+        }
+        Ok(())
+    }
+
+    /// Every disk's block hashes under `seed`, read live (each read takes the disk's lock on
+    /// its own, so the VM's writes go on between them).
+    pub fn block_hashes(&self, seed: u64) -> Result<Vec<BlockHashes>> {
+        self.disks
+            .iter()
+            .map(|disk| BlockHashes::compute(&LiveDisk(disk), seed, &|_| {}))
+            .collect()
+    }
+
+    /// Every disk's digest under `seed` (the root of its block hashes): what a planned
+    /// failover compares, with writes stopped.
+    pub fn digests(&self, seed: u64) -> Result<Vec<u128>> {
+        Ok(self
+            .block_hashes(seed)?
+            .iter()
+            .map(BlockHashes::digest)
+            .collect())
+    }
+
+    /// Counts `ranges` of disk `disk` as changed: they ship with the next delta.
+    pub fn mark_changed(&self, disk: usize, ranges: &[Range<u64>]) -> Result<()> {
+        let disk = self.disks.get(disk).ok_or_else(|| Error::InvalidArgument {
+            what: "disk",
+            reason: format!("no disk {disk}"),
+        })?;
+        for range in ranges {
+            disk.mark_changed(range.start, range.end - range.start)?;
         }
         Ok(())
     }
@@ -354,12 +386,47 @@ impl PreserveBlocks for SpoolPreserver {
     }
 }
 
-/// Opens one disk with its journal: continuing tracking when the journal holds, starting
-/// afresh (and asking for an initial replication) when it is new or lost.
-fn open_disk(
+/// A tracked disk read as an image, a lock per read: hashing a live disk must not hold its
+/// writers off for the whole pass. Writing through it is refused.
+struct LiveDisk<'a>(&'a ProtectedDisk);
+
+impl BlockImage for LiveDisk<'_> {
+    fn virtual_size(&self) -> u64 {
+        self.0.virtual_size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.0.read_at(buf, offset)
+    }
+
+    fn write_at(&mut self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::ReadOnly {
+            name: "live disk view".into(),
+        })
+    }
+
+    fn zero_range(&mut self, _offset: u64, _length: u64) -> Result<()> {
+        Err(Error::ReadOnly {
+            name: "live disk view".into(),
+        })
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn allocated_ranges(&self) -> Result<Vec<Range<u64>>> {
+        self.0.image().allocated_ranges()
+    }
+}
+
+/// Opens a disk image for writing: VHDX or raw, by its extension, else by its first bytes
+/// (a VHDX file taken for raw would be corrupted by the first write). Returns the image, its
+/// disk id (nil for raw) and its logical sector size.
+pub(crate) fn open_image(
     path: &Path,
     storage: StorageOptions,
-) -> Result<(ProtectedDisk, DiskDescription, bool)> {
+) -> Result<(Box<dyn BlockImage>, Uuid, u32)> {
     let name = path.display().to_string();
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -367,13 +434,11 @@ fn open_disk(
         .open(path)
         .map_err(|error| Error::file(&name, "open", error))?;
     let store = file_storage(file, storage).map_err(|error| Error::file(&name, "open", error))?;
-    // The extension says what the file should be, else its first bytes: a VHDX file taken
-    // for raw would be corrupted by the first write.
     let format = match ImageFormat::from_extension(path) {
         Some(format) => format,
         None => ImageFormat::detect(&*store).map_err(|error| Error::file(&name, "read", error))?,
     };
-    let (image, disk_id, logical_sector): (Box<dyn BlockImage>, Uuid, u32) = match format {
+    Ok(match format {
         ImageFormat::Vhdx => {
             let image = VhdxImage::open(store, &name, Access::ReadWrite)?;
             let (id, sector) = (image.disk_id(), image.logical_sector_size().bytes() as u32);
@@ -384,7 +449,16 @@ fn open_disk(
             Uuid::nil(),
             512,
         ),
-    };
+    })
+}
+
+/// Opens one disk with its journal: continuing tracking when the journal holds, starting
+/// afresh (and asking for an initial replication) when it is new or lost.
+fn open_disk(
+    path: &Path,
+    storage: StorageOptions,
+) -> Result<(ProtectedDisk, DiskDescription, bool)> {
+    let (image, disk_id, logical_sector) = open_image(path, storage)?;
     let journal_path = journal_path(path);
     let journal_name = journal_path.display().to_string();
     let virtual_size = image.virtual_size();

@@ -81,6 +81,8 @@ struct World {
     committed: Vec<(DeltaId, DeltaKind, BTreeSet<u32>)>,
     acknowledged: Vec<DeltaId>,
     welcomed: bool,
+    /// The sequence a planned failover handed the VM over at.
+    handed_over: Option<u64>,
 }
 
 impl World {
@@ -101,6 +103,7 @@ impl World {
             committed: Vec::new(),
             acknowledged: Vec::new(),
             welcomed: false,
+            handed_over: None,
         }
     }
 
@@ -159,6 +162,14 @@ impl World {
             PrimaryAction::Acknowledged { delta, .. } => self.acknowledged.push(delta),
             PrimaryAction::Disconnect { reason } => panic!("primary disconnected: {reason}"),
             PrimaryAction::Failed { reason } => panic!("primary failed: {reason}"),
+            // The disks' digest, modelled: the last delta cut (writes are stopped).
+            PrimaryAction::Verify { sequence } => {
+                let last_cut = *self.cut.keys().last().unwrap();
+                self.primary
+                    .verified(sequence, 7, vec![u128::from(last_cut)]);
+            }
+            PrimaryAction::HandedOver { sequence } => self.handed_over = Some(sequence),
+            PrimaryAction::Reversed { .. } => panic!("the replica does not run the VM"),
         }
     }
 
@@ -194,8 +205,30 @@ impl World {
                 self.committed.push((delta, kind, chunks));
                 self.replica.committed(delta);
             }
+            // The replica's digest, modelled: the last delta committed.
+            ReplicaAction::VerifyHandover {
+                connection,
+                sequence,
+                digests,
+                ..
+            } => {
+                let last_committed = self
+                    .committed
+                    .last()
+                    .map_or(0, |(delta, _, _)| delta.sequence);
+                let outcome = if digests == vec![u128::from(last_committed)] {
+                    Ok(())
+                } else {
+                    Err("digests differ".to_owned())
+                };
+                self.replica
+                    .handover_verified(connection, sequence, outcome);
+            }
             ReplicaAction::Close { connection, reason } => {
-                if self.link == Some(connection) && !reason.contains("goodbye") {
+                if self.link == Some(connection)
+                    && !reason.contains("goodbye")
+                    && !reason.contains("handed over")
+                {
                     panic!("replica closed the connection: {reason}");
                 }
             }
@@ -338,6 +371,7 @@ fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
             applied: 5,
             owner: Some("fingerprint-a".into()),
             fenced: None,
+            handed_over: None,
         },
     );
     replica.hello(7, "fingerprint-a", 1, config().disks);
@@ -378,6 +412,7 @@ fn another_primary_or_other_disks_are_refused_for_good() {
         applied: 1,
         owner: Some("fingerprint-a".into()),
         fenced: None,
+        handed_over: None,
     };
     let refusals = |owner: &str, disks: Vec<DiskDescription>| {
         let mut replica = Replica::new("vm1", record.clone());
@@ -478,6 +513,7 @@ fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
         applied: 3,
         owner: Some("fingerprint-a".into()),
         fenced: None,
+        handed_over: None,
     };
     let mut replica = Replica::new("vm1", record);
     let refusals = |replica: &mut Replica| {
@@ -523,4 +559,50 @@ fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
     replica.hello(4, "fingerprint-a", 1, config().disks);
     assert!(refusals(&mut replica).is_empty());
     assert_eq!(replica.connection(), Some(4));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+    #[test]
+    fn a_planned_failover_hands_over_exactly_the_last_delta_despite_link_drops(
+        chunk_counts in prop::collection::vec(0u32..6, 2..6),
+        before in prop::collection::vec(step(), 0..150),
+        after in prop::collection::vec(step(), 0..200),
+    ) {
+        let mut world = World::new(chunk_counts);
+        world.run_actions();
+        world.settle();
+        for step in before {
+            world.step(step);
+        }
+        world.primary.hand_over(world.now, false).unwrap();
+        world.run_actions();
+        for step in after {
+            world.step(step);
+            world.check();
+        }
+        for _ in 0..10_000 {
+            if world.handed_over.is_some() {
+                break;
+            }
+            if !world.staging.is_empty() {
+                world.step(Step::Stage);
+            } else if !world.to_replica.is_empty() {
+                world.step(Step::ToReplica);
+            } else if !world.to_primary.is_empty() {
+                world.step(Step::ToPrimary);
+            } else {
+                world.step(Step::Wait);
+            }
+        }
+        world.check();
+        let last_cut = *world.cut.keys().last().unwrap();
+        let last_committed = world.committed.last().unwrap().0.sequence;
+        prop_assert_eq!(world.handed_over, Some(last_cut), "handed over short of the last cut");
+        prop_assert_eq!(last_committed, last_cut);
+        prop_assert_eq!(world.primary.status(world.now).state, ReplicationState::FailedOver);
+        // Nothing is cut after the final delta, whatever the clock does.
+        world.step(Step::Wait);
+        prop_assert_eq!(*world.cut.keys().last().unwrap(), last_cut);
+    }
 }

@@ -7,7 +7,8 @@ use blockrep::delta::Compression;
 use blockrep::image::{Access, BlockImage, VhdxImage};
 use blockrep::io::{FileStorage, StorageOptions};
 use blockrep::net::{
-    ConsistencyHook, Identity, PrimaryOptions, ReplicaServer, SharedReport, run_primary,
+    ConsistencyHook, Hosting, HostingOptions, Identity, PrimaryOptions, ReplicaServer, Route,
+    SharedReport, client_endpoint, run_primary,
 };
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::PrimaryConfig;
@@ -86,6 +87,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
         store,
         &replica_identity,
         vec![primary_identity.certificate.clone()],
+        Hosting::Here(HostingOptions::default()),
     )
     .await
     .unwrap();
@@ -101,14 +103,14 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
     let report = SharedReport::default();
     let (stop, stopped) = watch::channel(false);
     let options = PrimaryOptions {
-        replica: server.address(),
-        trusted: replica_identity.certificate.clone(),
+        route: dial(&primary_identity, &replica_identity, server.address()),
         config: config(&vm, Duration::from_millis(300)),
-        identity: primary_identity,
         streams: 3,
         max_rate: None,
         suspended: None,
         consistency_hook: None,
+        commands: None,
+        resync: None,
     };
     let primary = tokio::spawn(run_primary(
         Arc::clone(&vm),
@@ -181,6 +183,7 @@ async fn refused(
         store,
         server_identity,
         vec![allowed.certificate.clone()],
+        Hosting::Here(HostingOptions::default()),
     )
     .await
     .unwrap();
@@ -189,14 +192,14 @@ async fn refused(
     );
     let (_stop, stopped) = watch::channel(false);
     let options = PrimaryOptions {
-        replica: server.address(),
-        trusted: trusted.certificate.clone(),
+        route: dial(&presented, &trusted, server.address()),
         config: config(&vm, Duration::from_secs(1)),
-        identity: presented,
         streams: 2,
         max_rate: None,
         suspended: None,
         consistency_hook: None,
+        commands: None,
+        resync: None,
     };
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
@@ -207,6 +210,13 @@ async fn refused(
     server.shutdown().await;
     let untouched = std::fs::read_dir(&store_path).unwrap().next().is_none();
     (outcome.unwrap_err().to_string(), untouched)
+}
+
+fn dial(presented: &Identity, trusted: &Identity, replica: std::net::SocketAddr) -> Route {
+    Route::Dial {
+        endpoint: client_endpoint(presented, trusted.certificate.clone(), replica).unwrap(),
+        replica,
+    }
 }
 
 fn identity(directory: &Path, name: &str) -> Identity {
@@ -261,6 +271,7 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
             first_identity.certificate.clone(),
             second_identity.certificate.clone(),
         ],
+        Hosting::Here(HostingOptions::default()),
     )
     .await
     .unwrap();
@@ -295,14 +306,14 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
             config.app_consistent_every = Some(Duration::ZERO);
         }
         let options = PrimaryOptions {
-            replica: server.address(),
-            trusted: replica_identity.certificate.clone(),
+            route: dial(&identity, &replica_identity, server.address()),
             config,
-            identity,
             streams: 2,
             max_rate: None,
             suspended: None,
             consistency_hook,
+            commands: None,
+            resync: None,
         };
         let task = tokio::spawn(run_primary(
             Arc::clone(&vm),

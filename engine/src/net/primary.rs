@@ -5,6 +5,7 @@
 
 use super::frame::{read_frame, spawn_control_writer};
 use super::identity::Identity;
+use super::resync;
 use super::tls::{client_config, is_authentication_failure};
 use crate::delta::DeltaEncoder;
 use crate::protect::ProtectedVm;
@@ -17,14 +18,82 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How a primary reaches its replica.
 #[derive(Debug)]
+pub enum Route {
+    /// Dial the replica server at `replica` (the endpoint holds the pinned TLS setup).
+    Dial {
+        endpoint: quinn::Endpoint,
+        replica: SocketAddr,
+    },
+    /// The replica dials in: reverse replication, where the old primary, now the replica,
+    /// keeps connecting to this site; the server hands its connections over.
+    Incoming {
+        peer: String,
+        connections: mpsc::UnboundedReceiver<quinn::Connection>,
+    },
+}
+
+/// A QUIC client endpoint that presents `identity` and accepts only `trusted`.
+pub fn client_endpoint(
+    identity: &Identity,
+    trusted: CertificateDer<'static>,
+    replica: SocketAddr,
+) -> Result<quinn::Endpoint> {
+    let peer = replica.to_string();
+    let bind: SocketAddr = if replica.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|error| network(&peer, format!("cannot open a UDP socket: {error}")))?;
+    endpoint.set_default_client_config(client_config(identity, trusted)?);
+    Ok(endpoint)
+}
+
+/// What an operator asks of a running primary.
+#[derive(Debug)]
+pub enum PrimaryCommand {
+    /// Planned failover (the VM's writes are already stopped): ship the final delta, have the
+    /// replica compare and take over; `done` gets the final sequence or why it failed.
+    HandOver {
+        reverse: bool,
+        done: oneshot::Sender<std::result::Result<u64, String>>,
+    },
+}
+
+/// How replication ended, when it did not fail.
+#[derive(Debug)]
+pub enum Ending {
+    /// Stopped by the caller.
+    Stopped,
+    /// A planned failover handed the VM to the replica site at delta `sequence`.
+    HandedOver { sequence: u64 },
+    /// The VM runs at the replica's site (it failed over there): this side is to be its
+    /// replica now, over `connection`, its copy counted as at delta `applied`.
+    Reversed {
+        connection: quinn::Connection,
+        applied: u64,
+        resync: bool,
+    },
+}
+
+/// Disk bytes compared and found different by a resynchronization.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ResyncSummary {
+    pub compared_bytes: u64,
+    pub differing_bytes: u64,
+}
+
+/// Told when a resynchronization has marked what differs (it then ships as a delta).
+pub type ResyncDone = Arc<dyn Fn(ResyncSummary) + Send + Sync>;
+
+/// How a primary runs.
 pub struct PrimaryOptions {
-    pub replica: SocketAddr,
-    pub identity: Identity,
-    pub trusted: CertificateDer<'static>,
+    pub route: Route,
     pub config: PrimaryConfig,
     /// Data streams used at once.
     pub streams: usize,
@@ -34,6 +103,21 @@ pub struct PrimaryOptions {
     pub suspended: Option<watch::Receiver<bool>>,
     /// Run around application-consistent cuts.
     pub consistency_hook: Option<ConsistencyHook>,
+    /// Operator requests (planned failover).
+    pub commands: Option<mpsc::UnboundedReceiver<PrimaryCommand>>,
+    /// Compare the replica's copy by hash on the first connection, marking what differs as
+    /// changed, before replicating: its content is not known to match tracking.
+    pub resync: Option<ResyncDone>,
+}
+
+impl std::fmt::Debug for PrimaryOptions {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("PrimaryOptions")
+            .field("route", &self.route)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A command that freezes the VM's applications before a cut and thaws them after: run as
@@ -112,6 +196,8 @@ pub struct PrimaryReport {
     pub bytes_before_compression: u64,
     /// Bytes of chunks put on the wire.
     pub bytes_after_compression: u64,
+    /// The last resynchronization by hash, when there was one.
+    pub resync: Option<ResyncSummary>,
 }
 
 /// Shared with the status socket.
@@ -127,6 +213,11 @@ enum Event {
     ConnectFailed {
         reason: String,
         permanent: bool,
+    },
+    Resynchronized(ResyncSummary),
+    Verified {
+        sequence: u64,
+        outcome: Result<(u64, Vec<u128>)>,
     },
     Message {
         generation: u64,
@@ -181,35 +272,46 @@ impl Pacer {
     }
 }
 
-/// Runs replication until `stop` turns true (a clean stop: the session says goodbye) or
-/// replication fails for good. Returns the failure, if any.
+/// Runs replication until `stop` turns true (a clean stop: the session says goodbye), a
+/// planned failover hands the VM over, the replica says the VM runs at its site, or
+/// replication fails for good.
 pub async fn run_primary(
     vm: Arc<ProtectedVm>,
     options: PrimaryOptions,
     report: SharedReport,
     mut stop: watch::Receiver<bool>,
-) -> Result<()> {
-    let replica = options.replica;
-    let peer = replica.to_string();
-    let bind: SocketAddr = if replica.is_ipv6() {
-        "[::]:0"
-            .parse()
-            .map_err(|_| network(&peer, "bad bind address"))?
-    } else {
-        "0.0.0.0:0"
-            .parse()
-            .map_err(|_| network(&peer, "bad bind address"))?
+) -> Result<Ending> {
+    let PrimaryOptions {
+        route,
+        config,
+        streams,
+        max_rate,
+        suspended,
+        consistency_hook,
+        commands,
+        resync,
+    } = options;
+    let (peer, dialer) = match route {
+        Route::Dial { endpoint, replica } => {
+            (replica.to_string(), Dialer::Dial { endpoint, replica })
+        }
+        Route::Incoming { peer, connections } => (
+            peer,
+            Dialer::Incoming(Arc::new(tokio::sync::Mutex::new(connections))),
+        ),
     };
-    let mut endpoint = quinn::Endpoint::client(bind)
-        .map_err(|error| network(&peer, format!("cannot open a UDP socket: {error}")))?;
-    endpoint.set_default_client_config(client_config(&options.identity, options.trusted.clone())?);
+    let mut commands = commands;
+    let mut handover_done: Option<oneshot::Sender<std::result::Result<u64, String>>> = None;
+    let resync_pending = Arc::new(std::sync::atomic::AtomicBool::new(resync.is_some()));
+    let mut last_resync: Option<ResyncSummary> = None;
+    let mut ending = Ending::Stopped;
     let (events, mut inbox) = mpsc::unbounded_channel();
-    let mut primary = Primary::new(options.config.clone(), Instant::now());
+    let mut primary = Primary::new(config.clone(), Instant::now());
     let mut link: Option<Link> = None;
     let mut generation = 0u64;
     let wire_bytes = Arc::new(AtomicU64::new(0));
     let mut disk_bytes = 0u64;
-    let pacer = options.max_rate.map(|rate| {
+    let pacer = max_rate.map(|rate| {
         Arc::new(tokio::sync::Mutex::new(Pacer {
             rate: rate.max(1),
             credit: 0.0,
@@ -217,42 +319,22 @@ pub async fn run_primary(
         }))
     });
     let mut outcome = Ok(());
-    let mut suspended = options.suspended.clone();
+    let mut suspended = suspended;
     'run: loop {
         while let Some(action) = primary.poll_action() {
             match action {
                 PrimaryAction::Connect => {
                     generation += 1;
-                    let connecting = endpoint.connect(replica, "blockrep-replica");
-                    let events = events.clone();
-                    let this = generation;
-                    tokio::spawn(async move {
-                        let event = match connecting {
-                            Err(error) => Event::ConnectFailed {
-                                reason: format!("cannot connect: {error}"),
-                                permanent: false,
-                            },
-                            Ok(connecting) => match connecting.await {
-                                Err(error) => Event::ConnectFailed {
-                                    permanent: is_authentication_failure(&error),
-                                    reason: error.to_string(),
-                                },
-                                Ok(connection) => match connection.open_bi().await {
-                                    Ok((control, incoming)) => Event::Connected {
-                                        generation: this,
-                                        connection,
-                                        control,
-                                        incoming,
-                                    },
-                                    Err(error) => Event::ConnectFailed {
-                                        permanent: is_authentication_failure(&error),
-                                        reason: error.to_string(),
-                                    },
-                                },
-                            },
-                        };
-                        let _ = events.send(event);
-                    });
+                    let task = ConnectTask {
+                        dialer: dialer.clone(),
+                        generation,
+                        events: events.clone(),
+                        resync: resync_pending
+                            .load(Ordering::Relaxed)
+                            .then(|| Arc::clone(&vm)),
+                        vm_name: config.vm.clone(),
+                    };
+                    tokio::spawn(task.run());
                 }
                 PrimaryAction::Send(message) => {
                     if let Some(link) = &link {
@@ -271,7 +353,7 @@ pub async fn run_primary(
                 } => {
                     let vm = Arc::clone(&vm);
                     let events = events.clone();
-                    let hook = options.consistency_hook.clone().filter(|_| app_consistent);
+                    let hook = consistency_hook.clone().filter(|_| app_consistent);
                     tokio::task::spawn_blocking(move || {
                         let (outcome, app_consistent) = match hook {
                             Some(hook) => hook.around(|| vm.prepare(delta, kind)),
@@ -285,7 +367,7 @@ pub async fn run_primary(
                     });
                 }
                 PrimaryAction::Acknowledged { delta, kind } => {
-                    tracing::info!(vm = %options.config.vm, %delta, ?kind, "applied on the replica");
+                    tracing::info!(vm = %config.vm, %delta, ?kind, "applied on the replica");
                     // Awaited: the cut that often follows at once must not start before
                     // tracking has forgotten this delta and its spool is gone.
                     let vm = Arc::clone(&vm);
@@ -304,15 +386,56 @@ pub async fn run_primary(
                 }
                 PrimaryAction::Failed { reason } => {
                     tracing::error!(replica = %peer, %reason, "replication stopped");
+                    if let Some(done) = handover_done.take() {
+                        let _ = done.send(Err(reason.clone()));
+                    }
                     outcome = Err(Error::Replication {
                         peer: peer.clone(),
                         problem: reason,
                     });
                     break 'run;
                 }
+                PrimaryAction::Verify { sequence } => {
+                    tracing::info!(vm = %config.vm, sequence, "final delta applied; comparing the disks");
+                    let vm = Arc::clone(&vm);
+                    let events = events.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let outcome = crate::resync::random_seed()
+                            .and_then(|seed| vm.digests(seed).map(|digests| (seed, digests)));
+                        let _ = events.send(Event::Verified { sequence, outcome });
+                    });
+                }
+                PrimaryAction::HandedOver { sequence } => {
+                    tracing::info!(vm = %config.vm, sequence, "planned failover done: the replica site runs the VM");
+                    if let Some(done) = handover_done.take() {
+                        let _ = done.send(Ok(sequence));
+                    }
+                    ending = Ending::HandedOver { sequence };
+                    break 'run;
+                }
+                PrimaryAction::Reversed { applied, resync } => {
+                    tracing::warn!(vm = %config.vm, applied, resync, "the VM runs at the replica's site: becoming its replica");
+                    if let Some(link) = link.take() {
+                        drop(link.control);
+                        ending = Ending::Reversed {
+                            connection: link.connection,
+                            applied,
+                            resync,
+                        };
+                    }
+                    break 'run;
+                }
             }
         }
-        publish(&report, &primary, &options, &wire_bytes, disk_bytes);
+        publish(
+            &report,
+            &primary,
+            &config,
+            &peer,
+            &wire_bytes,
+            disk_bytes,
+            last_resync,
+        );
         let deadline = primary.poll_timeout();
         let sleep = async {
             match deadline {
@@ -329,10 +452,32 @@ pub async fn run_primary(
                 None => std::future::pending().await,
             }
         };
+        let command = async {
+            match &mut commands {
+                Some(receiver) => match receiver.recv().await {
+                    Some(command) => command,
+                    None => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sleep => primary.handle_timeout(Instant::now()),
+            command = command => match command {
+                PrimaryCommand::HandOver { reverse, done } => {
+                    match primary.hand_over(Instant::now(), reverse) {
+                        Ok(()) => {
+                            tracing::info!(vm = %config.vm, reverse, "planned failover: shipping the final delta");
+                            handover_done = Some(done);
+                        }
+                        Err(reason) => {
+                            let _ = done.send(Err(reason));
+                        }
+                    }
+                }
+            },
             Some(paused) = suspension => {
-                tracing::info!(vm = %options.config.vm, paused, "replication {}", if paused { "suspended" } else { "resumed" });
+                tracing::info!(vm = %config.vm, paused, "replication {}", if paused { "suspended" } else { "resumed" });
                 primary.suspend(Instant::now(), paused);
             }
             changed = stop.changed() => {
@@ -349,9 +494,28 @@ pub async fn run_primary(
                             continue;
                         }
                         tracing::info!(replica = %peer, "connected");
-                        link = Some(start_link(this, connection, control, incoming, &vm, &events, options.streams, pacer.clone(), &wire_bytes));
+                        link = Some(start_link(this, connection, control, incoming, &vm, &events, streams, pacer.clone(), &wire_bytes));
                         primary.connected(now);
                     }
+                    Event::Resynchronized(summary) => {
+                        tracing::info!(vm = %config.vm, compared = summary.compared_bytes, differing = summary.differing_bytes, "resynchronization compared the disks; what differs ships with the next delta");
+                        resync_pending.store(false, Ordering::Relaxed);
+                        last_resync = Some(summary);
+                        if let Some(done) = &resync {
+                            done(summary);
+                        }
+                    }
+                    Event::Verified { sequence, outcome } => match outcome {
+                        Ok((seed, digests)) => primary.verified(sequence, seed, digests),
+                        Err(error) => {
+                            let reason = format!("cannot compute the disks' digests: {error}");
+                            tracing::error!(%reason);
+                            if let Some(done) = handover_done.take() {
+                                let _ = done.send(Err(reason.clone()));
+                            }
+                            outcome_failed(&mut primary, &reason);
+                        }
+                    },
                     Event::ConnectFailed { reason, permanent } => {
                         if permanent {
                             tracing::error!(replica = %peer, %reason, "the replica refused this primary's identity, or this primary refused the replica's; not retrying");
@@ -406,23 +570,124 @@ pub async fn run_primary(
             }
         }
     }
-    primary.stop();
-    while let Some(action) = primary.poll_action() {
-        if let (PrimaryAction::Send(message), Some(link)) = (action, &link) {
-            let _ = link.control.send(message);
+    if let Some(done) = handover_done.take() {
+        let _ = done.send(Err(
+            "replication stopped before the failover finished".into()
+        ));
+    }
+    if matches!(ending, Ending::Stopped) {
+        primary.stop();
+        while let Some(action) = primary.poll_action() {
+            if let (PrimaryAction::Send(message), Some(link)) = (action, &link) {
+                let _ = link.control.send(message);
+            }
         }
     }
-    publish(&report, &primary, &options, &wire_bytes, disk_bytes);
+    publish(
+        &report,
+        &primary,
+        &config,
+        &peer,
+        &wire_bytes,
+        disk_bytes,
+        last_resync,
+    );
     if let Some(link) = link {
         // The goodbye is delivered before the close.
         drop(link.control);
         let _ = link.control_writer.await;
         link.connection.close(0u32.into(), b"goodbye");
     }
-    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
-        .await
-        .ok();
-    outcome
+    if let Dialer::Dial { endpoint, .. } = &dialer
+        && !matches!(ending, Ending::Reversed { .. })
+    {
+        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+            .await
+            .ok();
+    }
+    outcome.map(|()| ending)
+}
+
+/// The digests could not be computed: the failover cannot be confirmed.
+fn outcome_failed(primary: &mut Primary, reason: &str) {
+    primary.handle_message(
+        Instant::now(),
+        Message::Refused {
+            reason: reason.to_owned(),
+            retry: false,
+        },
+    );
+}
+
+/// How connections are made: dialled, or handed over by the server they came in on.
+#[derive(Clone)]
+enum Dialer {
+    Dial {
+        endpoint: quinn::Endpoint,
+        replica: SocketAddr,
+    },
+    Incoming(Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<quinn::Connection>>>),
+}
+
+/// Makes one connection, compares the disks by hash first when asked, and reports.
+struct ConnectTask {
+    dialer: Dialer,
+    generation: u64,
+    events: mpsc::UnboundedSender<Event>,
+    /// The VM, when a resynchronization is owed.
+    resync: Option<Arc<ProtectedVm>>,
+    vm_name: String,
+}
+
+impl ConnectTask {
+    async fn run(self) {
+        let event = match self.connect().await {
+            Ok((connection, control, incoming)) => Event::Connected {
+                generation: self.generation,
+                connection,
+                control,
+                incoming,
+            },
+            Err((reason, permanent)) => Event::ConnectFailed { reason, permanent },
+        };
+        let _ = self.events.send(event);
+    }
+
+    async fn connect(
+        &self,
+    ) -> std::result::Result<
+        (quinn::Connection, quinn::SendStream, quinn::RecvStream),
+        (String, bool),
+    > {
+        let connection = match &self.dialer {
+            Dialer::Dial { endpoint, replica } => {
+                let connecting = endpoint
+                    .connect(*replica, "blockrep-replica")
+                    .map_err(|error| (format!("cannot connect: {error}"), false))?;
+                connecting
+                    .await
+                    .map_err(|error| (error.to_string(), is_authentication_failure(&error)))?
+            }
+            Dialer::Incoming(connections) => {
+                let next = connections.lock().await.recv().await;
+                next.ok_or_else(|| ("the server stopped".to_owned(), true))?
+            }
+        };
+        let (mut control, mut incoming) = connection
+            .open_bi()
+            .await
+            .map_err(|error| (error.to_string(), is_authentication_failure(&error)))?;
+        if let Some(vm) = &self.resync {
+            let summary = resync::compare(vm, &self.vm_name, &mut control, &mut incoming)
+                .await
+                .map_err(|error| {
+                    connection.close(1u32.into(), b"resynchronization failed");
+                    (format!("resynchronization failed: {error}"), false)
+                })?;
+            let _ = self.events.send(Event::Resynchronized(summary));
+        }
+        Ok((connection, control, incoming))
+    }
 }
 
 fn network(peer: &str, problem: impl Into<String>) -> Error {
@@ -435,15 +700,17 @@ fn network(peer: &str, problem: impl Into<String>) -> Error {
 fn publish(
     report: &SharedReport,
     primary: &Primary,
-    options: &PrimaryOptions,
+    config: &PrimaryConfig,
+    peer: &str,
     wire_bytes: &AtomicU64,
     disk_bytes: u64,
+    resync: Option<ResyncSummary>,
 ) {
     let now = Instant::now();
     let status = primary.status(now);
     let entry = PrimaryReport {
-        vm: options.config.vm.clone(),
-        replica: options.replica.to_string(),
+        vm: config.vm.clone(),
+        replica: peer.to_owned(),
         seconds_since_replication: status
             .last_replication
             .map(|at| now.saturating_duration_since(at).as_secs_f64()),
@@ -459,6 +726,7 @@ fn publish(
         last_delta_latency_seconds: status.last_delta_latency.as_secs_f64(),
         bytes_before_compression: disk_bytes,
         bytes_after_compression: wire_bytes.load(Ordering::Relaxed),
+        resync,
         status,
     };
     *report

@@ -4,7 +4,9 @@
 //! primaries; each VM's work is serialized by its own lock, VMs proceed independently.
 
 use super::frame::{read_frame, spawn_control_writer};
+use super::hosting::{HostedVm, HostingOptions};
 use super::identity::{Identity, fingerprint};
+use super::primary::{PrimaryReport, ResyncDone};
 use super::tls::server_config;
 use crate::image::{BlockImage, is_zero};
 use crate::proto::{ConnectionId, Message, Replica, ReplicaAction};
@@ -37,8 +39,29 @@ pub struct ReplicaReport {
     pub recovery_points: usize,
     /// The point a test failover copy was made of, and where it is.
     pub test_failover: Option<PathBuf>,
-    /// The unplanned failover to this site, if there is one.
+    /// The failover to this site, if there is one.
     pub failover: Option<crate::replica::FailoverRecord>,
+    /// The VM runs here: replication back to the old primary, when it runs.
+    pub reverse: Option<PrimaryReport>,
+}
+
+/// Who runs a VM that fails over to this server.
+#[derive(Debug, Clone)]
+pub enum Hosting {
+    /// The server itself: tracked disks, NBD, replication back (a replica server).
+    Here(HostingOptions),
+    /// Whoever made the server (a primary acting as replica during reverse replication): it
+    /// is told, and takes its VM back.
+    Caller(mpsc::UnboundedSender<TakenOver>),
+}
+
+/// A planned failover handed a VM to this site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenOver {
+    pub vm: String,
+    pub sequence: u64,
+    /// Replicate back to the other site at once.
+    pub reverse: bool,
 }
 
 /// A test failover's copy.
@@ -254,17 +277,30 @@ struct VmSlot {
     /// Where a connection's close waits for its last message: the slot is also driven from
     /// threads outside the runtime (the control socket's).
     runtime: tokio::runtime::Handle,
+    hosting: Arc<Hosting>,
+    /// The VM runs at this site (it failed over here).
+    hosted: Option<HostedVm>,
+    /// This slot, for the callbacks of what runs the VM here.
+    this: std::sync::Weak<Mutex<VmSlot>>,
+}
+
+impl VmSlot {
+    fn machine_name(&self) -> String {
+        self.replica.vm().to_owned()
+    }
 }
 
 type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
 
 /// A running replica server.
 pub struct ReplicaServer {
-    address: SocketAddr,
+    address: Option<SocketAddr>,
     vms: Vms,
     store: ReplicaStore,
+    hosting: Arc<Hosting>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    next_connection: Arc<AtomicU64>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -281,10 +317,12 @@ impl ReplicaServer {
         store: ReplicaStore,
         identity: &Identity,
         allowed: Vec<CertificateDer<'static>>,
+        hosting: Hosting,
     ) -> Result<ReplicaServer> {
+        let hosting = Arc::new(hosting);
         let vms: Vms = Arc::default();
         for vm in store.vms()? {
-            open_slot(&store, &vms, &vm).await?;
+            open_slot(&store, &vms, &vm, &hosting).await?;
         }
         let allowed_count = allowed.len();
         let endpoint = quinn::Endpoint::server(server_config(identity, allowed)?, listen).map_err(
@@ -299,23 +337,64 @@ impl ReplicaServer {
         })?;
         tracing::info!(%address, identity = %identity.fingerprint(), allowed = allowed_count, "replica server listening");
         let (stop, stopped) = watch::channel(false);
+        let next_connection = Arc::new(AtomicU64::new(1));
         let task = tokio::spawn(accept_loop(
             endpoint,
             store.clone(),
             Arc::clone(&vms),
+            Arc::clone(&hosting),
+            Arc::clone(&next_connection),
             stopped,
         ));
         Ok(ReplicaServer {
-            address,
+            address: Some(address),
             vms,
             store,
+            hosting,
             stop,
             task,
+            next_connection,
         })
     }
 
+    /// A server that listens nowhere: its caller hands it connections it made itself (a
+    /// primary that became the replica of its VM, over its own connection to the other site).
+    pub async fn without_listener(store: ReplicaStore, hosting: Hosting) -> Result<ReplicaServer> {
+        let hosting = Arc::new(hosting);
+        let vms: Vms = Arc::default();
+        for vm in store.vms()? {
+            open_slot(&store, &vms, &vm, &hosting).await?;
+        }
+        let (stop, _) = watch::channel(false);
+        Ok(ReplicaServer {
+            address: None,
+            vms,
+            store,
+            hosting,
+            stop,
+            task: tokio::spawn(async {}),
+            next_connection: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    /// Serves a connection this process made: the peer replicates to this side over it. Returns
+    /// when the connection ends.
+    pub async fn serve(&self, connection: quinn::Connection) {
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        serve_connection(
+            id,
+            connection,
+            self.store.clone(),
+            Arc::clone(&self.vms),
+            Arc::clone(&self.hosting),
+        )
+        .await;
+    }
+
+    /// The address it listens on (none for a server made `without_listener`).
     pub fn address(&self) -> SocketAddr {
         self.address
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Each VM's state, for `blockrep status`.
@@ -347,6 +426,7 @@ impl ReplicaServer {
                     recovery_points: slot.replica.points().len().saturating_sub(1),
                     test_failover: slot.replica.test_failover(),
                     failover: slot.replica.failover(),
+                    reverse: slot.hosted.as_ref().and_then(HostedVm::report),
                 }
             })
             .collect();
@@ -423,12 +503,75 @@ impl ReplicaServer {
     /// from the old primary has ended for good.
     pub fn commit_failover(&self, vm: &str) -> Result<Vec<PathBuf>> {
         let slot = self.slot(vm)?;
-        let mut slot = lock(&slot);
-        let disks = slot.replica.commit_failover()?;
-        let fence = slot.replica.failover().as_ref().map(fence_for);
-        slot.machine.fence(fence);
-        drive(&mut slot);
+        let mut guard = lock(&slot);
+        let disks = guard.replica.commit_failover()?;
+        let fence = guard.replica.failover().as_ref().map(fence_for);
+        guard.machine.fence(fence);
+        drive(&mut guard);
+        host(&mut guard, vm, true)?;
         Ok(disks)
+    }
+
+    /// Replicates a VM that runs here back to its old primary, comparing by hash first when
+    /// the old primary may hold writes this site never saw (an unplanned failover).
+    pub fn reverse(&self, vm: &str) -> Result<()> {
+        let slot = self.slot(vm)?;
+        let mut guard = lock(&slot);
+        guard.replica.set_reverse(true)?;
+        start_reverse(&mut guard);
+        Ok(())
+    }
+
+    /// Planned failover of a VM that runs here back to the old primary (failback): its writes
+    /// stop (NBD clients are told), the final delta ships, the other side compares and takes
+    /// over; this server is its replica again. Returns the final delta's sequence.
+    pub async fn planned_failover(&self, vm: &str, reverse: bool) -> Result<u64> {
+        let slot = self.slot(vm)?;
+        let answer = {
+            let slot = Arc::clone(&slot);
+            tokio::task::spawn_blocking(move || {
+                let mut guard = lock(&slot);
+                let vm = guard.machine_name();
+                let hosted = guard.hosted.as_mut().ok_or_else(|| Error::Replication {
+                    peer: vm.clone(),
+                    problem: "does not run at this site; a planned failover runs where the VM runs".into(),
+                })?;
+                // Refused before the writes stop when there is no one to hand over to.
+                if !hosted.reversing() {
+                    return Err(Error::Replication {
+                        peer: vm,
+                        problem: "not replicating back to the old primary: run `blockrep reverse` first, so the other site has the VM to take over".into(),
+                    });
+                }
+                hosted.stop_writes()?;
+                hosted.hand_over(reverse)
+            })
+            .await
+            .map_err(|error| Error::Replication {
+                peer: vm.to_owned(),
+                problem: error.to_string(),
+            })??
+        };
+        let sequence = answer
+            .await
+            .map_err(|_| Error::Replication {
+                peer: vm.to_owned(),
+                problem: "replication back stopped before the failover finished".into(),
+            })?
+            .map_err(|problem| Error::Replication {
+                peer: vm.to_owned(),
+                problem,
+            })?;
+        let hosted = lock(&slot).hosted.take();
+        if let Some(hosted) = hosted {
+            hosted.close().await?;
+        }
+        let mut guard = lock(&slot);
+        guard.replica.hand_back(sequence)?;
+        let record = guard.replica.record();
+        guard.machine = Replica::new(vm, record);
+        tracing::info!(%vm, sequence, "planned failover done: the VM runs at the other site; this is its replica again");
+        Ok(sequence)
     }
 
     /// Cancels a failover not committed: its disks go and replication may resume.
@@ -455,10 +598,20 @@ impl ReplicaServer {
         &self.store
     }
 
-    /// Stops accepting, closes every connection and waits for the server's task.
+    /// Stops accepting, closes every connection, stops the VMs running here (saving their
+    /// tracking) and waits for the server's task.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        let slots: Vec<Arc<Mutex<VmSlot>>> = lock(&self.vms).values().cloned().collect();
+        for slot in slots {
+            let hosted = lock(&slot).hosted.take();
+            if let Some(hosted) = hosted
+                && let Err(error) = hosted.close().await
+            {
+                tracing::error!(%error, "closing a VM running here");
+            }
+        }
     }
 }
 
@@ -466,20 +619,22 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     store: ReplicaStore,
     vms: Vms,
+    hosting: Arc<Hosting>,
+    next_connection: Arc<AtomicU64>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let next_connection = Arc::new(AtomicU64::new(1));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let store = store.clone();
                 let vms = Arc::clone(&vms);
+                let hosting = Arc::clone(&hosting);
                 let id = next_connection.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     match incoming.await {
-                        Ok(connection) => serve_connection(id, connection, store, vms).await,
+                        Ok(connection) => serve_connection(id, connection, store, vms, hosting).await,
                         Err(error) => tracing::warn!(peer = %remote, %error, "refused a connection: the handshake failed"),
                     }
                 });
@@ -498,6 +653,7 @@ async fn serve_connection(
     connection: quinn::Connection,
     store: ReplicaStore,
     vms: Vms,
+    hosting: Arc<Hosting>,
 ) {
     let remote = connection.remote_address();
     let owner = connection
@@ -510,8 +666,16 @@ async fn serve_connection(
         return;
     };
     let accepted = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let (send, mut receive) = connection.accept_bi().await.ok()?;
-        let hello = read_frame(&mut receive).await.ok()??;
+        let (mut send, mut receive) = connection.accept_bi().await.ok()?;
+        let mut hello = read_frame(&mut receive).await.ok()??;
+        if let Message::HashRequest { vm, seed } = hello {
+            // A resynchronization first: the hashes, then the session's hello.
+            let frames = hashes_for(&store, &vms, &hosting, &vm, &owner, seed).await;
+            for frame in frames {
+                send.write_all(&frame).await.ok()?;
+            }
+            hello = read_frame(&mut receive).await.ok()??;
+        }
         Some((send, receive, hello))
     })
     .await;
@@ -531,7 +695,7 @@ async fn serve_connection(
         return;
     };
     tracing::info!(peer = %remote, %primary, %owner, %vm, "primary connected");
-    let slot = match open_slot(&store, &vms, &vm).await {
+    let slot = match open_slot(&store, &vms, &vm, &hosting).await {
         Ok(slot) => slot,
         Err(error) => {
             tracing::error!(%vm, %error, "cannot open the VM's replica");
@@ -548,6 +712,24 @@ async fn serve_connection(
         }
     };
     let (outgoing, writer) = spawn_control_writer(send);
+    if let Some(answer) = answer_for_running_vm(&slot, &owner) {
+        // The VM runs here: the connecting side is its old primary.
+        let reversing = matches!(answer, Message::Reverse { .. });
+        let _ = outgoing.send(answer);
+        drop(outgoing);
+        let _ = writer.await;
+        let handed = reversing
+            && lock(&slot)
+                .hosted
+                .as_ref()
+                .is_some_and(|hosted| hosted.connect(connection.clone()));
+        if handed {
+            tracing::info!(peer = %remote, %vm, "the old primary connected: replicating back to it");
+        } else {
+            connection.close(4u32.into(), b"refused");
+        }
+        return;
+    }
     lock(&slot).connections.insert(
         id,
         Peer {
@@ -618,7 +800,151 @@ async fn serve_connection(
     .await;
 }
 
-async fn open_slot(store: &ReplicaStore, vms: &Vms, vm: &str) -> Result<Arc<Mutex<VmSlot>>> {
+/// What a connecting old primary is told when its VM runs here: to become its replica when
+/// replication back is on; otherwise to wait. `None` when the VM does not run here.
+fn answer_for_running_vm(slot: &Mutex<VmSlot>, owner: &str) -> Option<Message> {
+    let slot = lock(slot);
+    let hosted = slot.hosted.as_ref()?;
+    let failover = slot.replica.failover()?;
+    if slot.machine.record().owner.as_deref() != Some(owner) {
+        return Some(Message::Refused {
+            reason: "this VM belongs to another primary".into(),
+            retry: false,
+        });
+    }
+    Some(if hosted.reversing() {
+        Message::Reverse {
+            applied: slot.replica.applied(),
+            resync: failover.resync,
+        }
+    } else if failover.planned {
+        // It handed the VM over and may have missed the confirmation.
+        Message::HandedOver {
+            sequence: failover.point,
+        }
+    } else {
+        Message::Refused {
+            reason: format!(
+                "{}: the VM runs at the replica site since a failover; run `blockrep reverse {}` there to replicate back to this host",
+                slot.machine_name(),
+                slot.machine_name()
+            ),
+            retry: true,
+        }
+    })
+}
+
+/// The block hashes of `vm`'s disks for a resynchronization its owner asked for, as frames
+/// (a refusal when it may not have them).
+async fn hashes_for(
+    store: &ReplicaStore,
+    vms: &Vms,
+    hosting: &Arc<Hosting>,
+    vm: &str,
+    owner: &str,
+    seed: u64,
+) -> Vec<bytes::Bytes> {
+    let refused = |reason: String| {
+        vec![
+            Message::Refused {
+                reason,
+                retry: false,
+            }
+            .encode(),
+        ]
+    };
+    let slot = match open_slot(store, vms, vm, hosting).await {
+        Ok(slot) => slot,
+        Err(error) => return refused(error.to_string()),
+    };
+    let owner = owner.to_owned();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut slot = lock(&slot);
+        if slot.machine.record().owner.as_deref() != Some(owner.as_str()) {
+            return Err("this VM belongs to another primary".to_owned());
+        }
+        let hashes = slot
+            .replica
+            .block_hashes(seed)
+            .map_err(|error| error.to_string())?;
+        Ok(super::resync::answer(&hashes))
+    })
+    .await;
+    match answer {
+        Ok(Ok(frames)) => frames,
+        Ok(Err(reason)) => refused(reason),
+        Err(error) => refused(error.to_string()),
+    }
+}
+
+/// Makes a VM that failed over here run: tracked disks, NBD (for `Hosting::Here`), or tells
+/// the caller (`Hosting::Caller`). `fresh` starts tracking afresh.
+fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
+    let Some(failover) = slot.replica.failover().filter(|failover| failover.active()) else {
+        return Ok(());
+    };
+    match &*Arc::clone(&slot.hosting) {
+        Hosting::Here(options) => {
+            if slot.hosted.is_none() {
+                slot.replica.release_disks();
+                slot.hosted = Some(HostedVm::open(
+                    vm,
+                    &slot.replica.disk_paths(),
+                    options,
+                    fresh,
+                )?);
+            }
+            if failover.reverse {
+                start_reverse(slot);
+            }
+        }
+        Hosting::Caller(taken_over) => {
+            let _ = taken_over.send(TakenOver {
+                vm: vm.to_owned(),
+                sequence: failover.point,
+                reverse: failover.reverse,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Starts replication back for a VM running here.
+fn start_reverse(slot: &mut VmSlot) {
+    let Hosting::Here(options) = &*Arc::clone(&slot.hosting) else {
+        return;
+    };
+    let resync_owed = slot
+        .replica
+        .failover()
+        .is_some_and(|failover| failover.resync);
+    let runtime = slot.runtime.clone();
+    let Some(hosted) = slot.hosted.as_mut() else {
+        return;
+    };
+    let resync: Option<ResyncDone> = resync_owed.then(|| {
+        let weak = slot.this.clone();
+        Arc::new(move |summary| {
+            tracing::info!(
+                ?summary,
+                "resynchronization compared the old primary's copy"
+            );
+            if let Some(slot) = weak.upgrade()
+                && let Err(error) = lock(&slot).replica.resynchronized()
+            {
+                tracing::error!(%error, "cannot record the resynchronization");
+            }
+        }) as ResyncDone
+    });
+    hosted.start_reverse(options, &runtime, resync);
+}
+
+async fn open_slot(
+    store: &ReplicaStore,
+    vms: &Vms,
+    vm: &str,
+    hosting: &Arc<Hosting>,
+) -> Result<Arc<Mutex<VmSlot>>> {
     if let Some(slot) = lock(vms).get(vm) {
         return Ok(Arc::clone(slot));
     }
@@ -632,16 +958,40 @@ async fn open_slot(store: &ReplicaStore, vms: &Vms, vm: &str) -> Result<Arc<Mute
                 problem: error.to_string(),
             })??
     };
-    let mut vms = lock(vms);
-    let slot = vms.entry(vm.to_owned()).or_insert_with(|| {
-        Arc::new(Mutex::new(VmSlot {
-            machine: Replica::new(vm, opened.record()),
-            replica: opened,
-            connections: HashMap::new(),
-            runtime: tokio::runtime::Handle::current(),
-        }))
-    });
-    Ok(Arc::clone(slot))
+    let (slot, created) = {
+        let mut vms = lock(vms);
+        let mut created = false;
+        let slot = vms.entry(vm.to_owned()).or_insert_with(|| {
+            created = true;
+            Arc::new_cyclic(|this| {
+                Mutex::new(VmSlot {
+                    machine: Replica::new(vm, opened.record()),
+                    replica: opened,
+                    connections: HashMap::new(),
+                    runtime: tokio::runtime::Handle::current(),
+                    hosting: Arc::clone(hosting),
+                    hosted: None,
+                    this: this.clone(),
+                })
+            })
+        });
+        (Arc::clone(slot), created)
+    };
+    if created && matches!(**hosting, Hosting::Here(_)) {
+        // A VM that runs here since a failover runs again, its tracking continued.
+        let handle = Arc::clone(&slot);
+        let vm = vm.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&handle);
+            host(&mut guard, &vm, false)
+        })
+        .await
+        .map_err(|error| Error::Replication {
+            peer: "store".into(),
+            problem: error.to_string(),
+        })??;
+    }
+    Ok(slot)
 }
 
 async fn dispatch(slot: &Arc<Mutex<VmSlot>>, id: ConnectionId, message: Message) {
@@ -714,6 +1064,28 @@ fn drive(slot: &mut VmSlot) {
                     }
                 }
             }
+            ReplicaAction::VerifyHandover {
+                connection,
+                sequence,
+                seed,
+                digests,
+                reverse,
+            } => {
+                let outcome = verify_handover(slot, sequence, seed, &digests, reverse);
+                if let Err(reason) = &outcome {
+                    tracing::error!(%reason, "refused a planned failover");
+                }
+                let taken = outcome.is_ok();
+                slot.machine
+                    .handover_verified(connection, sequence, outcome);
+                if taken {
+                    tracing::info!(vm = %slot.machine_name(), sequence, reverse, "planned failover: the disks equal the primary's; the VM runs here now");
+                    let vm = slot.machine_name();
+                    if let Err(error) = host(slot, &vm, true) {
+                        tracing::error!(%vm, %error, "cannot run the VM here");
+                    }
+                }
+            }
             ReplicaAction::Close { connection, reason } => {
                 if let Some(peer) = slot.connections.remove(&connection) {
                     tracing::info!(%reason, "closing a connection");
@@ -732,6 +1104,41 @@ fn drive(slot: &mut VmSlot) {
             }
         }
     }
+}
+
+/// Compares this replica's disks with the digests a primary handing over sent, and takes the
+/// VM over when they match.
+fn verify_handover(
+    slot: &mut VmSlot,
+    sequence: u64,
+    seed: u64,
+    digests: &[u128],
+    reverse: bool,
+) -> std::result::Result<(), String> {
+    let ours: Vec<u128> = slot
+        .replica
+        .block_hashes(seed)
+        .map_err(|error| format!("cannot hash the replica's disks: {error}"))?
+        .iter()
+        .map(crate::resync::BlockHashes::digest)
+        .collect();
+    if ours.len() != digests.len() {
+        return Err(format!(
+            "the primary compared {} disks, the replica has {}",
+            digests.len(),
+            ours.len()
+        ));
+    }
+    if let Some(disk) = (0..ours.len()).find(|&disk| ours[disk] != digests[disk]) {
+        return Err(format!(
+            "disk {disk} differs from the primary's after delta {sequence}: the failover is refused (run `blockrep verify` to see where)"
+        ));
+    }
+    slot.replica
+        .take_over(sequence, reverse)
+        .map_err(|error| error.to_string())?;
+    slot.replica.release_disks();
+    Ok(())
 }
 
 fn close_all(slot: &mut VmSlot, reason: &str) {
@@ -830,12 +1237,17 @@ mod tests {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap();
-            let slot = Arc::new(Mutex::new(VmSlot {
-                machine: Replica::new("vm1", replica.record()),
-                replica,
-                connections: HashMap::new(),
-                runtime: runtime.handle().clone(),
-            }));
+            let slot = Arc::new_cyclic(|this| {
+                Mutex::new(VmSlot {
+                    machine: Replica::new("vm1", replica.record()),
+                    replica,
+                    connections: HashMap::new(),
+                    runtime: runtime.handle().clone(),
+                    hosting: Arc::new(Hosting::Here(HostingOptions::default())),
+                    hosted: None,
+                    this: this.clone(),
+                })
+            });
             let writer = {
                 let slot = Arc::clone(&slot);
                 std::thread::spawn(move || {

@@ -28,6 +28,11 @@ const KIND_CHUNKS_STAGED: u8 = 6;
 const KIND_DELTA_END: u8 = 7;
 const KIND_APPLIED: u8 = 8;
 const KIND_GOODBYE: u8 = 9;
+const KIND_REVERSE: u8 = 10;
+const KIND_HANDOVER: u8 = 11;
+const KIND_HANDED_OVER: u8 = 12;
+const KIND_HASH_REQUEST: u8 = 13;
+const KIND_HASHES: u8 = 14;
 
 /// One disk of a protected VM, as the primary describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -118,6 +123,28 @@ pub enum Message {
     Applied { delta: DeltaId },
     /// Primary to replica: a clean end of the session.
     Goodbye,
+    /// Replica to primary, instead of Welcome: the VM runs at the replica's site now (it failed
+    /// over), and the connecting side is to be its replica. The replica's old copy counts as
+    /// at delta `applied`; `resync` says whether it must be compared by hash first (its own
+    /// writes after its last shipped cut are unknown to the new primary).
+    Reverse { applied: u64, resync: bool },
+    /// Primary to replica, after the final delta of a planned failover was applied: each
+    /// disk's digest (the root of its block hashes, seeded with `seed`) at delta `sequence`.
+    /// The replica compares them with its own and takes the VM over.
+    Handover {
+        sequence: u64,
+        seed: u64,
+        digests: Vec<u128>,
+        /// Replicate back to this primary at once.
+        reverse: bool,
+    },
+    /// Replica to primary: its disks equal the primary's at `sequence`; the VM runs here now.
+    HandedOver { sequence: u64 },
+    /// Primary to replica, first on a connection when a resynchronization is owed (before
+    /// Hello): send the block hashes of every disk of `vm`, seeded with `seed`.
+    HashRequest { vm: String, seed: u64 },
+    /// Replica to primary: a piece of disk `disk`'s block hashes, in the resync encoding.
+    Hashes { disk: u16, payload: Bytes },
 }
 
 /// A message that could not be decoded.
@@ -263,6 +290,40 @@ impl Message {
                 KIND_APPLIED
             }
             Message::Goodbye => KIND_GOODBYE,
+            Message::Reverse { applied, resync } => {
+                body.put_u64_le(*applied);
+                body.put_u8(u8::from(*resync));
+                KIND_REVERSE
+            }
+            Message::Handover {
+                sequence,
+                seed,
+                digests,
+                reverse,
+            } => {
+                body.put_u64_le(*sequence);
+                body.put_u64_le(*seed);
+                body.put_u8(u8::from(*reverse));
+                body.put_u16_le(digests.len() as u16);
+                for digest in digests {
+                    body.put_u128_le(*digest);
+                }
+                KIND_HANDOVER
+            }
+            Message::HandedOver { sequence } => {
+                body.put_u64_le(*sequence);
+                KIND_HANDED_OVER
+            }
+            Message::HashRequest { vm, seed } => {
+                put_string(&mut body, vm);
+                body.put_u64_le(*seed);
+                KIND_HASH_REQUEST
+            }
+            Message::Hashes { disk, payload } => {
+                body.put_u16_le(*disk);
+                body.put_slice(payload);
+                KIND_HASHES
+            }
         };
         let mut frame = BytesMut::with_capacity(FRAME_HEADER + body.len());
         frame.put_slice(&frame_header(kind, body.len()));
@@ -359,6 +420,38 @@ impl Message {
                 delta: take_delta(&mut body)?,
             },
             KIND_GOODBYE => Message::Goodbye,
+            KIND_REVERSE => Message::Reverse {
+                applied: take_u64(&mut body)?,
+                resync: take_u8(&mut body)? != 0,
+            },
+            KIND_HANDOVER => {
+                let sequence = take_u64(&mut body)?;
+                let seed = take_u64(&mut body)?;
+                let reverse = take_u8(&mut body)? != 0;
+                let count = usize::from(take_u16(&mut body)?);
+                need(&body, count * 16)?;
+                let digests = (0..count).map(|_| body.get_u128_le()).collect();
+                Message::Handover {
+                    sequence,
+                    seed,
+                    digests,
+                    reverse,
+                }
+            }
+            KIND_HANDED_OVER => Message::HandedOver {
+                sequence: take_u64(&mut body)?,
+            },
+            KIND_HASH_REQUEST => Message::HashRequest {
+                vm: take_string(&mut body)?,
+                seed: take_u64(&mut body)?,
+            },
+            KIND_HASHES => {
+                let disk = take_u16(&mut body)?;
+                Message::Hashes {
+                    disk,
+                    payload: body.split_off(0),
+                }
+            }
             other => return Err(error(format!("unknown message kind {other}"))),
         };
         if body.has_remaining() {
@@ -496,6 +589,25 @@ mod tests {
         round_trip(Message::DeltaEnd { delta });
         round_trip(Message::Applied { delta });
         round_trip(Message::Goodbye);
+        round_trip(Message::Reverse {
+            applied: 9,
+            resync: true,
+        });
+        round_trip(Message::Handover {
+            sequence: 9,
+            seed: 77,
+            digests: vec![1, u128::MAX],
+            reverse: true,
+        });
+        round_trip(Message::HandedOver { sequence: 9 });
+        round_trip(Message::HashRequest {
+            vm: "vm1".into(),
+            seed: 3,
+        });
+        round_trip(Message::Hashes {
+            disk: 1,
+            payload: Bytes::from_static(b"hashes"),
+        });
     }
 
     #[test]

@@ -60,6 +60,31 @@ pub enum PrimaryAction {
     Disconnect { reason: String },
     /// Replication cannot continue; retrying will not help.
     Failed { reason: String },
+    /// Planned failover: the final delta is applied. Compute every disk's digest (block hashes
+    /// seeded with a fresh seed; writes are stopped) and call `verified`.
+    Verify { sequence: u64 },
+    /// Planned failover done: the replica holds what this primary holds and runs the VM now.
+    HandedOver { sequence: u64 },
+    /// The VM runs at the replica's site (it failed over): this side is to become its replica,
+    /// its copy counted as at delta `applied`, compared by hash first when `resync`.
+    Reversed { applied: u64, resync: bool },
+}
+
+/// Where a planned failover stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Handover {
+    /// Asked for: the final delta is cut when the one in flight (if any) is applied.
+    Requested,
+    /// The final delta is cut or in flight.
+    Final(DeltaId),
+    /// It is applied; the digests are being computed.
+    Verifying(u64),
+    /// The digests went to the replica; waiting for it to take over.
+    Sent {
+        sequence: u64,
+        seed: u64,
+        digests: Vec<u128>,
+    },
 }
 
 /// Where replication of the VM stands.
@@ -68,6 +93,10 @@ pub enum PrimaryAction {
 pub enum ReplicationState {
     InitialReplication,
     Replicating,
+    /// A planned failover is shipping its final delta or comparing the disks.
+    FailingOver,
+    /// The VM runs at the other site now.
+    FailedOver,
     ResynchronizationRequired,
     /// Paused by the operator: tracking goes on, nothing is cut or sent.
     Suspended,
@@ -172,6 +201,10 @@ pub struct Primary {
     last_error: Option<String>,
     /// Since when the primary has been unable to send, if it is.
     cannot_send_since: Option<Instant>,
+    handover: Option<Handover>,
+    /// The planned failover asks the replica to replicate back at once.
+    handover_reverse: bool,
+    handed_over: bool,
 }
 
 impl Primary {
@@ -198,6 +231,9 @@ impl Primary {
             last_replication: None,
             last_error: None,
             cannot_send_since: Some(now),
+            handover: None,
+            handover_reverse: false,
+            handed_over: false,
             config,
         }
     }
@@ -226,8 +262,8 @@ impl Primary {
         if self.link == Link::Closed {
             return;
         }
-        if now >= self.next_cut_at && self.suspended {
-            // Paused: changes accumulate in tracking; no cycle is due, none is missed.
+        if now >= self.next_cut_at && (self.suspended || self.handover.is_some()) {
+            // Paused, or failing over: no cycle is due, none is missed.
             while self.next_cut_at <= now {
                 self.next_cut_at += self.config.frequency;
             }
@@ -316,6 +352,25 @@ impl Primary {
                 self.last_error = None;
                 self.welcome(now, applied, staged);
             }
+            Message::Reverse { applied, resync } if self.link == Link::Greeting => {
+                self.link = Link::Closed;
+                self.stopped = true;
+                self.actions
+                    .push_back(PrimaryAction::Reversed { applied, resync });
+            }
+            Message::HandedOver { sequence }
+                if matches!(self.link, Link::Up | Link::Greeting)
+                    && matches!(&self.handover, Some(Handover::Sent { sequence: sent, .. }) if *sent == sequence) =>
+            {
+                self.link = Link::Closed;
+                self.handed_over = true;
+                self.handover = None;
+                self.actions
+                    .push_back(PrimaryAction::HandedOver { sequence });
+            }
+            Message::Refused { reason, retry } if self.handover.is_some() && !retry => {
+                self.fail(format!("the replica refused the failover: {reason}"));
+            }
             Message::Refused { reason, retry } => {
                 self.last_error = Some(format!("the replica refused: {reason}"));
                 if retry {
@@ -365,6 +420,25 @@ impl Primary {
             ));
         }
         self.applied = Some(applied);
+        match &self.handover {
+            Some(Handover::Sent {
+                sequence,
+                seed,
+                digests,
+            }) if applied == *sequence => {
+                // The link dropped while the replica compared: ask again.
+                let message = Message::Handover {
+                    sequence: *sequence,
+                    seed: *seed,
+                    digests: digests.clone(),
+                    reverse: self.handover_reverse,
+                };
+                self.actions.push_back(PrimaryAction::Send(message));
+                return;
+            }
+            Some(Handover::Verifying(_)) => return,
+            _ => {}
+        }
         if let Some(in_flight) = &mut self.in_flight {
             if applied >= in_flight.delta.sequence {
                 // Applied, but the confirmation was lost with the link.
@@ -378,7 +452,11 @@ impl Primary {
                 _ => in_flight.staged = ChunkSet::new(),
             }
             self.pump();
-        } else if self.cutting.is_none() && (applied == 0 || self.needs_initial || self.cut_overdue)
+        } else if self.cutting.is_none()
+            && (applied == 0
+                || self.needs_initial
+                || self.cut_overdue
+                || self.handover == Some(Handover::Requested))
         {
             self.cut(now);
         }
@@ -425,6 +503,54 @@ impl Primary {
             self.cutting = None;
             self.last_error = Some(reason.to_owned());
             self.cycles.record(now, false);
+            if self.handover == Some(Handover::Final(delta)) {
+                self.handover = Some(Handover::Requested);
+                self.cut(now);
+            }
+        }
+    }
+
+    /// Starts a planned failover: the caller has stopped the VM's writes. The final delta
+    /// (everything written since the last cut) is cut as soon as nothing is in flight; once it
+    /// is applied, `Verify` asks for the disks' digests.
+    pub fn hand_over(&mut self, now: Instant, reverse: bool) -> Result<(), String> {
+        if self.handover.is_some() {
+            return Err("a planned failover is already under way".into());
+        }
+        if self.failed.is_some() || self.stopped {
+            return Err("replication has stopped".into());
+        }
+        if self.applied.is_none_or(|applied| applied == 0)
+            || self.needs_initial
+            || self.in_flight_kind() == Some(DeltaKind::Initial)
+        {
+            return Err("initial replication has not completed".into());
+        }
+        self.handover = Some(Handover::Requested);
+        self.handover_reverse = reverse;
+        self.suspended = false;
+        self.cut(now);
+        Ok(())
+    }
+
+    /// The digests `Verify` asked for, computed with `seed`.
+    pub fn verified(&mut self, sequence: u64, seed: u64, digests: Vec<u128>) {
+        if self.handover != Some(Handover::Verifying(sequence)) {
+            return;
+        }
+        self.handover = Some(Handover::Sent {
+            sequence,
+            seed,
+            digests: digests.clone(),
+        });
+        if self.link == Link::Up {
+            self.actions
+                .push_back(PrimaryAction::Send(Message::Handover {
+                    sequence,
+                    seed,
+                    digests,
+                    reverse: self.handover_reverse,
+                }));
         }
     }
 
@@ -453,7 +579,11 @@ impl Primary {
     }
 
     pub fn status(&self, now: Instant) -> PrimaryStatus {
-        let state = if self.stopped {
+        let state = if self.handed_over {
+            ReplicationState::FailedOver
+        } else if self.handover.is_some() {
+            ReplicationState::FailingOver
+        } else if self.stopped {
             ReplicationState::Stopped
         } else if let Some(reason) = &self.failed {
             if reason.contains("resynchronization required") {
@@ -525,6 +655,7 @@ impl Primary {
             && self.in_flight.is_none()
             && self.cutting.is_none()
             && !self.suspended
+            && matches!(self.handover, None | Some(Handover::Requested))
     }
 
     fn cut(&mut self, now: Instant) {
@@ -546,6 +677,9 @@ impl Primary {
         };
         self.cut_overdue = false;
         self.cutting = Some((delta, kind, now));
+        if self.handover == Some(Handover::Requested) {
+            self.handover = Some(Handover::Final(delta));
+        }
         let app_consistent = kind == DeltaKind::Changes
             && self.config.app_consistent_every.is_some_and(|every| {
                 self.last_app_consistent
@@ -625,6 +759,20 @@ impl Primary {
             delta: in_flight.delta,
             kind: in_flight.kind,
         });
+        match self.handover {
+            Some(Handover::Final(delta)) if delta == in_flight.delta => {
+                self.handover = Some(Handover::Verifying(delta.sequence));
+                self.actions.push_back(PrimaryAction::Verify {
+                    sequence: delta.sequence,
+                });
+                return;
+            }
+            Some(Handover::Requested) => {
+                self.cut(now);
+                return;
+            }
+            _ => {}
+        }
         if self.cut_overdue || in_flight.kind == DeltaKind::Initial {
             // The cycle after initial replication carries what changed during it.
             self.cut(now);

@@ -42,6 +42,16 @@ pub enum ReplicaAction {
         /// The primary froze its applications for this delta's cut.
         app_consistent: bool,
     },
+    /// Planned failover: the primary's final delta is applied here. Compute this replica's
+    /// digest of every disk with `seed`, compare with `digests`, take the VM over when they
+    /// match, then call `handover_verified`.
+    VerifyHandover {
+        connection: ConnectionId,
+        sequence: u64,
+        seed: u64,
+        digests: Vec<u128>,
+        reverse: bool,
+    },
     /// Drop a connection.
     Close {
         connection: ConnectionId,
@@ -72,6 +82,9 @@ pub struct ReplicaVmRecord {
     /// Replication from the primary is fenced off (the VM failed over to the replica site):
     /// why, and whether for good (a committed failover) or until the failover is cancelled.
     pub fenced: Option<Fence>,
+    /// A planned failover handed the VM to this site at this delta: a primary that missed
+    /// the confirmation is told again.
+    pub handed_over: Option<u64>,
 }
 
 /// Why a replica takes nothing from its primary.
@@ -198,6 +211,14 @@ impl Replica {
             let reason = format!("{}: {reason}", self.vm);
             return refuse(self, reason, true);
         }
+        if let Some(sequence) = self.record.handed_over {
+            self.send(connection, Message::HandedOver { sequence });
+            self.actions.push_back(ReplicaAction::Close {
+                connection,
+                reason: "handed over by a planned failover".into(),
+            });
+            return;
+        }
         if let Some(fence) = &self.record.fenced {
             let (reason, permanent) = (format!("{}: {}", self.vm, fence.reason), fence.permanent);
             return refuse(self, reason, !permanent);
@@ -300,6 +321,40 @@ impl Replica {
                     }
                 }
                 self.commit_when_complete();
+            }
+            Message::Handover {
+                sequence,
+                seed,
+                digests,
+                reverse,
+            } => {
+                if self.staging.is_some() || self.committing.is_some() {
+                    return self.violation(
+                        connection,
+                        "a failover handover while a delta is staged".into(),
+                    );
+                }
+                if sequence != self.record.applied {
+                    let reason = format!(
+                        "{}: the primary hands over at delta {sequence}, this replica is at {}",
+                        self.vm, self.record.applied
+                    );
+                    self.send(
+                        connection,
+                        Message::Refused {
+                            reason: reason.clone(),
+                            retry: false,
+                        },
+                    );
+                    return;
+                }
+                self.actions.push_back(ReplicaAction::VerifyHandover {
+                    connection,
+                    sequence,
+                    seed,
+                    digests,
+                    reverse,
+                });
             }
             Message::Goodbye => {
                 self.connection = None;
@@ -426,6 +481,39 @@ impl Replica {
         self.record.applied = delta.sequence;
         if let Some(connection) = self.connection {
             self.send(connection, Message::Applied { delta });
+        }
+    }
+
+    /// The replica compared its disks for a planned failover: on success the VM runs here
+    /// from now on and the primary is told; otherwise it is told why not.
+    pub fn handover_verified(
+        &mut self,
+        connection: ConnectionId,
+        sequence: u64,
+        outcome: Result<(), String>,
+    ) {
+        match outcome {
+            Ok(()) => {
+                self.send(connection, Message::HandedOver { sequence });
+                self.record.fenced = Some(Fence {
+                    reason: "the VM runs at this site since a planned failover".into(),
+                    permanent: true,
+                });
+                self.record.handed_over = Some(sequence);
+                if self.connection == Some(connection) {
+                    self.connection = None;
+                }
+            }
+            Err(reason) => {
+                let reason = format!("{}: {reason}", self.vm);
+                self.send(
+                    connection,
+                    Message::Refused {
+                        reason,
+                        retry: false,
+                    },
+                );
+            }
         }
     }
 

@@ -31,6 +31,9 @@ const CATALOGUE_VERSION: u32 = 1;
 /// A replica disk as the store opens it.
 pub type Disk = VhdxImage<Box<dyn Storage>>;
 
+/// A replica disk as the store applies to it: its own VHDX, or an adopted disk of any format.
+type OpenDisk = Box<dyn BlockImage>;
+
 /// A recovery point as `blockrep points` lists it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PointInfo {
@@ -72,6 +75,10 @@ struct Catalogue {
     /// The VM failed over to this site, when it has.
     #[serde(default)]
     failover: Option<FailoverRecord>,
+    /// The disks are these files elsewhere (a primary's own disks, adopted as the replica of
+    /// reverse replication), not `disk-N.vhdx` in the VM's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    external_disks: Option<Vec<PathBuf>>,
 }
 
 /// A failover of the VM to the replica site.
@@ -81,6 +88,23 @@ pub struct FailoverRecord {
     pub point: u64,
     /// Committed: the failover disks became the VM's disks and the points were dropped.
     pub committed: bool,
+    /// A planned failover: the primary handed over with nothing lost, disks compared equal.
+    #[serde(default)]
+    pub planned: bool,
+    /// Replicate back to the old primary when it connects (`blockrep reverse`).
+    #[serde(default)]
+    pub reverse: bool,
+    /// The old primary's copy must be compared by hash before replication back: it may hold
+    /// writes made after its last shipped cut (an unplanned failover).
+    #[serde(default)]
+    pub resync: bool,
+}
+
+impl FailoverRecord {
+    /// The VM runs at this site: its disks are live, written by the VM.
+    pub fn active(&self) -> bool {
+        self.committed
+    }
 }
 
 /// Where a VM's replicas live.
@@ -155,6 +179,53 @@ impl ReplicaStore {
     }
 }
 
+impl ReplicaStore {
+    /// Makes existing disk files (a primary's own, at `paths`) the replica of `vm` for reverse
+    /// replication from `owner`, counted as at delta `applied`. A catalogue already adopting
+    /// the same files from the same owner is kept (it knows what was applied since).
+    pub fn adopt(
+        &self,
+        vm: &str,
+        owner: &str,
+        disks: Vec<DiskDescription>,
+        paths: Vec<PathBuf>,
+        applied: u64,
+    ) -> Result<VmReplica> {
+        let mut replica = self.open_vm(vm)?;
+        if let Some(existing) = &replica.catalogue
+            && existing.owner == owner
+            && existing.disks == disks
+            && existing.external_disks.as_ref() == Some(&paths)
+            && existing.applied >= applied
+            && existing.failover.is_none()
+        {
+            return Ok(replica);
+        }
+        replica.discard_staging();
+        replica.prepare(disks, owner)?;
+        let mut catalogue = replica.catalogue()?.clone();
+        catalogue.external_disks = Some(paths);
+        catalogue.applied = applied;
+        replica.write_catalogue(catalogue)?;
+        Ok(replica)
+    }
+
+    /// Removes what the store holds of `vm` (its adopted disks stay where they are).
+    pub fn forget(&self, vm: &str) -> Result<()> {
+        check_vm_name(vm)?;
+        let directory = self.root.join(vm);
+        match std::fs::remove_dir_all(&directory) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(Error::file(
+                &directory.display().to_string(),
+                "remove",
+                error,
+            )),
+        }
+    }
+}
+
 fn check_vm_name(vm: &str) -> Result<()> {
     let valid = !vm.is_empty()
         && vm.len() <= 64
@@ -205,7 +276,7 @@ pub struct VmReplica {
     directory: PathBuf,
     storage: StorageOptions,
     catalogue: Option<Catalogue>,
-    disks: Vec<Disk>,
+    disks: Vec<OpenDisk>,
     staging: Option<Staging>,
     policy: PointPolicy,
     /// Test failovers reading the undo files: while any runs, no undo file is deleted and no
@@ -236,9 +307,18 @@ impl VmReplica {
                 applied: catalogue.applied,
                 owner: Some(catalogue.owner.clone()),
                 fenced: catalogue.failover.as_ref().map(fence_for),
+                handed_over: catalogue
+                    .failover
+                    .as_ref()
+                    .filter(|failover| failover.planned)
+                    .map(|failover| failover.point),
             },
             None => ReplicaVmRecord::default(),
         }
+    }
+
+    pub fn vm(&self) -> &str {
+        &self.vm
     }
 
     /// The replica disk files, in the primary's order.
@@ -281,6 +361,7 @@ impl VmReplica {
             points: Vec::new(),
             test_failover: None,
             failover: None,
+            external_disks: None,
         })
     }
 
@@ -288,6 +369,11 @@ impl VmReplica {
     pub fn start_staging(&mut self, delta: DeltaId, kind: DeltaKind) -> Result<()> {
         self.discard_staging();
         let descriptions = self.catalogue()?.disks.clone();
+        if kind == DeltaKind::Initial && self.catalogue()?.external_disks.is_some() {
+            return Err(self.refusal(
+                "an adopted disk takes changes only, never an initial replication".into(),
+            ));
+        }
         self.staging = Some(match kind {
             DeltaKind::Initial => {
                 let mut disks = Vec::with_capacity(descriptions.len());
@@ -538,6 +624,9 @@ impl VmReplica {
         catalogue.failover = Some(FailoverRecord {
             point,
             committed: false,
+            planned: false,
+            reverse: false,
+            resync: true,
         });
         self.write_catalogue(catalogue)
     }
@@ -593,6 +682,68 @@ impl VmReplica {
         self.write_catalogue(catalogue)?;
         self.delete_undo(dropped);
         Ok(self.disk_paths())
+    }
+
+    /// A planned failover handed the VM over at delta `sequence` (the disks compared equal):
+    /// it runs here now. The recovery points go: the VM writes the disks from now on.
+    pub fn take_over(&mut self, sequence: u64, reverse: bool) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        if catalogue.applied != sequence {
+            return Err(self.refusal(format!(
+                "handed over at delta {sequence}, but delta {} is applied here",
+                catalogue.applied
+            )));
+        }
+        let dropped: Vec<String> = catalogue
+            .points
+            .drain(..)
+            .flat_map(|point| point.undo)
+            .collect();
+        catalogue.failover = Some(FailoverRecord {
+            point: sequence,
+            committed: true,
+            planned: true,
+            reverse,
+            resync: false,
+        });
+        self.write_catalogue(catalogue)?;
+        self.delete_undo(dropped);
+        Ok(())
+    }
+
+    /// Asks (or stops asking) for replication back to the old primary once it connects.
+    pub fn set_reverse(&mut self, reverse: bool) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        match &mut catalogue.failover {
+            Some(failover) if failover.active() => failover.reverse = reverse,
+            Some(_) => {
+                return Err(self.refusal(
+                    "the failover is not committed: commit it (`blockrep failover VM --commit`) before reversing".into(),
+                ));
+            }
+            None => return Err(self.refusal("has not failed over to this site".into())),
+        }
+        self.write_catalogue(catalogue)
+    }
+
+    /// Reverse replication compared and shipped what differed: no resync is owed any more.
+    pub fn resynchronized(&mut self) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        if let Some(failover) = &mut catalogue.failover {
+            failover.resync = false;
+        }
+        self.write_catalogue(catalogue)
+    }
+
+    /// The VM was handed back (a planned failover the other way) at delta `sequence`: this is
+    /// a replica again, at that delta.
+    pub fn hand_back(&mut self, sequence: u64) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.failover = None;
+        catalogue.applied = sequence;
+        catalogue.applied_at = unix_now();
+        catalogue.applied_app_consistent = false;
+        self.write_catalogue(catalogue)
     }
 
     /// Creates an empty disk like replica disk `index`, at `path`.
@@ -875,18 +1026,24 @@ impl VmReplica {
             return Ok(());
         }
         for path in self.disk_paths() {
-            let name = path.display().to_string();
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|error| Error::file(&name, "open replica disk", error))?;
-            let storage = file_storage(file, self.storage)
-                .map_err(|error| Error::file(&name, "open replica disk", error))?;
-            self.disks
-                .push(VhdxImage::open(storage, &name, Access::ReadWrite)?);
+            let (image, _, _) = crate::protect::open_image(&path, self.storage)?;
+            self.disks.push(image);
         }
         Ok(())
+    }
+
+    /// Every disk's block hashes under `seed`.
+    pub fn block_hashes(&mut self, seed: u64) -> Result<Vec<crate::resync::BlockHashes>> {
+        self.open_disks()?;
+        self.disks
+            .iter()
+            .map(|disk| crate::resync::BlockHashes::compute(&**disk, seed, &|_| {}))
+            .collect()
+    }
+
+    /// Closes the open disks (so that another part of the process may open them).
+    pub fn release_disks(&mut self) {
+        self.disks.clear();
     }
 
     fn create_disk(&self, path: &Path, description: &DiskDescription) -> Result<Disk> {
@@ -935,7 +1092,15 @@ impl VmReplica {
     }
 
     fn disk_path(&self, index: usize) -> PathBuf {
-        self.directory.join(format!("disk-{index}.vhdx"))
+        let external = self
+            .catalogue
+            .as_ref()
+            .and_then(|catalogue| catalogue.external_disks.as_ref())
+            .and_then(|paths| paths.get(index));
+        match external {
+            Some(path) => path.clone(),
+            None => self.directory.join(format!("disk-{index}.vhdx")),
+        }
     }
 
     fn initial_path(&self, index: usize) -> PathBuf {

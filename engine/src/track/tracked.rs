@@ -248,6 +248,12 @@ impl<I: BlockImage> TrackedDisk<I> {
         unpoisoned(self.image.write()).flush()
     }
 
+    /// Counts a range as changed without writing it (a hash comparison found it differs from
+    /// the replica), durably when journaled, so that the next cut ships it.
+    pub fn mark_changed(&self, offset: u64, length: u64) -> Result<()> {
+        self.tracked(offset, length, |_| Ok(()))
+    }
+
     /// Freezes the current generation and opens the next. Returns once every write that joined
     /// the frozen generation has marked it.
     pub fn cut(&self) -> Cut {

@@ -1,0 +1,258 @@
+//! A VM that runs at this site after a failover: its disks (the replica's, now live) are
+//! tracked and served to the VM over NBD, and, once replication back is asked for, a primary
+//! ships their changes to the old primary over the connections it keeps making to this
+//! server (reverse replication).
+
+use super::primary::{
+    Ending, PrimaryCommand, PrimaryOptions, ResyncDone, Route, SharedReport, run_primary,
+};
+use crate::delta::Compression;
+use crate::io::StorageOptions;
+use crate::nbd::{ExportedDisk, NbdAddress, NbdServer};
+use crate::protect::{ProtectedVm, journal_path};
+use crate::proto::PrimaryConfig;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How a server runs the VMs that fail over to it.
+#[derive(Debug, Clone)]
+pub struct HostingOptions {
+    /// Serve each running VM's disks over NBD at `DIRECTORY/VM.sock`.
+    pub nbd_directory: Option<PathBuf>,
+    pub storage: StorageOptions,
+    /// Frequency of replication back to the old primary.
+    pub frequency: Duration,
+    pub streams: usize,
+    /// This host's name, as the old primary's logs show it.
+    pub host_name: String,
+}
+
+impl Default for HostingOptions {
+    fn default() -> Self {
+        HostingOptions {
+            nbd_directory: None,
+            storage: StorageOptions::default(),
+            frequency: Duration::from_secs(300),
+            streams: 4,
+            host_name: "replica-site".into(),
+        }
+    }
+}
+
+/// The primary shipping a hosted VM's changes back.
+struct Reverse {
+    connections: mpsc::UnboundedSender<quinn::Connection>,
+    commands: mpsc::UnboundedSender<PrimaryCommand>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<Ending>>,
+    report: SharedReport,
+}
+
+/// A VM running at this site.
+pub(super) struct HostedVm {
+    name: String,
+    vm: Arc<ProtectedVm>,
+    nbd: Option<NbdServer>,
+    reverse: Option<Reverse>,
+}
+
+impl HostedVm {
+    /// Opens the VM's disks with tracking. `fresh` starts tracking afresh (the disks have
+    /// just become the VM's: equal to the other site's copy, or compared by hash later).
+    pub(super) fn open(
+        name: &str,
+        paths: &[PathBuf],
+        options: &HostingOptions,
+        fresh: bool,
+    ) -> Result<HostedVm> {
+        if fresh {
+            for path in paths {
+                remove_if_present(&journal_path(path))?;
+            }
+        }
+        let vm = Arc::new(ProtectedVm::open(paths, options.storage, Compression::Lz4)?);
+        let nbd = match &options.nbd_directory {
+            Some(directory) => {
+                std::fs::create_dir_all(directory).map_err(|error| {
+                    Error::file(&directory.display().to_string(), "create", error)
+                })?;
+                let address = NbdAddress::Unix(directory.join(format!("{name}.sock")));
+                let server = NbdServer::start(&address, exports(&vm)).map_err(|error| {
+                    Error::Replication {
+                        peer: name.to_owned(),
+                        problem: format!("cannot serve the disks over NBD: {error}"),
+                    }
+                })?;
+                tracing::info!(vm = %name, address = %server.address(), "the VM's disks are served over NBD");
+                Some(server)
+            }
+            None => None,
+        };
+        Ok(HostedVm {
+            name: name.to_owned(),
+            vm,
+            nbd,
+            reverse: None,
+        })
+    }
+
+    /// Starts replicating back to the old primary, over the connections it makes here.
+    /// `resync` compares its copy by hash first.
+    pub(super) fn start_reverse(
+        &mut self,
+        options: &HostingOptions,
+        runtime: &tokio::runtime::Handle,
+        resync: Option<ResyncDone>,
+    ) {
+        if self.reverse.is_some() {
+            return;
+        }
+        let (connections, incoming) = mpsc::unbounded_channel();
+        let (commands, command_receiver) = mpsc::unbounded_channel();
+        let (stop, stopped) = watch::channel(false);
+        let report = SharedReport::default();
+        let config = PrimaryConfig {
+            vm: self.name.clone(),
+            primary: options.host_name.clone(),
+            disks: self.vm.descriptions().to_vec(),
+            frequency: options.frequency,
+            window: 32,
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(5),
+            needs_initial: false,
+            seed: crate::resync::random_seed().unwrap_or(0x5eed),
+            app_consistent_every: None,
+        };
+        let primary_options = PrimaryOptions {
+            route: Route::Incoming {
+                peer: format!("old primary of {}", self.name),
+                connections: incoming,
+            },
+            config,
+            streams: options.streams,
+            max_rate: None,
+            suspended: None,
+            consistency_hook: None,
+            commands: Some(command_receiver),
+            resync,
+        };
+        let task = runtime.spawn(run_primary(
+            Arc::clone(&self.vm),
+            primary_options,
+            Arc::clone(&report),
+            stopped,
+        ));
+        tracing::info!(vm = %self.name, "replicating back to the old primary when it connects");
+        self.reverse = Some(Reverse {
+            connections,
+            commands,
+            stop,
+            task,
+            report,
+        });
+    }
+
+    /// Whether replication back runs.
+    pub(super) fn reversing(&self) -> bool {
+        self.reverse.is_some()
+    }
+
+    /// Hands a connection from the old primary to the reverse primary.
+    pub(super) fn connect(&self, connection: quinn::Connection) -> bool {
+        match &self.reverse {
+            Some(reverse) => reverse.connections.send(connection).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The reverse primary's status, for `blockrep status`.
+    pub(super) fn report(&self) -> Option<super::primary::PrimaryReport> {
+        self.reverse.as_ref().and_then(|reverse| {
+            reverse
+                .report
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
+    }
+
+    /// Stops the VM's writes: NBD clients are told the export is shutting down.
+    pub(super) fn stop_writes(&mut self) -> Result<()> {
+        if let Some(server) = self.nbd.take() {
+            server.shutdown().map_err(|error| Error::Replication {
+                peer: self.name.clone(),
+                problem: format!("stopping the NBD export: {error}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Asks the reverse primary for a planned failover back; the answer comes on the
+    /// returned channel.
+    pub(super) fn hand_over(
+        &self,
+        reverse: bool,
+    ) -> Result<oneshot::Receiver<std::result::Result<u64, String>>> {
+        let replica = self.reverse.as_ref().ok_or_else(|| Error::Replication {
+            peer: self.name.clone(),
+            problem: "not replicating back to the old primary: run `blockrep reverse` first, \
+                      so the other site has the VM to take over"
+                .into(),
+        })?;
+        let (done, answer) = oneshot::channel();
+        replica
+            .commands
+            .send(PrimaryCommand::HandOver { reverse, done })
+            .map_err(|_| Error::Replication {
+                peer: self.name.clone(),
+                problem: "replication back has stopped".into(),
+            })?;
+        Ok(answer)
+    }
+
+    /// Stops everything and closes the disks, saving tracking.
+    pub(super) async fn close(mut self) -> Result<()> {
+        if let Some(reverse) = self.reverse.take() {
+            let _ = reverse.stop.send(true);
+            let _ = reverse.task.await;
+        }
+        let stopped = self.stop_writes();
+        let vm = self.vm;
+        let closed = tokio::task::spawn_blocking(move || match Arc::into_inner(vm) {
+            Some(vm) => vm.close(),
+            None => Ok(()),
+        })
+        .await
+        .map_err(|error| Error::Replication {
+            peer: self.name.clone(),
+            problem: error.to_string(),
+        })?;
+        stopped.and(closed)
+    }
+}
+
+/// Each disk as an NBD export named after its file; the first is also the default.
+pub fn exports(vm: &ProtectedVm) -> Vec<(String, Arc<dyn ExportedDisk>)> {
+    vm.paths()
+        .iter()
+        .zip(vm.disks())
+        .map(|(path, disk)| {
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (name, Arc::clone(disk) as Arc<dyn ExportedDisk>)
+        })
+        .collect()
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(Error::file(&path.display().to_string(), "remove", error)),
+    }
+}
