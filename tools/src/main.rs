@@ -4,6 +4,7 @@ mod control;
 mod delta_command;
 mod image_command;
 mod output_file;
+mod plan;
 mod replication_command;
 
 use clap::{Parser, Subcommand};
@@ -89,6 +90,10 @@ enum Command {
         #[arg(long, requires = "unplanned")]
         force: bool,
     },
+    /// Recovery plans: fail groups of VMs over in order, with scripts and manual steps before
+    /// and after each group (docs/plans.md).
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
     /// Show the state and health of the primaries and replica servers running here.
     Status {
         /// Print JSON instead of text.
@@ -149,6 +154,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Resume { vm } => replication_command::suspend(&vm, false),
+        Command::Plan(command) => plan::run(command),
     };
     match outcome {
         Ok(code) => code,

@@ -16,7 +16,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -465,24 +465,43 @@ fn answer_replica_request(
 /// Asks every running replica server; the answer of the one that knows the VM (or the last
 /// error when none does).
 fn ask_replica_servers(vm: &str, request: &ReplicaRequest) -> Result<serde_json::Value, String> {
+    ask_replica_servers_at(vm, request, None)
+}
+
+/// Asks the replica server whose control socket is `server` (a relative path is in the run
+/// directory), or every running one when `server` is `None`.
+fn ask_replica_servers_at(
+    vm: &str,
+    request: &ReplicaRequest,
+    server: Option<&Path>,
+) -> Result<serde_json::Value, String> {
     let line = serde_json::to_string(request).map_err(|error| error.to_string())?;
     let directory = run_directory();
-    let sockets: Vec<PathBuf> = std::fs::read_dir(&directory)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|entry| entry.path())
-                .filter(|path| {
-                    path.file_name()
-                        .is_some_and(|name| name.to_string_lossy().starts_with("serve-"))
+    let (sockets, mut last_error) = match server {
+        Some(socket) => {
+            let socket = directory.join(socket);
+            let error = format!("{vm}: no replica server answered at {}", socket.display());
+            (vec![socket], error)
+        }
+        None => (
+            std::fs::read_dir(&directory)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|entry| entry.path())
+                        .filter(|path| {
+                            path.file_name()
+                                .is_some_and(|name| name.to_string_lossy().starts_with("serve-"))
+                        })
+                        .collect()
                 })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut last_error = format!(
-        "{vm}: no replica server is running here (looked in {})",
-        directory.display()
-    );
+                .unwrap_or_default(),
+            format!(
+                "{vm}: no replica server is running here (looked in {})",
+                directory.display()
+            ),
+        ),
+    };
     for socket in sockets {
         match crate::control::request(&socket, &line, None) {
             Ok(answer) if answer.get("ok").is_some() => return Ok(answer["ok"].clone()),
@@ -548,14 +567,7 @@ pub fn test_failover(
     let out = out.ok_or("--out DIR is needed for a test failover")?;
     let out = std::path::absolute(out)?;
     let point = parse_point(vm, point)?;
-    let answer = ask_replica_servers(
-        vm,
-        &ReplicaRequest::TestFailover {
-            vm: vm.to_owned(),
-            point,
-            out,
-        },
-    )?;
+    let answer = request_test_failover(vm, point, &out, None)?;
     println!("{vm}: test failover of point {} ready:", answer["point"]);
     for disk in answer["disks"].as_array().into_iter().flatten() {
         println!("  {}", disk.as_str().unwrap_or("?"));
@@ -588,14 +600,7 @@ fn parse_point(vm: &str, point: Option<&str>) -> Result<Option<u64>, String> {
 /// `blockrep failover VM --unplanned`: the VM comes up at the replica site from a point.
 pub fn unplanned_failover(vm: &str, point: Option<&str>, force: bool) -> Outcome {
     let point = parse_point(vm, point)?;
-    let answer = ask_replica_servers(
-        vm,
-        &ReplicaRequest::UnplannedFailover {
-            vm: vm.to_owned(),
-            point,
-            force,
-        },
-    )?;
+    let answer = request_unplanned_failover(vm, point, force, None)?;
     println!(
         "{vm}: failed over to point {}; replication from the primary is fenced off. Writable disks:",
         answer["point"]
@@ -605,6 +610,47 @@ pub fn unplanned_failover(vm: &str, point: Option<&str>, force: bool) -> Outcome
     }
     println!("then `blockrep failover {vm} --commit` to keep them, or `--cancel` to go back");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Asks for a test failover of `point` (`None`: the latest) into `out`, of the replica server
+/// at `server` or of whichever local one holds the VM; the answer names the point and disks.
+pub fn request_test_failover(
+    vm: &str,
+    point: Option<u64>,
+    out: &Path,
+    server: Option<&Path>,
+) -> Result<serde_json::Value, String> {
+    let request = ReplicaRequest::TestFailover {
+        vm: vm.to_owned(),
+        point,
+        out: out.to_owned(),
+    };
+    ask_replica_servers_at(vm, &request, server)
+}
+
+/// Asks for an unplanned failover to `point` (`None`: the latest), as `request_test_failover`
+/// chooses the server; the answer names the point and the writable disks.
+pub fn request_unplanned_failover(
+    vm: &str,
+    point: Option<u64>,
+    force: bool,
+    server: Option<&Path>,
+) -> Result<serde_json::Value, String> {
+    let request = ReplicaRequest::UnplannedFailover {
+        vm: vm.to_owned(),
+        point,
+        force,
+    };
+    ask_replica_servers_at(vm, &request, server)
+}
+
+// Replaced by the planned failover change.
+/// A planned failover of `vm`, replication reversed afterwards when `reverse`.
+pub fn planned_failover(vm: &str, reverse: bool) -> Result<serde_json::Value, String> {
+    let _ = reverse;
+    Err(format!(
+        "{vm}: planned failover is not available in this build"
+    ))
 }
 
 /// `blockrep failover VM --commit | --cancel`.
@@ -805,4 +851,31 @@ fn rand_seed() -> u64 {
         .map(|elapsed| elapsed.as_nanos() as u64)
         .unwrap_or(0);
     time ^ (u64::from(std::process::id()) << 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failover_request_goes_to_the_named_server_only() {
+        let directory = tempfile::tempdir().unwrap();
+        let named = directory.path().join("serve-1.sock");
+        let _server = ControlSocket::bind(&named, |request| {
+            serde_json::json!({"ok": serde_json::from_str::<serde_json::Value>(request).unwrap()})
+        })
+        .unwrap();
+        let out = directory.path().join("copies/db1");
+        let answer = request_test_failover("db1", None, &out, Some(&named)).unwrap();
+        assert_eq!(answer["request"], "test-failover");
+        assert_eq!(answer["out"], out.to_str().unwrap());
+        let answer = request_unplanned_failover("db1", Some(4), true, Some(&named)).unwrap();
+        assert_eq!(
+            answer,
+            serde_json::json!({"request": "unplanned-failover", "vm": "db1", "point": 4, "force": true})
+        );
+        let missing = directory.path().join("serve-2.sock");
+        let error = request_test_failover("db1", None, &out, Some(&missing)).unwrap_err();
+        assert!(error.contains("serve-2.sock"), "{error}");
+    }
 }
