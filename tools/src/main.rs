@@ -5,6 +5,7 @@ mod delta_command;
 mod image_command;
 mod output_file;
 mod plan;
+mod protect_command;
 mod replication_command;
 
 use clap::{Parser, Subcommand};
@@ -61,12 +62,20 @@ enum Command {
     /// Fail a VM over on the replica server running here: a test copy of a recovery point
     /// (--test, made while replication goes on, one per VM at a time), or an unplanned
     /// failover when the primary is gone (--unplanned; then --commit or --cancel).
-    #[command(group(clap::ArgGroup::new("mode").required(true).args(["test", "unplanned", "commit", "cancel"])))]
+    #[command(group(clap::ArgGroup::new("mode").required(true).args(["test", "planned", "unplanned", "commit", "cancel"])))]
     Failover {
         vm: String,
         /// Test failover: copy a point to --out as VHDX disks, leaving replication untouched.
         #[arg(long)]
         test: bool,
+        /// Planned failover, run where the VM runs: its writes stop (NBD clients are told),
+        /// the final delta ships, both sites compare their disks by hash, and the VM runs at
+        /// the other site. Nothing is lost.
+        #[arg(long)]
+        planned: bool,
+        /// With --planned: replicate back to this host at once.
+        #[arg(long, requires = "planned")]
+        reverse: bool,
         /// Unplanned failover: fence replication off and make the point writable disks (in the
         /// VM's `failover` directory of the store). Refused while the primary is connected.
         #[arg(long)]
@@ -90,6 +99,9 @@ enum Command {
         #[arg(long, requires = "unplanned")]
         force: bool,
     },
+    /// Replicate a VM that failed over to this site back to its old primary (start its
+    /// `blockrep protect` again there): only the blocks that differ are shipped.
+    Reverse { vm: String },
     /// Recovery plans: fail groups of VMs over in order, with scripts and manual steps before
     /// and after each group (docs/plans.md).
     #[command(subcommand)]
@@ -130,13 +142,16 @@ fn main() -> ExitCode {
         Command::Delta(command) => delta_command::run(command),
         Command::Identity(command) => replication_command::identity(command),
         Command::Serve(arguments) => replication_command::serve(arguments),
-        Command::Protect(arguments) => replication_command::protect(arguments),
+        Command::Protect(arguments) => protect_command::protect(arguments),
+        Command::Reverse { vm } => replication_command::reverse(&vm),
         Command::Status { json } => replication_command::status(json),
         Command::Suspend { vm } => replication_command::suspend(&vm, true),
         Command::Points { vm, json } => replication_command::points(&vm, json),
         Command::Failover {
             vm,
             test,
+            planned,
+            reverse,
             unplanned,
             commit,
             cancel: _,
@@ -147,6 +162,8 @@ fn main() -> ExitCode {
         } => {
             if test {
                 replication_command::test_failover(&vm, point.as_deref(), out.as_deref(), cleanup)
+            } else if planned {
+                replication_command::planned_failover_command(&vm, reverse)
             } else if unplanned {
                 replication_command::unplanned_failover(&vm, point.as_deref(), force)
             } else {

@@ -1,21 +1,17 @@
 //! `blockrep identity`, `serve`, `protect` and `status`: replication between two hosts.
 
 use crate::control::{ControlSocket, query_all, run_directory};
-use blockrep::delta::Compression;
 use blockrep::io::{IoEngine, StorageOptions};
-use blockrep::nbd::{ExportedDisk, NbdAddress, NbdServer};
+use blockrep::nbd::NbdAddress;
 use blockrep::net::{
-    ConsistencyHook, Identity, PrimaryOptions, ReplicaServer, SharedReport, load_certificate,
-    run_primary,
+    Hosting, HostingOptions, Identity, ReplicaServer, SharedReport, load_certificate,
 };
-use blockrep::protect::ProtectedVm;
-use blockrep::proto::{PrimaryConfig, ReplicationState};
+use blockrep::proto::ReplicationState;
 use blockrep::replica::{PointPolicy, ReplicaStore};
 use blockrep::units::{format_size, parse_duration, parse_rate};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -60,6 +56,13 @@ pub struct ServeArguments {
     /// At most one recovery point is kept per interval.
     #[arg(long, value_parser = duration_argument, default_value = "1h")]
     recovery_point_interval: Duration,
+    /// Serve the disks of each VM that fails over here over NBD, at DIR/VM.sock, so the VM
+    /// (or qemu) writes through change tracking.
+    #[arg(long, value_name = "DIR")]
+    nbd_dir: Option<PathBuf>,
+    /// How often a VM running here after a failover replicates back to its old primary.
+    #[arg(long, value_parser = duration_argument, default_value = "5m")]
+    reverse_frequency: Duration,
     #[command(flatten)]
     io: IoArguments,
 }
@@ -68,48 +71,48 @@ pub struct ServeArguments {
 pub struct ProtectArguments {
     /// The VM's name on the replica.
     #[arg(long)]
-    name: String,
+    pub(crate) name: String,
     /// The VM's disk images (VHDX or raw; repeat for several disks).
     #[arg(long = "disk", value_name = "IMAGE", required = true)]
-    disks: Vec<PathBuf>,
+    pub(crate) disks: Vec<PathBuf>,
     /// The replica server, HOST:PORT.
     #[arg(long)]
-    replica: String,
+    pub(crate) replica: String,
     /// This primary's identity directory.
     #[arg(long)]
-    identity: PathBuf,
+    pub(crate) identity: PathBuf,
     /// The replica server's certificate: the only one this primary accepts.
     #[arg(long, value_name = "CERT")]
-    trust: PathBuf,
+    pub(crate) trust: PathBuf,
     /// Replication frequency: 30s, 5m, 15m, or any duration.
     #[arg(long, value_parser = duration_argument, default_value = "5m")]
-    frequency: Duration,
+    pub(crate) frequency: Duration,
     /// Serve the disks over NBD so a VM or qemu writes through change tracking:
     /// unix:PATH or tcp:ADDR. Each disk is an export named after its file; the first is
     /// also the default export.
     #[arg(long)]
-    nbd: Option<NbdAddress>,
+    pub(crate) nbd: Option<NbdAddress>,
     /// Cap the bandwidth replication uses: 100Mbit, 1Gbit, or bytes per second (50M).
     #[arg(long, value_parser = rate_argument)]
-    max_rate: Option<u64>,
+    pub(crate) max_rate: Option<u64>,
     /// Compress deltas with lz4 where it pays.
     #[arg(long, value_enum, default_value = "on")]
-    compression: Switch,
+    pub(crate) compression: Switch,
     /// A command that freezes the VM's applications (`fsfreeze`, a database checkpoint): run as
     /// `COMMAND freeze` before an application-consistent cut and `COMMAND thaw` after it.
     #[arg(long, value_name = "COMMAND")]
-    consistency_hook: Option<String>,
+    pub(crate) consistency_hook: Option<String>,
     /// How long the hook may take before the cut goes ahead crash-consistent.
     #[arg(long, value_parser = duration_argument, default_value = "60s")]
-    hook_timeout: Duration,
+    pub(crate) hook_timeout: Duration,
     /// How often a cut is application-consistent (needs --consistency-hook).
     #[arg(long, value_parser = duration_argument, default_value = "1h", requires = "consistency_hook")]
-    app_consistent_every: Duration,
+    pub(crate) app_consistent_every: Duration,
     /// Data streams used at once for large deltas.
     #[arg(long, default_value = "4", value_parser = clap::value_parser!(u16).range(1..=32))]
-    streams: u16,
+    pub(crate) streams: u16,
     #[command(flatten)]
-    io: IoArguments,
+    pub(crate) io: IoArguments,
 }
 
 #[derive(Args)]
@@ -128,7 +131,7 @@ enum IoChoice {
 }
 
 impl IoArguments {
-    fn options(&self) -> StorageOptions {
+    pub(crate) fn options(&self) -> StorageOptions {
         StorageOptions {
             engine: match self.io {
                 IoChoice::Auto => IoEngine::Auto,
@@ -141,7 +144,7 @@ impl IoArguments {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum Switch {
+pub(crate) enum Switch {
     On,
     Off,
 }
@@ -173,7 +176,7 @@ pub fn identity(command: IdentityCommand) -> Outcome {
     Ok(ExitCode::SUCCESS)
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -181,7 +184,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Turns true on SIGINT or SIGTERM.
-fn stop_on_signals() -> std::io::Result<watch::Receiver<bool>> {
+pub(crate) fn stop_on_signals() -> std::io::Result<watch::Receiver<bool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -211,7 +214,14 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
     let store = ReplicaStore::with_policy(&arguments.store, arguments.io.options(), policy)?;
     runtime()?.block_on(async move {
         let mut stopped = stop_on_signals()?;
-        let server = Arc::new(ReplicaServer::start(arguments.listen, store, &identity, allowed).await?);
+        let hosting = Hosting::Here(HostingOptions {
+            nbd_directory: arguments.nbd_dir.clone(),
+            storage: arguments.io.options(),
+            frequency: arguments.reverse_frequency,
+            streams: 4,
+            host_name: hostname(),
+        });
+        let server = Arc::new(ReplicaServer::start(arguments.listen, store, &identity, allowed, hosting).await?);
         let address = server.address();
         eprintln!("blockrep: serving replicas in {} on {address}", arguments.store.display());
         let control = {
@@ -237,139 +247,8 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
     })
 }
 
-pub fn protect(arguments: ProtectArguments) -> Outcome {
-    let identity = Identity::load(&arguments.identity)?;
-    let trusted = load_certificate(&arguments.trust)?;
-    let replica = arguments
-        .replica
-        .to_socket_addrs()
-        .map_err(|error| format!("--replica {}: {error}", arguments.replica))?
-        .next()
-        .ok_or_else(|| format!("--replica {}: no address", arguments.replica))?;
-    let compression = match arguments.compression {
-        Switch::On => Compression::Lz4,
-        Switch::Off => Compression::Off,
-    };
-    let vm = Arc::new(ProtectedVm::open(
-        &arguments.disks,
-        arguments.io.options(),
-        compression,
-    )?);
-    // Whatever happens next, the disks are closed cleanly, so tracking is saved.
-    let outcome = replicate_vm(&arguments, &vm, identity, trusted, replica);
-    let closed = Arc::into_inner(vm)
-        .ok_or("the disks are still in use")?
-        .close();
-    outcome?;
-    closed?;
-    eprintln!("blockrep: stopped; tracking saved");
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Serves the disks over NBD and replicates them until a signal or a final failure.
-fn replicate_vm(
-    arguments: &ProtectArguments,
-    vm: &Arc<ProtectedVm>,
-    identity: Identity,
-    trusted: blockrep::net::Certificate,
-    replica: SocketAddr,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let nbd = match &arguments.nbd {
-        Some(address) => {
-            let exports: Vec<(String, Arc<dyn ExportedDisk>)> = vm
-                .paths()
-                .iter()
-                .zip(vm.disks())
-                .map(|(path, disk)| {
-                    let name = path
-                        .file_name()
-                        .map(|name| name.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    (name, Arc::clone(disk) as Arc<dyn ExportedDisk>)
-                })
-                .collect();
-            let server = NbdServer::start(address, exports)?;
-            eprintln!("blockrep: disks served over NBD at {}", server.address());
-            Some(server)
-        }
-        None => None,
-    };
-    let config = PrimaryConfig {
-        vm: arguments.name.clone(),
-        primary: hostname(),
-        disks: vm.descriptions().to_vec(),
-        frequency: arguments.frequency,
-        window: 32,
-        reconnect_min: Duration::from_millis(500),
-        reconnect_max: Duration::from_secs(30),
-        needs_initial: vm.needs_initial(),
-        seed: rand_seed(),
-        app_consistent_every: arguments
-            .consistency_hook
-            .as_ref()
-            .map(|_| arguments.app_consistent_every),
-    };
-    let (suspend, suspended) = watch::channel(false);
-    let options = PrimaryOptions {
-        replica,
-        identity,
-        trusted,
-        config,
-        streams: usize::from(arguments.streams),
-        max_rate: arguments.max_rate,
-        suspended: Some(suspended),
-        consistency_hook: arguments
-            .consistency_hook
-            .clone()
-            .map(|command| ConsistencyHook {
-                command,
-                timeout: arguments.hook_timeout,
-            }),
-    };
-    let report = SharedReport::default();
-    let control = {
-        let report = Arc::clone(&report);
-        let suspend = suspend.clone();
-        ControlSocket::bind(
-            &run_directory().join(format!("protect-{}.sock", arguments.name)),
-            move |request| {
-                match request {
-                    "suspend" => {
-                        let _ = suspend.send(true);
-                    }
-                    "resume" => {
-                        let _ = suspend.send(false);
-                    }
-                    _ => {}
-                }
-                let report = report
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                serde_json::json!({"role": "primary", "vms": report.into_iter().collect::<Vec<_>>()})
-            },
-        )?
-    };
-    let progress = std::io::stderr()
-        .is_terminal()
-        .then(|| show_progress(Arc::clone(&report)));
-    let outcome = runtime()?.block_on(async {
-        let stopped = stop_on_signals()?;
-        Ok::<_, std::io::Error>(run_primary(Arc::clone(vm), options, report, stopped).await)
-    })?;
-    if let Some((bar, stop)) = progress {
-        let _ = stop.send(());
-        bar.finish_and_clear();
-    }
-    drop(control);
-    if let Some(server) = nbd {
-        server.shutdown()?;
-    }
-    Ok(outcome?)
-}
-
 /// A progress bar for initial replication, on a terminal.
-fn show_progress(report: SharedReport) -> (ProgressBar, std::sync::mpsc::Sender<()>) {
+pub(crate) fn show_progress(report: SharedReport) -> (ProgressBar, std::sync::mpsc::Sender<()>) {
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template(
             "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -429,6 +308,13 @@ enum ReplicaRequest {
     CancelFailover {
         vm: String,
     },
+    PlannedFailover {
+        vm: String,
+        reverse: bool,
+    },
+    Reverse {
+        vm: String,
+    },
 }
 
 fn answer_replica_request(
@@ -455,6 +341,14 @@ fn answer_replica_request(
         ReplicaRequest::CancelFailover { vm } => server
             .cancel_failover(&vm)
             .map(|()| serde_json::json!({"vm": vm})),
+        ReplicaRequest::PlannedFailover { vm, reverse } => {
+            runtime.block_on(server.planned_failover(&vm, reverse)).map(
+                |sequence| serde_json::json!({"vm": vm, "sequence": sequence, "reverse": reverse}),
+            )
+        }
+        ReplicaRequest::Reverse { vm } => {
+            server.reverse(&vm).map(|()| serde_json::json!({"vm": vm}))
+        }
     };
     match outcome {
         Ok(answer) => serde_json::json!({"ok": answer}),
@@ -647,10 +541,50 @@ pub fn request_unplanned_failover(
 // Replaced by the planned failover change.
 /// A planned failover of `vm`, replication reversed afterwards when `reverse`.
 pub fn planned_failover(vm: &str, reverse: bool) -> Result<serde_json::Value, String> {
-    let _ = reverse;
-    Err(format!(
-        "{vm}: planned failover is not available in this build"
-    ))
+    // Where the VM runs: its own agent (`protect`) when it runs here as the primary, else a
+    // replica server it failed over to (failback).
+    let agent = run_directory().join(format!("protect-{vm}.sock"));
+    let request =
+        serde_json::json!({"request": "planned-failover", "reverse": reverse}).to_string();
+    if let Ok(answer) = crate::control::request(&agent, &request, None) {
+        if answer.get("ok").is_some() {
+            return Ok(answer["ok"].clone());
+        }
+        if let Some(error) = answer.get("error") {
+            return Err(format!("{vm}: {}", error.as_str().unwrap_or("failed")));
+        }
+    }
+    ask_replica_servers(
+        vm,
+        &ReplicaRequest::PlannedFailover {
+            vm: vm.to_owned(),
+            reverse,
+        },
+    )
+}
+
+/// `blockrep failover VM --planned [--reverse]`.
+pub fn planned_failover_command(vm: &str, reverse: bool) -> Outcome {
+    let answer = planned_failover(vm, reverse)?;
+    println!(
+        "{vm}: planned failover done at delta {}: both sites compared equal; the VM runs at the other site now{}",
+        answer["sequence"],
+        if reverse {
+            ", replicating back here"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blockrep reverse VM`: replicate a VM that failed over here back to its old primary.
+pub fn reverse(vm: &str) -> Outcome {
+    ask_replica_servers(vm, &ReplicaRequest::Reverse { vm: vm.to_owned() })?;
+    println!(
+        "{vm}: replicating back to the old primary as soon as its `blockrep protect` connects (only blocks that differ are shipped)"
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `blockrep failover VM --commit | --cancel`.
@@ -838,14 +772,14 @@ fn print_replica(vm: &serde_json::Value) {
     }
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
         .unwrap_or_else(|_| "primary".into())
 }
 
 /// A seed for cut numbers: different in every run, which is all it needs to be.
-fn rand_seed() -> u64 {
+pub(crate) fn rand_seed() -> u64 {
     let time = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_nanos() as u64)

@@ -388,6 +388,11 @@ impl Site {
         command
     }
 
+    /// `blockrep serve` on this host with `extra` arguments.
+    fn serve_with(&self, listen: &str, extra: &[&str]) -> (Daemon, String) {
+        self.serve_command(None, listen, "serve.log", None, extra)
+    }
+
     /// `blockrep serve`, in `namespace` when given, listening on `listen` (port 0 picks one).
     fn serve(
         &self,
@@ -395,6 +400,17 @@ impl Site {
         listen: &str,
         log: &str,
         crash_point: Option<&str>,
+    ) -> (Daemon, String) {
+        self.serve_command(namespace, listen, log, crash_point, &[])
+    }
+
+    fn serve_command(
+        &self,
+        namespace: Option<&str>,
+        listen: &str,
+        log: &str,
+        crash_point: Option<&str>,
+        extra: &[&str],
     ) -> (Daemon, String) {
         let mut command = match namespace {
             Some(namespace) => Lab::exec(namespace, BLOCKREP),
@@ -415,6 +431,7 @@ impl Site {
             "--allow",
             text(&self.path("pid").join("identity.crt")),
         ]);
+        command.args(extra);
         let mut daemon = Daemon::spawn("blockrep serve", command, self.path(log));
         // "blockrep: serving replicas in STORE on ADDRESS"
         let address = wait_for(
@@ -982,7 +999,8 @@ impl Site {
         answers
             .as_array()?
             .iter()
-            .find(|answer| answer["role"] == "replica")
+            // The replica server, not a returning primary keeping its copy as a replica.
+            .find(|answer| answer["role"] == "replica" && answer["listen"] != "reverse replication")
             .and_then(|answer| answer["vms"].get(0).cloned())
     }
 }
@@ -1044,18 +1062,231 @@ fn an_unplanned_failover_after_the_primary_dies_mid_delta_gives_its_last_shipped
         "{status}"
     );
     assert_eq!(status["failover"]["committed"], false, "{status}");
-    // Committed, the failover is final: the old primary is refused for good.
+    // Committed, the failover is final: the old primary is not taken as primary again; it
+    // waits to be told to replicate back.
     run_ok(site.blockrep().args(["failover", "vm1", "--commit"]));
     let mut returning = site.protect(None, &address, "pid");
-    let status = returning.wait_exit(WAIT);
-    assert!(
-        !status.success(),
-        "the old primary was not refused after the commit"
+    wait_for(
+        "the old primary to be refused",
+        WAIT,
+        || returning.tail(),
+        || returning.log().contains("blockrep reverse").then_some(()),
     );
-    assert!(
-        returning.log().contains("failed over"),
-        "the refusal does not say why\n{}",
-        returning.tail()
-    );
+    assert!(returning.poll().is_none(), "{}", returning.tail());
+    assert_eq!(sequence(&site.primary_status().unwrap_or_default()), 0);
+    returning.stop();
     serve.stop();
+}
+
+/// The old primary held 32 MiB the replica never got when it died; the replica site wrote
+/// 1 MiB after the failover. Reverse replication compares by hash and ships exactly those
+/// 33 MiB; then a planned failback, a planned failover and a failback again, each ending with
+/// both sites equal and nothing lost.
+#[test]
+fn reverse_replication_after_an_unplanned_failover_ships_only_what_differs_then_fails_back() {
+    let test =
+        "reverse_replication_after_an_unplanned_failover_ships_only_what_differs_then_fails_back";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let nbd_directory = site.path("nbd-b");
+    let (mut serve, address) = site.serve_with(
+        "127.0.0.1:0",
+        &[
+            "--nbd-dir",
+            text(&nbd_directory),
+            "--reverse-frequency",
+            "1s",
+        ],
+    );
+    let replica_nbd = nbd_directory.join("vm1.sock");
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_until_replicated(&[&serve, &protect]);
+    site.nbd_io(&["write -P 0x61 0 2M"]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    // Written on the primary, never shipped: it dies first.
+    site.nbd_io(&["write -P 0x62 16M 32M"]);
+    protect.signal(libc::SIGKILL);
+    protect.wait_exit(WAIT);
+    wait_for(
+        "the replica to see the primary gone",
+        WAIT,
+        || format!("{:?}\n{}", site.replica_status(), serve.tail()),
+        || {
+            site.replica_status()
+                .filter(|status| status["connected"] == false)
+        },
+    );
+    run_ok(site.blockrep().args(["failover", "vm1", "--unplanned"]));
+    run_ok(site.blockrep().args(["failover", "vm1", "--commit"]));
+    // The VM runs at the replica site and writes there.
+    nbd_io_at(&replica_nbd, &["write -P 0x63 56M 1M"]);
+    run_ok(site.blockrep().args(["reverse", "vm1"]));
+    let mut returning = site.protect(None, &address, "pid");
+    let status = wait_for(
+        "the resynchronization",
+        WAIT,
+        || {
+            format!(
+                "{:?}\n{}{}",
+                site.replica_status(),
+                serve.tail(),
+                returning.tail()
+            )
+        },
+        || {
+            site.replica_status()
+                .filter(|status| !status["reverse"]["resync"].is_null())
+                .filter(|status| status["reverse"]["pending_bytes"] == 0)
+                .filter(|status| sequence(&status["reverse"]) > 0)
+        },
+    );
+    assert_eq!(
+        status["reverse"]["resync"]["differing_bytes"].as_u64(),
+        Some(33 * MIB),
+        "only the old primary's unshipped 32 MiB and the 1 MiB written after the failover differ: {status}"
+    );
+    assert_eq!(
+        status["reverse"]["resync"]["compared_bytes"].as_u64(),
+        Some(64 * MIB)
+    );
+    wait_until_equal(&site, &[&serve, &returning]);
+    // Failback: a planned failover from the replica site, replication back to it at once.
+    nbd_io_at(&replica_nbd, &["write -P 0x64 60M 1M"]);
+    planned_failover(&site, &[&serve, &returning]);
+    site.wait_for_primary(
+        "the VM to run on its first host again",
+        &[&serve, &returning],
+        |status| status["state"] == "replicating" && sequence(status) > 0,
+    );
+    site.nbd_io(&["write -P 0x65 4M 1M"]);
+    site.wait_until_replicated(&[&serve, &returning]);
+    let before_failover = site.capture_through_nbd("before-planned.raw");
+    // A planned failover from the first host, and back.
+    let answer = planned_failover(&site, &[&serve, &returning]);
+    assert!(answer.contains("compared equal"), "{answer}");
+    let at_replica = site.path("at-replica.raw");
+    run_ok(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &format!("nbd+unix:///?socket={}", text(&replica_nbd)),
+        text(&at_replica),
+    ]));
+    assert_same_bytes(&before_failover, &at_replica);
+    wait_for_reverse(&site, &[&serve, &returning]);
+    nbd_io_at(&replica_nbd, &["write -P 0x66 30M 1M"]);
+    planned_failover(&site, &[&serve, &returning]);
+    site.wait_for_primary(
+        "the VM to run on its first host again",
+        &[&serve, &returning],
+        |status| status["state"] == "replicating" && sequence(status) > 0,
+    );
+    site.wait_until_replicated(&[&serve, &returning]);
+    let home = site.capture_through_nbd("home.raw");
+    let expected = std::fs::read(&home).unwrap();
+    for (offset, byte) in [
+        (0, 0x61),
+        (16 * MIB, 0x00),
+        (56 * MIB, 0x63),
+        (60 * MIB, 0x64),
+        (4 * MIB, 0x65),
+        (30 * MIB, 0x66),
+    ] {
+        assert_eq!(
+            expected[offset as usize], byte,
+            "byte at {offset} after the round trip"
+        );
+    }
+    returning.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}
+
+/// `blockrep failover vm1 --planned --reverse`, wherever the VM runs; its output.
+fn planned_failover(site: &Site, daemons: &[&Daemon]) -> String {
+    let output = site
+        .blockrep()
+        .args(["failover", "vm1", "--planned", "--reverse"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "planned failover failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        daemons
+            .iter()
+            .map(|daemon| daemon.tail())
+            .collect::<String>()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Waits until the replica site replicates back to the first host.
+fn wait_for_reverse(site: &Site, daemons: &[&Daemon]) -> serde_json::Value {
+    wait_for(
+        "replication back to the first host",
+        WAIT,
+        || {
+            format!("{:?}\n", site.replica_status())
+                + &daemons
+                    .iter()
+                    .map(|daemon| daemon.tail())
+                    .collect::<String>()
+        },
+        || {
+            site.replica_status()
+                .filter(|status| status["reverse"]["state"] == "replicating")
+                .filter(|status| status["reverse"]["pending_bytes"] == 0)
+        },
+    )
+}
+
+/// Runs qemu-io commands on the NBD export at `socket`.
+fn nbd_io_at(socket: &Path, commands: &[&str]) {
+    let mut command = Command::new("qemu-io");
+    command.args([
+        "-f",
+        "raw",
+        &format!("nbd+unix:///?socket={}", text(socket)),
+    ]);
+    for each in commands {
+        command.args(["-c", each]);
+    }
+    let output = run_ok(&mut command);
+    assert!(
+        !output.contains("failed") && !output.contains("error"),
+        "qemu-io {commands:?}: {output}"
+    );
+}
+
+/// Waits until the first host's disk equals the replica site's (reverse replication caught up).
+fn wait_until_equal(site: &Site, daemons: &[&Daemon]) {
+    wait_for(
+        "the first host's copy to equal the replica site's",
+        WAIT,
+        || {
+            daemons
+                .iter()
+                .map(|daemon| daemon.tail())
+                .collect::<String>()
+        },
+        || {
+            let (ours, theirs) = (site.path("ours.raw"), site.path("theirs.raw"));
+            for (image, raw) in [(site.disk(), &ours), (site.replica_disk(), &theirs)] {
+                let _ = std::fs::remove_file(raw);
+                let converted = Command::new("qemu-img")
+                    .args(["convert", "-U", "-O", "raw", text(&image), text(raw)])
+                    .output()
+                    .ok()?;
+                if !converted.status.success() {
+                    return None;
+                }
+            }
+            (std::fs::read(&ours).ok()? == std::fs::read(&theirs).ok()?).then_some(())
+        },
+    );
 }

@@ -13,11 +13,22 @@ mod tls;
 /// A peer's certificate (DER), as pinned or allowed.
 pub type Certificate = rustls::pki_types::CertificateDer<'static>;
 
+/// QUIC connections and endpoints, as the drivers take and hand them out.
+pub use quinn::{Connection, Endpoint};
+
+/// The SHA-256 fingerprint of the certificate the peer of `connection` presented.
+pub fn peer_fingerprint(connection: &Connection) -> Option<String> {
+    connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<Certificate>>().ok())
+        .and_then(|certificates| certificates.first().map(fingerprint))
+}
+
 pub use hosting::{HostingOptions, exports};
 pub use identity::{Identity, fingerprint, load_certificate};
 pub use primary::{
-    ConsistencyHook, Ending, PrimaryCommand, PrimaryOptions, PrimaryReport, ResyncDone,
-    ResyncSummary, Route, SharedReport, client_endpoint, run_primary,
+    ConsistencyHook, Ending, Greeting, PrimaryCommand, PrimaryOptions, PrimaryReport, ResyncDone,
+    ResyncSummary, Route, SharedReport, client_endpoint, greet, run_primary,
 };
 pub use server::{Hosting, ReplicaReport, ReplicaServer, TakenOver, TestCopy};
 pub use tls::{client_config, is_authentication_failure, server_config};

@@ -619,6 +619,61 @@ fn outcome_failed(primary: &mut Primary, reason: &str) {
     );
 }
 
+/// What the other site says when a host that held a VM's copy connects.
+#[derive(Debug)]
+pub enum Greeting {
+    /// The VM runs there: serve `connection` as its replica, the copy counted as at `applied`.
+    Replica {
+        connection: quinn::Connection,
+        applied: u64,
+    },
+    /// The other site expects this host as the VM's primary.
+    Primary,
+    /// Refused; `retry` says whether trying again may help.
+    Refused { reason: String, retry: bool },
+}
+
+/// Connects to the other site and introduces the VM (`hello`, a `Message::Hello`): how a
+/// host whose VM runs at the other site learns that it is to be its replica.
+pub async fn greet(
+    endpoint: &quinn::Endpoint,
+    replica: SocketAddr,
+    hello: &Message,
+) -> std::result::Result<Greeting, String> {
+    let connection = endpoint
+        .connect(replica, "blockrep-replica")
+        .map_err(|error| format!("cannot connect: {error}"))?
+        .await
+        .map_err(|error| error.to_string())?;
+    let (mut send, mut receive) = connection
+        .open_bi()
+        .await
+        .map_err(|error| error.to_string())?;
+    send.write_all(&hello.encode())
+        .await
+        .map_err(|error| error.to_string())?;
+    let answer = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut receive))
+        .await
+        .map_err(|_| "no answer to hello".to_owned())?
+        .map_err(|error| error.to_string())?;
+    match answer {
+        Some(Message::Reverse { applied, .. }) => Ok(Greeting::Replica {
+            connection,
+            applied,
+        }),
+        Some(Message::Welcome { .. }) => {
+            connection.close(0u32.into(), b"reconnecting as primary");
+            Ok(Greeting::Primary)
+        }
+        Some(Message::Refused { reason, retry }) => Ok(Greeting::Refused { reason, retry }),
+        Some(Message::HandedOver { .. }) => Ok(Greeting::Refused {
+            reason: "the VM runs at the other site since a planned failover; run `blockrep reverse` there to replicate back".into(),
+            retry: true,
+        }),
+        other => Err(format!("unexpected answer to hello: {other:?}")),
+    }
+}
+
 /// How connections are made: dialled, or handed over by the server they came in on.
 #[derive(Clone)]
 enum Dialer {

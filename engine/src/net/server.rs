@@ -5,7 +5,7 @@
 
 use super::frame::{read_frame, spawn_control_writer};
 use super::hosting::{HostedVm, HostingOptions};
-use super::identity::{Identity, fingerprint};
+use super::identity::Identity;
 use super::primary::{PrimaryReport, ResyncDone};
 use super::tls::server_config;
 use crate::image::{BlockImage, is_zero};
@@ -23,6 +23,8 @@ use tokio::sync::{mpsc, watch};
 
 /// How long a new connection has to introduce itself.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer that asked for hashes has to compare them and say hello.
+const RESYNC_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// What the status socket reports for each VM on the replica.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -656,30 +658,39 @@ async fn serve_connection(
     hosting: Arc<Hosting>,
 ) {
     let remote = connection.remote_address();
-    let owner = connection
-        .peer_identity()
-        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|certificates| certificates.first().map(fingerprint));
+    let owner = super::peer_fingerprint(&connection);
     let Some(owner) = owner else {
         tracing::warn!(peer = %remote, "refused a connection without a client certificate");
         connection.close(3u32.into(), b"no client certificate");
         return;
     };
-    let accepted = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let (mut send, mut receive) = connection.accept_bi().await.ok()?;
-        let mut hello = read_frame(&mut receive).await.ok()??;
+    let accepted = async {
+        let (mut send, mut receive) = tokio::time::timeout(HELLO_TIMEOUT, async {
+            let (send, receive) = connection.accept_bi().await.ok()?;
+            Some((send, receive))
+        })
+        .await
+        .ok()??;
+        let mut hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut receive))
+            .await
+            .ok()?
+            .ok()??;
         if let Message::HashRequest { vm, seed } = hello {
-            // A resynchronization first: the hashes, then the session's hello.
+            // A resynchronization first: the hashes, then the session's hello once the peer
+            // has compared (hashing both disks takes a while).
             let frames = hashes_for(&store, &vms, &hosting, &vm, &owner, seed).await;
             for frame in frames {
                 send.write_all(&frame).await.ok()?;
             }
-            hello = read_frame(&mut receive).await.ok()??;
+            hello = tokio::time::timeout(RESYNC_TIMEOUT, read_frame(&mut receive))
+                .await
+                .ok()?
+                .ok()??;
         }
         Some((send, receive, hello))
-    })
+    }
     .await;
-    let Ok(Some((send, mut receive, hello))) = accepted else {
+    let Some((send, mut receive, hello)) = accepted else {
         tracing::warn!(peer = %remote, primary = %owner, "closing a connection that did not say hello");
         connection.close(3u32.into(), b"expected hello");
         return;

@@ -368,6 +368,9 @@ impl Primary {
                 self.actions
                     .push_back(PrimaryAction::HandedOver { sequence });
             }
+            Message::HandedOver { .. } if self.link == Link::Greeting => {
+                self.fail("the VM runs at the replica site since a planned failover; run `blockrep reverse` there to replicate back to this host".into());
+            }
             Message::Refused { reason, retry } if self.handover.is_some() && !retry => {
                 self.fail(format!("the replica refused the failover: {reason}"));
             }
@@ -520,7 +523,12 @@ impl Primary {
         if self.failed.is_some() || self.stopped {
             return Err("replication has stopped".into());
         }
-        if self.applied.is_none_or(|applied| applied == 0)
+        if self.applied.is_none() {
+            return Err(
+                "the other site has not connected yet: try again once replication runs".into(),
+            );
+        }
+        if self.applied == Some(0)
             || self.needs_initial
             || self.in_flight_kind() == Some(DeltaKind::Initial)
         {

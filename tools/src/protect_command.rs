@@ -1,0 +1,450 @@
+//! `blockrep protect`: a VM's agent on its host. While the VM runs here it is the primary: the
+//! disks are tracked (and served over NBD) and replicated to the replica site. Once the VM runs
+//! at the other site (a planned failover, or an unplanned one there followed by `blockrep
+//! reverse`), the agent keeps this host's copy as that site's replica, applying what the other
+//! site ships back, until a planned failover brings the VM home. This host always dials: the
+//! direction of the data changes, the connection's does not, so no new address or trust is
+//! needed for reverse replication.
+
+use crate::control::{ControlSocket, run_directory};
+use crate::replication_command::{
+    ProtectArguments, Switch, hostname, rand_seed, runtime, show_progress, stop_on_signals,
+};
+use blockrep::delta::Compression;
+use blockrep::nbd::NbdServer;
+use blockrep::net::{
+    Connection, ConsistencyHook, Ending, Endpoint, Greeting, Hosting, Identity, PrimaryCommand,
+    PrimaryOptions, ReplicaServer, Route, SharedReport, client_endpoint, exports, greet,
+    load_certificate, peer_fingerprint, run_primary,
+};
+use blockrep::protect::ProtectedVm;
+use blockrep::proto::{DiskDescription, Message, PROTOCOL_VERSION, PrimaryConfig};
+use blockrep::replica::{PointPolicy, ReplicaStore};
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+type Failure = Box<dyn std::error::Error>;
+
+/// What this host is to the VM.
+enum Role {
+    /// The VM runs here. `handed_back`: the other site just handed it over, its copy equal to
+    /// this one, so tracking starts from here whatever the journals say.
+    Primary {
+        handed_back: bool,
+        suspended: bool,
+    },
+    /// The VM runs at the other site; this host keeps its replica.
+    Replica {
+        descriptions: Vec<DiskDescription>,
+        first: Option<(Connection, u64)>,
+    },
+    Done,
+}
+
+pub fn protect(arguments: ProtectArguments) -> Result<ExitCode, Failure> {
+    let identity = Identity::load(&arguments.identity)?;
+    let trusted = load_certificate(&arguments.trust)?;
+    let replica = arguments
+        .replica
+        .to_socket_addrs()
+        .map_err(|error| format!("--replica {}: {error}", arguments.replica))?
+        .next()
+        .ok_or_else(|| format!("--replica {}: no address", arguments.replica))?;
+    runtime()?.block_on(async move {
+        let stopped = stop_on_signals()?;
+        let endpoint = client_endpoint(&identity, trusted, replica)?;
+        let agent = Agent {
+            arguments: &arguments,
+            endpoint,
+            replica,
+            stopped,
+        };
+        let mut role = Role::Primary {
+            handed_back: false,
+            suspended: false,
+        };
+        loop {
+            role = match role {
+                Role::Primary {
+                    handed_back,
+                    suspended,
+                } => agent.primary(handed_back, suspended).await?,
+                Role::Replica {
+                    descriptions,
+                    first,
+                } => agent.replica(descriptions, first).await?,
+                Role::Done => return Ok(ExitCode::SUCCESS),
+            }
+        }
+    })
+}
+
+struct Agent<'a> {
+    arguments: &'a ProtectArguments,
+    endpoint: Endpoint,
+    replica: SocketAddr,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Agent<'_> {
+    fn control_path(&self) -> PathBuf {
+        run_directory().join(format!("protect-{}.sock", self.arguments.name))
+    }
+
+    /// Runs the VM here, replicating it, until stopped or until it runs at the other site.
+    async fn primary(&self, handed_back: bool, suspended: bool) -> Result<Role, Failure> {
+        let arguments = self.arguments;
+        let compression = match arguments.compression {
+            Switch::On => Compression::Lz4,
+            Switch::Off => Compression::Off,
+        };
+        let vm = {
+            let (disks, storage) = (arguments.disks.clone(), arguments.io.options());
+            Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    ProtectedVm::open(&disks, storage, compression)
+                })
+                .await??,
+            )
+        };
+        let nbd = Arc::new(Mutex::new(start_nbd(arguments, &vm)?));
+        let config = PrimaryConfig {
+            vm: arguments.name.clone(),
+            primary: hostname(),
+            disks: vm.descriptions().to_vec(),
+            frequency: arguments.frequency,
+            window: 32,
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            // Handed back: both sites compared equal, whatever tracking says.
+            needs_initial: vm.needs_initial() && !handed_back,
+            seed: rand_seed(),
+            app_consistent_every: arguments
+                .consistency_hook
+                .as_ref()
+                .map(|_| arguments.app_consistent_every),
+        };
+        let (suspend, suspended_receiver) = watch::channel(suspended);
+        let (commands, command_receiver) = mpsc::unbounded_channel();
+        let reverse_requested = Arc::new(AtomicBool::new(false));
+        let options = PrimaryOptions {
+            route: Route::Dial {
+                endpoint: self.endpoint.clone(),
+                replica: self.replica,
+            },
+            config,
+            streams: usize::from(arguments.streams),
+            max_rate: arguments.max_rate,
+            suspended: Some(suspended_receiver),
+            consistency_hook: arguments
+                .consistency_hook
+                .clone()
+                .map(|command| ConsistencyHook {
+                    command,
+                    timeout: arguments.hook_timeout,
+                }),
+            commands: Some(command_receiver),
+            resync: None,
+        };
+        let report = SharedReport::default();
+        let control = {
+            let report = Arc::clone(&report);
+            let nbd = Arc::clone(&nbd);
+            let reverse_requested = Arc::clone(&reverse_requested);
+            let vm = Arc::clone(&vm);
+            let arguments_nbd = arguments.nbd.clone();
+            ControlSocket::bind(&self.control_path(), move |request| {
+                if let Ok(PlannedRequest::PlannedFailover { reverse }) =
+                    serde_json::from_str::<PlannedRequest>(request)
+                {
+                    reverse_requested.store(reverse, Ordering::Relaxed);
+                    return planned_failover(&commands, &nbd, &vm, arguments_nbd.as_ref(), reverse);
+                }
+                match request {
+                    "suspend" => {
+                        let _ = suspend.send(true);
+                    }
+                    "resume" => {
+                        let _ = suspend.send(false);
+                    }
+                    _ => {}
+                }
+                let report = report
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                serde_json::json!({"role": "primary", "vms": report.into_iter().collect::<Vec<_>>()})
+            })?
+        };
+        let progress = (std::io::stderr().is_terminal() && !handed_back)
+            .then(|| show_progress(Arc::clone(&report)));
+        let outcome = run_primary(Arc::clone(&vm), options, report, self.stopped.clone()).await;
+        if let Some((bar, stop)) = progress {
+            let _ = stop.send(());
+            bar.finish_and_clear();
+        }
+        drop(control);
+        let server = nbd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(server) = server {
+            server.shutdown()?;
+        }
+        let descriptions = vm.descriptions().to_vec();
+        let closed = tokio::task::spawn_blocking(move || match Arc::into_inner(vm) {
+            Some(vm) => vm.close(),
+            None => Ok(()),
+        })
+        .await?;
+        let ending = outcome?;
+        closed?;
+        Ok(match ending {
+            Ending::Stopped => {
+                eprintln!("blockrep: stopped; tracking saved");
+                Role::Done
+            }
+            Ending::HandedOver { sequence } if reverse_requested.load(Ordering::Relaxed) => {
+                eprintln!(
+                    "blockrep: planned failover done at delta {sequence}; the VM runs at the replica site, replicating back to this host"
+                );
+                Role::Replica {
+                    descriptions,
+                    first: None,
+                }
+            }
+            Ending::HandedOver { sequence } => {
+                eprintln!(
+                    "blockrep: planned failover done at delta {sequence}; the VM runs at the replica site. Run `blockrep reverse {}` there and start this command again to replicate back",
+                    arguments.name
+                );
+                Role::Done
+            }
+            Ending::Reversed {
+                connection,
+                applied,
+                ..
+            } => {
+                eprintln!(
+                    "blockrep: {} runs at the other site since a failover; this host keeps its replica now",
+                    arguments.name
+                );
+                Role::Replica {
+                    descriptions,
+                    first: Some((connection, applied)),
+                }
+            }
+        })
+    }
+
+    /// Keeps this host's copy as the replica of the VM running at the other site, until it
+    /// is handed back (or the agent is stopped).
+    async fn replica(
+        &self,
+        descriptions: Vec<DiskDescription>,
+        mut pending: Option<(Connection, u64)>,
+    ) -> Result<Role, Failure> {
+        let arguments = self.arguments;
+        let mut root = arguments.disks[0].clone().into_os_string();
+        root.push(".brreplica");
+        let policy = PointPolicy {
+            keep: 0,
+            interval: Duration::from_secs(3600),
+        };
+        let store =
+            ReplicaStore::with_policy(&PathBuf::from(root), arguments.io.options(), policy)?;
+        let (taken_over, mut taken) = mpsc::unbounded_channel();
+        let server: Arc<Mutex<Option<Arc<ReplicaServer>>>> = Arc::default();
+        let _control = {
+            let server = Arc::clone(&server);
+            ControlSocket::bind(&self.control_path(), move |_| {
+                let server = server
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let vms = server.map(|server| server.reports()).unwrap_or_default();
+                serde_json::json!({"role": "replica", "listen": "reverse replication", "vms": vms})
+            })?
+        };
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            vm: arguments.name.clone(),
+            primary: hostname(),
+            disks: descriptions.clone(),
+        };
+        let mut stopped = self.stopped.clone();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let (connection, applied) = match pending.take() {
+                Some(first) => first,
+                None => {
+                    let greeting = tokio::select! {
+                        greeting = greet(&self.endpoint, self.replica, &hello) => greeting,
+                        _ = stopped.changed() => return Ok(Role::Done),
+                    };
+                    match greeting {
+                        Ok(Greeting::Replica {
+                            connection,
+                            applied,
+                        }) => (connection, applied),
+                        Ok(Greeting::Primary) => {
+                            tracing::warn!("the other site expects this host as the primary");
+                            return Ok(Role::Primary {
+                                handed_back: false,
+                                suspended: false,
+                            });
+                        }
+                        Ok(Greeting::Refused {
+                            reason,
+                            retry: false,
+                        }) => {
+                            return Err(format!("the other site refused: {reason}").into());
+                        }
+                        Ok(Greeting::Refused { reason, .. }) | Err(reason) => {
+                            tracing::warn!(%reason, "cannot replicate back yet; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            continue;
+                        }
+                    }
+                }
+            };
+            backoff = Duration::from_millis(200);
+            let running = server
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let running = match running {
+                Some(running) => running,
+                None => {
+                    let owner = peer_fingerprint(&connection)
+                        .ok_or("the other site presented no certificate")?;
+                    let (adopting, vm, descriptions, paths) = (
+                        store.clone(),
+                        arguments.name.clone(),
+                        descriptions.clone(),
+                        arguments.disks.clone(),
+                    );
+                    tokio::task::spawn_blocking(move || {
+                        adopting.adopt(&vm, &owner, descriptions, paths, applied)
+                    })
+                    .await??;
+                    let started = Arc::new(
+                        ReplicaServer::without_listener(
+                            store.clone(),
+                            Hosting::Caller(taken_over.clone()),
+                        )
+                        .await?,
+                    );
+                    *server
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(Arc::clone(&started));
+                    started
+                }
+            };
+            tokio::select! {
+                () = running.serve(connection) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Some(handed) = taken.recv() => {
+                    eprintln!(
+                        "blockrep: {} handed back at delta {}; it runs here again{}",
+                        handed.vm,
+                        handed.sequence,
+                        if handed.reverse { ", replicating to the other site" } else { " (replication suspended: `blockrep resume` starts it)" }
+                    );
+                    drop(running);
+                    shut_down(&server).await;
+                    let forget = (store.clone(), arguments.name.clone());
+                    tokio::task::spawn_blocking(move || forget.0.forget(&forget.1)).await??;
+                    return Ok(Role::Primary { handed_back: true, suspended: !handed.reverse });
+                }
+                _ = stopped.changed() => {
+                    drop(running);
+                    shut_down(&server).await;
+                    return Ok(Role::Done);
+                }
+            }
+        }
+    }
+}
+
+async fn shut_down(server: &Mutex<Option<Arc<ReplicaServer>>>) {
+    let taken = server
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(server) = taken.and_then(Arc::into_inner) {
+        server.shutdown().await;
+    }
+}
+
+fn start_nbd(arguments: &ProtectArguments, vm: &ProtectedVm) -> Result<Option<NbdServer>, Failure> {
+    let Some(address) = &arguments.nbd else {
+        return Ok(None);
+    };
+    let server = NbdServer::start(address, exports(vm))?;
+    eprintln!("blockrep: disks served over NBD at {}", server.address());
+    Ok(Some(server))
+}
+
+/// What the control socket takes besides the plain words.
+#[derive(serde::Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case")]
+enum PlannedRequest {
+    PlannedFailover { reverse: bool },
+}
+
+/// Planned failover from the control socket: the VM's writes stop (NBD clients are told the
+/// export is shutting down), then the final delta ships and the replica compares and takes
+/// over. Writes resume here when it fails.
+fn planned_failover(
+    commands: &mpsc::UnboundedSender<PrimaryCommand>,
+    nbd: &Mutex<Option<NbdServer>>,
+    vm: &Arc<ProtectedVm>,
+    address: Option<&blockrep::nbd::NbdAddress>,
+    reverse: bool,
+) -> serde_json::Value {
+    let server = nbd
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(server) = server
+        && let Err(error) = server.shutdown()
+    {
+        return serde_json::json!({"error": format!("cannot stop the NBD export: {error}")});
+    }
+    let (done, answer) = oneshot::channel();
+    let outcome = match commands.send(PrimaryCommand::HandOver { reverse, done }) {
+        Ok(()) => answer.blocking_recv().ok(),
+        Err(_) => None,
+    };
+    match outcome {
+        Some(Ok(sequence)) => {
+            serde_json::json!({"ok": {"sequence": sequence, "reverse": reverse}})
+        }
+        Some(Err(reason)) => {
+            // Refused: the VM goes on running here.
+            if let Some(address) = address {
+                match NbdServer::start(address, exports(vm)) {
+                    Ok(server) => {
+                        *nbd.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(server);
+                    }
+                    Err(error) => tracing::error!(%error, "cannot serve the disks again"),
+                }
+            }
+            serde_json::json!({"error": reason})
+        }
+        // This agent is no longer the VM's primary (it just handed over or is stopping):
+        // neither done nor refused here, so the caller asks where the VM runs now.
+        None => serde_json::json!({"role": "leaving"}),
+    }
+}
