@@ -14,6 +14,7 @@ pub mod net;
 pub mod protect;
 pub mod proto;
 pub mod replica;
+pub mod resync;
 pub mod track;
 pub mod units;
 
