@@ -2,7 +2,7 @@
 //!
 //! A reader thread reads pieces of up to [`PIECE`] bytes (aligned to pieces of the disk, so to
 //! blocks) and hands them to hasher threads, one per core; the calling thread gathers the hashes.
-//! Buffers go round a bounded pool, so memory stays at `hashers + 2` pieces (at most 72 MiB)
+//! Buffers go round a bounded pool, so memory stays at `hashers + 2` pieces (at most 8, 32 MiB)
 //! whatever the disk's size. Blocks outside the allocated ranges are never read: they read as
 //! zeros, so they get the zero block's hash, computed once.
 
@@ -19,8 +19,10 @@ use std::sync::{Mutex, PoisonError};
 /// Bytes read at a time.
 const PIECE: u64 = 4 * MIB;
 const PIECE_BLOCKS: u64 = PIECE / HASH_BLOCK;
-/// XXH3 on one core outruns a disk, so more hashers would only hold more buffers.
-const MAX_HASHERS: usize = 16;
+/// Piece buffers at most: one being read, one ready for the next read, the others being hashed.
+/// XXH3 on one core hashes several times faster than a disk (or the page cache) reads, so more
+/// would sit idle; and each buffer's first use costs page faults (about 1.5 ms per 4 MiB here).
+const MAX_BUFFERS: usize = 8;
 /// How far ahead of the reader the image is asked to read ahead, so that reads of a disk that is
 /// not in the page cache overlap instead of waiting one at a time.
 const READ_AHEAD: u64 = 8 * PIECE;
@@ -136,10 +138,11 @@ fn hash_allocated(
     to_read: &[Range<u64>],
     gather: &mut dyn FnMut(HashedPiece),
 ) -> Result<()> {
+    // One hasher per core, but never more than there are buffers to hash.
     let hashers = std::thread::available_parallelism()
         .map(usize::from)
         .unwrap_or(1)
-        .min(MAX_HASHERS);
+        .min(MAX_BUFFERS - 2);
     let buffers = hashers + 2;
     let (free_sender, free) = sync_channel::<Vec<u8>>(buffers);
     let (work_sender, work) = sync_channel::<Piece>(buffers);
