@@ -192,7 +192,7 @@ async fn refused(
     );
     let (_stop, stopped) = watch::channel(false);
     let options = PrimaryOptions {
-        route: dial(&presented, &trusted, server.address()),
+        route: dial(&presented, trusted, server.address()),
         config: config(&vm, Duration::from_secs(1)),
         streams: 2,
         max_rate: None,
