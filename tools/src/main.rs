@@ -59,9 +59,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Fail a VM over on the replica server running here: a test copy of a recovery point
-    /// (--test, made while replication goes on, one per VM at a time), or an unplanned
-    /// failover when the primary is gone (--unplanned; then --commit or --cancel).
+    /// Fail a VM over: a test copy of a recovery point on the replica server running here
+    /// (--test, made while replication goes on, one per VM at a time), a planned failover
+    /// where the VM runs (--planned, nothing lost), or an unplanned failover on the replica
+    /// server when the primary is gone (--unplanned; then --commit or --cancel).
     #[command(group(clap::ArgGroup::new("mode").required(true).args(["test", "planned", "unplanned", "commit", "cancel"])))]
     Failover {
         vm: String,
@@ -74,7 +75,9 @@ enum Command {
         #[arg(long)]
         planned: bool,
         /// With --planned: replicate back to this host at once.
-        #[arg(long, requires = "planned")]
+        // `requires` does not hold for flags (their default counts as present): name the
+        // modes a flag cannot go with instead.
+        #[arg(long, conflicts_with_all = ["test", "unplanned", "commit", "cancel"])]
         reverse: bool,
         /// Unplanned failover: fence replication off and make the point writable disks (in the
         /// VM's `failover` directory of the store). Refused while the primary is connected.
@@ -93,10 +96,10 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// With --test: remove the VM's test failover copy.
-        #[arg(long, requires = "test")]
+        #[arg(long, conflicts_with_all = ["planned", "unplanned", "commit", "cancel"])]
         cleanup: bool,
         /// With --unplanned: fail over although the primary still replicates (split brain).
-        #[arg(long, requires = "unplanned")]
+        #[arg(long, conflicts_with_all = ["test", "planned", "commit", "cancel"])]
         force: bool,
     },
     /// Replicate a VM that failed over to this site back to its old primary (start its
