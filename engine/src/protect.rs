@@ -50,6 +50,9 @@ pub struct ProtectedVm {
     needs_initial: bool,
     compression: Compression,
     prepared: Mutex<Option<Arc<Prepared>>>,
+    /// Held while cutting: whoever else writes the disks in steps that must not be split by a
+    /// cut (a replica applying a delta) holds it around each step.
+    gate: Option<Arc<Mutex<()>>>,
 }
 
 impl std::fmt::Debug for ProtectedVm {
@@ -90,7 +93,14 @@ impl ProtectedVm {
             needs_initial,
             compression,
             prepared: Mutex::new(None),
+            gate: None,
         })
+    }
+
+    /// Cuts wait for `gate`, so that they fall between the steps of whoever holds it.
+    pub fn with_gate(mut self, gate: Arc<Mutex<()>>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     pub fn descriptions(&self) -> &[DiskDescription] {
@@ -127,6 +137,10 @@ impl ProtectedVm {
                 (Source::Live(chunks), bytes)
             }
             DeltaKind::Changes => {
+                let _gate = self.gate.as_ref().map(|gate| {
+                    gate.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                });
                 let spool = Arc::new(Spool::create(&self.spool_path())?);
                 let (generations, bytes) = self.spool_changes(delta, &spool)?;
                 (Source::Spooled { spool, generations }, bytes)
@@ -211,7 +225,7 @@ impl ProtectedVm {
     pub fn block_hashes(&self, seed: u64) -> Result<Vec<BlockHashes>> {
         self.disks
             .iter()
-            .map(|disk| BlockHashes::compute(&LiveDisk(disk), seed, &|_| {}))
+            .map(|disk| BlockHashes::compute(&SharedDisk(Arc::clone(disk)), seed, &|_| {}))
             .collect()
     }
 
@@ -386,11 +400,12 @@ impl PreserveBlocks for SpoolPreserver {
     }
 }
 
-/// A tracked disk read as an image, a lock per read: hashing a live disk must not hold its
-/// writers off for the whole pass. Writing through it is refused.
-struct LiveDisk<'a>(&'a ProtectedDisk);
+/// A tracked disk seen as an image, shared: each call takes the disk's lock on its own (hashing
+/// a live disk must not hold its writers off for the whole pass), and writes are tracked (a
+/// replica server applying deltas to disks it also replicates onward).
+pub struct SharedDisk(pub Arc<ProtectedDisk>);
 
-impl BlockImage for LiveDisk<'_> {
+impl BlockImage for SharedDisk {
     fn virtual_size(&self) -> u64 {
         self.0.virtual_size()
     }
@@ -399,20 +414,16 @@ impl BlockImage for LiveDisk<'_> {
         self.0.read_at(buf, offset)
     }
 
-    fn write_at(&mut self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::ReadOnly {
-            name: "live disk view".into(),
-        })
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.0.write_at(buf, offset)
     }
 
-    fn zero_range(&mut self, _offset: u64, _length: u64) -> Result<()> {
-        Err(Error::ReadOnly {
-            name: "live disk view".into(),
-        })
+    fn zero_range(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.0.zero_range(offset, length)
     }
 
     fn flush(&mut self) -> Result<()> {
-        Ok(())
+        self.0.flush()
     }
 
     fn allocated_ranges(&self) -> Result<Vec<Range<u64>>> {

@@ -4,14 +4,15 @@ use crate::control::{ControlSocket, query_all, run_directory};
 use blockrep::io::{IoEngine, StorageOptions};
 use blockrep::nbd::NbdAddress;
 use blockrep::net::{
-    Hosting, HostingOptions, Identity, ReplicaServer, SharedReport, load_certificate,
+    ExtensionOptions, Hosting, HostingOptions, Identity, ReplicaServer, SharedReport,
+    client_endpoint, load_certificate,
 };
 use blockrep::proto::ReplicationState;
 use blockrep::replica::{PointPolicy, ReplicaStore};
 use blockrep::units::{format_size, parse_duration, parse_rate};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -63,6 +64,17 @@ pub struct ServeArguments {
     /// How often a VM running here after a failover replicates back to its old primary.
     #[arg(long, value_parser = duration_argument, default_value = "5m")]
     reverse_frequency: Duration,
+    /// Extended replication: replicate every VM kept here onward to the replica server at
+    /// HOST:PORT (a third site). It must allow this server's identity.
+    #[arg(long, value_name = "HOST:PORT", requires = "extend_trust")]
+    extend_to: Option<String>,
+    /// The third site's certificate: the only one accepted for extended replication.
+    #[arg(long, value_name = "CERT")]
+    extend_trust: Option<PathBuf>,
+    /// How often the replicas are cut and shipped onward: 5m, 15m or any duration. Set it no
+    /// shorter than the primaries' frequency (a cut with nothing new ships nothing).
+    #[arg(long, value_parser = duration_argument, default_value = "15m")]
+    extend_frequency: Duration,
     #[command(flatten)]
     io: IoArguments,
 }
@@ -214,12 +226,35 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
     let store = ReplicaStore::with_policy(&arguments.store, arguments.io.options(), policy)?;
     runtime()?.block_on(async move {
         let mut stopped = stop_on_signals()?;
+        let extend = match &arguments.extend_to {
+            Some(target) => {
+                let address = target
+                    .to_socket_addrs()
+                    .map_err(|error| format!("--extend-to {target}: {error}"))?
+                    .next()
+                    .ok_or_else(|| format!("--extend-to {target}: no address"))?;
+                let trust = arguments
+                    .extend_trust
+                    .as_ref()
+                    .ok_or("--extend-to needs --extend-trust CERT")?;
+                Some(ExtensionOptions {
+                    target: address,
+                    endpoint: client_endpoint(&identity, load_certificate(trust)?, address)?,
+                    frequency: arguments.extend_frequency,
+                    storage: arguments.io.options(),
+                    streams: 4,
+                    host_name: hostname(),
+                })
+            }
+            None => None,
+        };
         let hosting = Hosting::Here(HostingOptions {
             nbd_directory: arguments.nbd_dir.clone(),
             storage: arguments.io.options(),
             frequency: arguments.reverse_frequency,
             streams: 4,
             host_name: hostname(),
+            extend,
         });
         let server = Arc::new(ReplicaServer::start(arguments.listen, store, &identity, allowed, hosting).await?);
         let address = server.address();
@@ -766,6 +801,25 @@ fn print_replica(vm: &serde_json::Value) {
                 " (not committed)"
             }
         );
+    }
+    for (key, label) in [
+        ("reverse", "replicating back:    "),
+        ("extended", "extended to:         "),
+    ] {
+        let onward = &vm[key];
+        if onward.is_object() {
+            println!(
+                "  {label}{} — {}, health {}, delta {} applied there{}",
+                onward["replica"].as_str().unwrap_or("?"),
+                onward["state"].as_str().unwrap_or("?"),
+                onward["health"].as_str().unwrap_or("?"),
+                onward["applied_sequence"].as_u64().unwrap_or(0),
+                onward["resync"]["differing_bytes"]
+                    .as_u64()
+                    .map(|bytes| format!(", resynchronized: {} differed", format_size(bytes)))
+                    .unwrap_or_default()
+            );
+        }
     }
     if let Some(error) = vm["error"].as_str() {
         println!("  error:               {error}");

@@ -992,6 +992,17 @@ fn a_test_failover_gives_the_disk_as_it_was_at_the_latest_or_an_older_point() {
 }
 
 impl Site {
+    /// The answer for vm1 of the replica server listening on `listen`.
+    fn replica_status_at(&self, listen: &str) -> Option<serde_json::Value> {
+        let output = self.blockrep().args(["status", "--json"]).output().ok()?;
+        let answers: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        answers
+            .as_array()?
+            .iter()
+            .find(|answer| answer["role"] == "replica" && answer["listen"] == listen)
+            .and_then(|answer| answer["vms"].get(0).cloned())
+    }
+
     /// The replica server's answer for vm1 in `blockrep status --json`.
     fn replica_status(&self) -> Option<serde_json::Value> {
         let output = self.blockrep().args(["status", "--json"]).output().ok()?;
@@ -1289,4 +1300,107 @@ fn wait_until_equal(site: &Site, daemons: &[&Daemon]) {
             (std::fs::read(&ours).ok()? == std::fs::read(&theirs).ok()?).then_some(())
         },
     );
+}
+
+/// Extended replication: the replica server passes each VM on to a third site, which ends
+/// equal to the primary; the replica shows the onward replication's health.
+#[test]
+fn a_replica_server_replicates_onward_to_a_third_site() {
+    let test = "a_replica_server_replicates_onward_to_a_third_site";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    // The third site: its own store, identity "sid", allowing the replica server's.
+    let third_store = site.path("store-c");
+    let mut command = site.blockrep();
+    command.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        text(&third_store),
+        "--identity",
+        text(&site.path("sid")),
+        "--allow",
+        text(&site.path("rid").join("identity.crt")),
+    ]);
+    let mut third = Daemon::spawn(
+        "blockrep serve (third site)",
+        command,
+        site.path("third.log"),
+    );
+    let third_address = wait_for(
+        "the third site to listen",
+        WAIT,
+        || third.tail(),
+        || {
+            let log = third.log();
+            let line = log
+                .lines()
+                .find(|line| line.contains("serving replicas in"))?;
+            Some(line.rsplit(" on ").next()?.trim().to_owned())
+        },
+    );
+    let (mut serve, address) = site.serve_with(
+        "127.0.0.1:0",
+        &[
+            "--extend-to",
+            &third_address,
+            "--extend-trust",
+            text(&site.path("sid").join("identity.crt")),
+            "--extend-frequency",
+            "1s",
+        ],
+    );
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_until_replicated(&[&serve, &protect, &third]);
+    let random = site.random_file("random.bin", 8 * MIB, 3);
+    site.nbd_io(&[
+        "write -P 0x41 0 3M",
+        &format!("write -s {} 20M 8M", text(&random)),
+        "write -z 1M 64k",
+    ]);
+    let shipped = site.wait_until_replicated(&[&serve, &protect, &third]);
+    let status = wait_for(
+        "the third site to catch up",
+        WAIT,
+        || {
+            format!(
+                "{:?}\n{}{}",
+                site.replica_status_at(&address),
+                serve.tail(),
+                third.tail()
+            )
+        },
+        || {
+            site.replica_status_at(&address).filter(|status| {
+                status["applied_sequence"].as_u64() >= Some(shipped)
+                    && sequence(&status["extended"]) > 0
+                    && status["extended"]["pending_bytes"] == 0
+                    && status["extended"]["seconds_since_replication"]
+                        .as_f64()
+                        .is_some_and(|seconds| seconds < 1.0)
+            })
+        },
+    );
+    assert_eq!(
+        status["extended"]["replica"],
+        third_address.as_str(),
+        "{status}"
+    );
+    let human = run_ok(site.blockrep().args(["status"]));
+    assert!(human.contains("extended to:"), "{human}");
+    protect.stop();
+    // Whatever the last cycle carried reaches the third site too.
+    std::thread::sleep(Duration::from_secs(3));
+    serve.stop();
+    third.stop();
+    let third_disk = third_store.join("vm1").join("disk-0.vhdx");
+    run_ok(Command::new("qemu-img").args(["check", text(&third_disk)]));
+    let (primary_raw, third_raw) = (site.path("primary.raw"), site.path("third.raw"));
+    for (image, raw) in [(site.disk(), &primary_raw), (third_disk, &third_raw)] {
+        run_ok(Command::new("qemu-img").args(["convert", "-O", "raw", text(&image), text(raw)]));
+    }
+    assert_same_bytes(&primary_raw, &third_raw);
 }

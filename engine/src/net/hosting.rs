@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// How a server runs the VMs that fail over to it.
+/// What a replica server does with its VMs besides keeping them: runs those that fail over
+/// to it, and replicates them onward to a third site.
 #[derive(Debug, Clone)]
 pub struct HostingOptions {
     /// Serve each running VM's disks over NBD at `DIRECTORY/VM.sock`.
@@ -28,6 +29,8 @@ pub struct HostingOptions {
     pub streams: usize,
     /// This host's name, as the old primary's logs show it.
     pub host_name: String,
+    /// Extended replication: where the VMs kept here are replicated onward.
+    pub extend: Option<super::extension::ExtensionOptions>,
 }
 
 impl Default for HostingOptions {
@@ -38,6 +41,7 @@ impl Default for HostingOptions {
             frequency: Duration::from_secs(300),
             streams: 4,
             host_name: "replica-site".into(),
+            extend: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! run the protocol's state machines over quinn on tokio. This module moves bytes and keeps
 //! time; every replication decision is made in `proto`.
 
+mod extension;
 mod frame;
 mod hosting;
 mod identity;
@@ -24,6 +25,7 @@ pub fn peer_fingerprint(connection: &Connection) -> Option<String> {
         .and_then(|certificates| certificates.first().map(fingerprint))
 }
 
+pub use extension::ExtensionOptions;
 pub use hosting::{HostingOptions, exports};
 pub use identity::{Identity, fingerprint, load_certificate};
 pub use primary::{

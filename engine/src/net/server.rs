@@ -3,6 +3,7 @@
 //! [`VmReplica`] (staging, commits) on blocking threads. One process serves many VMs from many
 //! primaries; each VM's work is serialized by its own lock, VMs proceed independently.
 
+use super::extension::ExtendedVm;
 use super::frame::{read_frame, spawn_control_writer};
 use super::hosting::{HostedVm, HostingOptions};
 use super::identity::Identity;
@@ -45,6 +46,8 @@ pub struct ReplicaReport {
     pub failover: Option<crate::replica::FailoverRecord>,
     /// The VM runs here: replication back to the old primary, when it runs.
     pub reverse: Option<PrimaryReport>,
+    /// Extended replication of this replica to a third site, when configured.
+    pub extended: Option<PrimaryReport>,
 }
 
 /// Who runs a VM that fails over to this server.
@@ -282,6 +285,8 @@ struct VmSlot {
     hosting: Arc<Hosting>,
     /// The VM runs at this site (it failed over here).
     hosted: Option<HostedVm>,
+    /// The replica is replicated onward to a third site.
+    extended: Option<ExtendedVm>,
     /// This slot, for the callbacks of what runs the VM here.
     this: std::sync::Weak<Mutex<VmSlot>>,
 }
@@ -429,6 +434,7 @@ impl ReplicaServer {
                     test_failover: slot.replica.test_failover(),
                     failover: slot.replica.failover(),
                     reverse: slot.hosted.as_ref().and_then(HostedVm::report),
+                    extended: slot.extended.as_ref().and_then(ExtendedVm::report),
                 }
             })
             .collect();
@@ -572,6 +578,8 @@ impl ReplicaServer {
         guard.replica.hand_back(sequence)?;
         let record = guard.replica.record();
         guard.machine = Replica::new(vm, record);
+        // The third site's copy is older than the failover: it starts again.
+        extend(&mut guard, true);
         tracing::info!(%vm, sequence, "planned failover done: the VM runs at the other site; this is its replica again");
         Ok(sequence)
     }
@@ -607,6 +615,8 @@ impl ReplicaServer {
         let _ = self.task.await;
         let slots: Vec<Arc<Mutex<VmSlot>>> = lock(&self.vms).values().cloned().collect();
         for slot in slots {
+            let extended = lock(&slot).extended.take();
+            drop(extended);
             let hosted = lock(&slot).hosted.take();
             if let Some(hosted) = hosted
                 && let Err(error) = hosted.close().await
@@ -894,6 +904,9 @@ fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
     let Some(failover) = slot.replica.failover().filter(|failover| failover.active()) else {
         return Ok(());
     };
+    // The disks are the VM's now, no longer a replica to pass on.
+    slot.extended = None;
+    slot.replica.untrack();
     match &*Arc::clone(&slot.hosting) {
         Hosting::Here(options) => {
             if slot.hosted.is_none() {
@@ -918,6 +931,28 @@ fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Starts replicating a replica onward, when the server is set up for it and the replica
+/// holds a state to pass on. `fresh`: its disk files are new, so onward replication starts
+/// with an initial one.
+fn extend(slot: &mut VmSlot, fresh: bool) {
+    let Hosting::Here(HostingOptions {
+        extend: Some(options),
+        ..
+    }) = &*Arc::clone(&slot.hosting)
+    else {
+        return;
+    };
+    if slot.extended.is_some() || slot.replica.applied() == 0 || slot.replica.failover().is_some() {
+        return;
+    }
+    let vm = slot.machine_name();
+    let runtime = slot.runtime.clone();
+    match ExtendedVm::start(&vm, &mut slot.replica, options, &runtime, fresh) {
+        Ok(extended) => slot.extended = Some(extended),
+        Err(error) => tracing::error!(%vm, %error, "cannot replicate onward"),
+    }
 }
 
 /// Starts replication back for a VM running here.
@@ -982,6 +1017,7 @@ async fn open_slot(
                     runtime: tokio::runtime::Handle::current(),
                     hosting: Arc::clone(hosting),
                     hosted: None,
+                    extended: None,
                     this: this.clone(),
                 })
             })
@@ -994,7 +1030,9 @@ async fn open_slot(
         let vm = vm.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut guard = lock(&handle);
-            host(&mut guard, &vm, false)
+            host(&mut guard, &vm, false)?;
+            extend(&mut guard, false);
+            Ok::<_, Error>(())
         })
         .await
         .map_err(|error| Error::Replication {
@@ -1068,6 +1106,12 @@ fn drive(slot: &mut VmSlot) {
                     Ok(()) => {
                         tracing::info!(%delta, ?kind, seconds = started.elapsed().as_secs_f64(), "applied");
                         slot.machine.committed(delta);
+                        let replaced = slot.replica.take_detached();
+                        if replaced {
+                            // New disk files: onward replication starts again from them.
+                            slot.extended = None;
+                        }
+                        extend(slot, replaced);
                     }
                     Err(error) => {
                         tracing::error!(%delta, %error, "applying failed");
@@ -1256,6 +1300,7 @@ mod tests {
                     runtime: runtime.handle().clone(),
                     hosting: Arc::new(Hosting::Here(HostingOptions::default())),
                     hosted: None,
+                    extended: None,
                     this: this.clone(),
                 })
             });

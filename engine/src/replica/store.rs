@@ -17,12 +17,14 @@ use crate::delta::{verify_delta, write_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use crate::image::{Access, BlockImage, RawImage, VhdxImage};
 use crate::io::{Storage, StorageOptions, file_storage};
+use crate::protect::{ProtectedDisk, SharedDisk};
 use crate::proto::{DeltaId, DeltaKind, DiskDescription, Fence, ReplicaVmRecord};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 const CATALOGUE: &str = "catalogue.json";
 const STAGE: &str = "delta.stage";
@@ -173,6 +175,9 @@ impl ReplicaStore {
             pinned: 0,
             pending_deletions: Vec::new(),
             recent_undo: Vec::new(),
+            tracked: None,
+            gate: Arc::default(),
+            detached: false,
         };
         replica.recover()?;
         Ok(replica)
@@ -286,6 +291,13 @@ pub struct VmReplica {
     /// Undo files made while pinned, by sequence: how a test failover of the latest state
     /// undoes the deltas applied while it copied.
     recent_undo: Vec<(u64, String)>,
+    /// The disks as tracked by whoever replicates them onward (extended replication): applied
+    /// through these, so the changes are tracked.
+    tracked: Option<Vec<Arc<ProtectedDisk>>>,
+    /// Held around each apply, so a cut for onward replication never splits a delta.
+    gate: Arc<Mutex<()>>,
+    /// An initial replication replaced the disk files under the tracked disks.
+    detached: bool,
 }
 
 impl std::fmt::Debug for VmReplica {
@@ -454,6 +466,9 @@ impl VmReplica {
                     disk.close()?;
                 }
                 self.disks.clear();
+                if self.tracked.take().is_some() {
+                    self.detached = true;
+                }
                 self.mark_committing(Some((delta, kind)), false)?;
                 crash_point("replica-initial-commit");
                 self.finish_initial(delta)
@@ -822,10 +837,16 @@ impl VmReplica {
     fn finish_changes(&mut self, delta: DeltaId) -> Result<()> {
         self.open_disks()?;
         let stage = self.directory.join(STAGE);
-        // Part of the delta on the disks, the rest not: the worst moment to die.
-        apply_bundle(&stage, &mut self.disks, || crash_point("replica-apply"))?;
-        for disk in &mut self.disks {
-            disk.flush()?;
+        {
+            let gate = Arc::clone(&self.gate);
+            let _applying = gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Part of the delta on the disks, the rest not: the worst moment to die.
+            apply_bundle(&stage, &mut self.disks, || crash_point("replica-apply"))?;
+            for disk in &mut self.disks {
+                disk.flush()?;
+            }
         }
         self.mark_applied(delta, DeltaKind::Changes)?;
         let _ = std::fs::remove_file(&stage);
@@ -1025,6 +1046,13 @@ impl VmReplica {
         if !self.disks.is_empty() {
             return Ok(());
         }
+        if let Some(tracked) = &self.tracked {
+            self.disks = tracked
+                .iter()
+                .map(|disk| Box::new(SharedDisk(Arc::clone(disk))) as OpenDisk)
+                .collect();
+            return Ok(());
+        }
         for path in self.disk_paths() {
             let (image, _, _) = crate::protect::open_image(&path, self.storage)?;
             self.disks.push(image);
@@ -1044,6 +1072,30 @@ impl VmReplica {
     /// Closes the open disks (so that another part of the process may open them).
     pub fn release_disks(&mut self) {
         self.disks.clear();
+    }
+
+    /// Applies through `disks` (the same files, tracked by whoever replicates them onward)
+    /// from now on, instead of opening the files itself.
+    pub fn track_with(&mut self, disks: Vec<Arc<ProtectedDisk>>) {
+        self.disks.clear();
+        self.tracked = Some(disks);
+    }
+
+    /// Stops applying through tracked disks.
+    pub fn untrack(&mut self) {
+        self.disks.clear();
+        self.tracked = None;
+    }
+
+    /// Held around each apply: a cut taken while holding it falls between two deltas.
+    pub fn apply_gate(&self) -> Arc<Mutex<()>> {
+        Arc::clone(&self.gate)
+    }
+
+    /// Whether an initial replication replaced the files under the tracked disks since last
+    /// asked (onward replication must start again from the new files).
+    pub fn take_detached(&mut self) -> bool {
+        std::mem::take(&mut self.detached)
     }
 
     fn create_disk(&self, path: &Path, description: &DiskDescription) -> Result<Disk> {
