@@ -7,8 +7,8 @@ use blockrep::delta::Compression;
 use blockrep::image::{Access, BlockImage, VhdxImage};
 use blockrep::io::{FileStorage, StorageOptions};
 use blockrep::net::{
-    ConsistencyHook, Hosting, HostingOptions, Identity, PrimaryOptions, ReplicaServer, Route,
-    SharedReport, client_endpoint, run_primary,
+    ConsistencyHook, Hosting, Identity, PrimaryOptions, ReplicaServer, Route, SharedReport,
+    client_endpoint, run_primary,
 };
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::PrimaryConfig;
@@ -87,7 +87,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
         store,
         &replica_identity,
         vec![primary_identity.certificate.clone()],
-        Hosting::Here(HostingOptions::default()),
+        Hosting::Here(Box::default()),
     )
     .await
     .unwrap();
@@ -183,7 +183,7 @@ async fn refused(
         store,
         server_identity,
         vec![allowed.certificate.clone()],
-        Hosting::Here(HostingOptions::default()),
+        Hosting::Here(Box::default()),
     )
     .await
     .unwrap();
@@ -271,7 +271,7 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
             first_identity.certificate.clone(),
             second_identity.certificate.clone(),
         ],
-        Hosting::Here(HostingOptions::default()),
+        Hosting::Here(Box::default()),
     )
     .await
     .unwrap();

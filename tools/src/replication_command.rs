@@ -248,14 +248,14 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
             }
             None => None,
         };
-        let hosting = Hosting::Here(HostingOptions {
+        let hosting = Hosting::Here(Box::new(HostingOptions {
             nbd_directory: arguments.nbd_dir.clone(),
             storage: arguments.io.options(),
             frequency: arguments.reverse_frequency,
             streams: 4,
             host_name: hostname(),
             extend,
-        });
+        }));
         let server = Arc::new(ReplicaServer::start(arguments.listen, store, &identity, allowed, hosting).await?);
         let address = server.address();
         eprintln!("blockrep: serving replicas in {} on {address}", arguments.store.display());

@@ -54,7 +54,7 @@ pub struct ReplicaReport {
 #[derive(Debug, Clone)]
 pub enum Hosting {
     /// The server itself: tracked disks, NBD, replication back (a replica server).
-    Here(HostingOptions),
+    Here(Box<HostingOptions>),
     /// Whoever made the server (a primary acting as replica during reverse replication): it
     /// is told, and takes its VM back.
     Caller(mpsc::UnboundedSender<TakenOver>),
@@ -937,11 +937,10 @@ fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
 /// holds a state to pass on. `fresh`: its disk files are new, so onward replication starts
 /// with an initial one.
 fn extend(slot: &mut VmSlot, fresh: bool) {
-    let Hosting::Here(HostingOptions {
-        extend: Some(options),
-        ..
-    }) = &*Arc::clone(&slot.hosting)
-    else {
+    let Hosting::Here(hosting) = &*Arc::clone(&slot.hosting) else {
+        return;
+    };
+    let Some(options) = &hosting.extend else {
         return;
     };
     if slot.extended.is_some() || slot.replica.applied() == 0 || slot.replica.failover().is_some() {
@@ -1298,7 +1297,7 @@ mod tests {
                     replica,
                     connections: HashMap::new(),
                     runtime: runtime.handle().clone(),
-                    hosting: Arc::new(Hosting::Here(HostingOptions::default())),
+                    hosting: Arc::new(Hosting::Here(Box::default())),
                     hosted: None,
                     extended: None,
                     this: this.clone(),
