@@ -1404,3 +1404,144 @@ fn a_replica_server_replicates_onward_to_a_third_site() {
     }
     assert_same_bytes(&primary_raw, &third_raw);
 }
+
+/// A recovery plan with two groups, the second behind a failing pre-script, run against real
+/// daemons: the planned run fails the first VM over and stops at the script, saying so, with
+/// the second VM still replicating from its primary; the unplanned run (its primary killed)
+/// goes on past the script and fails the second VM over, and reports the failure.
+#[test]
+fn a_recovery_plan_stops_a_planned_run_at_a_failing_script_and_not_an_unplanned_one() {
+    let test = "a_recovery_plan_stops_a_planned_run_at_a_failing_script_and_not_an_unplanned_one";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let (mut serve, address) =
+        site.serve_with("127.0.0.1:0", &["--nbd-dir", text(&site.path("nbd-b"))]);
+    let mut first = site.protect(None, &address, "pid");
+    // A second VM with its own disk.
+    let second_disk = site.path("disk2.vhdx");
+    run_ok(
+        site.blockrep()
+            .args(["image", "create", text(&second_disk), "--size", "32M"]),
+    );
+    let mut command = site.blockrep();
+    command.args([
+        "protect",
+        "--name",
+        "vm2",
+        "--disk",
+        text(&second_disk),
+        "--replica",
+        &address,
+        "--identity",
+        text(&site.path("pid")),
+        "--trust",
+        text(&site.path("rid").join("identity.crt")),
+        "--frequency",
+        "1s",
+    ]);
+    let mut second = Daemon::spawn("blockrep protect vm2", command, site.path("protect2.log"));
+    site.wait_until_replicated(&[&serve, &first, &second]);
+    let vm_status = |vm: &str| -> Option<serde_json::Value> {
+        let output = site.blockrep().args(["status", "--json"]).output().ok()?;
+        let answers: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        answers
+            .as_array()?
+            .iter()
+            .filter(|answer| answer["role"] == "primary")
+            .find_map(|answer| answer["vms"].as_array()?.iter().find(|entry| entry["vm"] == vm).cloned())
+    };
+    wait_for(
+        "vm2's initial replication",
+        WAIT,
+        || second.tail(),
+        || vm_status("vm2").filter(|status| sequence(status) >= 1 && status["pending_bytes"] == 0),
+    );
+    let plan = site.path("plan.toml");
+    std::fs::write(
+        &plan,
+        r#"name = "lab"
+[[group]]
+name = "first"
+vms = ["vm1"]
+[[group]]
+name = "second"
+vms = ["vm2"]
+[[group.pre]]
+name = "check the second site"
+script = "echo checking; exit 3"
+timeout = "10s"
+"#,
+    )
+    .unwrap();
+    let planned = site
+        .blockrep()
+        .args(["plan", "run", text(&plan), "--planned", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(planned.status.code(), Some(1), "{planned:?}");
+    let report: serde_json::Value = serde_json::from_slice(&planned.stdout).unwrap();
+    assert_eq!(report["vms_failed_over"], serde_json::json!(["vm1"]), "{report}");
+    let stopped = report["stopped_at"].as_u64().expect("the run says where it stopped") as usize;
+    let step = &report["steps"][stopped - 1];
+    assert_eq!(step["name"], "check the second site", "{report}");
+    assert_eq!(step["outcome"], "failed", "{report}");
+    assert!(
+        report["steps"].as_array().unwrap()[stopped..]
+            .iter()
+            .all(|step| step["outcome"] == "skipped"),
+        "{report}"
+    );
+    // vm1 runs at the replica site now; vm2 still replicates from its primary.
+    assert!(site.path("nbd-b").join("vm1.sock").exists());
+    let before = sequence(&vm_status("vm2").unwrap());
+    wait_for(
+        "vm2 to go on replicating",
+        WAIT,
+        || second.tail(),
+        || vm_status("vm2").filter(|status| sequence(status) > before),
+    );
+    // The primary of vm2 dies; the unplanned run goes past the failing script.
+    second.signal(libc::SIGKILL);
+    second.wait_exit(WAIT);
+    wait_for(
+        "the replica to see vm2's primary gone",
+        WAIT,
+        || serve.tail(),
+        || {
+            let output = site.blockrep().args(["status", "--json"]).output().ok()?;
+            let answers: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            answers
+                .as_array()?
+                .iter()
+                .filter(|answer| answer["role"] == "replica" && answer["listen"] == address.as_str())
+                .flat_map(|answer| answer["vms"].as_array().cloned().unwrap_or_default())
+                .find(|entry| entry["vm"] == "vm2" && entry["connected"] == false)
+        },
+    );
+    let unplanned = site
+        .blockrep()
+        .args(["plan", "run", text(&plan), "--unplanned", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(unplanned.status.code(), Some(1), "{unplanned:?}");
+    let report: serde_json::Value = serde_json::from_slice(&unplanned.stdout).unwrap();
+    assert!(report["stopped_at"].is_null(), "{report}");
+    assert!(
+        report["vms_failed_over"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("vm2")),
+        "{report}"
+    );
+    let script = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|step| step["name"] == "check the second site")
+        .unwrap();
+    assert_eq!(script["outcome"], "failed", "{report}");
+    first.stop();
+    serve.stop();
+}
