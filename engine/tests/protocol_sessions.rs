@@ -507,6 +507,33 @@ fn a_suspended_primary_cuts_nothing_and_resuming_cuts_at_once() {
 }
 
 #[test]
+fn a_primary_following_its_source_cuts_only_after_the_source_changed() {
+    let mut world = World::new(vec![1, 2, 3, 4]);
+    world.primary.follow_source();
+    world.run_actions();
+    world.settle();
+    let cut = world.cut.len();
+    let missed = world.primary.status(world.now).missed_cycles;
+    for _ in 0..5 {
+        world.step(Step::Wait);
+    }
+    assert_eq!(world.cut.len(), cut, "cut with nothing new to pass on");
+    assert_eq!(world.primary.status(world.now).missed_cycles, missed);
+    world.primary.source_changed();
+    world.primary.source_changed();
+    for _ in 0..5 {
+        world.step(Step::Wait);
+    }
+    world.settle();
+    assert_eq!(
+        world.cut.len(),
+        cut + 1,
+        "one cut per change of the source, at most"
+    );
+    world.check();
+}
+
+#[test]
 fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
     let record = ReplicaVmRecord {
         disks: Some(config().disks),

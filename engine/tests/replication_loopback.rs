@@ -111,6 +111,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
         consistency_hook: None,
         commands: None,
         resync: None,
+        source_changes: None,
     };
     let primary = tokio::spawn(run_primary(
         Arc::clone(&vm),
@@ -200,6 +201,7 @@ async fn refused(
         consistency_hook: None,
         commands: None,
         resync: None,
+        source_changes: None,
     };
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
@@ -314,6 +316,7 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
             consistency_hook,
             commands: None,
             resync: None,
+            source_changes: None,
         };
         let task = tokio::spawn(run_primary(
             Arc::clone(&vm),

@@ -151,6 +151,7 @@ impl Agent<'_> {
                 }),
             commands: Some(command_receiver),
             resync: None,
+            source_changes: None,
         };
         let report = SharedReport::default();
         let control = {

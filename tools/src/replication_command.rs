@@ -71,8 +71,8 @@ pub struct ServeArguments {
     /// The third site's certificate: the only one accepted for extended replication.
     #[arg(long, value_name = "CERT")]
     extend_trust: Option<PathBuf>,
-    /// How often the replicas are cut and shipped onward: 5m, 15m or any duration. Set it no
-    /// shorter than the primaries' frequency (a cut with nothing new ships nothing).
+    /// How often the replicas are cut and shipped onward: 5m, 15m or any duration. A cut is
+    /// made only after a new delta arrived from the primary, so never more often than it ships.
     #[arg(long, value_parser = duration_argument, default_value = "15m")]
     extend_frequency: Duration,
     #[command(flatten)]

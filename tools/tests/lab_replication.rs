@@ -1450,7 +1450,13 @@ fn a_recovery_plan_stops_a_planned_run_at_a_failing_script_and_not_an_unplanned_
             .as_array()?
             .iter()
             .filter(|answer| answer["role"] == "primary")
-            .find_map(|answer| answer["vms"].as_array()?.iter().find(|entry| entry["vm"] == vm).cloned())
+            .find_map(|answer| {
+                answer["vms"]
+                    .as_array()?
+                    .iter()
+                    .find(|entry| entry["vm"] == vm)
+                    .cloned()
+            })
     };
     wait_for(
         "vm2's initial replication",
@@ -1482,8 +1488,14 @@ timeout = "10s"
         .unwrap();
     assert_eq!(planned.status.code(), Some(1), "{planned:?}");
     let report: serde_json::Value = serde_json::from_slice(&planned.stdout).unwrap();
-    assert_eq!(report["vms_failed_over"], serde_json::json!(["vm1"]), "{report}");
-    let stopped = report["stopped_at"].as_u64().expect("the run says where it stopped") as usize;
+    assert_eq!(
+        report["vms_failed_over"],
+        serde_json::json!(["vm1"]),
+        "{report}"
+    );
+    let stopped = report["stopped_at"]
+        .as_u64()
+        .expect("the run says where it stopped") as usize;
     let step = &report["steps"][stopped - 1];
     assert_eq!(step["name"], "check the second site", "{report}");
     assert_eq!(step["outcome"], "failed", "{report}");
@@ -1515,7 +1527,9 @@ timeout = "10s"
             answers
                 .as_array()?
                 .iter()
-                .filter(|answer| answer["role"] == "replica" && answer["listen"] == address.as_str())
+                .filter(|answer| {
+                    answer["role"] == "replica" && answer["listen"] == address.as_str()
+                })
                 .flat_map(|answer| answer["vms"].as_array().cloned().unwrap_or_default())
                 .find(|entry| entry["vm"] == "vm2" && entry["connected"] == false)
         },

@@ -32,6 +32,8 @@ pub struct ExtensionOptions {
 /// One VM replicated onward.
 pub(super) struct ExtendedVm {
     stop: watch::Sender<bool>,
+    /// Counts the deltas applied to the replica: onward cuts follow them.
+    applies: watch::Sender<u64>,
     report: SharedReport,
 }
 
@@ -71,6 +73,7 @@ impl ExtendedVm {
             app_consistent_every: None,
         };
         let (stop, stopped) = watch::channel(false);
+        let (applies, applied) = watch::channel(0u64);
         let report = SharedReport::default();
         let primary_options = PrimaryOptions {
             route: Route::Dial {
@@ -84,6 +87,7 @@ impl ExtendedVm {
             consistency_hook: None,
             commands: None,
             resync: None,
+            source_changes: Some(applied),
         };
         let vm_name = name.to_owned();
         let target = options.target;
@@ -97,7 +101,16 @@ impl ExtendedVm {
             }
         });
         tracing::info!(vm = %name, %target, "replicating onward (extended replication)");
-        Ok(ExtendedVm { stop, report })
+        Ok(ExtendedVm {
+            stop,
+            applies,
+            report,
+        })
+    }
+
+    /// A delta was applied to the replica: there is something new to pass on.
+    pub(super) fn source_changed(&self) {
+        self.applies.send_modify(|count| *count += 1);
     }
 
     /// The onward primary's status, for `blockrep status`.

@@ -108,6 +108,9 @@ pub struct PrimaryOptions {
     /// Compare the replica's copy by hash on the first connection, marking what differs as
     /// changed, before replicating: its content is not known to match tracking.
     pub resync: Option<ResyncDone>,
+    /// Cut only after this changes (a count of deltas applied to the disks being passed on):
+    /// extended replication never cuts more often than the primary before it ships.
+    pub source_changes: Option<watch::Receiver<u64>>,
 }
 
 impl std::fmt::Debug for PrimaryOptions {
@@ -290,7 +293,9 @@ pub async fn run_primary(
         consistency_hook,
         commands,
         resync,
+        source_changes,
     } = options;
+    let mut source_changes = source_changes;
     let (peer, dialer) = match route {
         Route::Dial { endpoint, replica } => {
             (replica.to_string(), Dialer::Dial { endpoint, replica })
@@ -307,6 +312,9 @@ pub async fn run_primary(
     let mut ending = Ending::Stopped;
     let (events, mut inbox) = mpsc::unbounded_channel();
     let mut primary = Primary::new(config.clone(), Instant::now());
+    if source_changes.is_some() {
+        primary.follow_source();
+    }
     let mut link: Option<Link> = None;
     let mut generation = 0u64;
     let wire_bytes = Arc::new(AtomicU64::new(0));
@@ -461,8 +469,18 @@ pub async fn run_primary(
                 None => std::future::pending().await,
             }
         };
+        let source_change = async {
+            match &mut source_changes {
+                Some(receiver) => match receiver.changed().await {
+                    Ok(()) => (),
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sleep => primary.handle_timeout(Instant::now()),
+            () = source_change => primary.source_changed(),
             command = command => match command {
                 PrimaryCommand::HandOver { reverse, done } => {
                     match primary.hand_over(Instant::now(), reverse) {

@@ -1105,6 +1105,9 @@ fn drive(slot: &mut VmSlot) {
                     Ok(()) => {
                         tracing::info!(%delta, ?kind, seconds = started.elapsed().as_secs_f64(), "applied");
                         slot.machine.committed(delta);
+                        if let Some(extended) = &slot.extended {
+                            extended.source_changed();
+                        }
                         let replaced = slot.replica.take_detached();
                         if replaced {
                             // New disk files: onward replication starts again from them.

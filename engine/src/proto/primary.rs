@@ -204,6 +204,8 @@ pub struct Primary {
     handover: Option<Handover>,
     /// The planned failover asks the replica to replicate back at once.
     handover_reverse: bool,
+    /// Cut only when the source changed since the last cut (`follow_source`): whether it has.
+    source_changed: Option<bool>,
     handed_over: bool,
 }
 
@@ -233,6 +235,7 @@ impl Primary {
             cannot_send_since: Some(now),
             handover: None,
             handover_reverse: false,
+            source_changed: None,
             handed_over: false,
             config,
         }
@@ -262,8 +265,10 @@ impl Primary {
         if self.link == Link::Closed {
             return;
         }
-        if now >= self.next_cut_at && (self.suspended || self.handover.is_some()) {
-            // Paused, or failing over: no cycle is due, none is missed.
+        if now >= self.next_cut_at
+            && (self.suspended || self.handover.is_some() || self.source_changed == Some(false))
+        {
+            // Paused, failing over, or nothing new to pass on: no cycle is due, none is missed.
             while self.next_cut_at <= now {
                 self.next_cut_at += self.config.frequency;
             }
@@ -513,6 +518,20 @@ impl Primary {
         }
     }
 
+    /// Cuts only after `source_changed` said the source changed since the last cut: a replica
+    /// passing its VMs on (extended replication) then never cuts more often than its own
+    /// primary ships.
+    pub fn follow_source(&mut self) {
+        self.source_changed.get_or_insert(true);
+    }
+
+    /// The source changed (a delta was applied to the replica being passed on).
+    pub fn source_changed(&mut self) {
+        if self.source_changed.is_some() {
+            self.source_changed = Some(true);
+        }
+    }
+
     /// Starts a planned failover: the caller has stopped the VM's writes. The final delta
     /// (everything written since the last cut) is cut as soon as nothing is in flight; once it
     /// is applied, `Verify` asks for the disks' digests.
@@ -684,6 +703,9 @@ impl Primary {
             DeltaKind::Changes
         };
         self.cut_overdue = false;
+        if self.source_changed.is_some() {
+            self.source_changed = Some(false);
+        }
         self.cutting = Some((delta, kind, now));
         if self.handover == Some(Handover::Requested) {
             self.handover = Some(Handover::Final(delta));
