@@ -223,10 +223,27 @@ impl ProtectedVm {
     /// Every disk's block hashes under `seed`, read live (each read takes the disk's lock on
     /// its own, so the VM's writes go on between them).
     pub fn block_hashes(&self, seed: u64) -> Result<Vec<BlockHashes>> {
-        self.disks
-            .iter()
-            .map(|disk| BlockHashes::compute(&SharedDisk(Arc::clone(disk)), seed, &|_| {}))
-            .collect()
+        self.block_hashes_with_progress(seed, &|_| {})
+    }
+
+    /// The same, saying how many bytes of all the disks are hashed so far.
+    pub fn block_hashes_with_progress(
+        &self,
+        seed: u64,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Vec<BlockHashes>> {
+        let mut done = 0;
+        let mut hashes = Vec::with_capacity(self.disks.len());
+        for disk in &self.disks {
+            let base = done;
+            hashes.push(BlockHashes::compute(
+                &SharedDisk(Arc::clone(disk)),
+                seed,
+                &|bytes| progress(base + bytes),
+            )?);
+            done += disk.virtual_size();
+        }
+        Ok(hashes)
     }
 
     /// Every disk's digest under `seed` (the root of its block hashes): what a planned
@@ -237,6 +254,14 @@ impl ProtectedVm {
             .iter()
             .map(BlockHashes::digest)
             .collect())
+    }
+
+    /// Each disk's ranges changed and not yet acknowledged by the replica.
+    pub fn pending_extents(&self) -> Vec<Vec<Range<u64>>> {
+        self.disks
+            .iter()
+            .map(|disk| disk.pending_extents())
+            .collect()
     }
 
     /// Counts `ranges` of disk `disk` as changed: they ship with the next delta.

@@ -102,6 +102,17 @@ enum Command {
         #[arg(long, conflicts_with_all = ["test", "planned", "commit", "cancel"])]
         force: bool,
     },
+    /// Compare a VM's disks with its replica by hash and ship only what differs (after tracking
+    /// was lost, or to be sure). Runs on the primary; `blockrep status` shows the progress.
+    Resync { vm: String },
+    /// Compare the replica with the primary by hash, shipping nothing: lists the ranges that
+    /// differ (besides changes not shipped yet) and exits 1 when there are any.
+    Verify {
+        vm: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replicate a VM that failed over to this site back to its old primary (start its
     /// `blockrep protect` again there): only the blocks that differ are shipped.
     Reverse { vm: String },
@@ -147,6 +158,8 @@ fn main() -> ExitCode {
         Command::Serve(arguments) => replication_command::serve(arguments),
         Command::Protect(arguments) => protect_command::protect(arguments),
         Command::Reverse { vm } => replication_command::reverse(&vm),
+        Command::Resync { vm } => replication_command::resync(&vm),
+        Command::Verify { vm, json } => replication_command::verify(&vm, json),
         Command::Status { json } => replication_command::status(json),
         Command::Suspend { vm } => replication_command::suspend(&vm, true),
         Command::Points { vm, json } => replication_command::points(&vm, json),

@@ -150,7 +150,10 @@ impl Agent<'_> {
                     timeout: arguments.hook_timeout,
                 }),
             commands: Some(command_receiver),
-            resync: None,
+            // Tracking cannot vouch for the replica (a new or lost journal): compare by hash
+            // first; a replica with no copy yet gets an initial replication instead.
+            resync: (vm.needs_initial() && !handed_back)
+                .then(|| Arc::new(|_| {}) as blockrep::net::ResyncDone),
             source_changes: None,
         };
         let report = SharedReport::default();
@@ -161,13 +164,24 @@ impl Agent<'_> {
             let vm = Arc::clone(&vm);
             let arguments_nbd = arguments.nbd.clone();
             ControlSocket::bind(&self.control_path(), move |request| {
-                if let Ok(PlannedRequest::PlannedFailover { reverse }) =
-                    serde_json::from_str::<PlannedRequest>(request)
-                {
-                    reverse_requested.store(reverse, Ordering::Relaxed);
-                    return planned_failover(&commands, &nbd, &vm, arguments_nbd.as_ref(), reverse);
+                match serde_json::from_str::<AgentRequest>(request) {
+                    Ok(AgentRequest::PlannedFailover { reverse }) => {
+                        reverse_requested.store(reverse, Ordering::Relaxed);
+                        return planned_failover(
+                            &commands,
+                            &nbd,
+                            &vm,
+                            arguments_nbd.as_ref(),
+                            reverse,
+                        );
+                    }
+                    Ok(AgentRequest::Verify) => return verify(&commands),
+                    Err(_) => {}
                 }
                 match request {
+                    "resync" => {
+                        let _ = commands.send(PrimaryCommand::Resync);
+                    }
                     "suspend" => {
                         let _ = suspend.send(true);
                     }
@@ -399,8 +413,24 @@ fn start_nbd(arguments: &ProtectArguments, vm: &ProtectedVm) -> Result<Option<Nb
 /// What the control socket takes besides the plain words.
 #[derive(serde::Deserialize)]
 #[serde(tag = "request", rename_all = "kebab-case")]
-enum PlannedRequest {
+enum AgentRequest {
     PlannedFailover { reverse: bool },
+    Verify,
+}
+
+/// Verification from the control socket: the answer when the comparison is done.
+fn verify(commands: &mpsc::UnboundedSender<PrimaryCommand>) -> serde_json::Value {
+    let (done, answer) = oneshot::channel();
+    if commands.send(PrimaryCommand::Verify { done }).is_err() {
+        return serde_json::json!({"error": "replication has stopped"});
+    }
+    match answer.blocking_recv() {
+        Ok(Ok(verification)) => serde_json::json!({"ok": verification}),
+        Ok(Err(reason)) => serde_json::json!({"error": reason}),
+        Err(_) => {
+            serde_json::json!({"error": "replication stopped before the comparison finished"})
+        }
+    }
 }
 
 /// Planned failover from the control socket: the VM's writes stop (NBD clients are told the

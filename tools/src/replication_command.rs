@@ -689,6 +689,72 @@ pub fn suspend(vm: &str, paused: bool) -> Outcome {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `blockrep resync VM`: compare the disks by hash and ship what differs.
+pub fn resync(vm: &str) -> Outcome {
+    let path = run_directory().join(format!("protect-{vm}.sock"));
+    crate::control::request(&path, "resync", Some(std::time::Duration::from_secs(5))).map_err(
+        |error| {
+            format!(
+                "no running primary for {vm} answered at {} ({error})",
+                path.display()
+            )
+        },
+    )?;
+    println!(
+        "{vm}: resynchronizing: the disks are compared by hash, and what differs ships with the next delta (`blockrep status` shows the progress)"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blockrep verify VM`: compare the replica with the primary by hash, shipping nothing. Exit 1
+/// when they differ (beyond what the primary has not shipped yet).
+pub fn verify(vm: &str, json: bool) -> Outcome {
+    let path = run_directory().join(format!("protect-{vm}.sock"));
+    let answer =
+        crate::control::request(&path, r#"{"request":"verify"}"#, None).map_err(|error| {
+            format!(
+                "no running primary for {vm} answered at {} ({error})",
+                path.display()
+            )
+        })?;
+    if let Some(error) = answer["error"].as_str() {
+        return Err(format!("{vm}: {error}").into());
+    }
+    let verification = &answer["ok"];
+    let differing = verification["differing"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(verification)?);
+    } else {
+        println!(
+            "{vm}: compared {} ({} changed and not yet shipped, left out)",
+            format_size(verification["compared_bytes"].as_u64().unwrap_or(0)),
+            format_size(verification["pending_bytes"].as_u64().unwrap_or(0))
+        );
+        if differing.is_empty() {
+            println!("the replica equals the primary");
+        }
+        for entry in &differing {
+            let (start, end) = (
+                entry[1]["start"].as_u64().unwrap_or(0),
+                entry[1]["end"].as_u64().unwrap_or(0),
+            );
+            println!(
+                "differs: disk {} bytes {start}..{end} ({})",
+                entry[0],
+                format_size(end - start)
+            );
+        }
+    }
+    Ok(if differing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 pub fn status(json: bool) -> Outcome {
     let directory = run_directory();
     let answers = query_all(&directory);
@@ -754,6 +820,29 @@ fn print_primary(vm: &serde_json::Value) {
         size("bytes_before_compression"),
         size("bytes_after_compression")
     );
+    let progress = &vm["resynchronizing"];
+    if progress.is_object() {
+        let (done, total) = (
+            progress["compared_bytes"].as_u64().unwrap_or(0),
+            progress["total_bytes"].as_u64().unwrap_or(0),
+        );
+        println!(
+            "  resynchronizing:     {} of {} compared{}",
+            format_size(done),
+            format_size(total),
+            progress["eta_seconds"]
+                .as_f64()
+                .map(|seconds| format!(", about {seconds:.0} s left"))
+                .unwrap_or_default()
+        );
+    }
+    if vm["resync"].is_object() {
+        println!(
+            "  last resync:         {} compared, {} differed (shipped)",
+            format_size(vm["resync"]["compared_bytes"].as_u64().unwrap_or(0)),
+            format_size(vm["resync"]["differing_bytes"].as_u64().unwrap_or(0))
+        );
+    }
     if let Some(error) = vm["last_error"].as_str() {
         println!("  last error:          {error}");
     }

@@ -1559,3 +1559,114 @@ timeout = "10s"
     first.stop();
     serve.stop();
 }
+
+/// Tracking is lost (the journal deleted) while the disk changed behind blockrep's back: the
+/// next start compares by hash and ships exactly the 3 MiB that differ, not the disk; a
+/// recovery point from before still opens and is still right. `verify` then finds a byte
+/// flipped in the replica and names its 64 KiB block; `resync` mends it.
+#[test]
+fn lost_tracking_resynchronizes_by_hash_and_verify_finds_a_flipped_byte() {
+    let test = "lost_tracking_resynchronizes_by_hash_and_verify_finds_a_flipped_byte";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let policy = ["--recovery-point-interval", "1s"];
+    let (mut serve, address) = site.serve_with("127.0.0.1:0", &policy);
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_until_replicated(&[&serve, &protect]);
+    site.nbd_io(&["write -P 0x51 0 4M"]);
+    let point = site.wait_until_replicated(&[&serve, &protect]);
+    let before = site.capture_through_nbd("before.raw");
+    // A few cycles with nothing new: states equal to `before`, one a second kept as points.
+    std::thread::sleep(Duration::from_secs(3));
+    protect.stop();
+    // Every state from `point` to the last before the stop holds `before`.
+    let last = sequence(&site.replica_status().unwrap());
+    // Behind blockrep's back: 3 MiB changed, and the journal gone.
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "vhdx",
+        text(&site.disk()),
+        "-c",
+        "write -P 0x77 10M 3M",
+    ]));
+    std::fs::remove_file(site.path("disk.vhdx.brtrack")).unwrap();
+    let mut protect = site.protect(None, &address, "pid");
+    let status = site.wait_for_primary("the resynchronization", &[&serve, &protect], |status| {
+        status["resync"].is_object() && status["pending_bytes"] == 0 && sequence(status) > point
+    });
+    assert_eq!(
+        status["resync"]["differing_bytes"].as_u64(),
+        Some(3 * MIB),
+        "{status}"
+    );
+    assert_eq!(
+        status["resync"]["compared_bytes"].as_u64(),
+        Some(64 * MIB),
+        "{status}"
+    );
+    assert!(
+        status["last_delta_bytes"].as_u64().unwrap_or(u64::MAX) <= 4 * MIB,
+        "the resync shipped more than what differs: {status}"
+    );
+    site.wait_until_replicated(&[&serve, &protect]);
+    let verified = site.blockrep().args(["verify", "vm1"]).output().unwrap();
+    assert!(verified.status.success(), "{verified:?}");
+    // A point from before the resync.
+    let listed = run_ok(site.blockrep().args(["points", "vm1", "--json"]));
+    let points: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let kept = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry["latest"] == false)
+        .filter_map(|entry| entry["id"].as_u64())
+        .filter(|id| (point..=last).contains(id))
+        .max()
+        .unwrap_or_else(|| panic!("no point between {point} and {last} is kept: {points}"));
+    let older = site.test_failover(&["--point", &kept.to_string()], "older.raw");
+    assert_same_bytes(&before, &older);
+    run_ok(
+        site.blockrep()
+            .args(["failover", "vm1", "--test", "--cleanup"]),
+    );
+    // A byte flipped in the replica, while its server is down.
+    serve.stop();
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "vhdx",
+        text(&site.replica_disk()),
+        "-c",
+        "write -P 0x01 5M 512",
+    ]));
+    let (mut serve, _) = site.serve_with(&address, &policy);
+    site.wait_until_replicated(&[&serve, &protect]);
+    let verified = site
+        .blockrep()
+        .args(["verify", "vm1", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(verified.status.code(), Some(1), "{verified:?}");
+    let report: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(
+        report["differing"],
+        serde_json::json!([[0, {"start": 5 * MIB, "end": 5 * MIB + 65536}]]),
+        "{report}"
+    );
+    run_ok(site.blockrep().args(["resync", "vm1"]));
+    site.wait_for_primary(
+        "the second resynchronization",
+        &[&serve, &protect],
+        |status| {
+            status["resync"]["differing_bytes"].as_u64() == Some(65536)
+                && status["pending_bytes"] == 0
+        },
+    );
+    site.wait_until_replicated(&[&serve, &protect]);
+    let verified = site.blockrep().args(["verify", "vm1"]).output().unwrap();
+    assert!(verified.status.success(), "{verified:?}");
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}

@@ -32,5 +32,6 @@ pub use primary::{
     ConsistencyHook, Ending, Greeting, PrimaryCommand, PrimaryOptions, PrimaryReport, ResyncDone,
     ResyncSummary, Route, SharedReport, client_endpoint, greet, run_primary,
 };
+pub use resync::{ProgressReport, Verification};
 pub use server::{Hosting, ReplicaReport, ReplicaServer, TakenOver, TestCopy};
 pub use tls::{client_config, is_authentication_failure, server_config};

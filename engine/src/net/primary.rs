@@ -10,7 +10,8 @@ use super::tls::{client_config, is_authentication_failure};
 use crate::delta::DeltaEncoder;
 use crate::protect::ProtectedVm;
 use crate::proto::{
-    DeltaId, Message, Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, chunk_frame_prefix,
+    DeltaId, Message, Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, ReplicationState,
+    chunk_frame_prefix,
 };
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
@@ -62,6 +63,12 @@ pub enum PrimaryCommand {
     HandOver {
         reverse: bool,
         done: oneshot::Sender<std::result::Result<u64, String>>,
+    },
+    /// Compare the disks by hash on the next connection and ship what differs.
+    Resync,
+    /// Compare the replica with this primary by hash, shipping nothing.
+    Verify {
+        done: oneshot::Sender<std::result::Result<resync::Verification, String>>,
     },
 }
 
@@ -201,6 +208,8 @@ pub struct PrimaryReport {
     pub bytes_after_compression: u64,
     /// The last resynchronization by hash, when there was one.
     pub resync: Option<ResyncSummary>,
+    /// The comparison under way: bytes compared, in all, and the time left.
+    pub resynchronizing: Option<resync::ProgressReport>,
 }
 
 /// Shared with the status socket.
@@ -217,7 +226,8 @@ enum Event {
         reason: String,
         permanent: bool,
     },
-    Resynchronized(ResyncSummary),
+    /// The comparison is done: what it found, or `None` when the replica holds no copy.
+    Resynchronized(Option<ResyncSummary>),
     Verified {
         sequence: u64,
         outcome: Result<(u64, Vec<u128>)>,
@@ -309,6 +319,7 @@ pub async fn run_primary(
     let mut handover_done: Option<oneshot::Sender<std::result::Result<u64, String>>> = None;
     let resync_pending = Arc::new(std::sync::atomic::AtomicBool::new(resync.is_some()));
     let mut last_resync: Option<ResyncSummary> = None;
+    let progress = Arc::new(resync::Progress::default());
     let mut ending = Ending::Stopped;
     let (events, mut inbox) = mpsc::unbounded_channel();
     let mut primary = Primary::new(config.clone(), Instant::now());
@@ -341,6 +352,7 @@ pub async fn run_primary(
                             .load(Ordering::Relaxed)
                             .then(|| Arc::clone(&vm)),
                         vm_name: config.vm.clone(),
+                        progress: Arc::clone(&progress),
                     };
                     tokio::spawn(task.run());
                 }
@@ -403,6 +415,14 @@ pub async fn run_primary(
                     });
                     break 'run;
                 }
+                PrimaryAction::Resync { reason } => {
+                    tracing::warn!(vm = %config.vm, %reason, "resynchronizing: comparing the disks on the next connection");
+                    resync_pending.store(true, Ordering::Relaxed);
+                    if let Some(link) = link.take() {
+                        link.connection.close(0u32.into(), b"resynchronizing");
+                    }
+                    primary.connection_lost(Instant::now(), &reason);
+                }
                 PrimaryAction::Verify { sequence } => {
                     tracing::info!(vm = %config.vm, sequence, "final delta applied; comparing the disks");
                     let vm = Arc::clone(&vm);
@@ -443,6 +463,9 @@ pub async fn run_primary(
             &wire_bytes,
             disk_bytes,
             last_resync,
+            resync_pending
+                .load(Ordering::Relaxed)
+                .then(|| progress.report()),
         );
         let deadline = primary.poll_timeout();
         let sleep = async {
@@ -478,10 +501,39 @@ pub async fn run_primary(
                 None => std::future::pending().await,
             }
         };
+        // While disks are compared, the status is refreshed every second for its progress.
+        let comparing = resync_pending.load(Ordering::Relaxed);
+        let refresh = async {
+            if comparing {
+                tokio::time::sleep(Duration::from_secs(1)).await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
             _ = sleep => primary.handle_timeout(Instant::now()),
+            () = refresh => {}
             () = source_change => primary.source_changed(),
             command = command => match command {
+                PrimaryCommand::Resync => {
+                    tracing::info!(vm = %config.vm, "resynchronization asked for: comparing the disks on the next connection");
+                    resync_pending.store(true, Ordering::Relaxed);
+                    if let Some(link) = link.take() {
+                        link.connection.close(0u32.into(), b"resynchronizing");
+                        primary.connection_lost(Instant::now(), "resynchronizing");
+                    }
+                }
+                PrimaryCommand::Verify { done } => match &dialer {
+                    Dialer::Dial { endpoint, replica } => {
+                        let (endpoint, replica, vm, name, progress) = (endpoint.clone(), *replica, Arc::clone(&vm), config.vm.clone(), Arc::clone(&progress));
+                        tokio::spawn(async move {
+                            let _ = done.send(verify_over_new_connection(&endpoint, replica, &vm, &name, &progress).await);
+                        });
+                    }
+                    Dialer::Incoming(_) => {
+                        let _ = done.send(Err("verify runs on the VM's first host".into()));
+                    }
+                },
                 PrimaryCommand::HandOver { reverse, done } => {
                     match primary.hand_over(Instant::now(), reverse) {
                         Ok(()) => {
@@ -515,9 +567,14 @@ pub async fn run_primary(
                         link = Some(start_link(this, connection, control, incoming, &vm, &events, streams, pacer.clone(), &wire_bytes));
                         primary.connected(now);
                     }
-                    Event::Resynchronized(summary) => {
+                    Event::Resynchronized(None) => {
+                        tracing::info!(vm = %config.vm, "the replica holds no copy to compare with: initial replication");
+                        resync_pending.store(false, Ordering::Relaxed);
+                    }
+                    Event::Resynchronized(Some(summary)) => {
                         tracing::info!(vm = %config.vm, compared = summary.compared_bytes, differing = summary.differing_bytes, "resynchronization compared the disks; what differs ships with the next delta");
                         resync_pending.store(false, Ordering::Relaxed);
+                        primary.resynchronized();
                         last_resync = Some(summary);
                         if let Some(done) = &resync {
                             done(summary);
@@ -609,6 +666,7 @@ pub async fn run_primary(
         &wire_bytes,
         disk_bytes,
         last_resync,
+        None,
     );
     if let Some(link) = link {
         // The goodbye is delivered before the close.
@@ -692,6 +750,30 @@ pub async fn greet(
     }
 }
 
+/// Verification on a connection of its own, beside replication's.
+async fn verify_over_new_connection(
+    endpoint: &quinn::Endpoint,
+    replica: SocketAddr,
+    vm: &Arc<ProtectedVm>,
+    name: &str,
+    progress: &Arc<resync::Progress>,
+) -> std::result::Result<resync::Verification, String> {
+    let connection = endpoint
+        .connect(replica, "blockrep-replica")
+        .map_err(|error| format!("cannot connect: {error}"))?
+        .await
+        .map_err(|error| error.to_string())?;
+    let (mut control, mut incoming) = connection
+        .open_bi()
+        .await
+        .map_err(|error| error.to_string())?;
+    let outcome = resync::verify(vm, name, &mut control, &mut incoming, progress)
+        .await
+        .map_err(|error| error.to_string());
+    connection.close(0u32.into(), b"verified");
+    outcome
+}
+
 /// How connections are made: dialled, or handed over by the server they came in on.
 #[derive(Clone)]
 enum Dialer {
@@ -710,6 +792,7 @@ struct ConnectTask {
     /// The VM, when a resynchronization is owed.
     resync: Option<Arc<ProtectedVm>>,
     vm_name: String,
+    progress: Arc<resync::Progress>,
 }
 
 impl ConnectTask {
@@ -751,12 +834,18 @@ impl ConnectTask {
             .await
             .map_err(|error| (error.to_string(), is_authentication_failure(&error)))?;
         if let Some(vm) = &self.resync {
-            let summary = resync::compare(vm, &self.vm_name, &mut control, &mut incoming)
-                .await
-                .map_err(|error| {
-                    connection.close(1u32.into(), b"resynchronization failed");
-                    (format!("resynchronization failed: {error}"), false)
-                })?;
+            let summary = resync::compare(
+                vm,
+                &self.vm_name,
+                &mut control,
+                &mut incoming,
+                &self.progress,
+            )
+            .await
+            .map_err(|error| {
+                connection.close(1u32.into(), b"resynchronization failed");
+                (format!("resynchronization failed: {error}"), false)
+            })?;
             let _ = self.events.send(Event::Resynchronized(summary));
         }
         Ok((connection, control, incoming))
@@ -778,9 +867,13 @@ fn publish(
     wire_bytes: &AtomicU64,
     disk_bytes: u64,
     resync: Option<ResyncSummary>,
+    resynchronizing: Option<Option<resync::ProgressReport>>,
 ) {
     let now = Instant::now();
-    let status = primary.status(now);
+    let mut status = primary.status(now);
+    if resynchronizing.is_some() && status.state != ReplicationState::Stopped {
+        status.state = ReplicationState::ResynchronizationRequired;
+    }
     let entry = PrimaryReport {
         vm: config.vm.clone(),
         replica: peer.to_owned(),
@@ -800,6 +893,7 @@ fn publish(
         bytes_before_compression: disk_bytes,
         bytes_after_compression: wire_bytes.load(Ordering::Relaxed),
         resync,
+        resynchronizing: resynchronizing.flatten(),
         status,
     };
     *report

@@ -68,6 +68,9 @@ pub enum PrimaryAction {
     /// The VM runs at the replica's site (it failed over): this side is to become its replica,
     /// its copy counted as at delta `applied`, compared by hash first when `resync`.
     Reversed { applied: u64, resync: bool },
+    /// The replica's copy cannot be trusted to match tracking (it went back): drop the
+    /// connection, compare the disks by hash on the next one, then call `resynchronized`.
+    Resync { reason: String },
 }
 
 /// Where a planned failover stands.
@@ -422,9 +425,25 @@ impl Primary {
     fn welcome(&mut self, now: Instant, applied: u64, staged: Option<super::message::Staged>) {
         if let Some(known) = self.applied
             && applied < known
+            && applied > 0
+        {
+            // Restored from an older copy, say: what it lacks is no longer in tracking.
+            self.applied = None;
+            self.in_flight = None;
+            self.cutting = None;
+            self.link_down(now);
+            self.actions.push_back(PrimaryAction::Resync {
+                reason: format!(
+                    "the replica went back from delta {known} to {applied}: resynchronization required"
+                ),
+            });
+            return;
+        }
+        if let Some(known) = self.applied
+            && applied < known
         {
             return self.fail(format!(
-                "the replica went back from delta {known} to {applied}: resynchronization required"
+                "the replica lost its copy (it was at delta {known}): remove it and protect the VM again"
             ));
         }
         self.applied = Some(applied);
@@ -516,6 +535,12 @@ impl Primary {
                 self.cut(now);
             }
         }
+    }
+
+    /// A comparison by hash marked every block that differs from the replica as changed: the
+    /// replica's copy plus the next delta is the disks, whatever tracking said before.
+    pub fn resynchronized(&mut self) {
+        self.needs_initial = false;
     }
 
     /// Cuts only after `source_changed` said the source changed since the last cut: a replica

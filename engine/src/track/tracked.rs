@@ -248,6 +248,23 @@ impl<I: BlockImage> TrackedDisk<I> {
         unpoisoned(self.image.write()).flush()
     }
 
+    /// Every range changed and not yet acknowledged by the replica: the current generation and
+    /// every cut not acknowledged. A block outside these holds what the replica holds.
+    pub fn pending_extents(&self) -> Vec<Range<u64>> {
+        let pending = DirtyBitmap::new(unpoisoned(self.current.read()).bitmap.blocks());
+        pending.merge(&unpoisoned(self.current.read()).bitmap);
+        for (_, bitmap) in unpoisoned(self.unacknowledged.lock()).iter() {
+            pending.merge(bitmap);
+        }
+        pending
+            .runs()
+            .into_iter()
+            .map(|run| {
+                run.start * self.granularity..(run.end * self.granularity).min(self.virtual_size)
+            })
+            .collect()
+    }
+
     /// Counts a range as changed without writing it (a hash comparison found it differs from
     /// the replica), durably when journaled, so that the next cut ships it.
     pub fn mark_changed(&self, offset: u64, length: u64) -> Result<()> {
