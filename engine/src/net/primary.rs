@@ -859,6 +859,7 @@ fn network(peer: &str, problem: impl Into<String>) -> Error {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn publish(
     report: &SharedReport,
     primary: &Primary,
