@@ -488,6 +488,20 @@ pub(crate) fn open_image(
     })
 }
 
+/// A raw image has no id of its own: it is named by its absolute path, so that the id is the
+/// same again when the journal that kept it is lost (the replica then still knows the disk,
+/// and is compared by hash instead of copied again).
+fn raw_disk_id(path: &Path) -> Uuid {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        absolute.as_os_str().as_encoded_bytes(),
+    );
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest.as_ref()[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
 /// Opens one disk with its journal: continuing tracking when the journal holds, starting
 /// afresh (and asking for an initial replication) when it is new or lost.
 fn open_disk(
@@ -524,7 +538,7 @@ fn open_disk(
             }
             let identity = JournalIdentity {
                 disk_id: if disk_id.is_nil() {
-                    Uuid::new_v4()
+                    raw_disk_id(path)
                 } else {
                     disk_id
                 },

@@ -5,14 +5,17 @@
 //! delta ships exactly those (staged and committed like any delta: the replica stays a usable
 //! recovery point, its points are kept). Verification compares the same way and ships nothing.
 //!
-//! The replica answers a `HashRequest` with a `Welcome` first (applied 0: it holds no copy, so
-//! there is nothing to compare), then its hashes in pieces.
+//! The exchange, on the control stream: the primary sends `HashRequest`; the replica answers
+//! `Welcome` (applied 0: it holds no copy, nothing to compare), then each disk's group digests
+//! (16 bytes per 64 MiB). The primary, its own hashes done, asks with `HashRanges` for the block
+//! hashes of the groups that differ only; the replica sends them in pieces and `HashesDone`.
+//! Two equal disks exchange their group digests and an empty request, nothing more.
 
 use super::frame::read_frame;
 use super::primary::ResyncSummary;
 use crate::protect::ProtectedVm;
 use crate::proto::{Message, PROTOCOL_VERSION};
-use crate::resync::{BlockHashes, disk_blocks, random_seed};
+use crate::resync::{BlockHashes, GROUP_BLOCKS, random_seed};
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::ops::Range;
@@ -94,17 +97,16 @@ pub(super) async fn compare(
     incoming: &mut quinn::RecvStream,
     progress: &Arc<Progress>,
 ) -> Result<Option<ResyncSummary>> {
-    let Some((ours, theirs)) = both_hashes(vm, name, control, incoming, progress).await? else {
+    let Some((ours, differing)) = both_hashes(vm, name, control, incoming, progress).await? else {
         return Ok(None);
     };
     let vm = Arc::clone(vm);
     tokio::task::spawn_blocking(move || {
         let mut summary = ResyncSummary::default();
-        for (disk, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {
-            let differing = ours.differing(theirs)?;
+        for (disk, (ours, differing)) in ours.iter().zip(&differing).enumerate() {
             summary.compared_bytes += ours.virtual_size();
-            summary.differing_bytes += bytes_in(&differing);
-            vm.mark_changed(disk, &differing)?;
+            summary.differing_bytes += bytes_in(differing);
+            vm.mark_changed(disk, differing)?;
         }
         Ok(Some(summary))
     })
@@ -132,7 +134,7 @@ pub(super) async fn verify(
     incoming: &mut quinn::RecvStream,
     progress: &Arc<Progress>,
 ) -> Result<Verification> {
-    let (ours, theirs) = both_hashes(vm, name, control, incoming, progress)
+    let (ours, differing) = both_hashes(vm, name, control, incoming, progress)
         .await?
         .ok_or_else(|| failure("the replica holds no copy of this VM yet"))?;
     let pending = vm.pending_extents();
@@ -141,10 +143,10 @@ pub(super) async fn verify(
         differing: Vec::new(),
         pending_bytes: pending.iter().map(|ranges| bytes_in(ranges)).sum(),
     };
-    for (disk, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {
+    for (disk, (ours, differing)) in ours.iter().zip(&differing).enumerate() {
         verification.compared_bytes += ours.virtual_size();
-        for range in ours.differing(theirs)? {
-            for part in subtract(&range, &pending[disk]) {
+        for range in differing {
+            for part in subtract(range, &pending[disk]) {
                 verification.differing.push((disk as u16, part));
             }
         }
@@ -152,42 +154,35 @@ pub(super) async fn verify(
     Ok(verification)
 }
 
-/// Asks for the replica's hashes and computes ours at the same time.
+/// Asks for the replica's hashes and computes ours at the same time; gives our hashes and, per
+/// disk, the byte ranges that differ. `None` when the replica holds no copy.
 async fn both_hashes(
     vm: &Arc<ProtectedVm>,
     name: &str,
     control: &mut quinn::SendStream,
     incoming: &mut quinn::RecvStream,
     progress: &Arc<Progress>,
-) -> Result<Option<(Vec<BlockHashes>, Vec<BlockHashes>)>> {
+) -> Result<Option<(Vec<BlockHashes>, Vec<Vec<Range<u64>>>)>> {
     let seed = random_seed()?;
-    let request = Message::HashRequest {
-        vm: name.to_owned(),
-        seed,
-    };
-    control
-        .write_all(&request.encode())
-        .await
-        .map_err(|error| failure(error.to_string()))?;
-    match read_frame(incoming)
-        .await
-        .map_err(|error| failure(error.to_string()))?
-    {
-        Some(Message::Welcome { applied: 0, .. }) => return Ok(None),
-        Some(Message::Welcome { .. }) => {}
-        Some(Message::Refused { reason, .. }) => return Err(failure(reason)),
+    send(
+        control,
+        &Message::HashRequest {
+            vm: name.to_owned(),
+            seed,
+        },
+    )
+    .await?;
+    match receive(incoming).await? {
+        Message::Welcome { applied: 0, .. } => return Ok(None),
+        Message::Welcome { .. } => {}
         other => {
             return Err(failure(format!(
                 "expected the replica's welcome, got {other:?}"
             )));
         }
     }
-    let sizes: Vec<u64> = vm
-        .descriptions()
-        .iter()
-        .map(|disk| disk.virtual_size)
-        .collect();
-    progress.start(sizes.iter().sum());
+    let disks = vm.descriptions().len();
+    progress.start(vm.descriptions().iter().map(|disk| disk.virtual_size).sum());
     let ours = {
         let (vm, progress) = (Arc::clone(vm), Arc::clone(progress));
         tokio::task::spawn_blocking(move || {
@@ -196,46 +191,73 @@ async fn both_hashes(
             })
         })
     };
-    let theirs = receive_hashes(incoming, &sizes).await;
-    let ours = ours.await.map_err(|error| failure(error.to_string()))?;
-    progress.finish();
-    Ok(Some((ours?, theirs?)))
-}
-
-async fn receive_hashes(
-    incoming: &mut quinn::RecvStream,
-    sizes: &[u64],
-) -> Result<Vec<BlockHashes>> {
-    let mut theirs: Vec<Option<BlockHashes>> = vec![None; sizes.len()];
-    let complete = |theirs: &[Option<BlockHashes>]| {
-        theirs.iter().zip(sizes).all(|(hashes, size)| {
-            hashes
-                .as_ref()
-                .is_some_and(|hashes| hashes.blocks().end == disk_blocks(*size))
-        })
-    };
-    while !complete(&theirs) {
-        let message = read_frame(incoming)
-            .await
-            .map_err(|error| failure(error.to_string()))?;
-        let (disk, payload) = match message {
-            Some(Message::Hashes { disk, payload }) => (usize::from(disk), payload),
-            Some(Message::Refused { reason, .. }) => return Err(failure(reason)),
-            Some(other) => return Err(failure(format!("expected hashes, got {other:?}"))),
-            None => return Err(failure("the replica closed the stream")),
-        };
-        let piece = BlockHashes::decode(&payload)?;
-        match theirs.get_mut(disk) {
-            None => {
-                return Err(failure(format!(
-                    "hashes for disk {disk}, which is not there"
-                )));
+    let mut groups: Vec<Option<Vec<u128>>> = vec![None; disks];
+    while groups.iter().any(Option::is_none) {
+        match receive(incoming).await? {
+            Message::GroupDigests { disk, digests } if usize::from(disk) < disks => {
+                groups[usize::from(disk)] = Some(digests);
             }
-            Some(slot @ None) => *slot = Some(piece),
-            Some(Some(known)) => known.merge(piece)?,
+            other => return Err(failure(format!("expected group digests, got {other:?}"))),
         }
     }
-    Ok(theirs.into_iter().flatten().collect())
+    let ours = ours.await.map_err(|error| failure(error.to_string()))?;
+    progress.finish();
+    let ours = ours?;
+    let mut asked = Vec::new();
+    for (disk, (ours, theirs)) in ours.iter().zip(groups.iter().flatten()).enumerate() {
+        for blocks in ours.differing_groups(theirs, GROUP_BLOCKS)? {
+            asked.push((disk as u16, blocks));
+        }
+    }
+    send(
+        control,
+        &Message::HashRanges {
+            ranges: asked.clone(),
+        },
+    )
+    .await?;
+    let mut differing: Vec<Vec<Range<u64>>> = vec![Vec::new(); disks];
+    loop {
+        match receive(incoming).await? {
+            Message::Hashes { disk, payload } if usize::from(disk) < disks => {
+                let theirs = BlockHashes::decode(&payload)?;
+                let blocks = theirs.blocks();
+                if !asked.iter().any(|(asked_disk, range)| {
+                    *asked_disk == disk && range.start <= blocks.start && blocks.end <= range.end
+                }) {
+                    return Err(failure(format!(
+                        "hashes of blocks {blocks:?} of disk {disk} were not asked for"
+                    )));
+                }
+                let ours = ours[usize::from(disk)].piece(blocks)?;
+                differing[usize::from(disk)].extend(ours.differing(&theirs)?);
+            }
+            Message::HashesDone => break,
+            other => return Err(failure(format!("expected hashes, got {other:?}"))),
+        }
+    }
+    for ranges in &mut differing {
+        ranges.sort_by_key(|range| range.start);
+    }
+    Ok(Some((ours, differing)))
+}
+
+async fn send(control: &mut quinn::SendStream, message: &Message) -> Result<()> {
+    control
+        .write_all(&message.encode())
+        .await
+        .map_err(|error| failure(error.to_string()))
+}
+
+async fn receive(incoming: &mut quinn::RecvStream) -> Result<Message> {
+    match read_frame(incoming)
+        .await
+        .map_err(|error| failure(error.to_string()))?
+    {
+        Some(Message::Refused { reason, .. }) => Err(failure(reason)),
+        Some(message) => Ok(message),
+        None => Err(failure("the replica closed the stream")),
+    }
 }
 
 fn bytes_in(ranges: &[Range<u64>]) -> u64 {
@@ -261,39 +283,70 @@ fn subtract(range: &Range<u64>, holes: &[Range<u64>]) -> Vec<Range<u64>> {
     parts
 }
 
-/// The replica's side: the welcome (what it has applied; 0 when it holds no copy), then, when
-/// it holds one, `hashes` (one set per disk) as `Hashes` messages, in pieces.
-pub(super) fn answer(applied: u64, hashes: &[BlockHashes]) -> Vec<Bytes> {
-    let mut frames = vec![
-        Message::Welcome {
+/// The replica's side, `applied` and `hashes` (one set per disk) in hand: the welcome (what it
+/// has applied; 0 when it holds no copy, and nothing follows), the group digests, then the
+/// block hashes of the ranges the primary asks for.
+pub(super) async fn answer(
+    send_stream: &mut quinn::SendStream,
+    receive_stream: &mut quinn::RecvStream,
+    applied: u64,
+    hashes: &[BlockHashes],
+) -> Result<()> {
+    send(
+        send_stream,
+        &Message::Welcome {
             version: PROTOCOL_VERSION,
             applied,
             staged: None,
-        }
-        .encode(),
-    ];
+        },
+    )
+    .await?;
     if applied == 0 {
-        return frames;
+        return Ok(());
     }
     for (disk, set) in hashes.iter().enumerate() {
-        let blocks = set.blocks();
+        send(
+            send_stream,
+            &Message::GroupDigests {
+                disk: disk as u16,
+                digests: set.group_digests(GROUP_BLOCKS),
+            },
+        )
+        .await?;
+    }
+    let ranges = match receive(receive_stream).await? {
+        Message::HashRanges { ranges } => ranges,
+        other => return Err(failure(format!("expected hash ranges, got {other:?}"))),
+    };
+    for (disk, blocks) in ranges {
+        let set = hashes
+            .get(usize::from(disk))
+            .ok_or_else(|| failure(format!("hashes of disk {disk}, which is not there")))?;
+        let blocks = blocks.start.min(set.blocks().end)..blocks.end.min(set.blocks().end);
         let mut start = blocks.start;
-        loop {
+        while start < blocks.end {
             let end = (start + PIECE_BLOCKS).min(blocks.end);
-            frames.push(
-                Message::Hashes {
-                    disk: disk as u16,
+            send(
+                send_stream,
+                &Message::Hashes {
+                    disk,
                     payload: Bytes::from(set.encode(start..end)),
-                }
-                .encode(),
-            );
-            if end >= blocks.end {
-                break;
-            }
+                },
+            )
+            .await?;
             start = end;
         }
     }
-    frames
+    send(send_stream, &Message::HashesDone).await
+}
+
+/// A refusal of a hash request, as the frame to send.
+pub(super) fn refusal(reason: String) -> Bytes {
+    Message::Refused {
+        reason,
+        retry: false,
+    }
+    .encode()
 }
 
 #[cfg(test)]

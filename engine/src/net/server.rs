@@ -688,9 +688,22 @@ async fn serve_connection(
         if let Message::HashRequest { vm, seed } = hello {
             // A resynchronization first: the hashes, then the session's hello once the peer
             // has compared (hashing both disks takes a while).
-            let frames = hashes_for(&store, &vms, &hosting, &vm, &owner, seed).await;
-            for frame in frames {
-                send.write_all(&frame).await.ok()?;
+            match hashes_for(&store, &vms, &hosting, &vm, &owner, seed).await {
+                Ok((applied, hashes)) => {
+                    let answered = tokio::time::timeout(
+                        RESYNC_TIMEOUT,
+                        super::resync::answer(&mut send, &mut receive, applied, &hashes),
+                    )
+                    .await;
+                    if !matches!(answered, Ok(Ok(()))) {
+                        return None;
+                    }
+                }
+                Err(reason) => {
+                    let _ = send.write_all(&super::resync::refusal(reason)).await;
+                    let _ = send.finish();
+                    return None;
+                }
             }
             hello = tokio::time::timeout(RESYNC_TIMEOUT, read_frame(&mut receive))
                 .await
@@ -855,8 +868,8 @@ fn answer_for_running_vm(slot: &Mutex<VmSlot>, owner: &str) -> Option<Message> {
     })
 }
 
-/// The block hashes of `vm`'s disks for a resynchronization its owner asked for, as frames
-/// (a refusal when it may not have them).
+/// What `vm`'s replica has applied and its disks' block hashes, for a comparison its owner
+/// asked for (applied 0 and no hashes when it holds no copy), or why it may not have them.
 async fn hashes_for(
     store: &ReplicaStore,
     vms: &Vms,
@@ -864,45 +877,31 @@ async fn hashes_for(
     vm: &str,
     owner: &str,
     seed: u64,
-) -> Vec<bytes::Bytes> {
-    let refused = |reason: String| {
-        vec![
-            Message::Refused {
-                reason,
-                retry: false,
-            }
-            .encode(),
-        ]
-    };
-    let slot = match open_slot(store, vms, vm, hosting).await {
-        Ok(slot) => slot,
-        Err(error) => return refused(error.to_string()),
-    };
+) -> std::result::Result<(u64, Vec<crate::resync::BlockHashes>), String> {
+    let slot = open_slot(store, vms, vm, hosting)
+        .await
+        .map_err(|error| error.to_string())?;
     let owner = owner.to_owned();
-    let answer = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut slot = lock(&slot);
         let applied = slot.replica.applied();
         match slot.machine.record().owner.as_deref() {
             // No copy here yet: nothing to compare.
-            None => return Ok(super::resync::answer(0, &[])),
+            None => return Ok((0, Vec::new())),
             Some(known) if known != owner => {
                 return Err("this VM belongs to another primary".to_owned());
             }
-            Some(_) if applied == 0 => return Ok(super::resync::answer(0, &[])),
+            Some(_) if applied == 0 => return Ok((0, Vec::new())),
             Some(_) => {}
         }
         let hashes = slot
             .replica
             .block_hashes(seed)
             .map_err(|error| error.to_string())?;
-        Ok(super::resync::answer(applied, &hashes))
+        Ok((applied, hashes))
     })
-    .await;
-    match answer {
-        Ok(Ok(frames)) => frames,
-        Ok(Err(reason)) => refused(reason),
-        Err(error) => refused(error.to_string()),
-    }
+    .await
+    .map_err(|error| error.to_string())?
 }
 
 /// Makes a VM that failed over here run: tracked disks, NBD (for `Hosting::Here`), or tells

@@ -33,6 +33,9 @@ const KIND_HANDOVER: u8 = 11;
 const KIND_HANDED_OVER: u8 = 12;
 const KIND_HASH_REQUEST: u8 = 13;
 const KIND_HASHES: u8 = 14;
+const KIND_GROUP_DIGESTS: u8 = 15;
+const KIND_HASH_RANGES: u8 = 16;
+const KIND_HASHES_DONE: u8 = 17;
 
 /// One disk of a protected VM, as the primary describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -145,6 +148,13 @@ pub enum Message {
     HashRequest { vm: String, seed: u64 },
     /// Replica to primary: a piece of disk `disk`'s block hashes, in the resync encoding.
     Hashes { disk: u16, payload: Bytes },
+    /// Replica to primary, after its Welcome to a HashRequest: the digests of disk `disk`'s
+    /// groups of 1024 blocks (64 MiB), so that equal groups need no block hashes.
+    GroupDigests { disk: u16, digests: Vec<u128> },
+    /// Primary to replica: send the block hashes of these block ranges (disk, blocks).
+    HashRanges { ranges: Vec<(u16, Range<u64>)> },
+    /// Replica to primary: every piece asked for was sent.
+    HashesDone,
 }
 
 /// A message that could not be decoded.
@@ -324,6 +334,24 @@ impl Message {
                 body.put_slice(payload);
                 KIND_HASHES
             }
+            Message::GroupDigests { disk, digests } => {
+                body.put_u16_le(*disk);
+                body.put_u32_le(digests.len() as u32);
+                for digest in digests {
+                    body.put_u128_le(*digest);
+                }
+                KIND_GROUP_DIGESTS
+            }
+            Message::HashRanges { ranges } => {
+                body.put_u32_le(ranges.len() as u32);
+                for (disk, blocks) in ranges {
+                    body.put_u16_le(*disk);
+                    body.put_u64_le(blocks.start);
+                    body.put_u64_le(blocks.end);
+                }
+                KIND_HASH_RANGES
+            }
+            Message::HashesDone => KIND_HASHES_DONE,
         };
         let mut frame = BytesMut::with_capacity(FRAME_HEADER + body.len());
         frame.put_slice(&frame_header(kind, body.len()));
@@ -452,6 +480,28 @@ impl Message {
                     payload: body.split_off(0),
                 }
             }
+            KIND_GROUP_DIGESTS => {
+                let disk = take_u16(&mut body)?;
+                let count = take_u32(&mut body)? as usize;
+                need(&body, count.saturating_mul(16))?;
+                let digests = (0..count).map(|_| body.get_u128_le()).collect();
+                Message::GroupDigests { disk, digests }
+            }
+            KIND_HASH_RANGES => {
+                let count = take_u32(&mut body)? as usize;
+                need(&body, count.saturating_mul(18))?;
+                let mut ranges = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let disk = body.get_u16_le();
+                    let (start, end) = (body.get_u64_le(), body.get_u64_le());
+                    if start >= end {
+                        return Err(error("an empty or reversed block range"));
+                    }
+                    ranges.push((disk, start..end));
+                }
+                Message::HashRanges { ranges }
+            }
+            KIND_HASHES_DONE => Message::HashesDone,
             other => return Err(error(format!("unknown message kind {other}"))),
         };
         if body.has_remaining() {
@@ -608,6 +658,14 @@ mod tests {
             disk: 1,
             payload: Bytes::from_static(b"hashes"),
         });
+        round_trip(Message::GroupDigests {
+            disk: 0,
+            digests: vec![7, 8],
+        });
+        round_trip(Message::HashRanges {
+            ranges: vec![(0, 0..1024), (1, 2048..2050)],
+        });
+        round_trip(Message::HashesDone);
     }
 
     #[test]

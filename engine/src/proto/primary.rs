@@ -541,6 +541,8 @@ impl Primary {
     /// replica's copy plus the next delta is the disks, whatever tracking said before.
     pub fn resynchronized(&mut self) {
         self.needs_initial = false;
+        // What differs ships at once, not a cycle later.
+        self.cut_overdue = true;
     }
 
     /// Cuts only after `source_changed` said the source changed since the last cut: a replica

@@ -5,12 +5,14 @@
 //! `cargo run --release -p blockrep-benches --bin e2e -- convert [--size 4G] [--runs 3] [--json]`
 //! `cargo run --release -p blockrep-benches --bin e2e -- replicate [--size 4G] [--runs 3]`
 //! `cargo run --release -p blockrep-benches --bin e2e -- points [--size 1G] [--hours 24]`
+//! `cargo run --release -p blockrep-benches --bin e2e -- resync [--size 4G] [--runs 3]`
 
 mod measure;
 mod nbd_client;
 mod points;
 mod replicate;
 mod report;
+mod resync;
 mod source;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +41,10 @@ enum Scenario {
     /// Recovery points: the undo data a day of hourly points keeps, against the disk's size
     /// and against keeping every cycle's undo.
     Points(points::PointsArguments),
+    /// Resynchronization: a replica that differs from the primary in a share of its blocks
+    /// (tracking lost), blockrep's comparison by hash over loopback against rsync (local and
+    /// through a daemon) and against reading both images.
+    Resync(resync::ResyncArguments),
 }
 
 #[derive(clap::Args)]
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
         Scenario::Convert(arguments) => convert(&arguments),
         Scenario::Replicate(arguments) => replicate::replicate(&arguments),
         Scenario::Points(arguments) => points::points(&arguments),
+        Scenario::Resync(arguments) => resync::resync(&arguments),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,16 +40,16 @@ pub struct ReplicateArguments {
     warm: bool,
 }
 
-const BLOCK: u64 = 64 << 10;
+pub(crate) const BLOCK: u64 = 64 << 10;
 
 /// A child process that is killed if the harness stops early.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     name: &'static str,
 }
 
 impl Daemon {
-    fn spawn(name: &'static str, command: &mut Command) -> Outcome<Daemon> {
+    pub(crate) fn spawn(name: &'static str, command: &mut Command) -> Outcome<Daemon> {
         let child = command
             .spawn()
             .map_err(|error| format!("cannot start {name}: {error}"))?;
@@ -57,7 +57,7 @@ impl Daemon {
     }
 
     /// Peak resident memory so far (VmHWM).
-    fn peak_memory(&self) -> Option<u64> {
+    pub(crate) fn peak_memory(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
         let kilobytes: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -65,7 +65,7 @@ impl Daemon {
     }
 
     /// SIGINT, then wait; the daemon must exit 0.
-    fn stop(mut self) -> Outcome {
+    pub(crate) fn stop(mut self) -> Outcome {
         // SAFETY: signals our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let status = self.child.wait()?;
@@ -83,7 +83,7 @@ impl Drop for Daemon {
     }
 }
 
-fn free_port(udp: bool) -> Outcome<u16> {
+pub(crate) fn free_port(udp: bool) -> Outcome<u16> {
     Ok(if udp {
         std::net::UdpSocket::bind("127.0.0.1:0")?
             .local_addr()?
@@ -96,15 +96,19 @@ fn free_port(udp: bool) -> Outcome<u16> {
 }
 
 /// What the running primary reports about vm1, through its control socket.
-fn primary_report(run_directory: &Path) -> Option<serde_json::Value> {
+pub(crate) fn primary_report(run_directory: &Path) -> Option<serde_json::Value> {
     let mut stream = UnixStream::connect(run_directory.join("protect-vm1.sock")).ok()?;
+    // The request line, then the end of it: the daemon answers at once instead of waiting
+    // for a line that does not come.
+    std::io::Write::write_all(&mut stream, b"status\n").ok()?;
+    stream.shutdown(std::net::Shutdown::Write).ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
     let answer: serde_json::Value = serde_json::from_str(&text).ok()?;
     answer["vms"].get(0).cloned()
 }
 
-fn wait_for(
+pub(crate) fn wait_for(
     run_directory: &Path,
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool,
@@ -123,7 +127,7 @@ fn wait_for(
     }
 }
 
-fn drop_caches(cold: bool) -> Outcome {
+pub(crate) fn drop_caches(cold: bool) -> Outcome {
     // SAFETY: sync has no arguments and cannot fail.
     unsafe { libc::sync() };
     if cold {
@@ -133,7 +137,7 @@ fn drop_caches(cold: bool) -> Outcome {
 }
 
 /// The blocks to change: a seeded, distinct, random choice of `count` 64 KiB blocks.
-fn changed_blocks(size: u64, count: u64, seed: u64) -> Vec<u64> {
+pub(crate) fn changed_blocks(size: u64, count: u64, seed: u64) -> Vec<u64> {
     let blocks = size / BLOCK;
     let mut chosen = std::collections::BTreeSet::new();
     let mut state = seed | 1;
@@ -146,7 +150,7 @@ fn changed_blocks(size: u64, count: u64, seed: u64) -> Vec<u64> {
     chosen.into_iter().collect()
 }
 
-fn random_block(seed: u64) -> Vec<u8> {
+pub(crate) fn random_block(seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut block = vec![0u8; BLOCK as usize];
     for word in block.chunks_exact_mut(8) {
@@ -388,7 +392,7 @@ pub fn replicate(arguments: &ReplicateArguments) -> Outcome {
 
 use std::fs::File;
 
-fn verify_replica(source: &Path, replica: &Path) -> Outcome {
+pub(crate) fn verify_replica(source: &Path, replica: &Path) -> Outcome {
     if have("qemu-img") {
         let status = Command::new("qemu-img")
             .args(["compare", "-q", "-f", "raw", "-F", "vhdx"])
