@@ -64,6 +64,32 @@ impl std::fmt::Debug for ProtectedVm {
     }
 }
 
+/// `IMAGE.brtrack.owed`: present while the replica has not caught up with a disk whose
+/// tracking could not vouch for it.
+fn owed_path(image: &Path) -> PathBuf {
+    let mut name = journal_path(image).into_os_string();
+    name.push(".owed");
+    PathBuf::from(name)
+}
+
+fn create_durably(path: &Path) -> Result<()> {
+    let name = path.display().to_string();
+    std::fs::File::create(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|error| Error::file(&name, "create", error))?;
+    if let Some(parent) = path.parent() {
+        let directory = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        std::fs::File::open(directory)
+            .and_then(|directory| directory.sync_all())
+            .map_err(|error| Error::file(&name, "flush the directory of", error))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn journal_path(image: &Path) -> PathBuf {
     let mut name = image.as_os_str().to_owned();
     name.push(".brtrack");
@@ -82,9 +108,17 @@ impl ProtectedVm {
         let mut needs_initial = false;
         for path in paths {
             let (disk, description, fresh) = open_disk(path, storage)?;
-            needs_initial |= fresh;
+            // A marker left by an earlier run that never caught up counts as lost tracking.
+            needs_initial |= fresh || owed_path(path).exists();
             disks.push(Arc::new(disk));
             descriptions.push(description);
+        }
+        if needs_initial {
+            // Until the replica has caught up (an initial replication or a comparison), a
+            // journal that survives a stop or a crash must not vouch for it.
+            for path in paths {
+                create_durably(&owed_path(path))?;
+            }
         }
         Ok(ProtectedVm {
             paths: paths.to_vec(),
@@ -105,6 +139,25 @@ impl ProtectedVm {
 
     pub fn descriptions(&self) -> &[DiskDescription] {
         &self.descriptions
+    }
+
+    /// The replica caught up (a delta after an initial replication or a comparison by hash is
+    /// applied): tracking vouches for it from now on, across stops and crashes.
+    pub fn caught_up(&self) -> Result<()> {
+        for path in &self.paths {
+            match std::fs::remove_file(owed_path(path)) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    return Err(Error::file(
+                        &path.display().to_string(),
+                        "record catching up",
+                        error,
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// True when tracking cannot vouch for the replica (a new or lost journal).

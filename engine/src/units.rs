@@ -104,9 +104,104 @@ pub fn parse_rate(text: &str) -> Result<u64> {
     Ok(bytes)
 }
 
+/// A daily window of local time, such as `22:00-06:00` (it may wrap past midnight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeWindow {
+    /// Minutes after local midnight.
+    start: u32,
+    end: u32,
+}
+
+impl TimeWindow {
+    /// Parses `HH:MM-HH:MM`.
+    pub fn parse(text: &str) -> Result<TimeWindow> {
+        let invalid = || Error::InvalidArgument {
+            what: "time window",
+            reason: format!("{text:?} (expected HH:MM-HH:MM, for example 22:00-06:00)"),
+        };
+        let minute = |part: &str| -> Option<u32> {
+            let (hours, minutes) = part.trim().split_once(':')?;
+            let (hours, minutes): (u32, u32) = (hours.parse().ok()?, minutes.parse().ok()?);
+            (hours < 24 && minutes < 60).then_some(hours * 60 + minutes)
+        };
+        let (start, end) = text.split_once('-').ok_or_else(invalid)?;
+        let (start, end) = (
+            minute(start).ok_or_else(invalid)?,
+            minute(end).ok_or_else(invalid)?,
+        );
+        if start == end {
+            return Err(invalid());
+        }
+        Ok(TimeWindow { start, end })
+    }
+
+    /// Whether `minute` (after local midnight) falls inside the window.
+    pub fn contains_minute(&self, minute: u32) -> bool {
+        if self.start < self.end {
+            (self.start..self.end).contains(&minute)
+        } else {
+            minute >= self.start || minute < self.end
+        }
+    }
+
+    /// Whether the local time now falls inside the window.
+    pub fn contains_now(&self) -> bool {
+        self.contains_minute(local_minute_now())
+    }
+}
+
+impl std::fmt::Display for TimeWindow {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "{:02}:{:02}-{:02}:{:02}",
+            self.start / 60,
+            self.start % 60,
+            self.end / 60,
+            self.end % 60
+        )
+    }
+}
+
+/// Minutes after local midnight, now.
+fn local_minute_now() -> u32 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() as libc::time_t);
+    // SAFETY: localtime_r writes only into `parts`, which lives through the call.
+    let mut parts: libc::tm = unsafe { std::mem::zeroed() };
+    let converted = unsafe { libc::localtime_r(&now, &mut parts) };
+    if converted.is_null() {
+        // No local time zone: UTC.
+        return ((now / 60) % (24 * 60)) as u32;
+    }
+    (parts.tm_hour * 60 + parts.tm_min) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_windows_parse_and_wrap_past_midnight() {
+        let night = TimeWindow::parse("22:00-06:00").unwrap();
+        assert_eq!(night.to_string(), "22:00-06:00");
+        assert!(night.contains_minute(23 * 60));
+        assert!(night.contains_minute(5 * 60 + 59));
+        assert!(!night.contains_minute(6 * 60));
+        assert!(!night.contains_minute(12 * 60));
+        let day = TimeWindow::parse("09:30-17:00").unwrap();
+        assert!(day.contains_minute(9 * 60 + 30) && !day.contains_minute(17 * 60));
+        for bad in [
+            "22:00",
+            "25:00-01:00",
+            "10:00-10:00",
+            "ten-six",
+            "10:60-11:00",
+        ] {
+            assert!(TimeWindow::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations_take_the_usual_units() {

@@ -184,6 +184,7 @@ impl World {
                     self.to_primary.push_back(message);
                 }
             }
+            ReplicaAction::AdoptSeed { .. } => panic!("nothing was seeded"),
             ReplicaAction::PrepareDisks { disks, owner } => {
                 assert_eq!(disks.len(), 2);
                 assert_eq!(owner, "fingerprint-a");
@@ -373,6 +374,7 @@ fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
             owner: Some("fingerprint-a".into()),
             fenced: None,
             handed_over: None,
+            seeded: false,
         },
     );
     replica.hello(7, "fingerprint-a", 1, config().disks);
@@ -414,6 +416,7 @@ fn another_primary_or_other_disks_are_refused_for_good() {
         owner: Some("fingerprint-a".into()),
         fenced: None,
         handed_over: None,
+        seeded: false,
     };
     let refusals = |owner: &str, disks: Vec<DiskDescription>| {
         let mut replica = Replica::new("vm1", record.clone());
@@ -542,6 +545,7 @@ fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
         owner: Some("fingerprint-a".into()),
         fenced: None,
         handed_over: None,
+        seeded: false,
     };
     let mut replica = Replica::new("vm1", record);
     let refusals = |replica: &mut Replica| {

@@ -111,6 +111,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
         consistency_hook: None,
         commands: None,
         resync: None,
+        resync_window: None,
         source_changes: None,
     };
     let primary = tokio::spawn(run_primary(
@@ -201,6 +202,7 @@ async fn refused(
         consistency_hook: None,
         commands: None,
         resync: None,
+        resync_window: None,
         source_changes: None,
     };
     let outcome = tokio::time::timeout(
@@ -316,6 +318,7 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
             consistency_hook,
             commands: None,
             resync: None,
+            resync_window: None,
             source_changes: None,
         };
         let task = tokio::spawn(run_primary(

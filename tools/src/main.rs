@@ -102,6 +102,23 @@ enum Command {
         #[arg(long, conflicts_with_all = ["test", "planned", "commit", "cancel"])]
         force: bool,
     },
+    /// Seed a VM's replica on this replica host from copies of its disks (a backup, or files
+    /// copied by hand), so that protecting it compares by hash and ships only what differs
+    /// instead of copying everything (`blockrep protect ... --initial existing`).
+    Seed {
+        /// The replica server's store.
+        #[arg(long)]
+        store: PathBuf,
+        /// The VM's name, as the primary protects it (`--name`).
+        #[arg(long)]
+        name: String,
+        /// Copies of the VM's disks, in the primary's order (VHDX or raw; repeat).
+        #[arg(long = "disk", value_name = "IMAGE", required = true)]
+        disks: Vec<PathBuf>,
+        /// The primary's certificate: the only primary that may replicate this VM.
+        #[arg(long, value_name = "CERT")]
+        primary: PathBuf,
+    },
     /// Compare a VM's disks with its replica by hash and ship only what differs (after tracking
     /// was lost, or to be sure). Runs on the primary; `blockrep status` shows the progress.
     Resync { vm: String },
@@ -159,6 +176,12 @@ fn main() -> ExitCode {
         Command::Protect(arguments) => protect_command::protect(arguments),
         Command::Reverse { vm } => replication_command::reverse(&vm),
         Command::Resync { vm } => replication_command::resync(&vm),
+        Command::Seed {
+            store,
+            name,
+            disks,
+            primary,
+        } => replication_command::seed(&store, &name, &disks, &primary),
         Command::Verify { vm, json } => replication_command::verify(&vm, json),
         Command::Status { json } => replication_command::status(json),
         Command::Suspend { vm } => replication_command::suspend(&vm, true),

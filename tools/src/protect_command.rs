@@ -8,7 +8,8 @@
 
 use crate::control::{ControlSocket, run_directory};
 use crate::replication_command::{
-    ProtectArguments, Switch, hostname, rand_seed, runtime, show_progress, stop_on_signals,
+    InitialMode, ProtectArguments, Switch, hostname, rand_seed, runtime, show_progress,
+    stop_on_signals,
 };
 use blockrep::delta::Compression;
 use blockrep::nbd::NbdServer;
@@ -152,8 +153,13 @@ impl Agent<'_> {
             commands: Some(command_receiver),
             // Tracking cannot vouch for the replica (a new or lost journal): compare by hash
             // first; a replica with no copy yet gets an initial replication instead.
-            resync: (vm.needs_initial() && !handed_back)
-                .then(|| Arc::new(|_| {}) as blockrep::net::ResyncDone),
+            resync: match arguments.initial {
+                InitialMode::Full => false,
+                InitialMode::Auto => vm.needs_initial() && !handed_back,
+                InitialMode::Existing => !handed_back,
+            }
+            .then(|| Arc::new(|_| {}) as blockrep::net::ResyncDone),
+            resync_window: arguments.resync_window,
             source_changes: None,
         };
         let report = SharedReport::default();

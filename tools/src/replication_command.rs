@@ -120,6 +120,16 @@ pub struct ProtectArguments {
     /// How often a cut is application-consistent (needs --consistency-hook).
     #[arg(long, value_parser = duration_argument, default_value = "1h", requires = "consistency_hook")]
     pub(crate) app_consistent_every: Duration,
+    /// When tracking cannot vouch for the replica (a new or lost journal): compare by hash if
+    /// the replica holds a copy, else copy everything (auto); always copy everything (full); or
+    /// compare at start even with tracking intact, for a replica seeded from a copy or a
+    /// backup (existing).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) initial: InitialMode,
+    /// Compare by hash only inside this daily window of local time, for example 22:00-06:00;
+    /// outside it, a resynchronization that is owed waits, and replication with it.
+    #[arg(long, value_name = "HH:MM-HH:MM", value_parser = window_argument)]
+    pub(crate) resync_window: Option<blockrep::units::TimeWindow>,
     /// Data streams used at once for large deltas.
     #[arg(long, default_value = "4", value_parser = clap::value_parser!(u16).range(1..=32))]
     pub(crate) streams: u16,
@@ -153,6 +163,17 @@ impl IoArguments {
             direct: false,
         }
     }
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum InitialMode {
+    Auto,
+    Full,
+    Existing,
+}
+
+fn window_argument(text: &str) -> Result<blockrep::units::TimeWindow, String> {
+    blockrep::units::TimeWindow::parse(text).map_err(|error| error.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -685,6 +706,21 @@ pub fn suspend(vm: &str, paused: bool) -> Outcome {
     println!(
         "{vm}: replication {}",
         if paused { "suspended" } else { "resumed" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blockrep seed`: a VM's replica from copies of its disks.
+pub fn seed(store: &Path, vm: &str, disks: &[PathBuf], primary: &Path) -> Outcome {
+    let owner = blockrep::net::fingerprint(&load_certificate(primary)?);
+    let store = ReplicaStore::open(store, StorageOptions::default())?;
+    let seeded = store.seed(vm, &owner, disks)?;
+    println!("{vm}: replica seeded from {} disk copies:", seeded.len());
+    for disk in seeded {
+        println!("  {}", disk.display());
+    }
+    println!(
+        "start the primary with `blockrep protect --name {vm} ... --initial existing`: it compares by hash and ships only what differs"
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -1670,3 +1670,90 @@ fn lost_tracking_resynchronizes_by_hash_and_verify_finds_a_flipped_byte() {
     serve.stop();
     site.assert_replica_equals_primary();
 }
+
+/// A replica seeded from an older copy of the disk (converted to raw, so even its disk id
+/// differs) converges to the primary byte for byte, shipping only the 2 MiB written since the
+/// copy was taken, and replication goes on from there.
+#[test]
+fn a_replica_seeded_from_an_older_copy_ships_only_what_changed_since() {
+    let test = "a_replica_seeded_from_an_older_copy_ships_only_what_changed_since";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let disk = site.disk();
+    let io = |command: &str| {
+        run_ok(Command::new("qemu-io").args(["-f", "vhdx", text(&disk), "-c", command]));
+    };
+    io("write -P 0x11 0 8M");
+    let copy = site.path("copy.raw");
+    run_ok(Command::new("qemu-img").args(["convert", "-O", "raw", text(&disk), text(&copy)]));
+    io("write -P 0x22 20M 2M");
+    run_ok(site.blockrep().args([
+        "seed",
+        "--store",
+        text(&site.store()),
+        "--name",
+        "vm1",
+        "--disk",
+        text(&copy),
+        "--primary",
+        text(&site.path("pid").join("identity.crt")),
+    ]));
+    let (mut serve, address) = site.serve(None, "127.0.0.1:0", "serve.log", None);
+    let mut protect = site.protect_with(None, &address, "pid", &["--initial", "existing"]);
+    let status = site.wait_for_primary("the comparison", &[&serve, &protect], |status| {
+        status["resync"].is_object() && status["pending_bytes"] == 0 && sequence(status) >= 2
+    });
+    assert_eq!(
+        status["resync"]["differing_bytes"].as_u64(),
+        Some(2 * MIB),
+        "{status}"
+    );
+    assert_eq!(
+        status["last_delta_bytes"].as_u64(),
+        Some(2 * MIB),
+        "{status}"
+    );
+    site.nbd_io(&["write -P 0x33 40M 1M"]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}
+
+/// A resynchronization owed outside its window waits (and says why in the status); started
+/// again without the window, it runs.
+#[test]
+fn a_resynchronization_waits_for_its_window() {
+    let test = "a_resynchronization_waits_for_its_window";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("16M");
+    let (mut serve, address) = site.serve(None, "127.0.0.1:0", "serve.log", None);
+    let mut protect = site.protect(None, &address, "pid");
+    let replicated = site.wait_until_replicated(&[&serve, &protect]);
+    protect.stop();
+    std::fs::remove_file(site.path("disk.vhdx.brtrack")).unwrap();
+    // A window that does not hold now: two hours from now, for an hour (local time).
+    let output = run_ok(Command::new("date").arg("+%H"));
+    let hour: u32 = output.trim().parse().unwrap();
+    let window = format!("{:02}:00-{:02}:00", (hour + 2) % 24, (hour + 3) % 24);
+    let mut waiting = site.protect_with(None, &address, "pid", &["--resync-window", &window]);
+    let status = site.wait_for_primary("the wait for the window", &[&serve, &waiting], |status| {
+        status["last_error"]
+            .as_str()
+            .is_some_and(|error| error.contains("window"))
+    });
+    assert_eq!(status["state"], "resynchronization_required", "{status}");
+    assert_eq!(sequence(&status), 0, "{status}");
+    waiting.stop();
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_for_primary("the resynchronization", &[&serve, &protect], |status| {
+        status["resync"].is_object() && sequence(status) > replicated
+    });
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}

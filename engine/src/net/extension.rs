@@ -87,6 +87,7 @@ impl ExtendedVm {
             consistency_hook: None,
             commands: None,
             resync: None,
+            resync_window: None,
             source_changes: Some(applied),
         };
         let vm_name = name.to_owned();

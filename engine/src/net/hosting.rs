@@ -142,6 +142,7 @@ impl HostedVm {
             consistency_hook: None,
             commands: Some(command_receiver),
             resync,
+            resync_window: None,
             source_changes: None,
         };
         let task = runtime.spawn(run_primary(

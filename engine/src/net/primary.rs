@@ -115,6 +115,9 @@ pub struct PrimaryOptions {
     /// Compare the replica's copy by hash on the first connection, marking what differs as
     /// changed, before replicating: its content is not known to match tracking.
     pub resync: Option<ResyncDone>,
+    /// Compare by hash only inside this daily window; outside it, a resynchronization owed
+    /// waits (and replication with it).
+    pub resync_window: Option<crate::units::TimeWindow>,
     /// Cut only after this changes (a count of deltas applied to the disks being passed on):
     /// extended replication never cuts more often than the primary before it ships.
     pub source_changes: Option<watch::Receiver<u64>>,
@@ -303,6 +306,7 @@ pub async fn run_primary(
         consistency_hook,
         commands,
         resync,
+        resync_window,
         source_changes,
     } = options;
     let mut source_changes = source_changes;
@@ -353,6 +357,7 @@ pub async fn run_primary(
                             .then(|| Arc::clone(&vm)),
                         vm_name: config.vm.clone(),
                         progress: Arc::clone(&progress),
+                        window: resync_window,
                     };
                     tokio::spawn(task.run());
                 }
@@ -391,8 +396,10 @@ pub async fn run_primary(
                     // Awaited: the cut that often follows at once must not start before
                     // tracking has forgotten this delta and its spool is gone.
                     let vm = Arc::clone(&vm);
-                    let acknowledged =
-                        tokio::task::spawn_blocking(move || vm.acknowledge(delta)).await;
+                    let acknowledged = tokio::task::spawn_blocking(move || {
+                        vm.acknowledge(delta).and_then(|()| vm.caught_up())
+                    })
+                    .await;
                     if let Ok(Err(error)) = acknowledged {
                         tracing::error!(%error, "cannot record an acknowledged delta; its changes ship again");
                     }
@@ -793,6 +800,7 @@ struct ConnectTask {
     resync: Option<Arc<ProtectedVm>>,
     vm_name: String,
     progress: Arc<resync::Progress>,
+    window: Option<crate::units::TimeWindow>,
 }
 
 impl ConnectTask {
@@ -815,6 +823,14 @@ impl ConnectTask {
         (quinn::Connection, quinn::SendStream, quinn::RecvStream),
         (String, bool),
     > {
+        if let (Some(_), Some(window)) = (&self.resync, &self.window)
+            && !window.contains_now()
+        {
+            return Err((
+                format!("resynchronization required: it waits for its window {window}"),
+                false,
+            ));
+        }
         let connection = match &self.dialer {
             Dialer::Dial { endpoint, replica } => {
                 let connecting = endpoint

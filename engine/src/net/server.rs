@@ -685,6 +685,7 @@ async fn serve_connection(
             .await
             .ok()?
             .ok()??;
+        let mut compared = false;
         if let Message::HashRequest { vm, seed } = hello {
             // A resynchronization first: the hashes, then the session's hello once the peer
             // has compared (hashing both disks takes a while).
@@ -698,6 +699,7 @@ async fn serve_connection(
                     if !matches!(answered, Ok(Ok(()))) {
                         return None;
                     }
+                    compared = true;
                 }
                 Err(reason) => {
                     let _ = send.write_all(&super::resync::refusal(reason)).await;
@@ -710,10 +712,10 @@ async fn serve_connection(
                 .ok()?
                 .ok()??;
         }
-        Some((send, receive, hello))
+        Some((send, receive, hello, compared))
     }
     .await;
-    let Some((send, mut receive, hello)) = accepted else {
+    let Some((send, mut receive, hello, compared)) = accepted else {
         tracing::warn!(peer = %remote, primary = %owner, "closing a connection that did not say hello");
         connection.close(3u32.into(), b"expected hello");
         return;
@@ -777,6 +779,9 @@ async fn serve_connection(
         let owner = owner.clone();
         run_blocking(move || {
             let mut slot = lock(&slot);
+            if compared {
+                slot.machine.compared(id);
+            }
             slot.machine.hello(id, &owner, version, disks);
             drive(&mut slot);
         })
@@ -1079,6 +1084,12 @@ fn drive(slot: &mut VmSlot) {
             ReplicaAction::PrepareDisks { disks, owner } => {
                 if let Err(error) = slot.replica.prepare(disks, &owner) {
                     tracing::error!(%error, "cannot record the new VM");
+                    close_all(slot, &error.to_string());
+                }
+            }
+            ReplicaAction::AdoptSeed { disks } => {
+                if let Err(error) = slot.replica.adopt_seed(disks) {
+                    tracing::error!(%error, "cannot record the seeded replica's disks");
                     close_all(slot, &error.to_string());
                 }
             }

@@ -24,6 +24,9 @@ pub enum ReplicaAction {
         disks: Vec<DiskDescription>,
         owner: String,
     },
+    /// A seeded copy was compared by its primary: record the primary's disk ids and that the
+    /// copy is an ordinary replica from now on.
+    AdoptSeed { disks: Vec<DiskDescription> },
     /// Set up staging for a delta, dropping whatever was staged of another one. An initial
     /// delta is staged into new, empty disks; changes into a staging file.
     StartStaging { delta: DeltaId, kind: DeltaKind },
@@ -85,6 +88,9 @@ pub struct ReplicaVmRecord {
     /// A planned failover handed the VM to this site at this delta: a primary that missed
     /// the confirmation is told again.
     pub handed_over: Option<u64>,
+    /// The copy was seeded by hand (from a copy or a backup): the primary must compare by
+    /// hash before replicating, and its disks' ids are taken from its first hello.
+    pub seeded: bool,
 }
 
 /// Why a replica takes nothing from its primary.
@@ -107,6 +113,8 @@ pub struct Replica {
     /// Chunks that arrived on a data stream before their delta's begin (streams are not
     /// ordered with each other), held until it comes.
     early: Vec<(DeltaId, u32, u16, Bytes)>,
+    /// The connection whose primary compared the disks by hash before its hello.
+    compared_on: Option<ConnectionId>,
 }
 
 /// Early chunks held at most (each under 1.1 MiB): the primary's window of 32 bounds what can
@@ -124,7 +132,14 @@ impl Replica {
             failed: None,
             actions: VecDeque::new(),
             early: Vec::new(),
+            compared_on: None,
         }
+    }
+
+    /// The primary on `connection` compared the disks by hash (a resynchronization) before its
+    /// hello.
+    pub fn compared(&mut self, connection: ConnectionId) {
+        self.compared_on = Some(connection);
     }
 
     pub fn poll_action(&mut self) -> Option<ReplicaAction> {
@@ -183,6 +198,33 @@ impl Replica {
                 ),
                 false,
             );
+        }
+        let compared = self.compared_on == Some(connection);
+        if self.record.seeded {
+            if !compared {
+                return refuse(
+                    self,
+                    format!(
+                        "{}: this replica was seeded from a copy; start the primary with `--initial existing` so the copies are compared first",
+                        self.vm
+                    ),
+                    false,
+                );
+            }
+            let same_shape = self.record.disks.as_ref().is_some_and(|known| {
+                known.len() == disks.len()
+                    && known.iter().zip(&disks).all(|(seeded, primary)| {
+                        seeded.virtual_size == primary.virtual_size
+                            && seeded.logical_sector == primary.logical_sector
+                    })
+            });
+            if same_shape {
+                self.record.seeded = false;
+                self.record.disks = Some(disks.clone());
+                self.actions.push_back(ReplicaAction::AdoptSeed {
+                    disks: disks.clone(),
+                });
+            }
         }
         match &self.record.disks {
             Some(known) if *known != disks => {

@@ -81,6 +81,10 @@ struct Catalogue {
     /// reverse replication), not `disk-N.vhdx` in the VM's directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     external_disks: Option<Vec<PathBuf>>,
+    /// Seeded by hand from a copy (`blockrep seed`): compared by hash before any delta, and the
+    /// disks' ids taken from the primary's first hello.
+    #[serde(default)]
+    seeded: bool,
 }
 
 /// A failover of the VM to the replica site.
@@ -215,6 +219,47 @@ impl ReplicaStore {
         Ok(replica)
     }
 
+    /// Seeds `vm`'s replica from copies of its disks (from a backup, or copied by hand) for
+    /// the primary whose certificate has `owner` as fingerprint: each copy (VHDX or raw) is
+    /// copied into the store as its replica disk. The primary then compares by hash and ships
+    /// only what differs (`blockrep protect --initial existing`). Refused when the VM already
+    /// has a replica here.
+    pub fn seed(&self, vm: &str, owner: &str, copies: &[PathBuf]) -> Result<Vec<PathBuf>> {
+        let mut replica = self.open_vm(vm)?;
+        if replica.catalogue.is_some() {
+            return Err(replica.refusal(
+                "already has a replica here; remove its directory to seed it again".into(),
+            ));
+        }
+        let mut disks = Vec::with_capacity(copies.len());
+        let mut sources = Vec::with_capacity(copies.len());
+        for copy in copies {
+            let (image, disk_id, logical_sector) = crate::protect::open_image(copy, self.storage)?;
+            disks.push(DiskDescription {
+                disk_id,
+                virtual_size: image.virtual_size(),
+                logical_sector,
+            });
+            sources.push(image);
+        }
+        replica.prepare(disks.clone(), owner)?;
+        for (index, (source, description)) in sources.iter().zip(&disks).enumerate() {
+            let path = replica.initial_path(index);
+            let mut disk = replica.create_disk(&path, description)?;
+            crate::image::copy_image(&**source, &mut disk, true, &mut |_| {})?;
+            disk.close()?;
+            std::fs::rename(&path, replica.disk_path(index)).map_err(|error| {
+                Error::file(&path.display().to_string(), "seed the replica disk", error)
+            })?;
+        }
+        sync_directory(&replica.directory)?;
+        let mut catalogue = replica.catalogue()?.clone();
+        catalogue.applied = 1;
+        catalogue.seeded = true;
+        replica.write_catalogue(catalogue)?;
+        Ok(replica.disk_paths())
+    }
+
     /// Removes what the store holds of `vm` (its adopted disks stay where they are).
     pub fn forget(&self, vm: &str) -> Result<()> {
         check_vm_name(vm)?;
@@ -324,6 +369,7 @@ impl VmReplica {
                     .as_ref()
                     .filter(|failover| failover.planned)
                     .map(|failover| failover.point),
+                seeded: catalogue.seeded,
             },
             None => ReplicaVmRecord::default(),
         }
@@ -374,7 +420,17 @@ impl VmReplica {
             test_failover: None,
             failover: None,
             external_disks: None,
+            seeded: false,
         })
+    }
+
+    /// A seeded copy was compared by its primary: its disks carry the primary's ids from now
+    /// on, and it is an ordinary replica.
+    pub fn adopt_seed(&mut self, disks: Vec<DiskDescription>) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.disks = disks;
+        catalogue.seeded = false;
+        self.write_catalogue(catalogue)
     }
 
     /// Starts staging `delta`, dropping anything staged before.
