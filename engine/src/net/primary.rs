@@ -859,6 +859,13 @@ impl ConnectTask {
             )
             .await
             .map_err(|error| {
+                // A peer that refused this primary's identity closes the connection as soon
+                // as it is used: that is final, not a resynchronization to retry.
+                if let Some(reason) = connection.close_reason()
+                    && is_authentication_failure(&reason)
+                {
+                    return (reason.to_string(), true);
+                }
                 connection.close(1u32.into(), b"resynchronization failed");
                 (format!("resynchronization failed: {error}"), false)
             })?;
