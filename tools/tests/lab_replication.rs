@@ -1757,3 +1757,58 @@ fn a_resynchronization_waits_for_its_window() {
     serve.stop();
     site.assert_replica_equals_primary();
 }
+
+/// A resynchronization killed while its delta is on the way (the primary SIGKILLed) is not
+/// forgotten: the next start compares again and finishes, and the replica ends equal.
+#[test]
+fn a_resynchronization_killed_halfway_continues_and_finishes() {
+    let test = "a_resynchronization_killed_halfway_continues_and_finishes";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let (mut serve, address) = site.serve(None, "127.0.0.1:0", "serve.log", None);
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_until_replicated(&[&serve, &protect]);
+    protect.stop();
+    // 24 MiB of random data behind blockrep's back, and the journal gone.
+    let random = site.random_file("random.bin", 24 * MIB, 5);
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "vhdx",
+        text(&site.disk()),
+        "-c",
+        &format!("write -s {} 8M 24M", text(&random)),
+    ]));
+    std::fs::remove_file(site.path("disk.vhdx.brtrack")).unwrap();
+    // Slowed to 4 MiB/s, so the primary dies with the resync delta half shipped.
+    let mut slow = site.protect_with(None, &address, "pid", &["--max-rate", "4M"]);
+    site.wait_for_primary("the resync delta on its way", &[&serve, &slow], |status| {
+        status["resync"].is_object()
+            && status["in_flight_bytes"].as_u64() == Some(24 * MIB)
+            && status["pending_bytes"]
+                .as_u64()
+                .is_some_and(|pending| pending < 20 * MIB)
+    });
+    slow.signal(libc::SIGKILL);
+    slow.wait_exit(WAIT);
+    let mut protect = site.protect(None, &address, "pid");
+    let status = site.wait_for_primary(
+        "the resynchronization to finish",
+        &[&serve, &protect],
+        |status| {
+            status["resync"].is_object()
+                && status["pending_bytes"] == 0
+                && status["last_delta_bytes"].as_u64() > Some(0)
+        },
+    );
+    assert_eq!(
+        status["resync"]["differing_bytes"].as_u64(),
+        Some(24 * MIB),
+        "{status}"
+    );
+    site.wait_until_replicated(&[&serve, &protect]);
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}
