@@ -723,15 +723,7 @@ pub async fn greet(
     replica: SocketAddr,
     hello: &Message,
 ) -> std::result::Result<Greeting, String> {
-    let connection = endpoint
-        .connect(replica, "blockrep-replica")
-        .map_err(|error| format!("cannot connect: {error}"))?
-        .await
-        .map_err(|error| error.to_string())?;
-    let (mut send, mut receive) = connection
-        .open_bi()
-        .await
-        .map_err(|error| error.to_string())?;
+    let (connection, mut send, mut receive) = open_session(endpoint, replica).await?;
     send.write_all(&hello.encode())
         .await
         .map_err(|error| error.to_string())?;
@@ -757,6 +749,24 @@ pub async fn greet(
     }
 }
 
+/// A connection of its own to the replica server and its first stream, for a short exchange
+/// beside replication's (a greeting, a verification).
+async fn open_session(
+    endpoint: &quinn::Endpoint,
+    replica: SocketAddr,
+) -> std::result::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+    let connection = endpoint
+        .connect(replica, "blockrep-replica")
+        .map_err(|error| format!("cannot connect: {error}"))?
+        .await
+        .map_err(|error| error.to_string())?;
+    let (send, receive) = connection
+        .open_bi()
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok((connection, send, receive))
+}
+
 /// Verification on a connection of its own, beside replication's.
 async fn verify_over_new_connection(
     endpoint: &quinn::Endpoint,
@@ -765,15 +775,7 @@ async fn verify_over_new_connection(
     name: &str,
     progress: &Arc<resync::Progress>,
 ) -> std::result::Result<resync::Verification, String> {
-    let connection = endpoint
-        .connect(replica, "blockrep-replica")
-        .map_err(|error| format!("cannot connect: {error}"))?
-        .await
-        .map_err(|error| error.to_string())?;
-    let (mut control, mut incoming) = connection
-        .open_bi()
-        .await
-        .map_err(|error| error.to_string())?;
+    let (connection, mut control, mut incoming) = open_session(endpoint, replica).await?;
     let outcome = resync::verify(vm, name, &mut control, &mut incoming, progress)
         .await
         .map_err(|error| error.to_string());

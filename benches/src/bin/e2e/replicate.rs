@@ -83,6 +83,39 @@ impl Drop for Daemon {
     }
 }
 
+/// An rsync daemon on loopback whose module `bench` is `DIRECTORY/rsync-destination`, with the
+/// port it listens on.
+pub(crate) fn start_rsync_daemon(directory: &Path) -> Outcome<(Daemon, u16)> {
+    let destination = directory.join("rsync-destination");
+    std::fs::create_dir_all(&destination)?;
+    let port = free_port(false)?;
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let config = format!(
+        "use chroot = no\nread only = no\n{}[bench]\npath = {}\n",
+        if root { "uid = root\ngid = root\n" } else { "" },
+        destination.display()
+    );
+    std::fs::write(directory.join("rsyncd.conf"), config)?;
+    let daemon = Daemon::spawn(
+        "rsync daemon",
+        Command::new("rsync")
+            .args([
+                "--daemon",
+                "--no-detach",
+                "--address",
+                "127.0.0.1",
+                "--port",
+            ])
+            .arg(port.to_string())
+            .arg("--config")
+            .arg(directory.join("rsyncd.conf"))
+            .stderr(Stdio::null()),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok((daemon, port))
+}
+
 pub(crate) fn free_port(udp: bool) -> Outcome<u16> {
     Ok(if udp {
         std::net::UdpSocket::bind("127.0.0.1:0")?
@@ -203,39 +236,13 @@ pub fn replicate(arguments: &ReplicateArguments) -> Outcome {
         }
     }
     let rsync = have("rsync");
-    let mut rsync_daemon = None;
-    let mut rsync_port = 0;
-    if rsync {
-        let destination = file("rsync-destination");
-        std::fs::create_dir_all(&destination)?;
-        rsync_port = free_port(false)?;
-        // SAFETY: geteuid has no arguments and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        let config = format!(
-            "use chroot = no\nread only = no\n{}[bench]\npath = {}\n",
-            if root { "uid = root\ngid = root\n" } else { "" },
-            destination.display()
-        );
-        std::fs::write(file("rsyncd.conf"), config)?;
-        rsync_daemon = Some(Daemon::spawn(
-            "rsync daemon",
-            Command::new("rsync")
-                .args([
-                    "--daemon",
-                    "--no-detach",
-                    "--address",
-                    "127.0.0.1",
-                    "--port",
-                ])
-                .arg(rsync_port.to_string())
-                .arg("--config")
-                .arg(file("rsyncd.conf"))
-                .stderr(Stdio::null()),
-        )?);
-        std::thread::sleep(Duration::from_millis(300));
+    let (rsync_daemon, rsync_port) = if rsync {
+        let (daemon, port) = start_rsync_daemon(&directory)?;
+        (Some(daemon), port)
     } else {
         eprintln!("SKIPPED rsync lines: rsync is not installed (apt-get install rsync)");
-    }
+        (None, 0)
+    };
     let rsync_target = format!("rsync://127.0.0.1:{rsync_port}/bench/source.raw");
     let cold = !arguments.warm && measure::cold_cache_possible();
     let change_count =

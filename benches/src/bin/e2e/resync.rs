@@ -7,7 +7,8 @@
 
 use crate::measure;
 use crate::replicate::{
-    BLOCK, Daemon, changed_blocks, drop_caches, free_port, random_block, verify_replica, wait_for,
+    BLOCK, Daemon, changed_blocks, drop_caches, free_port, random_block, start_rsync_daemon,
+    verify_replica, wait_for,
 };
 use crate::{Outcome, blockrep_binary, have, source};
 use std::fs::{File, OpenOptions};
@@ -167,39 +168,14 @@ pub fn resync(arguments: &ResyncArguments) -> Outcome {
     protect.stop()?;
     serve.stop()?;
     let rsync = have("rsync");
-    let mut rsync_daemon = None;
-    let mut rsync_port = 0;
     let daemon_copy = sites.file("rsync-destination/source.raw");
-    if rsync {
-        std::fs::create_dir_all(sites.file("rsync-destination"))?;
-        rsync_port = free_port(false)?;
-        // SAFETY: geteuid has no arguments and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        let config = format!(
-            "use chroot = no\nread only = no\n{}[bench]\npath = {}\n",
-            if root { "uid = root\ngid = root\n" } else { "" },
-            sites.file("rsync-destination").display()
-        );
-        std::fs::write(sites.file("rsyncd.conf"), config)?;
-        rsync_daemon = Some(Daemon::spawn(
-            "rsync daemon",
-            Command::new("rsync")
-                .args([
-                    "--daemon",
-                    "--no-detach",
-                    "--address",
-                    "127.0.0.1",
-                    "--port",
-                ])
-                .arg(rsync_port.to_string())
-                .arg("--config")
-                .arg(sites.file("rsyncd.conf"))
-                .stderr(Stdio::null()),
-        )?);
-        std::thread::sleep(Duration::from_millis(300));
+    let (rsync_daemon, rsync_port) = if rsync {
+        let (daemon, port) = start_rsync_daemon(&sites.directory)?;
+        (Some(daemon), port)
     } else {
         eprintln!("SKIPPED rsync lines: rsync is not installed (apt-get install rsync)");
-    }
+        (None, 0)
+    };
     let local_copy = sites.file("rsync-local.raw");
     let cold = !arguments.warm && measure::cold_cache_possible();
     let change_count =
