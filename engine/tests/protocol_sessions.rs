@@ -171,6 +171,7 @@ impl World {
             PrimaryAction::HandedOver { sequence } => self.handed_over = Some(sequence),
             PrimaryAction::Reversed { .. } => panic!("the replica does not run the VM"),
             PrimaryAction::Resync { reason } => panic!("resynchronization asked for: {reason}"),
+            PrimaryAction::HandoverRefused { reason } => panic!("handover refused: {reason}"),
         }
     }
 

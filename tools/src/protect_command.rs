@@ -15,8 +15,8 @@ use blockrep::delta::Compression;
 use blockrep::nbd::NbdServer;
 use blockrep::net::{
     Connection, ConsistencyHook, Ending, Endpoint, Greeting, Hosting, Identity, PrimaryCommand,
-    PrimaryOptions, ReplicaServer, Route, SharedReport, client_endpoint, exports, greet,
-    load_certificate, peer_fingerprint, run_primary,
+    PrimaryOptions, ReplicaServer, Route, SharedReport, client_endpoint, close_when_free, exports,
+    greet, load_certificate, peer_fingerprint, run_primary,
 };
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::{DiskDescription, Message, PROTOCOL_VERSION, PrimaryConfig};
@@ -66,9 +66,17 @@ pub fn protect(arguments: ProtectArguments) -> Result<ExitCode, Failure> {
             replica,
             stopped,
         };
-        let mut role = Role::Primary {
-            handed_back: false,
-            suspended: false,
+        // A host that was keeping the replica of its VM running elsewhere goes on doing so: it
+        // must not serve the disks to writers before the other site says who runs the VM.
+        let mut role = match adopted_descriptions(&arguments)? {
+            Some(descriptions) => Role::Replica {
+                descriptions,
+                first: None,
+            },
+            None => Role::Primary {
+                handed_back: false,
+                suspended: false,
+            },
         };
         loop {
             role = match role {
@@ -84,6 +92,26 @@ pub fn protect(arguments: ProtectArguments) -> Result<ExitCode, Failure> {
             }
         }
     })
+}
+
+/// Where this host keeps the replica of its VM while the VM runs at the other site.
+fn replica_root(arguments: &ProtectArguments) -> PathBuf {
+    let mut root = arguments.disks[0].clone().into_os_string();
+    root.push(".brreplica");
+    PathBuf::from(root)
+}
+
+/// The VM's disk descriptions, when this host keeps its replica (its store holds the VM).
+fn adopted_descriptions(
+    arguments: &ProtectArguments,
+) -> Result<Option<Vec<DiskDescription>>, Failure> {
+    let root = replica_root(arguments);
+    if !root.join(&arguments.name).join("catalogue.json").exists() {
+        return Ok(None);
+    }
+    let store = ReplicaStore::open(&root, arguments.io.options())?;
+    let replica = store.open_vm(&arguments.name)?;
+    Ok(Some(replica.descriptions()))
 }
 
 struct Agent<'a> {
@@ -219,11 +247,7 @@ impl Agent<'_> {
             server.shutdown()?;
         }
         let descriptions = vm.descriptions().to_vec();
-        let closed = tokio::task::spawn_blocking(move || match Arc::into_inner(vm) {
-            Some(vm) => vm.close(),
-            None => Ok(()),
-        })
-        .await?;
+        let closed = tokio::task::spawn_blocking(move || close_when_free(vm)).await?;
         let ending = outcome?;
         closed?;
         Ok(match ending {
@@ -272,14 +296,12 @@ impl Agent<'_> {
         mut pending: Option<(Connection, u64)>,
     ) -> Result<Role, Failure> {
         let arguments = self.arguments;
-        let mut root = arguments.disks[0].clone().into_os_string();
-        root.push(".brreplica");
         let policy = PointPolicy {
             keep: 0,
             interval: Duration::from_secs(3600),
         };
         let store =
-            ReplicaStore::with_policy(&PathBuf::from(root), arguments.io.options(), policy)?;
+            ReplicaStore::with_policy(&replica_root(arguments), arguments.io.options(), policy)?;
         let (taken_over, mut taken) = mpsc::unbounded_channel();
         let server: Arc<Mutex<Option<Arc<ReplicaServer>>>> = Arc::default();
         let _control = {
@@ -316,6 +338,9 @@ impl Agent<'_> {
                         }) => (connection, applied),
                         Ok(Greeting::Primary) => {
                             tracing::warn!("the other site expects this host as the primary");
+                            let forget = (store.clone(), arguments.name.clone());
+                            tokio::task::spawn_blocking(move || forget.0.forget(&forget.1))
+                                .await??;
                             return Ok(Role::Primary {
                                 handed_back: false,
                                 suspended: false,

@@ -60,6 +60,8 @@ pub(super) struct HostedVm {
     name: String,
     vm: Arc<ProtectedVm>,
     nbd: Option<NbdServer>,
+    /// Where the disks are served, to serve them again after a failover that did not happen.
+    nbd_address: Option<NbdAddress>,
     reverse: Option<Reverse>,
 }
 
@@ -78,27 +80,24 @@ impl HostedVm {
             }
         }
         let vm = Arc::new(ProtectedVm::open(paths, options.storage, Compression::Lz4)?);
-        let nbd = match &options.nbd_directory {
+        let nbd_address = match &options.nbd_directory {
             Some(directory) => {
                 std::fs::create_dir_all(directory).map_err(|error| {
                     Error::file(&directory.display().to_string(), "create", error)
                 })?;
-                let address = NbdAddress::Unix(directory.join(format!("{name}.sock")));
-                let server = NbdServer::start(&address, exports(&vm)).map_err(|error| {
-                    Error::Replication {
-                        peer: name.to_owned(),
-                        problem: format!("cannot serve the disks over NBD: {error}"),
-                    }
-                })?;
-                tracing::info!(vm = %name, address = %server.address(), "the VM's disks are served over NBD");
-                Some(server)
+                Some(NbdAddress::Unix(directory.join(format!("{name}.sock"))))
             }
+            None => None,
+        };
+        let nbd = match &nbd_address {
+            Some(address) => Some(serve_nbd(name, &vm, address)?),
             None => None,
         };
         Ok(HostedVm {
             name: name.to_owned(),
             vm,
             nbd,
+            nbd_address,
             reverse: None,
         })
     }
@@ -196,6 +195,14 @@ impl HostedVm {
         Ok(())
     }
 
+    /// Lets the VM's writes in again (a planned failover that did not happen).
+    pub(super) fn resume_writes(&mut self) -> Result<()> {
+        if let (None, Some(address)) = (&self.nbd, &self.nbd_address) {
+            self.nbd = Some(serve_nbd(&self.name, &self.vm, address)?);
+        }
+        Ok(())
+    }
+
     /// Asks the reverse primary for a planned failover back; the answer comes on the
     /// returned channel.
     pub(super) fn hand_over(
@@ -227,16 +234,43 @@ impl HostedVm {
         }
         let stopped = self.stop_writes();
         let vm = self.vm;
-        let closed = tokio::task::spawn_blocking(move || match Arc::into_inner(vm) {
-            Some(vm) => vm.close(),
-            None => Ok(()),
-        })
-        .await
-        .map_err(|error| Error::Replication {
-            peer: self.name.clone(),
-            problem: error.to_string(),
-        })?;
+        let closed = tokio::task::spawn_blocking(move || close_when_free(vm))
+            .await
+            .map_err(|error| Error::Replication {
+                peer: self.name.clone(),
+                problem: error.to_string(),
+            })?;
         stopped.and(closed)
+    }
+}
+
+fn serve_nbd(name: &str, vm: &ProtectedVm, address: &NbdAddress) -> Result<NbdServer> {
+    let server = NbdServer::start(address, exports(vm)).map_err(|error| Error::Replication {
+        peer: name.to_owned(),
+        problem: format!("cannot serve the disks over NBD: {error}"),
+    })?;
+    tracing::info!(vm = %name, address = %server.address(), "the VM's disks are served over NBD");
+    Ok(server)
+}
+
+/// Closes the VM's disks (saving tracking) once nothing else holds them: a task that was
+/// reading them (a verification, a connection being set up) gets a few seconds to let go.
+pub fn close_when_free(mut vm: Arc<ProtectedVm>) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Arc::try_unwrap(vm) {
+            Ok(vm) => return vm.close(),
+            Err(still_shared) if std::time::Instant::now() < deadline => {
+                vm = still_shared;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => {
+                return Err(Error::InvalidArgument {
+                    what: "shutdown",
+                    reason: "the disks are still in use; tracking was not saved (the next start compares by hash)".into(),
+                });
+            }
+        }
     }
 }
 

@@ -26,7 +26,7 @@ pub fn peer_fingerprint(connection: &Connection) -> Option<String> {
 }
 
 pub use extension::ExtensionOptions;
-pub use hosting::{HostingOptions, exports};
+pub use hosting::{HostingOptions, close_when_free, exports};
 pub use identity::{Identity, fingerprint, load_certificate};
 pub use primary::{
     ConsistencyHook, Ending, Greeting, PrimaryCommand, PrimaryOptions, PrimaryReport, ResyncDone,

@@ -323,6 +323,7 @@ pub async fn run_primary(
     let mut handover_done: Option<oneshot::Sender<std::result::Result<u64, String>>> = None;
     let resync_pending = Arc::new(std::sync::atomic::AtomicBool::new(resync.is_some()));
     let mut last_resync: Option<ResyncSummary> = None;
+    let mut welcome_ends_resync = false;
     let progress = Arc::new(resync::Progress::default());
     let mut ending = Ending::Stopped;
     let (events, mut inbox) = mpsc::unbounded_channel();
@@ -421,6 +422,17 @@ pub async fn run_primary(
                         problem: reason,
                     });
                     break 'run;
+                }
+                PrimaryAction::HandoverRefused { reason } => {
+                    tracing::error!(vm = %config.vm, %reason, "the planned failover was refused; replication goes on, and the disks are compared first");
+                    if let Some(done) = handover_done.take() {
+                        let _ = done.send(Err(reason.clone()));
+                    }
+                    resync_pending.store(true, Ordering::Relaxed);
+                    if let Some(link) = link.take() {
+                        link.connection.close(0u32.into(), b"resynchronizing");
+                    }
+                    primary.connection_lost(Instant::now(), &reason);
                 }
                 PrimaryAction::Resync { reason } => {
                     tracing::warn!(vm = %config.vm, %reason, "resynchronizing: comparing the disks on the next connection");
@@ -580,7 +592,9 @@ pub async fn run_primary(
                     }
                     Event::Resynchronized(Some(summary)) => {
                         tracing::info!(vm = %config.vm, compared = summary.compared_bytes, differing = summary.differing_bytes, "resynchronization compared the disks; what differs ships with the next delta");
-                        resync_pending.store(false, Ordering::Relaxed);
+                        // Owed until the replica welcomes this connection: a link lost in
+                        // between compares again (a seeded replica insists on it).
+                        welcome_ends_resync = true;
                         primary.resynchronized();
                         last_resync = Some(summary);
                         if let Some(done) = &resync {
@@ -612,6 +626,10 @@ pub async fn run_primary(
                     }
                     Event::Message { generation: this, message } => {
                         if this == generation {
+                            if welcome_ends_resync && matches!(message, Message::Welcome { .. }) {
+                                welcome_ends_resync = false;
+                                resync_pending.store(false, Ordering::Relaxed);
+                            }
                             if let Message::Welcome { applied, staged: Some(staged), .. } = &message {
                                 let chunks: u64 = staged.received.iter().map(|range| u64::from(range.end - range.start)).sum();
                                 tracing::info!(replica = %peer, applied, delta = %staged.delta, chunks, "resuming: the replica already holds these chunks of the delta in flight");
@@ -652,11 +670,9 @@ pub async fn run_primary(
             }
         }
     }
-    if let Some(done) = handover_done.take() {
-        let _ = done.send(Err(
-            "replication stopped before the failover finished".into()
-        ));
-    }
+    // A handover cut short by the end (stopped, or the VM taken over elsewhere) is neither
+    // done nor refused here: the asker hears the channel close and does not resume writes.
+    drop(handover_done.take());
     if matches!(ending, Ending::Stopped) {
         primary.stop();
         while let Some(action) = primary.poll_action() {

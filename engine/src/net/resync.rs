@@ -283,14 +283,11 @@ fn subtract(range: &Range<u64>, holes: &[Range<u64>]) -> Vec<Range<u64>> {
     parts
 }
 
-/// The replica's side, `applied` and `hashes` (one set per disk) in hand: the welcome (what it
-/// has applied; 0 when it holds no copy, and nothing follows), the group digests, then the
-/// block hashes of the ranges the primary asks for.
-pub(super) async fn answer(
+/// The replica's side, first: what it has applied (0 when it holds no copy, and nothing
+/// follows). Sent before hashing, so that both sides hash at the same time.
+pub(super) async fn answer_welcome(
     send_stream: &mut quinn::SendStream,
-    receive_stream: &mut quinn::RecvStream,
     applied: u64,
-    hashes: &[BlockHashes],
 ) -> Result<()> {
     send(
         send_stream,
@@ -300,10 +297,16 @@ pub(super) async fn answer(
             staged: None,
         },
     )
-    .await?;
-    if applied == 0 {
-        return Ok(());
-    }
+    .await
+}
+
+/// The replica's side, its `hashes` (one set per disk) done: the group digests, then the block
+/// hashes of the ranges the primary asks for.
+pub(super) async fn answer_hashes(
+    send_stream: &mut quinn::SendStream,
+    receive_stream: &mut quinn::RecvStream,
+    hashes: &[BlockHashes],
+) -> Result<()> {
     for (disk, set) in hashes.iter().enumerate() {
         send(
             send_stream,

@@ -552,7 +552,11 @@ impl ReplicaServer {
                     });
                 }
                 hosted.stop_writes()?;
-                hosted.hand_over(reverse)
+                let asked = hosted.hand_over(reverse);
+                if asked.is_err() {
+                    hosted.resume_writes()?;
+                }
+                asked
             })
             .await
             .map_err(|error| Error::Replication {
@@ -560,16 +564,26 @@ impl ReplicaServer {
                 problem: error.to_string(),
             })??
         };
-        let sequence = answer
-            .await
-            .map_err(|_| Error::Replication {
-                peer: vm.to_owned(),
-                problem: "replication back stopped before the failover finished".into(),
-            })?
-            .map_err(|problem| Error::Replication {
-                peer: vm.to_owned(),
-                problem,
-            })?;
+        let answered = answer.await;
+        let sequence = match answered {
+            Ok(Ok(sequence)) => sequence,
+            failed => {
+                // Not handed over: the VM goes on running here.
+                if let Some(hosted) = lock(&slot).hosted.as_mut()
+                    && let Err(error) = hosted.resume_writes()
+                {
+                    tracing::error!(%vm, %error, "cannot let the VM's writes in again");
+                }
+                let problem = match failed {
+                    Ok(Err(problem)) => problem,
+                    _ => "replication back stopped before the failover finished".into(),
+                };
+                return Err(Error::Replication {
+                    peer: vm.to_owned(),
+                    problem,
+                });
+            }
+        };
         let hosted = lock(&slot).hosted.take();
         if let Some(hosted) = hosted {
             hosted.close().await?;
@@ -689,12 +703,22 @@ async fn serve_connection(
         if let Message::HashRequest { vm, seed } = hello {
             // A resynchronization first: the hashes, then the session's hello once the peer
             // has compared (hashing both disks takes a while).
-            match hashes_for(&store, &vms, &hosting, &vm, &owner, seed).await {
-                Ok((applied, hashes)) => {
-                    let answered = tokio::time::timeout(
-                        RESYNC_TIMEOUT,
-                        super::resync::answer(&mut send, &mut receive, applied, &hashes),
-                    )
+            match hash_request(&store, &vms, &hosting, &vm, &owner).await {
+                Ok((slot, applied)) => {
+                    // The welcome first, so the primary hashes its disks while this side does.
+                    let answered = tokio::time::timeout(RESYNC_TIMEOUT, async {
+                        super::resync::answer_welcome(&mut send, applied).await?;
+                        if applied == 0 {
+                            return Ok(());
+                        }
+                        let hashes = replica_hashes(slot, seed).await.map_err(|reason| {
+                            Error::Replication {
+                                peer: vm.clone(),
+                                problem: reason,
+                            }
+                        })?;
+                        super::resync::answer_hashes(&mut send, &mut receive, &hashes).await
+                    })
                     .await;
                     if !matches!(answered, Ok(Ok(()))) {
                         return None;
@@ -873,37 +897,47 @@ fn answer_for_running_vm(slot: &Mutex<VmSlot>, owner: &str) -> Option<Message> {
     })
 }
 
-/// What `vm`'s replica has applied and its disks' block hashes, for a comparison its owner
-/// asked for (applied 0 and no hashes when it holds no copy), or why it may not have them.
-async fn hashes_for(
+/// A comparison `owner` asked for of `vm`'s replica: the slot and what it has applied (0 when
+/// it holds no copy), or why it may not compare (another owner, or the VM runs here now: its
+/// disks are open for the VM, not to be opened again).
+async fn hash_request(
     store: &ReplicaStore,
     vms: &Vms,
     hosting: &Arc<Hosting>,
     vm: &str,
     owner: &str,
-    seed: u64,
-) -> std::result::Result<(u64, Vec<crate::resync::BlockHashes>), String> {
+) -> std::result::Result<(Arc<Mutex<VmSlot>>, u64), String> {
     let slot = open_slot(store, vms, vm, hosting)
         .await
         .map_err(|error| error.to_string())?;
-    let owner = owner.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut slot = lock(&slot);
-        let applied = slot.replica.applied();
+    let applied = {
+        let slot = lock(&slot);
         match slot.machine.record().owner.as_deref() {
-            // No copy here yet: nothing to compare.
-            None => return Ok((0, Vec::new())),
+            None => 0,
             Some(known) if known != owner => {
                 return Err("this VM belongs to another primary".to_owned());
             }
-            Some(_) if applied == 0 => return Ok((0, Vec::new())),
-            Some(_) => {}
+            Some(_) if slot.replica.failover().is_some() || slot.hosted.is_some() => {
+                return Err(format!(
+                    "{vm} failed over to this site: it is compared when replication comes back to the other site (`blockrep reverse`)"
+                ));
+            }
+            Some(_) => slot.replica.applied(),
         }
-        let hashes = slot
+    };
+    Ok((slot, applied))
+}
+
+/// The block hashes of the replica's disks.
+async fn replica_hashes(
+    slot: Arc<Mutex<VmSlot>>,
+    seed: u64,
+) -> std::result::Result<Vec<crate::resync::BlockHashes>, String> {
+    tokio::task::spawn_blocking(move || {
+        lock(&slot)
             .replica
             .block_hashes(seed)
-            .map_err(|error| error.to_string())?;
-        Ok((applied, hashes))
+            .map_err(|error| error.to_string())
     })
     .await
     .map_err(|error| error.to_string())?

@@ -68,6 +68,10 @@ pub enum PrimaryAction {
     /// The VM runs at the replica's site (it failed over): this side is to become its replica,
     /// its copy counted as at delta `applied`, compared by hash first when `resync`.
     Reversed { applied: u64, resync: bool },
+    /// The planned failover did not happen (the replica refused: its disks differ, say): the
+    /// VM stays here and replication goes on; the disks are compared by hash on the next
+    /// connection, so whatever differs ships.
+    HandoverRefused { reason: String },
     /// The replica's copy cannot be trusted to match tracking (it went back): drop the
     /// connection, compare the disks by hash on the next one, then call `resynchronized`.
     Resync { reason: String },
@@ -380,7 +384,10 @@ impl Primary {
                 self.fail("the VM runs at the replica site since a planned failover; run `blockrep reverse` there to replicate back to this host".into());
             }
             Message::Refused { reason, retry } if self.handover.is_some() && !retry => {
-                self.fail(format!("the replica refused the failover: {reason}"));
+                self.handover = None;
+                self.last_error = Some(format!("the replica refused the failover: {reason}"));
+                self.actions
+                    .push_back(PrimaryAction::HandoverRefused { reason });
             }
             Message::Refused { reason, retry } => {
                 self.last_error = Some(format!("the replica refused: {reason}"));
@@ -431,6 +438,11 @@ impl Primary {
             self.applied = None;
             self.in_flight = None;
             self.cutting = None;
+            if self.handover.take().is_some() {
+                self.actions.push_back(PrimaryAction::HandoverRefused {
+                    reason: format!("the replica went back from delta {known} to {applied}"),
+                });
+            }
             self.link_down(now);
             self.actions.push_back(PrimaryAction::Resync {
                 reason: format!(
