@@ -32,6 +32,7 @@ pub struct ExtensionOptions {
 /// One VM replicated onward.
 pub(super) struct ExtendedVm {
     stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
     /// Counts the deltas applied to the replica: onward cuts follow them.
     applies: watch::Sender<u64>,
     report: SharedReport,
@@ -93,7 +94,7 @@ impl ExtendedVm {
         let vm_name = name.to_owned();
         let target = options.target;
         let task_report = Arc::clone(&report);
-        runtime.spawn(async move {
+        let task = runtime.spawn(async move {
             match run_primary(vm, primary_options, task_report, stopped).await {
                 Ok(_) => tracing::info!(vm = %vm_name, "extended replication stopped"),
                 Err(error) => {
@@ -104,9 +105,19 @@ impl ExtendedVm {
         tracing::info!(vm = %name, %target, "replicating onward (extended replication)");
         Ok(ExtendedVm {
             stop,
+            task: Some(task),
             applies,
             report,
         })
+    }
+
+    /// Stops the onward primary and waits (a few seconds at most) until it has let go of the
+    /// disks, before someone else opens them. Not to be called from async code.
+    pub(super) fn stop_and_wait(mut self, runtime: &tokio::runtime::Handle) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = runtime.block_on(tokio::time::timeout(Duration::from_secs(10), task));
+        }
     }
 
     /// A delta was applied to the replica: there is something new to pass on.

@@ -949,8 +949,11 @@ fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
     let Some(failover) = slot.replica.failover().filter(|failover| failover.active()) else {
         return Ok(());
     };
-    // The disks are the VM's now, no longer a replica to pass on.
-    slot.extended = None;
+    // The disks are the VM's now, no longer a replica to pass on; the onward primary lets go
+    // of them before they are opened for the VM.
+    if let Some(extended) = slot.extended.take() {
+        extended.stop_and_wait(&slot.runtime.clone());
+    }
     slot.replica.untrack();
     match &*Arc::clone(&slot.hosting) {
         Hosting::Here(options) => {
@@ -1179,20 +1182,27 @@ fn drive(slot: &mut VmSlot) {
                 digests,
                 reverse,
             } => {
-                let outcome = verify_handover(slot, sequence, seed, &digests, reverse);
-                if let Err(reason) = &outcome {
-                    tracing::error!(%reason, "refused a planned failover");
+                let vm = slot.machine_name();
+                // Confirmed only once the VM runs here: a primary told too early would leave
+                // it running nowhere.
+                let outcome =
+                    verify_handover(slot, sequence, seed, &digests, reverse).and_then(|()| {
+                        match host(slot, &vm, true) {
+                            Ok(()) => Ok(()),
+                            Err(error) => {
+                                let _ = slot.replica.hand_back(sequence);
+                                Err(format!("cannot run the VM at this site: {error}"))
+                            }
+                        }
+                    });
+                match &outcome {
+                    Ok(()) => {
+                        tracing::info!(%vm, sequence, reverse, "planned failover: the disks equal the primary's; the VM runs here now");
+                    }
+                    Err(reason) => tracing::error!(%vm, %reason, "refused a planned failover"),
                 }
-                let taken = outcome.is_ok();
                 slot.machine
                     .handover_verified(connection, sequence, outcome);
-                if taken {
-                    tracing::info!(vm = %slot.machine_name(), sequence, reverse, "planned failover: the disks equal the primary's; the VM runs here now");
-                    let vm = slot.machine_name();
-                    if let Err(error) = host(slot, &vm, true) {
-                        tracing::error!(%vm, %error, "cannot run the VM here");
-                    }
-                }
             }
             ReplicaAction::Close { connection, reason } => {
                 if let Some(peer) = slot.connections.remove(&connection) {
