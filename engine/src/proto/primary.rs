@@ -272,8 +272,12 @@ impl Primary {
         if self.link == Link::Closed {
             return;
         }
+        let handing_over = self
+            .handover
+            .as_ref()
+            .is_some_and(|handover| *handover != Handover::Requested);
         if now >= self.next_cut_at
-            && (self.suspended || self.handover.is_some() || self.source_changed == Some(false))
+            && (self.suspended || handing_over || self.source_changed == Some(false))
         {
             // Paused, failing over, or nothing new to pass on: no cycle is due, none is missed.
             while self.next_cut_at <= now {
@@ -543,8 +547,9 @@ impl Primary {
             self.last_error = Some(reason.to_owned());
             self.cycles.record(now, false);
             if self.handover == Some(Handover::Final(delta)) {
+                // Cut again at the next cycle, not at once: a spool that keeps failing must
+                // not spin.
                 self.handover = Some(Handover::Requested);
-                self.cut(now);
             }
         }
     }
