@@ -8,7 +8,9 @@
 
 use crate::delta::{Compression, DeltaEncoder, DeltaHeader, Spool, chunk_pieces};
 use crate::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
-use crate::io::{FileStorage, Storage, StorageOptions, file_storage};
+use crate::io::{
+    FileStorage, Storage, StorageOptions, file_storage, remove_if_present, sync_directory,
+};
 use crate::proto::{CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription};
 use crate::resync::BlockHashes;
 use crate::track::{
@@ -73,21 +75,10 @@ fn owed_path(image: &Path) -> PathBuf {
 }
 
 fn create_durably(path: &Path) -> Result<()> {
-    let name = path.display().to_string();
     std::fs::File::create(path)
         .and_then(|file| file.sync_all())
-        .map_err(|error| Error::file(&name, "create", error))?;
-    if let Some(parent) = path.parent() {
-        let directory = if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        };
-        std::fs::File::open(directory)
-            .and_then(|directory| directory.sync_all())
-            .map_err(|error| Error::file(&name, "flush the directory of", error))?;
-    }
-    Ok(())
+        .map_err(|error| Error::file(&path.display().to_string(), "create", error))?;
+    sync_directory(path.parent().unwrap_or(Path::new(".")))
 }
 
 pub(crate) fn journal_path(image: &Path) -> PathBuf {
@@ -145,17 +136,7 @@ impl ProtectedVm {
     /// applied): tracking vouches for it from now on, across stops and crashes.
     pub fn caught_up(&self) -> Result<()> {
         for path in &self.paths {
-            match std::fs::remove_file(owed_path(path)) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    return Err(Error::file(
-                        &path.display().to_string(),
-                        "record catching up",
-                        error,
-                    ));
-                }
-            }
+            remove_if_present(&owed_path(path))?;
         }
         Ok(())
     }

@@ -6,10 +6,10 @@
 //! direction of the data changes, the connection's does not, so no new address or trust is
 //! needed for reverse replication.
 
-use crate::control::{ControlSocket, run_directory};
+use crate::control::ControlSocket;
 use crate::replication_command::{
-    InitialMode, ProtectArguments, Switch, hostname, rand_seed, runtime, show_progress,
-    stop_on_signals,
+    InitialMode, ProtectArguments, Switch, agent_socket, hostname, rand_seed, runtime,
+    show_progress, stop_on_signals,
 };
 use blockrep::delta::Compression;
 use blockrep::nbd::NbdServer;
@@ -123,7 +123,7 @@ struct Agent<'a> {
 
 impl Agent<'_> {
     fn control_path(&self) -> PathBuf {
-        run_directory().join(format!("protect-{}.sock", self.arguments.name))
+        agent_socket(&self.arguments.name)
     }
 
     /// Runs the VM here, replicating it, until stopped or until it runs at the other site.

@@ -594,20 +594,18 @@ pub fn request_unplanned_failover(
     ask_replica_servers_at(vm, &request, server)
 }
 
-// Replaced by the planned failover change.
 /// A planned failover of `vm`, replication reversed afterwards when `reverse`.
 pub fn planned_failover(vm: &str, reverse: bool) -> Result<serde_json::Value, String> {
     // Where the VM runs: its own agent (`protect`) when it runs here as the primary, else a
     // replica server it failed over to (failback).
-    let agent = run_directory().join(format!("protect-{vm}.sock"));
     let request =
         serde_json::json!({"request": "planned-failover", "reverse": reverse}).to_string();
-    if let Ok(answer) = crate::control::request(&agent, &request, None) {
+    if let Ok(answer) = request_agent(vm, &request, None) {
         if answer.get("ok").is_some() {
             return Ok(answer["ok"].clone());
         }
-        if let Some(error) = answer.get("error") {
-            return Err(format!("{vm}: {}", error.as_str().unwrap_or("failed")));
+        if let Some(error) = answer["error"].as_str() {
+            return Err(format!("{vm}: {error}"));
         }
     }
     ask_replica_servers(
@@ -689,20 +687,46 @@ fn format_time(seconds: f64) -> String {
     )
 }
 
-/// `blockrep suspend VM` / `resume VM`: pause or go on with a running primary's replication.
-pub fn suspend(vm: &str, paused: bool) -> Outcome {
-    let path = run_directory().join(format!("protect-{vm}.sock"));
-    crate::control::request(
-        &path,
-        if paused { "suspend" } else { "resume" },
-        Some(std::time::Duration::from_secs(5)),
-    )
-    .map_err(|error| {
+/// Sends `request` to the VM's agent (`blockrep protect`) on this host; its answer.
+fn ask_primary(
+    vm: &str,
+    request: &str,
+    timeout: Option<std::time::Duration>,
+) -> Result<serde_json::Value, String> {
+    let answer = request_agent(vm, request, timeout)?;
+    match answer["error"].as_str() {
+        Some(error) => Err(format!("{vm}: {error}")),
+        None => Ok(answer),
+    }
+}
+
+/// Sends `request` to the VM's agent; its answer as it is, an `{"error": ...}` included.
+fn request_agent(
+    vm: &str,
+    request: &str,
+    timeout: Option<std::time::Duration>,
+) -> Result<serde_json::Value, String> {
+    let path = agent_socket(vm);
+    crate::control::request(&path, request, timeout).map_err(|error| {
         format!(
             "no running primary for {vm} answered at {} ({error})",
             path.display()
         )
-    })?;
+    })
+}
+
+/// The control socket of the VM's agent (`blockrep protect`) on this host.
+pub(crate) fn agent_socket(vm: &str) -> PathBuf {
+    run_directory().join(format!("protect-{vm}.sock"))
+}
+
+/// `blockrep suspend VM` / `resume VM`: pause or go on with a running primary's replication.
+pub fn suspend(vm: &str, paused: bool) -> Outcome {
+    ask_primary(
+        vm,
+        if paused { "suspend" } else { "resume" },
+        Some(std::time::Duration::from_secs(5)),
+    )?;
     println!(
         "{vm}: replication {}",
         if paused { "suspended" } else { "resumed" }
@@ -727,15 +751,7 @@ pub fn seed(store: &Path, vm: &str, disks: &[PathBuf], primary: &Path) -> Outcom
 
 /// `blockrep resync VM`: compare the disks by hash and ship what differs.
 pub fn resync(vm: &str) -> Outcome {
-    let path = run_directory().join(format!("protect-{vm}.sock"));
-    crate::control::request(&path, "resync", Some(std::time::Duration::from_secs(5))).map_err(
-        |error| {
-            format!(
-                "no running primary for {vm} answered at {} ({error})",
-                path.display()
-            )
-        },
-    )?;
+    ask_primary(vm, "resync", Some(std::time::Duration::from_secs(5)))?;
     println!(
         "{vm}: resynchronizing: the disks are compared by hash, and what differs ships with the next delta (`blockrep status` shows the progress)"
     );
@@ -745,17 +761,7 @@ pub fn resync(vm: &str) -> Outcome {
 /// `blockrep verify VM`: compare the replica with the primary by hash, shipping nothing. Exit 1
 /// when they differ (beyond what the primary has not shipped yet).
 pub fn verify(vm: &str, json: bool) -> Outcome {
-    let path = run_directory().join(format!("protect-{vm}.sock"));
-    let answer =
-        crate::control::request(&path, r#"{"request":"verify"}"#, None).map_err(|error| {
-            format!(
-                "no running primary for {vm} answered at {} ({error})",
-                path.display()
-            )
-        })?;
-    if let Some(error) = answer["error"].as_str() {
-        return Err(format!("{vm}: {error}").into());
-    }
+    let answer = ask_primary(vm, r#"{"request":"verify"}"#, None)?;
     let verification = &answer["ok"];
     let differing = verification["differing"]
         .as_array()

@@ -159,3 +159,30 @@ macro_rules! forward_storage {
 
 forward_storage!(Box);
 forward_storage!(std::sync::Arc);
+
+/// Flushes a directory, so that the names created, renamed or removed in it are durable.
+pub(crate) fn sync_directory(directory: &std::path::Path) -> crate::Result<()> {
+    let directory = if directory.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        directory
+    };
+    std::fs::File::open(directory)
+        .and_then(|handle| handle.sync_all())
+        .map_err(|error| {
+            crate::Error::file(&directory.display().to_string(), "flush directory", error)
+        })
+}
+
+/// Removes a file; one that is not there is fine.
+pub(crate) fn remove_if_present(path: &std::path::Path) -> crate::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(crate::Error::file(
+            &path.display().to_string(),
+            "remove",
+            error,
+        )),
+    }
+}

@@ -6,7 +6,7 @@
 use super::primary::{PrimaryOptions, PrimaryReport, Route, SharedReport, run_primary};
 use crate::Result;
 use crate::delta::Compression;
-use crate::io::StorageOptions;
+use crate::io::{StorageOptions, remove_if_present};
 use crate::protect::{ProtectedVm, journal_path};
 use crate::proto::PrimaryConfig;
 use crate::replica::VmReplica;
@@ -53,7 +53,7 @@ impl ExtendedVm {
         let paths = replica.disk_paths();
         if fresh {
             for path in &paths {
-                let _ = std::fs::remove_file(journal_path(path));
+                remove_if_present(&journal_path(path))?;
             }
         }
         let vm = Arc::new(

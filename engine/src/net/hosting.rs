@@ -7,12 +7,12 @@ use super::primary::{
     Ending, PrimaryCommand, PrimaryOptions, ResyncDone, Route, SharedReport, run_primary,
 };
 use crate::delta::Compression;
-use crate::io::StorageOptions;
+use crate::io::{StorageOptions, remove_if_present};
 use crate::nbd::{ExportedDisk, NbdAddress, NbdServer};
 use crate::protect::{ProtectedVm, journal_path};
 use crate::proto::PrimaryConfig;
 use crate::{Error, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -287,12 +287,4 @@ pub fn exports(vm: &ProtectedVm) -> Vec<(String, Arc<dyn ExportedDisk>)> {
             (name, Arc::clone(disk) as Arc<dyn ExportedDisk>)
         })
         .collect()
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(Error::file(&path.display().to_string(), "remove", error)),
-    }
 }

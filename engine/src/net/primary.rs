@@ -3,7 +3,7 @@
 //! unidirectional ones, has the [`ProtectedVm`] cut and read deltas on blocking threads, paces
 //! chunks to `--max-rate`, and publishes the machine's status for `blockrep status`.
 
-use super::frame::{read_frame, spawn_control_writer};
+use super::frame::{read_frame, spawn_control_writer, write_message};
 use super::identity::Identity;
 use super::resync;
 use super::tls::{client_config, is_authentication_failure};
@@ -740,7 +740,7 @@ pub async fn greet(
     hello: &Message,
 ) -> std::result::Result<Greeting, String> {
     let (connection, mut send, mut receive) = open_session(endpoint, replica).await?;
-    send.write_all(&hello.encode())
+    write_message(&mut send, hello)
         .await
         .map_err(|error| error.to_string())?;
     let answer = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut receive))

@@ -11,7 +11,7 @@
 //! hashes of the groups that differ only; the replica sends them in pieces and `HashesDone`.
 //! Two equal disks exchange their group digests and an empty request, nothing more.
 
-use super::frame::read_frame;
+use super::frame::{read_frame, write_message};
 use super::primary::ResyncSummary;
 use crate::protect::ProtectedVm;
 use crate::proto::{Message, PROTOCOL_VERSION};
@@ -243,8 +243,7 @@ async fn both_hashes(
 }
 
 async fn send(control: &mut quinn::SendStream, message: &Message) -> Result<()> {
-    control
-        .write_all(&message.encode())
+    write_message(control, message)
         .await
         .map_err(|error| failure(error.to_string()))
 }

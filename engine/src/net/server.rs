@@ -1233,13 +1233,10 @@ fn verify_handover(
     digests: &[u128],
     reverse: bool,
 ) -> std::result::Result<(), String> {
-    let ours: Vec<u128> = slot
+    let ours = slot
         .replica
-        .block_hashes(seed)
-        .map_err(|error| format!("cannot hash the replica's disks: {error}"))?
-        .iter()
-        .map(crate::resync::BlockHashes::digest)
-        .collect();
+        .digests(seed)
+        .map_err(|error| format!("cannot hash the replica's disks: {error}"))?;
     if ours.len() != digests.len() {
         return Err(format!(
             "the primary compared {} disks, the replica has {}",

@@ -16,7 +16,7 @@ use crate::delta::{DeltaHeader, HEADER_SIZE};
 use crate::delta::{verify_delta, write_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use crate::image::{Access, BlockImage, RawImage, VhdxImage};
-use crate::io::{Storage, StorageOptions, file_storage};
+use crate::io::{Storage, StorageOptions, file_storage, sync_directory};
 use crate::protect::{ProtectedDisk, SharedDisk};
 use crate::proto::{DeltaId, DeltaKind, DiskDescription, Fence, ReplicaVmRecord};
 use crate::{Error, Result};
@@ -729,7 +729,7 @@ impl VmReplica {
             return Err(self.refusal("the failover is already committed".into()));
         }
         self.disks.clear();
-        let mut catalogue = self.catalogue()?.clone();
+        let catalogue = self.catalogue()?.clone();
         for index in 0..catalogue.disks.len() {
             let from = self.failover_directory().join(format!("disk-{index}.vhdx"));
             let to = self.disk_path(index);
@@ -741,42 +741,47 @@ impl VmReplica {
         }
         sync_directory(&self.directory)?;
         let _ = std::fs::remove_dir(self.failover_directory());
-        let dropped: Vec<String> = catalogue
-            .points
-            .drain(..)
-            .flat_map(|point| point.undo)
-            .collect();
-        catalogue.failover = Some(FailoverRecord {
-            committed: true,
-            ..failover
-        });
-        self.write_catalogue(catalogue)?;
-        self.delete_undo(dropped);
+        self.run_here(
+            catalogue,
+            FailoverRecord {
+                committed: true,
+                ..failover
+            },
+        )?;
         Ok(self.disk_paths())
     }
 
     /// A planned failover handed the VM over at delta `sequence` (the disks compared equal):
     /// it runs here now. The recovery points go: the VM writes the disks from now on.
     pub fn take_over(&mut self, sequence: u64, reverse: bool) -> Result<()> {
-        let mut catalogue = self.catalogue()?.clone();
+        let catalogue = self.catalogue()?.clone();
         if catalogue.applied != sequence {
             return Err(self.refusal(format!(
                 "handed over at delta {sequence}, but delta {} is applied here",
                 catalogue.applied
             )));
         }
+        self.run_here(
+            catalogue,
+            FailoverRecord {
+                point: sequence,
+                committed: true,
+                planned: true,
+                reverse,
+                resync: false,
+            },
+        )
+    }
+
+    /// Records that the VM runs here (`failover`, committed): its recovery points go, since
+    /// the VM writes the disks from now on.
+    fn run_here(&mut self, mut catalogue: Catalogue, failover: FailoverRecord) -> Result<()> {
         let dropped: Vec<String> = catalogue
             .points
             .drain(..)
             .flat_map(|point| point.undo)
             .collect();
-        catalogue.failover = Some(FailoverRecord {
-            point: sequence,
-            committed: true,
-            planned: true,
-            reverse,
-            resync: false,
-        });
+        catalogue.failover = Some(failover);
         self.write_catalogue(catalogue)?;
         self.delete_undo(dropped);
         Ok(())
@@ -1125,6 +1130,15 @@ impl VmReplica {
             .collect()
     }
 
+    /// Every disk's digest under `seed` (the root of its block hashes).
+    pub fn digests(&mut self, seed: u64) -> Result<Vec<u128>> {
+        Ok(self
+            .block_hashes(seed)?
+            .iter()
+            .map(crate::resync::BlockHashes::digest)
+            .collect())
+    }
+
     /// Closes the open disks (so that another part of the process may open them).
     pub fn release_disks(&mut self) {
         self.disks.clear();
@@ -1297,12 +1311,6 @@ fn check_disk(disk: &DiskDescription) -> Result<()> {
         });
     }
     Ok(())
-}
-
-fn sync_directory(directory: &Path) -> Result<()> {
-    File::open(directory)
-        .and_then(|handle| handle.sync_all())
-        .map_err(|error| Error::file(&directory.display().to_string(), "flush directory", error))
 }
 
 #[cfg(test)]
