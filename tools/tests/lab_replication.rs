@@ -1084,7 +1084,16 @@ fn an_unplanned_failover_after_the_primary_dies_mid_delta_gives_its_last_shipped
         || returning.log().contains("blockrep reverse").then_some(()),
     );
     assert!(returning.poll().is_none(), "{}", returning.tail());
-    assert_eq!(sequence(&site.primary_status().unwrap_or_default()), 0);
+    let refused = site
+        .primary_status()
+        .expect("the old primary answers its status");
+    assert_eq!(sequence(&refused), 0, "{refused}");
+    assert!(
+        refused["last_error"]
+            .as_str()
+            .is_some_and(|error| error.contains("runs at the replica site")),
+        "{refused}"
+    );
     returning.stop();
     serve.stop();
 }
@@ -1175,8 +1184,7 @@ fn reverse_replication_after_an_unplanned_failover_ships_only_what_differs_then_
     site.wait_until_replicated(&[&serve, &returning]);
     let before_failover = site.capture_through_nbd("before-planned.raw");
     // A planned failover from the first host, and back.
-    let answer = planned_failover(&site, &[&serve, &returning]);
-    assert!(answer.contains("compared equal"), "{answer}");
+    planned_failover(&site, &[&serve, &returning]);
     let at_replica = site.path("at-replica.raw");
     run_ok(Command::new("qemu-img").args([
         "convert",
@@ -1198,27 +1206,34 @@ fn reverse_replication_after_an_unplanned_failover_ships_only_what_differs_then_
     );
     site.wait_until_replicated(&[&serve, &returning]);
     let home = site.capture_through_nbd("home.raw");
-    let expected = std::fs::read(&home).unwrap();
-    for (offset, byte) in [
-        (0, 0x61),
-        (16 * MIB, 0x00),
-        (56 * MIB, 0x63),
-        (60 * MIB, 0x64),
-        (4 * MIB, 0x65),
-        (30 * MIB, 0x66),
+    let home = std::fs::read(&home).unwrap();
+    // Every write, at either site, at every step, whole: 16M..48M (but for the later write at
+    // 30M) is what the old primary wrote and the unplanned failover dropped.
+    for (range, byte) in [
+        (0..2 * MIB, 0x61u8),
+        (4 * MIB..5 * MIB, 0x65),
+        (16 * MIB..30 * MIB, 0x00),
+        (30 * MIB..31 * MIB, 0x66),
+        (31 * MIB..48 * MIB, 0x00),
+        (56 * MIB..57 * MIB, 0x63),
+        (60 * MIB..61 * MIB, 0x64),
     ] {
-        assert_eq!(
-            expected[offset as usize], byte,
-            "byte at {offset} after the round trip"
-        );
+        let (start, end) = (range.start as usize, range.end as usize);
+        if let Some(wrong) = home[start..end].iter().position(|&found| found != byte) {
+            panic!(
+                "byte {} after the round trip is {:#x}, not {byte:#x}",
+                start + wrong,
+                home[start + wrong]
+            );
+        }
     }
     returning.stop();
     serve.stop();
     site.assert_replica_equals_primary();
 }
 
-/// `blockrep failover vm1 --planned --reverse`, wherever the VM runs; its output.
-fn planned_failover(site: &Site, daemons: &[&Daemon]) -> String {
+/// `blockrep failover vm1 --planned --reverse`, wherever the VM runs; both sites compared equal.
+fn planned_failover(site: &Site, daemons: &[&Daemon]) {
     let output = site
         .blockrep()
         .args(["failover", "vm1", "--planned", "--reverse"])
@@ -1233,7 +1248,8 @@ fn planned_failover(site: &Site, daemons: &[&Daemon]) -> String {
             .map(|daemon| daemon.tail())
             .collect::<String>()
     );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    let answer = String::from_utf8_lossy(&output.stdout);
+    assert!(answer.contains("compared equal"), "{answer}");
 }
 
 /// Waits until the replica site replicates back to the first host.
@@ -1392,8 +1408,22 @@ fn a_replica_server_replicates_onward_to_a_third_site() {
     let human = run_ok(site.blockrep().args(["status"]));
     assert!(human.contains("extended to:"), "{human}");
     protect.stop();
-    // Whatever the last cycle carried reaches the third site too.
-    std::thread::sleep(Duration::from_secs(3));
+    // The third site catches up with the replica: its onward deltas stop changing once the
+    // replica gets nothing new (onward cuts follow the primary's deltas).
+    let settled = wait_for(
+        "the third site to take the replica's last delta",
+        WAIT,
+        || serve.tail(),
+        || {
+            let before = site.replica_status_at(&address)?;
+            std::thread::sleep(Duration::from_millis(2500));
+            let after = site.replica_status_at(&address)?;
+            (sequence(&before["extended"]) == sequence(&after["extended"])
+                && after["extended"]["pending_bytes"] == 0)
+                .then_some(after)
+        },
+    );
+    assert!(sequence(&settled["extended"]) > 1, "{settled}");
     serve.stop();
     third.stop();
     let third_disk = third_store.join("vm1").join("disk-0.vhdx");
@@ -1594,7 +1624,10 @@ fn lost_tracking_resynchronizes_by_hash_and_verify_finds_a_flipped_byte() {
     std::fs::remove_file(site.path("disk.vhdx.brtrack")).unwrap();
     let mut protect = site.protect(None, &address, "pid");
     let status = site.wait_for_primary("the resynchronization", &[&serve, &protect], |status| {
-        status["resync"].is_object() && status["pending_bytes"] == 0 && sequence(status) > point
+        status["resync"].is_object()
+            && status["pending_bytes"] == 0
+            && sequence(status) > last
+            && status["last_delta_bytes"].as_u64() > Some(0)
     });
     assert_eq!(
         status["resync"]["differing_bytes"].as_u64(),
@@ -1606,9 +1639,10 @@ fn lost_tracking_resynchronizes_by_hash_and_verify_finds_a_flipped_byte() {
         Some(64 * MIB),
         "{status}"
     );
-    assert!(
-        status["last_delta_bytes"].as_u64().unwrap_or(u64::MAX) <= 4 * MIB,
-        "the resync shipped more than what differs: {status}"
+    assert_eq!(
+        status["last_delta_bytes"].as_u64(),
+        Some(3 * MIB),
+        "the resync shipped other than what differs: {status}"
     );
     site.wait_until_replicated(&[&serve, &protect]);
     let verified = site.blockrep().args(["verify", "vm1"]).output().unwrap();
@@ -1703,7 +1737,10 @@ fn a_replica_seeded_from_an_older_copy_ships_only_what_changed_since() {
     let (mut serve, address) = site.serve(None, "127.0.0.1:0", "serve.log", None);
     let mut protect = site.protect_with(None, &address, "pid", &["--initial", "existing"]);
     let status = site.wait_for_primary("the comparison", &[&serve, &protect], |status| {
-        status["resync"].is_object() && status["pending_bytes"] == 0 && sequence(status) >= 2
+        status["resync"].is_object()
+            && status["pending_bytes"] == 0
+            && sequence(status) >= 2
+            && status["last_delta_bytes"].as_u64() > Some(0)
     });
     assert_eq!(
         status["resync"]["differing_bytes"].as_u64(),
