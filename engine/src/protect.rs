@@ -462,7 +462,7 @@ impl PreserveBlocks for SpoolPreserver {
 /// A tracked disk seen as an image, shared: each call takes the disk's lock on its own (hashing
 /// a live disk must not hold its writers off for the whole pass), and writes are tracked (a
 /// replica server applying deltas to disks it also replicates onward).
-pub struct SharedDisk(pub Arc<ProtectedDisk>);
+pub(crate) struct SharedDisk(pub(crate) Arc<ProtectedDisk>);
 
 impl BlockImage for SharedDisk {
     fn virtual_size(&self) -> u64 {
