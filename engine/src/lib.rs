@@ -11,6 +11,8 @@ pub mod image;
 pub mod io;
 pub mod nbd;
 pub mod net;
+#[cfg(feature = "planted-bugs")]
+pub mod planted;
 pub mod protect;
 pub mod proto;
 pub mod replica;

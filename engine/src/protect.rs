@@ -8,9 +8,7 @@
 
 use crate::delta::{Compression, DeltaEncoder, DeltaHeader, Spool, chunk_pieces};
 use crate::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
-use crate::io::{
-    FileStorage, Storage, StorageOptions, file_storage, remove_if_present, sync_directory,
-};
+use crate::io::{FileStorage, StorageOptions, file_storage, remove_if_present, sync_directory};
 use crate::proto::{CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription};
 use crate::resync::BlockHashes;
 use crate::track::{
@@ -91,7 +89,7 @@ impl ProtectedVm {
     /// Opens the VM's disk images for writing, with their tracking journals.
     pub fn open(
         paths: &[PathBuf],
-        storage: StorageOptions,
+        storage: &StorageOptions,
         compression: Compression,
     ) -> Result<Self> {
         let mut disks = Vec::new();
@@ -495,7 +493,7 @@ impl BlockImage for SharedDisk {
 /// disk id (nil for raw) and its logical sector size.
 pub(crate) fn open_image(
     path: &Path,
-    storage: StorageOptions,
+    storage: &StorageOptions,
 ) -> Result<(Box<dyn BlockImage>, Uuid, u32)> {
     let name = path.display().to_string();
     let file = std::fs::OpenOptions::new()
@@ -540,15 +538,15 @@ fn raw_disk_id(path: &Path) -> Uuid {
 /// afresh (and asking for an initial replication) when it is new or lost.
 fn open_disk(
     path: &Path,
-    storage: StorageOptions,
+    storage: &StorageOptions,
 ) -> Result<(ProtectedDisk, DiskDescription, bool)> {
     let (image, disk_id, logical_sector) = open_image(path, storage)?;
     let journal_path = journal_path(path);
     let journal_name = journal_path.display().to_string();
     let virtual_size = image.virtual_size();
     let existing = FileStorage::open(&journal_path, true).ok();
-    let reopened = existing.and_then(|storage| {
-        let storage: Box<dyn Storage> = Box::new(storage);
+    let reopened = existing.and_then(|file| {
+        let storage = storage.layered(Box::new(file));
         let stored = Journal::stored_identity(&storage, &journal_name).ok()?;
         // A raw image has no id of its own: the journal keeps the one it was given.
         let identity = JournalIdentity {
@@ -587,8 +585,11 @@ fn open_disk(
                 .truncate(false)
                 .open(&journal_path)
                 .map_err(|error| Error::file(&journal_name, "create journal", error))?;
-            let storage: Box<dyn Storage> = Box::new(FileStorage::from_file(file));
-            let journal = Journal::create(storage, &journal_name, identity)?;
+            let journal = Journal::create(
+                storage.layered(Box::new(FileStorage::from_file(file))),
+                &journal_name,
+                identity,
+            )?;
             let recovered = Recovered {
                 dirty: DirtyBitmap::new(virtual_size.div_ceil(identity.granularity)),
                 next_generation: 1,

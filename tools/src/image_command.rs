@@ -103,9 +103,10 @@ impl IoOptions {
         };
         file_storage(
             file,
-            StorageOptions {
+            &StorageOptions {
                 engine,
                 direct: !self.page_cache,
+                layer: None,
             },
         )
         .map_err(|error| format!("{name}: {error}"))

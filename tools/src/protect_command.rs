@@ -137,7 +137,7 @@ impl Agent<'_> {
             let (disks, storage) = (arguments.disks.clone(), arguments.io.options());
             Arc::new(
                 tokio::task::spawn_blocking(move || {
-                    ProtectedVm::open(&disks, storage, compression)
+                    ProtectedVm::open(&disks, &storage, compression)
                 })
                 .await??,
             )

@@ -161,6 +161,7 @@ impl IoArguments {
                 IoChoice::Sync => IoEngine::Sync,
             },
             direct: false,
+            layer: None,
         }
     }
 }

@@ -31,15 +31,62 @@ pub enum IoEngine {
 }
 
 /// How to open a file for image I/O.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StorageOptions {
     pub engine: IoEngine,
     /// With io_uring: send aligned writes through O_DIRECT, bypassing the page cache.
     pub direct: bool,
+    /// Wraps every store opened with these options (images and journals): the simulator's
+    /// fault injection. `None` in the daemons.
+    pub layer: Option<StorageLayer>,
+}
+
+/// A wrapper put around each store as it is opened, so that every byte the engine writes to
+/// images and journals passes through it (the simulator loses unflushed writes there).
+#[derive(Clone)]
+pub struct StorageLayer(std::sync::Arc<WrapStorage>);
+
+type WrapStorage = dyn Fn(Box<dyn Storage>) -> Box<dyn Storage> + Send + Sync;
+
+impl StorageLayer {
+    pub fn new(
+        wrap: impl Fn(Box<dyn Storage>) -> Box<dyn Storage> + Send + Sync + 'static,
+    ) -> Self {
+        StorageLayer(std::sync::Arc::new(wrap))
+    }
+}
+
+impl std::fmt::Debug for StorageLayer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("StorageLayer")
+    }
+}
+
+/// Two layers are the same when they are one closure.
+impl PartialEq for StorageLayer {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for StorageLayer {}
+
+impl StorageOptions {
+    /// `storage` with this options' layer around it, if any.
+    pub fn layered(&self, storage: Box<dyn Storage>) -> Box<dyn Storage> {
+        match &self.layer {
+            Some(layer) => (layer.0)(storage),
+            None => storage,
+        }
+    }
 }
 
 /// Wraps an open file in the store `options` ask for.
-pub fn file_storage(file: File, options: StorageOptions) -> io::Result<Box<dyn Storage>> {
+pub fn file_storage(file: File, options: &StorageOptions) -> io::Result<Box<dyn Storage>> {
+    Ok(options.layered(engine_storage(file, options)?))
+}
+
+fn engine_storage(file: File, options: &StorageOptions) -> io::Result<Box<dyn Storage>> {
     let uring = UringOptions {
         direct: options.direct,
         ..UringOptions::default()

@@ -57,7 +57,7 @@ impl ExtendedVm {
             }
         }
         let vm = Arc::new(
-            ProtectedVm::open(&paths, options.storage, Compression::Lz4)?
+            ProtectedVm::open(&paths, &options.storage, Compression::Lz4)?
                 .with_gate(replica.apply_gate()),
         );
         replica.track_with(vm.disks().to_vec());

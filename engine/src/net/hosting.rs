@@ -79,7 +79,11 @@ impl HostedVm {
                 remove_if_present(&journal_path(path))?;
             }
         }
-        let vm = Arc::new(ProtectedVm::open(paths, options.storage, Compression::Lz4)?);
+        let vm = Arc::new(ProtectedVm::open(
+            paths,
+            &options.storage,
+            Compression::Lz4,
+        )?);
         let nbd_address = match &options.nbd_directory {
             Some(directory) => {
                 std::fs::create_dir_all(directory).map_err(|error| {

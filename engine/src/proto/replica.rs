@@ -623,11 +623,19 @@ impl Replica {
             return;
         };
         if staging.end && staging.staged.covers(staging.chunks) && self.committing.is_none() {
-            self.committing = Some(staging.delta);
+            let (delta, kind, app_consistent) =
+                (staging.delta, staging.kind, staging.app_consistent);
+            self.committing = Some(delta);
+            #[cfg(feature = "planted-bugs")]
+            if crate::planted::is_planted(crate::planted::Bug::ConfirmBeforeDurable)
+                && let Some(connection) = self.connection
+            {
+                self.send(connection, Message::Applied { delta });
+            }
             self.actions.push_back(ReplicaAction::Commit {
-                delta: staging.delta,
-                kind: staging.kind,
-                app_consistent: staging.app_consistent,
+                delta,
+                kind,
+                app_consistent,
             });
         }
     }

@@ -7,4 +7,4 @@ mod store;
 
 pub use bundle::apply_bundle;
 pub use points::{PointPolicy, RecoveryPoint};
-pub use store::{Disk, FailoverRecord, PointInfo, ReplicaStore, VmReplica, fence_for};
+pub use store::{Disk, FailoverRecord, PointInfo, ReplicaStore, VmReplica, WallClock, fence_for};

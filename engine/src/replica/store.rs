@@ -113,12 +113,49 @@ impl FailoverRecord {
     }
 }
 
+/// Where the store reads the time of day, in seconds since the Unix epoch, for what it records
+/// (when a delta was applied, which recovery points to keep): the system clock in the daemons,
+/// the simulator's virtual clock there.
+#[derive(Clone)]
+pub struct WallClock(Arc<dyn Fn() -> f64 + Send + Sync>);
+
+impl WallClock {
+    pub fn new(now: impl Fn() -> f64 + Send + Sync + 'static) -> Self {
+        WallClock(Arc::new(now))
+    }
+
+    pub fn system() -> Self {
+        WallClock::new(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |since| since.as_secs_f64())
+        })
+    }
+
+    fn now(&self) -> f64 {
+        (self.0)()
+    }
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        WallClock::system()
+    }
+}
+
+impl std::fmt::Debug for WallClock {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("WallClock")
+    }
+}
+
 /// Where a VM's replicas live.
 #[derive(Debug, Clone)]
 pub struct ReplicaStore {
     root: PathBuf,
     storage: StorageOptions,
     policy: PointPolicy,
+    clock: WallClock,
 }
 
 impl ReplicaStore {
@@ -135,7 +172,14 @@ impl ReplicaStore {
             root: root.to_owned(),
             storage,
             policy,
+            clock: WallClock::system(),
         })
+    }
+
+    /// Reads the time of day from `clock` instead of the system's.
+    pub fn with_clock(mut self, clock: WallClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The VMs that have a catalogue in the store.
@@ -171,11 +215,12 @@ impl ReplicaStore {
         let mut replica = VmReplica {
             vm: vm.to_owned(),
             directory,
-            storage: self.storage,
+            storage: self.storage.clone(),
             catalogue,
             disks: Vec::new(),
             staging: None,
             policy: self.policy,
+            clock: self.clock.clone(),
             pinned: 0,
             pending_deletions: Vec::new(),
             recent_undo: Vec::new(),
@@ -234,7 +279,7 @@ impl ReplicaStore {
         let mut disks = Vec::with_capacity(copies.len());
         let mut sources = Vec::with_capacity(copies.len());
         for copy in copies {
-            let (image, disk_id, logical_sector) = crate::protect::open_image(copy, self.storage)?;
+            let (image, disk_id, logical_sector) = crate::protect::open_image(copy, &self.storage)?;
             disks.push(DiskDescription {
                 disk_id,
                 virtual_size: image.virtual_size(),
@@ -329,6 +374,7 @@ pub struct VmReplica {
     disks: Vec<OpenDisk>,
     staging: Option<Staging>,
     policy: PointPolicy,
+    clock: WallClock,
     /// Test failovers reading the undo files: while any runs, no undo file is deleted and no
     /// point expires.
     pinned: usize,
@@ -412,7 +458,7 @@ impl VmReplica {
             owner: owner.to_owned(),
             disks,
             applied: 0,
-            applied_at: unix_now(),
+            applied_at: self.clock.now(),
             applied_app_consistent: false,
             committing_app_consistent: false,
             committing: None,
@@ -817,7 +863,7 @@ impl VmReplica {
         let mut catalogue = self.catalogue()?.clone();
         catalogue.failover = None;
         catalogue.applied = sequence;
-        catalogue.applied_at = unix_now();
+        catalogue.applied_at = self.clock.now();
         catalogue.applied_app_consistent = false;
         self.write_catalogue(catalogue)
     }
@@ -1061,7 +1107,7 @@ impl VmReplica {
             }
         }
         catalogue.applied = delta.sequence;
-        catalogue.applied_at = unix_now();
+        catalogue.applied_at = self.clock.now();
         catalogue.applied_app_consistent =
             kind == DeltaKind::Changes && catalogue.committing_app_consistent;
         catalogue.committing = None;
@@ -1115,7 +1161,7 @@ impl VmReplica {
             return Ok(());
         }
         for path in self.disk_paths() {
-            let (image, _, _) = crate::protect::open_image(&path, self.storage)?;
+            let (image, _, _) = crate::protect::open_image(&path, &self.storage)?;
             self.disks.push(image);
         }
         Ok(())
@@ -1177,7 +1223,7 @@ impl VmReplica {
             .truncate(true)
             .open(path)
             .map_err(|error| Error::file(&name, "create replica disk", error))?;
-        let storage = file_storage(file, self.storage)
+        let storage = file_storage(file, &self.storage)
             .map_err(|error| Error::file(&name, "create replica disk", error))?;
         let sector = SectorSize::new(u64::from(description.logical_sector))
             .map_err(|reason| self.refusal(reason))?;
@@ -1287,12 +1333,6 @@ fn undo_headers(descriptions: &[DiskDescription], sequence: u64) -> Vec<DeltaHea
 
 fn undo_name(sequence: u64) -> String {
     format!("undo-{sequence}.bundle")
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |since| since.as_secs_f64())
 }
 
 fn check_disk(disk: &DiskDescription) -> Result<()> {

@@ -1,0 +1,131 @@
+//! Random scenarios with random faults, one per seed: a small two-site deployment whose link,
+//! workloads and faults are all drawn from the seed, run for a short while. A failing seed is
+//! replayed exactly by `blockrep sim fuzz --seed N`.
+
+use crate::random::Random;
+use crate::scenario::Scenario;
+use std::fmt::Write;
+
+/// The scenario seed `seed` stands for, as TOML (so it can be saved and read like any other).
+pub fn scenario_for(seed: u64) -> String {
+    let mut random = Random::new(seed ^ 0xF022_5EED);
+    let mut text = String::new();
+    let frequency = ["30s", "30s", "5m"][random.below(3) as usize];
+    let bandwidth = ["20Mbit", "100Mbit", "1Gbit"][random.below(3) as usize];
+    let latency_ms = 1 + random.below(40);
+    let _ = write!(
+        text,
+        "name = \"fuzz {seed}\"\nduration = \"30m\"\nseed = {seed}\n\
+         [[site]]\nname = \"primary\"\n[[site]]\nname = \"recovery\"\n\
+         [[host]]\nname = \"hv-a\"\nsite = \"primary\"\n[[host]]\nname = \"hv-b\"\nsite = \"recovery\"\n\
+         [[policy]]\nname = \"policy\"\nfrequency = \"{frequency}\"\nrecovery_points = {}\n\
+         [[link]]\nsites = [\"primary\", \"recovery\"]\nbandwidth = \"{bandwidth}\"\n\
+         latency = \"{latency_ms}ms\"\njitter = \"{}ms\"\nloss = {:.3}\n",
+        random.below(4),
+        random.below(latency_ms + 1),
+        random.unit() * 0.02,
+    );
+    for vm in 0..1 + random.below(3) {
+        let workload = match random.below(4) {
+            0 => format!(
+                "{{ kind = \"oltp\", writes_per_second = {}, hot_set_percent = {}, skew = 1.{} }}",
+                1 + random.below(40),
+                1 + random.below(20),
+                random.below(5)
+            ),
+            1 => format!(
+                "{{ kind = \"log\", writes_per_second = {} }}",
+                1 + random.below(8)
+            ),
+            2 => format!(
+                "{{ kind = \"batch\", every_seconds = {}, burst_mib = {} }}",
+                30 + random.below(300),
+                1 + random.below(8)
+            ),
+            _ => "{ kind = \"idle\" }".to_owned(),
+        };
+        let _ = write!(
+            text,
+            "[[vm]]\nname = \"vm{vm}\"\nhost = \"hv-a\"\nreplica_host = \"hv-b\"\npolicy = \"policy\"\n\
+             disks = [\"{}M\"]\nworkload = {workload}\n",
+            [16, 32, 64][random.below(3) as usize]
+        );
+    }
+    for _ in 0..random.below(4) {
+        let at = 60 + random.below(1500);
+        let _ = match random.below(4) {
+            0 => write!(
+                text,
+                "[[event]]\nkind = \"partition\"\nat = \"{at}s\"\nsites = [\"primary\", \"recovery\"]\nlength = \"{}s\"\n",
+                1 + random.below(180)
+            ),
+            1 => write!(
+                text,
+                "[[event]]\nkind = \"crash_host\"\nat = \"{at}s\"\nhost = \"{}\"\ndown_for = \"{}s\"\nduring_io = {}\n",
+                ["hv-a", "hv-b"][random.below(2) as usize],
+                5 + random.below(120),
+                random.chance(0.5)
+            ),
+            2 => write!(
+                text,
+                "[[event]]\nkind = \"disk_full\"\nat = \"{at}s\"\nhost = \"{}\"\nlength = \"{}s\"\n",
+                ["hv-a", "hv-b"][random.below(2) as usize],
+                5 + random.below(120)
+            ),
+            _ => write!(
+                text,
+                "[[event]]\nkind = \"partition\"\nat = \"{at}s\"\nsites = [\"primary\", \"recovery\"]\nlength = \"{}s\"\n",
+                1 + random.below(8)
+            ),
+        };
+    }
+    text
+}
+
+/// The scenario of `seed`, read back through the scenario reader (which refusing it would be
+/// a bug in the generator).
+pub fn scenario(seed: u64) -> Result<Scenario, crate::ScenarioError> {
+    Scenario::parse(&scenario_for(seed), &format!("fuzz seed {seed}"))
+}
+
+/// What fuzzing found.
+#[derive(Debug, Default)]
+pub struct FuzzOutcome {
+    pub seeds_run: u64,
+    /// Each failing seed with its report.
+    pub failures: Vec<(u64, crate::Report)>,
+}
+
+/// Runs the scenarios of seeds `first..first + count`, each for `duration`, stopping after
+/// `stop_after` failures; `each` hears of every seed's report as it finishes.
+pub fn run_seeds(
+    first: u64,
+    count: u64,
+    duration: std::time::Duration,
+    stop_after: usize,
+    mut each: impl FnMut(u64, &crate::Report),
+) -> Result<FuzzOutcome, crate::SetupError> {
+    let mut outcome = FuzzOutcome::default();
+    for seed in first..first.saturating_add(count) {
+        let scenario = scenario(seed).map_err(|error| {
+            crate::SetupError::Scratch(std::io::Error::other(error.to_string()))
+        })?;
+        let report = crate::run(
+            scenario,
+            crate::RunOptions {
+                seed,
+                duration,
+                progress: None,
+            },
+        )?;
+        outcome.seeds_run += 1;
+        each(seed, &report);
+        if !report.passed() {
+            outcome.failures.push((seed, report));
+            if outcome.failures.len() >= stop_after {
+                break;
+            }
+        }
+    }
+    Ok(outcome)
+}
