@@ -94,7 +94,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
     let vm = Arc::new(
         ProtectedVm::open(
             std::slice::from_ref(&disk_path),
-            StorageOptions::default(),
+            &StorageOptions::default(),
             Compression::Lz4,
         )
         .unwrap(),
@@ -190,7 +190,7 @@ async fn refused(
     .await
     .unwrap();
     let vm = Arc::new(
-        ProtectedVm::open(&[disk_path], StorageOptions::default(), Compression::Lz4).unwrap(),
+        ProtectedVm::open(&[disk_path], &StorageOptions::default(), Compression::Lz4).unwrap(),
     );
     let (_stop, stopped) = watch::channel(false);
     let options = PrimaryOptions {
@@ -294,7 +294,7 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
             })
             .collect();
         let vm = Arc::new(
-            ProtectedVm::open(&paths, StorageOptions::default(), Compression::Lz4).unwrap(),
+            ProtectedVm::open(&paths, &StorageOptions::default(), Compression::Lz4).unwrap(),
         );
         let report = SharedReport::default();
         let (stop, stopped) = watch::channel(false);
