@@ -103,9 +103,14 @@ pub fn page_bytes(identity: u64, page: u64, version: u32, out: &mut [u8]) {
         state = splitmix(state);
         word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
     }
-    let record = format!("page {page:>10} version {version:>8} of disk {identity:016x}|");
-    for (index, byte) in repeated.iter_mut().enumerate() {
-        *byte = record.as_bytes()[index % record.len()];
+    // A 32-byte record naming the page and version, repeated: compressible, yet unique.
+    let mut record = [0u8; 32];
+    record[..8].copy_from_slice(&identity.to_le_bytes());
+    record[8..16].copy_from_slice(&page.to_le_bytes());
+    record[16..20].copy_from_slice(&version.to_le_bytes());
+    record[20..].copy_from_slice(b"|blockrep-sm");
+    for chunk in repeated.chunks_mut(record.len()) {
+        chunk.copy_from_slice(&record[..chunk.len()]);
     }
 }
 

@@ -38,6 +38,9 @@ const COMMIT_FLOOR: Duration = Duration::from_millis(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unix time at which every run starts, so recovery points get the same times each run.
 const EPOCH_SECONDS: f64 = 1_800_000_000.0;
+/// Pages besides the changed ones checked at each acknowledged delta, in turn, so that damage
+/// anywhere on a replica is found within a few hours.
+const SAMPLED_PAGES: u64 = 32;
 /// How often RPO and health are sampled.
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
@@ -1219,17 +1222,26 @@ impl World {
                     .collect(),
                 None => (0..*pages).collect(),
             };
-            let window = 256.min(*pages);
+            let window = SAMPLED_PAGES.min(*pages);
             pages_to_check.extend((0..window).map(|step| (cursor + step) % pages));
             pages_to_check.sort_unstable();
             pages_to_check.dedup();
-            let mut buffer = vec![0u8; PAGE as usize];
+            // Read in runs of neighbouring pages, a MiB at most.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
             for page in pages_to_check {
-                if let Err(error) = slot.replica.read_disk(disk, &mut buffer, page * PAGE) {
+                match runs.last_mut() {
+                    Some((first, count)) if *first + *count == page && *count < 256 => *count += 1,
+                    _ => runs.push((page, 1)),
+                }
+            }
+            let mut buffer = Vec::new();
+            for (first, count) in runs {
+                buffer.resize((count * PAGE) as usize, 0);
+                if let Err(error) = slot.replica.read_disk(disk, &mut buffer, first * PAGE) {
                     problem = Some(format!("cannot read the replica's disk {disk}: {error}"));
                     break 'disks;
                 }
-                if first_difference(*identity, versions, page, &buffer).is_some() {
+                if let Some(page) = first_difference(*identity, versions, first, &buffer) {
                     problem = Some(format!(
                         "after {delta} was acknowledged, the replica's disk {disk} differs from the primary's at its cut, at byte {} (page {page})",
                         page * PAGE
@@ -1239,7 +1251,7 @@ impl World {
             }
         }
         let runtime = &mut self.vms[vm];
-        runtime.sample_cursor = cursor + 256;
+        runtime.sample_cursor = cursor + SAMPLED_PAGES;
         match problem {
             Some(what) => {
                 self.checker

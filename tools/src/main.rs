@@ -7,6 +7,7 @@ mod output_file;
 mod plan;
 mod protect_command;
 mod replication_command;
+mod sim_command;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -137,6 +138,10 @@ enum Command {
     /// and after each group (docs/plans.md).
     #[command(subcommand)]
     Plan(plan::PlanCommand),
+    /// The simulator: Hyper-V Replica sites, hosts, links and faults around the real engine,
+    /// on a virtual clock (docs/simulator.md).
+    #[command(subcommand)]
+    Sim(sim_command::SimCommand),
     /// Show the state and health of the primaries and replica servers running here.
     Status {
         /// Print JSON instead of text.
@@ -211,6 +216,7 @@ fn main() -> ExitCode {
         }
         Command::Resume { vm } => replication_command::suspend(&vm, false),
         Command::Plan(command) => plan::run(command),
+        Command::Sim(command) => sim_command::run(command),
     };
     match outcome {
         Ok(code) => code,
