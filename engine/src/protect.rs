@@ -79,6 +79,15 @@ fn create_durably(path: &Path) -> Result<()> {
     sync_directory(path.parent().unwrap_or(Path::new(".")))
 }
 
+/// Starts tracking afresh for disks that have just become a VM's own (a failover made them
+/// from a replica): their old journals, if any, no longer describe them.
+pub fn forget_tracking(paths: &[PathBuf]) -> Result<()> {
+    for path in paths {
+        remove_if_present(&journal_path(path))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn journal_path(image: &Path) -> PathBuf {
     let mut name = image.as_os_str().to_owned();
     name.push(".brtrack");

@@ -639,3 +639,80 @@ proptest! {
         prop_assert_eq!(*world.cut.keys().last().unwrap(), last_cut);
     }
 }
+
+#[test]
+fn a_replica_stopped_by_a_failed_commit_takes_deltas_again_once_reopened() {
+    let record = ReplicaVmRecord {
+        disks: Some(config().disks),
+        applied: 3,
+        owner: Some("fingerprint-a".into()),
+        ..ReplicaVmRecord::default()
+    };
+    let mut replica = Replica::new("vm1", record.clone());
+    let answers =
+        |replica: &mut Replica| std::iter::from_fn(|| replica.poll_action()).collect::<Vec<_>>();
+    replica.hello(1, "fingerprint-a", 1, config().disks);
+    answers(&mut replica);
+    let delta = DeltaId {
+        sequence: 4,
+        cut: 9,
+    };
+    replica.handle_message(
+        1,
+        Message::DeltaBegin {
+            delta,
+            kind: DeltaKind::Changes,
+            chunks: 1,
+            recovery_point: true,
+            app_consistent: false,
+        },
+    );
+    replica.handle_message(
+        1,
+        Message::Chunk {
+            delta,
+            index: 0,
+            disk: 0,
+            payload: Bytes::from_static(b"chunk"),
+        },
+    );
+    answers(&mut replica);
+    replica.chunk_staged(delta, 0);
+    replica.handle_message(1, Message::DeltaEnd { delta });
+    assert!(
+        answers(&mut replica)
+            .iter()
+            .any(|action| matches!(action, ReplicaAction::Commit { .. })),
+        "a complete delta is committed"
+    );
+    // The disk was full: the VM stops, and a primary that comes back is told to retry.
+    replica.commit_failed(delta, "no space left on device");
+    answers(&mut replica);
+    replica.hello(2, "fingerprint-a", 1, config().disks);
+    let refused = answers(&mut replica).into_iter().any(|action| {
+        matches!(
+            action,
+            ReplicaAction::Send {
+                message: Message::Refused { retry: true, .. },
+                ..
+            }
+        )
+    });
+    assert!(refused, "a stopped VM refuses, worth retrying");
+    // Reopened (the store rolled the commit back): welcomed at what is applied, nothing staged.
+    replica.recovered(record);
+    replica.hello(3, "fingerprint-a", 1, config().disks);
+    let welcome = answers(&mut replica)
+        .into_iter()
+        .find_map(|action| match action {
+            ReplicaAction::Send {
+                message:
+                    Message::Welcome {
+                        applied, staged, ..
+                    },
+                ..
+            } => Some((applied, staged)),
+            _ => None,
+        });
+    assert_eq!(welcome, Some((3, None)));
+}

@@ -4,8 +4,8 @@
 //! - when a primary hears a delta is applied, the replica holds exactly what the guest's disks
 //!   held at that delta's cut (the simulator's own record of every page's version);
 //! - replication health follows the rules `blockrep status` states: never "normal" when
-//!   nothing was applied for an hour, "critical" when the replica has been unreachable for
-//!   longer than the engine's timeouts allow it to notice;
+//!   nothing was applied for an hour, "critical" once the replica has been unreachable for
+//!   longer than the replication interval (a minute at least) and the time to notice;
 //! - the recovery point objective holds when nothing is wrong and the link has room;
 //! - what the simulation holds in memory stays bounded.
 
@@ -20,9 +20,11 @@ const KEPT: usize = 50;
 /// Nothing applied for this long: health may not be normal (the engine's rule is an hour;
 /// the margin covers sampling).
 const STALE: Duration = Duration::from_secs(3600 + 60);
-/// Unreachable for this long: health must be critical (idle timeout, the longest reconnect
-/// wait and a connection attempt's timeout, with a margin).
-const UNREACHABLE: Duration = Duration::from_secs(120);
+/// Health turns critical once the primary could not send for its replication interval (at
+/// least a minute); it notices within the idle timeout or a connection attempt's timeout.
+/// Beyond both, with a margin for sampling, the health must say so.
+const UNREACHABLE_MARGIN: Duration = Duration::from_secs(40);
+const SHORTEST_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Violation {
@@ -96,7 +98,7 @@ impl Checker {
             ));
         }
         if let Some(since) = seen.unreachable_since
-            && now - since > UNREACHABLE
+            && now - since > seen.frequency.max(SHORTEST_GRACE) + UNREACHABLE_MARGIN
             && seen.health != Health::Critical
         {
             fail(format!(

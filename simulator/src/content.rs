@@ -2,7 +2,7 @@
 //! bytes are a function of (disk, page, version), so any state can be checked against a disk
 //! without keeping a copy of it; version 0 is a page never written (zeros).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub const PAGE: u64 = 4096;
 
@@ -19,6 +19,11 @@ pub struct DiskModel {
     on_disk: Vec<u32>,
     /// Pages written since they were last put on the disk (`take_unwritten`).
     unwritten: BTreeSet<u64>,
+    /// Pages put on the disk since its last flush, with the version durable before: a crash
+    /// may keep, lose or tear them.
+    unflushed: BTreeMap<u64, u32>,
+    /// Contents no generated version has (a write a crash tore), by page and version.
+    explicit: BTreeMap<(u64, u32), Vec<u8>>,
 }
 
 /// The versions of a disk's pages at one instant: what a cut froze.
@@ -31,6 +36,8 @@ impl DiskModel {
             versions: vec![0; size.div_ceil(PAGE) as usize],
             on_disk: vec![0; size.div_ceil(PAGE) as usize],
             unwritten: BTreeSet::new(),
+            unflushed: BTreeMap::new(),
+            explicit: BTreeMap::new(),
         }
     }
 
@@ -61,10 +68,59 @@ impl DiskModel {
         runs
     }
 
-    /// The run's writes are on the disk.
+    /// The disk holds `versions` now (the VM started again from a recovery point).
+    pub fn reset_to(&mut self, versions: &Versions) {
+        self.versions.clone_from(versions);
+        self.on_disk.clone_from(versions);
+        self.unwritten.clear();
+    }
+
+    /// The run's writes are on the disk (not yet flushed).
     pub fn reached_disk(&mut self, first: u64, count: u64) {
-        let range = first as usize..(first + count) as usize;
-        self.on_disk[range.clone()].copy_from_slice(&self.versions[range]);
+        for page in first..first + count {
+            let index = page as usize;
+            self.unflushed.entry(page).or_insert(self.on_disk[index]);
+            self.on_disk[index] = self.versions[index];
+        }
+    }
+
+    /// The disk was flushed: what reached it is durable.
+    pub fn flushed(&mut self) {
+        self.unflushed.clear();
+    }
+
+    /// After a crash: the pages that reached the disk without a flush since, with the version
+    /// durable before; the crash decided what they hold.
+    pub fn take_unflushed(&mut self) -> BTreeMap<u64, u32> {
+        std::mem::take(&mut self.unflushed)
+    }
+
+    /// The disk holds `bytes` at `page` (read back after a crash, where the write since the
+    /// last flush may have been kept, lost or torn): the model follows it. A torn page holds
+    /// sectors of both versions and becomes a version of its own.
+    pub fn found_on_disk(&mut self, page: u64, bytes: &[u8], durable: u32) {
+        let index = page as usize;
+        let mut expected = vec![0u8; PAGE as usize];
+        for version in [self.versions[index], durable] {
+            self.expected(page, version, &mut expected);
+            if expected == bytes {
+                self.versions[index] = version;
+                self.on_disk[index] = version;
+                return;
+            }
+        }
+        let torn = self.versions[index].max(durable).wrapping_add(1).max(1);
+        self.explicit.insert((page, torn), bytes.to_vec());
+        self.versions[index] = torn;
+        self.on_disk[index] = torn;
+    }
+
+    /// Fills `out` with what `page` holds at `version`.
+    pub fn expected(&self, page: u64, version: u32, out: &mut [u8]) {
+        match self.explicit.get(&(page, version)) {
+            Some(bytes) => out.copy_from_slice(&bytes[..out.len()]),
+            None => page_bytes(self.identity, page, version, out),
+        }
     }
 
     /// The run's writes failed (the disk is full): the guest's pages are what the disk holds.
@@ -122,9 +178,9 @@ fn splitmix(state: u64) -> u64 {
 }
 
 /// The first page whose bytes in `actual` (read from page `first` on) differ from what
-/// `versions` says disk `identity` holds.
+/// `versions` says `model`'s disk holds.
 pub fn first_difference(
-    identity: u64,
+    model: &DiskModel,
     versions: &Versions,
     first: u64,
     actual: &[u8],
@@ -132,7 +188,7 @@ pub fn first_difference(
     let mut expected = vec![0u8; PAGE as usize];
     for (index, bytes) in actual.chunks(PAGE as usize).enumerate() {
         let page = first + index as u64;
-        page_bytes(identity, page, versions[page as usize], &mut expected);
+        model.expected(page, versions[page as usize], &mut expected);
         if bytes != &expected[..bytes.len()] {
             return Some(page);
         }

@@ -51,6 +51,8 @@ struct HostState {
     crash_after: Option<u64>,
     /// An armed crash struck; the simulator has not yet carried it out (`crash`).
     struck: bool,
+    /// The simulator itself is reading (a check): its calls do not bring an armed crash on.
+    observing: bool,
     full: bool,
     /// Every store that may hold unflushed writes (a store the engine closed without a flush
     /// still loses them in a power cut).
@@ -73,6 +75,7 @@ impl HostDisks {
                 epoch: 0,
                 crash_after: None,
                 struck: false,
+                observing: false,
                 full: false,
                 opened: Vec::new(),
                 random,
@@ -110,6 +113,14 @@ impl HostDisks {
     /// Arms a crash to strike after `calls` more storage calls on this host.
     pub fn arm_crash(&self, calls: u64) {
         self.lock().crash_after = Some(calls);
+    }
+
+    /// Runs the simulator's own reads (checks) without counting them towards an armed crash.
+    pub fn observing<R>(&self, read: impl FnOnce() -> R) -> R {
+        self.lock().observing = true;
+        let result = read();
+        self.lock().observing = false;
+        result
     }
 
     /// An armed crash struck during the last engine call: the host must be crashed now.
@@ -186,6 +197,9 @@ impl FaultyStorage {
         let mut state = self.host.lock();
         if state.epoch != self.epoch || state.struck {
             return Err(io::Error::other("the host lost power"));
+        }
+        if state.observing {
+            return Ok(());
         }
         if let Some(calls) = &mut state.crash_after {
             if *calls == 0 {

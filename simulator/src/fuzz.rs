@@ -22,7 +22,7 @@ pub fn scenario_for(seed: u64) -> String {
          [[link]]\nsites = [\"primary\", \"recovery\"]\nbandwidth = \"{bandwidth}\"\n\
          latency = \"{latency_ms}ms\"\njitter = \"{}ms\"\nloss = {:.3}\n",
         random.below(4),
-        random.below(latency_ms + 1),
+        1 + random.below(latency_ms),
         random.unit() * 0.02,
     );
     for vm in 0..1 + random.below(3) {
@@ -107,9 +107,7 @@ pub fn run_seeds(
 ) -> Result<FuzzOutcome, crate::SetupError> {
     let mut outcome = FuzzOutcome::default();
     for seed in first..first.saturating_add(count) {
-        let scenario = scenario(seed).map_err(|error| {
-            crate::SetupError::Scratch(std::io::Error::other(error.to_string()))
-        })?;
+        let scenario = scenario(seed)?;
         let report = crate::run(
             scenario,
             crate::RunOptions {

@@ -64,6 +64,8 @@ pub struct VmReport {
     pub missed_cycles: u64,
     pub resyncs: u64,
     pub resync_differing_bytes: u64,
+    /// Times replication was reversed after a failover.
+    pub reversals: u64,
     /// Guest writes that failed (a full disk).
     pub failed_writes: u64,
     pub failures: Vec<String>,
@@ -96,12 +98,62 @@ impl VmReport {
             missed_cycles: 0,
             resyncs: 0,
             resync_differing_bytes: 0,
+            reversals: 0,
             failed_writes: 0,
             failures: Vec::new(),
             final_state: String::new(),
             health: Vec::new(),
             rpo_series: Vec::new(),
             pending_series: Vec::new(),
+        }
+    }
+}
+
+/// A failover step (or reverse replication) and what it cost.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FailoverReport {
+    pub seconds: f64,
+    pub vm: String,
+    /// `unplanned` or `reverse`.
+    pub kind: String,
+    pub from: String,
+    pub to: String,
+    /// The recovery point (delta sequence) the VM started from.
+    pub point: Option<u64>,
+    /// Bytes the guest had written that the point does not hold.
+    pub lost_bytes: u64,
+    /// Age of the point when the VM failed over.
+    pub rpo_seconds: Option<f64>,
+    /// The VM's networks at the new site: mapped, or disconnected.
+    pub networks: Vec<String>,
+    /// The recovery plan and group it ran in.
+    pub plan: Option<String>,
+    /// The disks were compared with the point, page by page.
+    pub checked: bool,
+    /// Why the step failed, or what could not be checked.
+    pub problem: Option<String>,
+}
+
+impl FailoverReport {
+    pub fn failed(
+        now: std::time::Duration,
+        vm: &str,
+        plan: Option<String>,
+        problem: String,
+    ) -> Self {
+        FailoverReport {
+            seconds: now.as_secs_f64(),
+            vm: vm.to_owned(),
+            kind: "unplanned".into(),
+            from: String::new(),
+            to: String::new(),
+            point: None,
+            lost_bytes: 0,
+            rpo_seconds: None,
+            networks: Vec::new(),
+            plan,
+            checked: false,
+            problem: Some(problem),
         }
     }
 }
@@ -136,6 +188,7 @@ pub struct Report {
     pub hosts: Vec<HostReport>,
     /// (seconds, what) for each fault injected.
     pub faults: Vec<(f64, String)>,
+    pub failovers: Vec<FailoverReport>,
     pub violations: Vec<Violation>,
     /// Violations beyond those listed.
     pub more_violations: u64,
@@ -234,6 +287,40 @@ impl Report {
         }
         for (seconds, what) in &self.faults {
             let _ = writeln!(out, "fault at {}: {what}", clock(*seconds));
+        }
+        for failover in &self.failovers {
+            let _ = write!(
+                out,
+                "{} at {}: {}",
+                failover.kind,
+                clock(failover.seconds),
+                failover.vm
+            );
+            if !failover.from.is_empty() {
+                let _ = write!(out, " {} -> {}", failover.from, failover.to);
+            }
+            match (failover.kind.as_str(), failover.point) {
+                ("reverse", Some(point)) => {
+                    let _ = write!(out, ", the old copy compared by hash from point {point}");
+                }
+                (_, Some(point)) => {
+                    let _ = write!(out, ", point {point}, {} lost", size(failover.lost_bytes));
+                }
+                _ => {}
+            }
+            if let Some(rpo) = failover.rpo_seconds.filter(|rpo| *rpo > 0.0) {
+                let _ = write!(out, " (point {rpo:.0} s old)");
+            }
+            if let Some(plan) = &failover.plan {
+                let _ = write!(out, ", plan {plan}");
+            }
+            if !failover.networks.is_empty() {
+                let _ = write!(out, ", networks: {}", failover.networks.join("; "));
+            }
+            if let Some(problem) = &failover.problem {
+                let _ = write!(out, " [{problem}]");
+            }
+            let _ = writeln!(out);
         }
         if let Some(peak) = self.peak_memory_bytes {
             let _ = writeln!(out, "peak memory {}", size(peak));

@@ -138,6 +138,11 @@ pub struct VmFile {
     /// Runs a VMM server (it must then not sit in a protected cloud).
     #[serde(default)]
     pub vmm: Option<String>,
+    /// Runs highly available in its host's failover cluster: the cluster restarts it on
+    /// another node (at the other site of a stretched cluster) and its database replicates
+    /// by its own availability groups, so blockrep does not replicate it.
+    #[serde(default)]
+    pub clustered: bool,
 }
 
 fn default_workload() -> WorkloadSpec {
@@ -194,6 +199,33 @@ pub enum EventFile {
         host: String,
         length: String,
     },
+    /// Every host of a site loses power, and comes back after `length`.
+    SiteOutage {
+        at: String,
+        site: String,
+        length: String,
+    },
+    /// Unplanned failover of VMs to their replica hosts, at the latest recovery point, committed:
+    /// the VMs at the old site are off, the replicas become the VMs (unprotected until reversed).
+    UnplannedFailover { at: String, vms: Vec<String> },
+    /// A recovery plan failed over unplanned: its groups in order, each group's VMs together.
+    RecoveryPlan {
+        at: String,
+        name: String,
+        groups: Vec<Vec<String>>,
+    },
+    /// Reverse replication: VMs that failed over replicate back to their old hosts, which
+    /// compare their copies by hash and take only what differs.
+    Reverse { at: String, vms: Vec<String> },
+    /// Planned failover where the VMs run (failback, when they run at the replica site): their
+    /// writes stop, the last changes ship, both sides compare, the other site runs them;
+    /// `reverse` replicates them back at once.
+    PlannedFailover {
+        at: String,
+        vms: Vec<String>,
+        #[serde(default)]
+        reverse: bool,
+    },
 }
 
 fn default_down_for() -> String {
@@ -213,6 +245,15 @@ pub struct Scenario {
     pub links: Vec<(usize, usize, LinkSpec)>,
     pub events: Vec<Event>,
     pub mappings: Vec<(String, String)>,
+    /// VMs the cluster keeps running, not replicated.
+    pub clustered: Vec<ClusteredVm>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusteredVm {
+    pub name: String,
+    pub host: usize,
+    pub cluster: String,
 }
 
 #[derive(Debug, Clone)]
@@ -225,6 +266,7 @@ pub struct Site {
 pub struct Host {
     pub name: String,
     pub site: usize,
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +310,22 @@ pub enum Action {
     DiskFull {
         host: usize,
         length: Duration,
+    },
+    SiteOutage {
+        site: usize,
+        length: Duration,
+    },
+    /// Groups of VMs failed over in order (one group each for a plain failover).
+    UnplannedFailover {
+        plan: Option<String>,
+        groups: Vec<Vec<usize>>,
+    },
+    Reverse {
+        vms: Vec<usize>,
+    },
+    PlannedFailover {
+        vms: Vec<usize>,
+        reverse: bool,
     },
 }
 
@@ -336,6 +394,7 @@ impl ScenarioFile {
             .iter()
             .map(|written| {
                 Ok(Host {
+                    cluster: written.cluster.clone(),
                     name: written.name.clone(),
                     site: site(&written.site)
                         .map_err(|error| format!("host {}: {error}", written.name))?,
@@ -367,10 +426,30 @@ impl ScenarioFile {
             }
         }
         let mut vms = Vec::new();
+        let mut clustered = Vec::new();
         let mut placed = vec![0usize; self.clouds.len()];
         for written in &self.vms {
             let context = |error: String| format!("VM {}: {error}", written.name);
             let home = host(&written.host).map_err(context)?;
+            if written.clustered {
+                let cluster = hosts[home].cluster.clone().ok_or_else(|| {
+                    context(format!(
+                        "is clustered but host {} is in no cluster",
+                        written.host
+                    ))
+                })?;
+                if written.replica_host.is_some() {
+                    return Err(context(
+                        "a clustered VM is not replicated by blockrep: drop replica_host".into(),
+                    ));
+                }
+                clustered.push(ClusteredVm {
+                    name: written.name.clone(),
+                    host: home,
+                    cluster,
+                });
+                continue;
+            }
             let cloud = self
                 .clouds
                 .iter()
@@ -471,6 +550,19 @@ impl ScenarioFile {
                 ))
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let vm_indexes = |names: &Vec<String>| -> Result<Vec<usize>, String> {
+            names
+                .iter()
+                .map(|name| {
+                    if clustered.iter().any(|vm: &ClusteredVm| vm.name == *name) {
+                        return Err(format!(
+                            "VM {name} is clustered: its cluster fails it over, not blockrep"
+                        ));
+                    }
+                    find(&vms, name, "VM", |vm| &vm.name)
+                })
+                .collect()
+        };
         let events = self
             .events
             .iter()
@@ -507,6 +599,44 @@ impl ScenarioFile {
                             length: duration(length, "length")?,
                         },
                     ),
+                    EventFile::SiteOutage {
+                        at,
+                        site: name,
+                        length,
+                    } => (
+                        at,
+                        Action::SiteOutage {
+                            site: site(name)?,
+                            length: duration(length, "length")?,
+                        },
+                    ),
+                    EventFile::UnplannedFailover { at, vms } => (
+                        at,
+                        Action::UnplannedFailover {
+                            plan: None,
+                            groups: vec![vm_indexes(vms)?],
+                        },
+                    ),
+                    EventFile::RecoveryPlan { at, name, groups } => (
+                        at,
+                        Action::UnplannedFailover {
+                            plan: Some(name.clone()),
+                            groups: groups.iter().map(&vm_indexes).collect::<Result<_, _>>()?,
+                        },
+                    ),
+                    EventFile::PlannedFailover { at, vms, reverse } => (
+                        at,
+                        Action::PlannedFailover {
+                            vms: vm_indexes(vms)?,
+                            reverse: *reverse,
+                        },
+                    ),
+                    EventFile::Reverse { at, vms } => (
+                        at,
+                        Action::Reverse {
+                            vms: vm_indexes(vms)?,
+                        },
+                    ),
                 };
                 Ok(Event {
                     at: duration(at, "event time")?,
@@ -531,6 +661,7 @@ impl ScenarioFile {
             vms,
             links,
             events,
+            clustered,
             mappings: self
                 .network_mappings
                 .iter()

@@ -1,15 +1,23 @@
-//! Every scenario in `simulator/scenarios/` runs, briefly, with its invariants held.
+//! Every scenario in `simulator/scenarios/` runs with its invariants held, and does what its
+//! runbook says: the failovers happen in order, lose what they may and no more, and land on
+//! the mapped networks.
 
-use blockrep_sim::{RunOptions, Scenario};
+use blockrep_sim::report::FailoverReport;
+use blockrep_sim::{Report, RunOptions, Scenario};
 use std::path::Path;
 use std::time::Duration;
 
-fn run(file: &str, seed: u64, duration: Duration) -> blockrep_sim::Report {
+fn scenario(file: &str) -> Scenario {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("scenarios")
         .join(file);
-    let scenario = Scenario::load(&path).unwrap_or_else(|error| panic!("{error}"));
-    blockrep_sim::run(
+    Scenario::load(&path).unwrap_or_else(|error| panic!("{error}"))
+}
+
+fn run(file: &str, seed: u64, duration: Option<Duration>) -> Report {
+    let scenario = scenario(file);
+    let duration = duration.unwrap_or(scenario.duration);
+    let report = blockrep_sim::run(
         scenario,
         RunOptions {
             seed,
@@ -17,22 +25,201 @@ fn run(file: &str, seed: u64, duration: Duration) -> blockrep_sim::Report {
             progress: None,
         },
     )
-    .unwrap_or_else(|error| panic!("{error}"))
+    .unwrap_or_else(|error| panic!("{error}"));
+    println!("{}", report.text());
+    assert!(report.passed(), "{file}: {}", report.text());
+    for vm in &report.vms {
+        assert!(
+            vm.deltas_applied > 0,
+            "{file}: {} never replicated",
+            vm.name
+        );
+    }
+    report
+}
+
+fn failovers<'a>(report: &'a Report, kind: &str) -> Vec<&'a FailoverReport> {
+    report
+        .failovers
+        .iter()
+        .filter(|failover| failover.kind == kind)
+        .collect()
 }
 
 #[test]
-fn two_sites() {
-    let report = run("two-sites.toml", 1, Duration::from_secs(2 * 3600));
-    println!("{}", report.text());
-    assert!(report.passed(), "{}", report.text());
+fn every_scenario_file_is_covered_here() {
+    let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut files: Vec<String> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "network-mapping.toml",
+            "site-outage.toml",
+            "standalone-vmm.toml",
+            "stretched-cluster.toml",
+            "ten-vms.toml",
+            "two-sites.toml"
+        ],
+        "a scenario was added or removed: give it a test here"
+    );
+}
+
+#[test]
+fn two_sites_ride_out_a_partition_a_flap_and_a_replica_crash() {
+    let report = run("two-sites.toml", 1, None);
+    for vm in &report.vms {
+        assert!(
+            vm.checked_cuts > 100,
+            "{}: {} cuts checked",
+            vm.name,
+            vm.checked_cuts
+        );
+        let healths: Vec<&str> = vm
+            .health
+            .iter()
+            .map(|change| change.health.as_str())
+            .collect();
+        // The three-minute partition outlasts a 30 s interval: critical, then normal again.
+        assert!(healths.contains(&"critical"), "{}: {healths:?}", vm.name);
+        assert_eq!(healths.last(), Some(&"normal"), "{}", vm.name);
+    }
+    assert!(report.hosts.iter().any(|host| host.crashes == 1));
+}
+
+#[test]
+fn a_standalone_vmm_server_protects_itself_at_the_host_level() {
+    let report = run("standalone-vmm.toml", 1, None);
+    let vmm = report.vms.iter().find(|vm| vm.name == "vmm-1").unwrap();
+    assert_eq!(
+        (vmm.cloud.as_deref(), vmm.replica_host.as_str()),
+        (None, "hv-backup")
+    );
+    let files = report.vms.iter().find(|vm| vm.name == "files-1").unwrap();
+    assert_eq!(files.cloud.as_deref(), Some("protected"));
+    assert!(files.checked_cuts > 10);
+}
+
+#[test]
+fn a_vmm_server_in_a_protected_cloud_or_a_typo_is_refused_with_its_name() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/standalone-vmm.toml"),
+    )
+    .unwrap();
+    let misplaced = text.replace("host = \"hv-vmm\"", "host = \"hv-main\"");
+    let error = Scenario::parse(&misplaced, "misplaced.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("vmm-1") && error.contains("protected cloud"),
+        "{error}"
+    );
+    let typo = text.replace("recovery_points = 6", "recovery_point = 6");
+    let error = Scenario::parse(&typo, "typo.toml").unwrap_err().to_string();
+    assert!(error.contains("recovery_point"), "{error}");
+}
+
+#[test]
+fn network_mapping_puts_a_mapped_vm_on_its_network_and_leaves_the_other_disconnected() {
+    let report = run("network-mapping.toml", 1, None);
+    let unplanned = failovers(&report, "unplanned");
+    let networks = |vm: &str| {
+        unplanned
+            .iter()
+            .find(|failover| failover.vm == vm)
+            .unwrap()
+            .networks
+            .clone()
+    };
+    assert_eq!(networks("app-1"), ["corp -> corp-recovery"]);
+    assert_eq!(networks("lab-1"), ["lab: disconnected (no mapping)"]);
+    for failover in &unplanned {
+        assert!(failover.checked, "{failover:?}");
+    }
+    // Reversed, each VM's old copy was compared and what the old site had written after the
+    // point came back as differing blocks.
+    assert_eq!(failovers(&report, "reverse").len(), 2);
+    for vm in &report.vms {
+        assert!(vm.resync_differing_bytes > 0, "{}", vm.name);
+    }
+}
+
+#[test]
+fn a_stretched_cluster_moves_its_vmm_server_and_the_plan_moves_the_rest_in_order() {
+    let report = run("stretched-cluster.toml", 1, None);
+    let cluster = failovers(&report, "cluster");
+    assert_eq!(cluster.len(), 1);
+    assert_eq!(
+        (cluster[0].from.as_str(), cluster[0].to.as_str()),
+        ("node-east", "node-west")
+    );
+    let plan: Vec<(&str, Option<&str>)> = failovers(&report, "unplanned")
+        .iter()
+        .map(|failover| (failover.vm.as_str(), failover.plan.as_deref()))
+        .collect();
+    assert_eq!(
+        plan,
+        [
+            ("erp-1", Some("erp, group 1")),
+            ("erp-2", Some("erp, group 2"))
+        ]
+    );
+}
+
+#[test]
+fn a_complete_site_outage_fails_over_fails_back_and_loses_only_what_followed_the_last_cut() {
+    let report = run("site-outage.toml", 1, None);
+    // Each VM: failed over, reversed, failed back; the VMM server first, the workload by plan.
+    for vm in ["vmm-1", "sql-1", "web-1"] {
+        let kinds: Vec<&str> = report
+            .failovers
+            .iter()
+            .filter(|failover| failover.vm == vm)
+            .map(|failover| failover.kind.as_str())
+            .collect();
+        assert_eq!(kinds, ["unplanned", "reverse", "planned"], "{vm}");
+    }
+    let unplanned: Vec<&str> = failovers(&report, "unplanned")
+        .iter()
+        .map(|f| f.vm.as_str())
+        .collect();
+    assert_eq!(unplanned, ["vmm-1", "sql-1", "web-1"]);
+    for failover in &report.failovers {
+        assert!(failover.problem.is_none(), "{failover:?}");
+        match failover.kind.as_str() {
+            "unplanned" => assert!(failover.checked && failover.rpo_seconds.is_some()),
+            "planned" => assert!(failover.checked && failover.lost_bytes == 0, "{failover:?}"),
+            _ => {}
+        }
+    }
+    // Back home and replicating the original way.
+    for vm in &report.vms {
+        assert_eq!(vm.final_state, "Replicating", "{}", vm.name);
+    }
+    let back: Vec<&str> = failovers(&report, "planned")
+        .iter()
+        .map(|f| f.to.as_str())
+        .collect();
+    assert_eq!(back, ["hv-p1", "hv-p2", "hv-p2"]);
+}
+
+#[test]
+fn ten_vms_replicate_for_a_while() {
+    let report = run("ten-vms.toml", 1, Some(Duration::from_secs(600)));
+    assert_eq!(report.vms.len(), 10);
 }
 
 #[test]
 fn the_same_seed_gives_the_same_trace_and_another_seed_does_not() {
-    let first = run("two-sites.toml", 7, Duration::from_secs(1800));
-    let again = run("two-sites.toml", 7, Duration::from_secs(1800));
-    let other = run("two-sites.toml", 8, Duration::from_secs(1800));
+    let duration = Some(Duration::from_secs(1800));
+    let first = run("standalone-vmm.toml", 7, duration);
+    let again = run("standalone-vmm.toml", 7, duration);
+    let other = run("standalone-vmm.toml", 8, duration);
     assert_eq!(first.trace_hash, again.trace_hash);
     assert_eq!(first.vms, again.vms, "same seed, other figures");
+    assert_eq!(first.failovers, again.failovers);
     assert_ne!(first.trace_hash, other.trace_hash);
 }

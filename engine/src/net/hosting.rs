@@ -7,9 +7,9 @@ use super::primary::{
     Ending, PrimaryCommand, PrimaryOptions, ResyncDone, Route, SharedReport, run_primary,
 };
 use crate::delta::Compression;
-use crate::io::{StorageOptions, remove_if_present};
+use crate::io::StorageOptions;
 use crate::nbd::{ExportedDisk, NbdAddress, NbdServer};
-use crate::protect::{ProtectedVm, journal_path};
+use crate::protect::{ProtectedVm, forget_tracking};
 use crate::proto::PrimaryConfig;
 use crate::{Error, Result};
 use std::path::PathBuf;
@@ -75,9 +75,7 @@ impl HostedVm {
         fresh: bool,
     ) -> Result<HostedVm> {
         if fresh {
-            for path in paths {
-                remove_if_present(&journal_path(path))?;
-            }
+            forget_tracking(paths)?;
         }
         let vm = Arc::new(ProtectedVm::open(
             paths,

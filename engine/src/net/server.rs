@@ -9,9 +9,8 @@ use super::hosting::{HostedVm, HostingOptions};
 use super::identity::Identity;
 use super::primary::{PrimaryReport, ResyncDone};
 use super::tls::server_config;
-use crate::image::{BlockImage, is_zero};
 use crate::proto::{ConnectionId, Message, Replica, ReplicaAction};
-use crate::replica::{PointInfo, ReplicaStore, VmReplica, apply_bundle, fence_for};
+use crate::replica::{PointInfo, ReplicaStore, VmReplica, fence_for};
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
@@ -77,10 +76,6 @@ pub struct TestCopy {
     pub point: u64,
     pub disks: Vec<PathBuf>,
 }
-
-/// Pieces the latest disks are copied in: the slot's lock is taken for one piece at a time,
-/// so commits go on between them.
-const COPY_PIECE: u64 = 4 << 20;
 
 fn test_failover(
     slot: &Mutex<VmSlot>,
@@ -218,7 +213,8 @@ fn unplanned_failover(
     })
 }
 
-/// Copies the latest disks into `out`, then undoes back to `target`.
+/// Copies the latest disks into `out`, then undoes back to `target`, taking the VM's lock for
+/// each piece so that commits go on between them.
 fn copy_point(
     slot: &Mutex<VmSlot>,
     pinned_at: u64,
@@ -226,44 +222,13 @@ fn copy_point(
     disks: usize,
     out: &Path,
 ) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(out)
-        .map_err(|error| Error::file(&out.display().to_string(), "create", error))?;
-    let mut copies = Vec::with_capacity(disks);
-    let mut paths = Vec::with_capacity(disks);
-    let mut buffer = vec![0u8; COPY_PIECE as usize];
-    for index in 0..disks {
-        let path = out.join(format!("disk-{index}.vhdx"));
-        let (mut copy, ranges) = {
-            let mut slot = lock(slot);
-            (
-                slot.replica.create_copy(index, &path)?,
-                slot.replica.allocated_ranges(index)?,
-            )
-        };
-        for range in ranges {
-            let mut position = range.start;
-            while position < range.end {
-                let length = COPY_PIECE.min(range.end - position) as usize;
-                lock(slot)
-                    .replica
-                    .read_disk(index, &mut buffer[..length], position)?;
-                if !is_zero(&buffer[..length]) {
-                    copy.write_at(&buffer[..length], position)?;
-                }
-                position += length as u64;
-            }
-        }
-        copies.push(copy);
-        paths.push(path);
-    }
-    let undo = lock(slot).replica.undo_path_to(target, pinned_at)?;
-    for bundle in undo {
-        apply_bundle(&bundle, &mut copies, || {})?;
-    }
-    for copy in copies {
-        copy.close()?;
-    }
-    Ok(paths)
+    crate::replica::copy_point(
+        &mut |step| step(&mut lock(slot).replica),
+        pinned_at,
+        target,
+        disks,
+        out,
+    )
 }
 
 /// A primary's connection, as its VM's slot holds it.
@@ -801,8 +766,10 @@ async fn serve_connection(
     {
         let slot = Arc::clone(&slot);
         let owner = owner.clone();
+        let store = store.clone();
         run_blocking(move || {
             let mut slot = lock(&slot);
+            recover_after_failure(&store, &mut slot);
             if compared {
                 slot.machine.compared(id);
             }
@@ -1106,6 +1073,23 @@ async fn run_blocking(work: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// A commit that failed (a full disk, say) stopped the VM: when its primary comes back, the
+/// replica is opened again and takes deltas again, if the store allows.
+fn recover_after_failure(store: &ReplicaStore, slot: &mut VmSlot) {
+    let VmSlot {
+        replica, machine, ..
+    } = slot;
+    match store.recover_failed(replica, machine) {
+        Ok(true) => {
+            tracing::info!(vm = %replica.vm(), "reopened the replica after a failed commit; taking deltas again");
+        }
+        Ok(false) => {}
+        Err(error) => {
+            tracing::error!(vm = %replica.vm(), %error, "the replica still cannot be opened");
+        }
+    }
+}
+
 /// Carries out what the machine asks until it asks nothing more.
 fn drive(slot: &mut VmSlot) {
     while let Some(action) = slot.machine.poll_action() {
@@ -1266,7 +1250,7 @@ fn close_all(slot: &mut VmSlot, reason: &str) {
 mod tests {
     use super::*;
     use crate::delta::{Compression, DeltaEncoder, DeltaHeader};
-    use crate::image::{Access, VhdxImage};
+    use crate::image::{Access, BlockImage, VhdxImage};
     use crate::io::{FileStorage, StorageOptions};
     use crate::proto::{DeltaId, DeltaKind, DiskDescription};
     use crate::replica::PointPolicy;

@@ -559,7 +559,8 @@ impl Replica {
         }
     }
 
-    /// The commit failed; the VM takes no more deltas until the server restarts.
+    /// The commit failed; the VM takes no more deltas until the driver has reopened its replica
+    /// (`recovered`).
     pub fn commit_failed(&mut self, delta: DeltaId, reason: &str) {
         if self.committing != Some(delta) {
             return;
@@ -604,6 +605,17 @@ impl Replica {
         if self.connection == Some(connection) {
             self.connection = None;
         }
+    }
+
+    /// The driver reopened the VM's replica after a failed commit, which finished or rolled
+    /// back the interrupted commit from what was durable: deltas are taken again from
+    /// `record`'s applied sequence, and nothing staged before counts.
+    pub fn recovered(&mut self, record: ReplicaVmRecord) {
+        self.failed = None;
+        self.staging = None;
+        self.committing = None;
+        self.early.clear();
+        self.record = record;
     }
 
     /// The failure that stopped this VM, if one did.

@@ -2,9 +2,11 @@
 //! points and failover build on this.) It knows nothing of transport.
 
 mod bundle;
+mod copy;
 mod points;
 mod store;
 
 pub use bundle::apply_bundle;
+pub use copy::{ReplicaAccess, copy_point};
 pub use points::{PointPolicy, RecoveryPoint};
 pub use store::{Disk, FailoverRecord, PointInfo, ReplicaStore, VmReplica, WallClock, fence_for};

@@ -234,6 +234,25 @@ impl ReplicaStore {
 }
 
 impl ReplicaStore {
+    /// A commit that failed (a full disk, say) stopped the VM's `machine`: opens its replica
+    /// again, which finishes or rolls back the interrupted commit from what is durable, and
+    /// lets the machine take deltas again. Returns whether it did; a VM that had not failed is
+    /// left alone, and one whose replica still cannot be opened stays stopped (the error says
+    /// why).
+    pub fn recover_failed(
+        &self,
+        replica: &mut VmReplica,
+        machine: &mut crate::proto::Replica,
+    ) -> Result<bool> {
+        if machine.failure().is_none() {
+            return Ok(false);
+        }
+        replica.release_disks();
+        *replica = self.open_vm(&replica.vm)?;
+        machine.recovered(replica.record());
+        Ok(true)
+    }
+
     /// Makes existing disk files (a primary's own, at `paths`) the replica of `vm` for reverse
     /// replication from `owner`, counted as at delta `applied`. A catalogue already adopting
     /// the same files from the same owner is kept (it knows what was applied since).

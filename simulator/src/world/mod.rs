@@ -5,6 +5,8 @@
 //! fault layer. Only time, the network and the guests are simulated: messages cross links
 //! with the sizes the wire encoding gives them, and disks take time to apply what they stage.
 
+mod failover;
+
 use crate::agenda::{Agenda, SimTime};
 use crate::check::{Checker, Observation, Violation};
 use crate::content::{DiskModel, PAGE, Versions, first_difference};
@@ -41,6 +43,9 @@ const EPOCH_SECONDS: f64 = 1_800_000_000.0;
 /// Pages besides the changed ones checked at each acknowledged delta, in turn, so that damage
 /// anywhere on a replica is found within a few hours.
 const SAMPLED_PAGES: u64 = 32;
+/// Guests put their writes on their disks and flush every so many seconds (and before each
+/// cut); a crash loses what they wrote since, as a guest's own cache would.
+const GUEST_FLUSH_SECONDS: u64 = 5;
 /// How often RPO and health are sampled.
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
@@ -97,6 +102,11 @@ enum Event {
         host: usize,
         incarnation: u64,
     },
+    /// A VM that could not start tries again.
+    RetryVm {
+        vm: usize,
+        incarnation: u64,
+    },
     DiskSpace {
         host: usize,
         full: bool,
@@ -121,6 +131,7 @@ impl Event {
             Event::DiskSpace { .. } => 11,
             Event::Sample => 12,
             Event::ForceCrash { .. } => 13,
+            Event::RetryVm { .. } => 14,
         }
     }
 }
@@ -174,6 +185,7 @@ struct PrimarySide {
 /// A delta's cut: what the disks held then.
 struct CutRecord {
     at: SimTime,
+    kind: DeltaKind,
     versions: Vec<Versions>,
     /// Disk bytes the delta carries.
     bytes: u64,
@@ -188,6 +200,26 @@ struct VmRuntime {
     cuts: BTreeMap<u64, CutRecord>,
     /// The last delta checked on the replica, and the versions it held.
     verified: Option<Vec<Versions>>,
+    /// The last delta the primary heard was applied, and the versions of its cut (`None` for
+    /// an initial replication, which is read live and matches no single instant).
+    acknowledged: Option<(u64, Option<Vec<Versions>>)>,
+    /// The VM replicates (false after a failover, until reversed).
+    replicating: bool,
+    /// The recovery point the VM last failed over to.
+    failed_over_at: Option<u64>,
+    /// The VM's disk files on each host that has held them.
+    homes: BTreeMap<usize, Vec<PathBuf>>,
+    /// The site it was created at, whose networks are its own.
+    origin_site: usize,
+    /// A planned failover stopped the guest's writes.
+    writes_stopped: bool,
+    /// A planned failover in progress: the replica site took the VM over and runs it there,
+    /// waiting for the old primary to hear so.
+    taking_over: Option<PrimarySide>,
+    /// The planned failover in progress replicates back at once.
+    handover_reverse: bool,
+    /// The delta the planned failover in progress hands over at.
+    handover_sequence: u64,
     /// Where the rotating check of unchanged pages goes on.
     sample_cursor: u64,
     /// The cut time of the newest delta the replica applied: its recovery point.
@@ -201,6 +233,13 @@ struct VmRuntime {
     report: VmReport,
     rpo_samples: Vec<f64>,
     last_health: Option<Health>,
+}
+
+impl VmRuntime {
+    /// The VM's disk files on `host`, if it has held them.
+    fn home_paths(&self, host: usize) -> Option<Vec<PathBuf>> {
+        self.homes.get(&host).cloned()
+    }
 }
 
 pub struct World {
@@ -222,6 +261,9 @@ pub struct World {
     trace: Trace,
     checker: Checker,
     faults: Vec<(SimTime, String)>,
+    failovers: Vec<crate::report::FailoverReport>,
+    /// Where each clustered VM runs now.
+    clustered_on: Vec<Option<usize>>,
     events: u64,
 }
 
@@ -244,6 +286,8 @@ pub enum SetupError {
     Scratch(#[from] std::io::Error),
     #[error("{0}")]
     Engine(#[from] blockrep::Error),
+    #[error("{0}")]
+    Scenario(#[from] crate::ScenarioError),
 }
 
 impl World {
@@ -293,6 +337,8 @@ impl World {
             }
             let pages = models[0].pages();
             vms.push(VmRuntime {
+                homes: BTreeMap::from([(spec.host, paths.clone())]),
+                origin_site: hosts[spec.host].site,
                 workload: Workload::new(spec.workload.clone(), random.fork(), pages),
                 report: VmReport::new(spec, &hosts[spec.host].name, &hosts[spec.replica_host].name),
                 spec: spec.clone(),
@@ -301,6 +347,13 @@ impl World {
                 primary: None,
                 cuts: BTreeMap::new(),
                 verified: None,
+                acknowledged: None,
+                replicating: true,
+                failed_over_at: None,
+                writes_stopped: false,
+                taking_over: None,
+                handover_reverse: false,
+                handover_sequence: 0,
                 sample_cursor: 0,
                 recovery_point: None,
                 last_applied: SimTime::ZERO,
@@ -327,6 +380,8 @@ impl World {
             trace: Trace::new(seed),
             checker: Checker::default(),
             faults: Vec::new(),
+            failovers: Vec::new(),
+            clustered_on: scenario.clustered.iter().map(|vm| Some(vm.host)).collect(),
             events: 0,
             scenario,
         };
@@ -376,37 +431,60 @@ impl World {
         runtime.up = true;
         for vm in 0..self.vms.len() {
             if self.vms[vm].spec.host == host {
-                self.start_primary(vm, &options)?;
+                self.start_vm_or_retry(vm, &options);
             }
         }
         Ok(())
     }
 
-    fn start_primary(
+    /// Starts a VM on its host; when its disks refuse (full), says so and tries again later,
+    /// as a service manager restarting the agent would.
+    fn start_vm_or_retry(&mut self, vm: usize, options: &StorageOptions) {
+        if let Err(error) = self.run_vm(vm, options, false) {
+            let name = self.vms[vm].spec.name.clone();
+            self.note_fault(format!(
+                "VM {name} cannot start ({error}); trying again in 30 s"
+            ));
+            let host = self.vms[vm].spec.host;
+            let incarnation = self.hosts[host].incarnation;
+            self.agenda
+                .add_after(Duration::from_secs(30), Event::RetryVm { vm, incarnation });
+        }
+    }
+
+    /// Starts the VM on its host over its disks (`fresh`: they have just become its own, so
+    /// tracking starts afresh), replicating if it is protected.
+    fn run_vm(
         &mut self,
         vm: usize,
         options: &StorageOptions,
+        fresh: bool,
     ) -> Result<(), blockrep::Error> {
         let runtime = &mut self.vms[vm];
+        if fresh {
+            blockrep::protect::forget_tracking(&runtime.paths)?;
+        }
         let compression = if runtime.spec.policy.compression {
             Compression::Lz4
         } else {
             Compression::Off
         };
         let protected = ProtectedVm::open(&runtime.paths, options, compression)?;
-        let config = PrimaryConfig {
-            vm: runtime.spec.name.clone(),
-            primary: self.hosts[runtime.spec.host].name.clone(),
-            disks: protected.descriptions().to_vec(),
-            frequency: runtime.spec.policy.frequency,
-            window: 32,
-            reconnect_min: Duration::from_millis(500),
-            reconnect_max: Duration::from_secs(30),
-            needs_initial: protected.needs_initial(),
-            seed: self.random.draw(),
-            app_consistent_every: None,
-        };
-        let machine = Primary::new(config, self.agenda.instant());
+        // After a crash: what the guest had put on its disks without a flush since was kept,
+        // lost or torn; the record follows what the disks hold.
+        for (model, disk) in runtime.models.iter_mut().zip(protected.disks()) {
+            let mut bytes = vec![0u8; PAGE as usize];
+            for (page, durable) in model.take_unflushed() {
+                disk.read_at(&mut bytes, page * PAGE)?;
+                model.found_on_disk(page, &bytes, durable);
+            }
+        }
+        let mut machine = self.new_primary(vm, &protected, protected.needs_initial());
+        if !self.vms[vm].replicating {
+            machine.stop();
+        }
+        self.vms[vm].last_applied = self.agenda.now();
+        let runtime = &mut self.vms[vm];
         runtime.primary = Some(PrimarySide {
             vm: protected,
             machine,
@@ -419,6 +497,71 @@ impl World {
         runtime.next_wake = None;
         self.drive_primary(vm);
         Ok(())
+    }
+
+    fn new_primary(&mut self, vm: usize, protected: &ProtectedVm, needs_initial: bool) -> Primary {
+        let runtime = &self.vms[vm];
+        let config = PrimaryConfig {
+            vm: runtime.spec.name.clone(),
+            primary: self.hosts[runtime.spec.host].name.clone(),
+            disks: protected.descriptions().to_vec(),
+            frequency: runtime.spec.policy.frequency,
+            window: 32,
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            needs_initial,
+            seed: self.random.draw(),
+            app_consistent_every: None,
+        };
+        Primary::new(config, self.agenda.instant())
+    }
+
+    /// Starts replicating a VM that runs at its replica's old site back to it (the replica
+    /// holds a copy: no initial replication), comparing by hash first when `resync`.
+    fn start_reverse_replication(&mut self, vm: usize, resync: bool) {
+        let Some(primary) = self.vms[vm].primary.take() else {
+            return;
+        };
+        let machine = self.new_primary(vm, &primary.vm, false);
+        self.vms[vm].replicating = true;
+        // Health counts from the start of this replication.
+        self.vms[vm].last_applied = self.agenda.now();
+        let runtime = &mut self.vms[vm];
+        runtime.primary = Some(PrimarySide {
+            machine,
+            connection: None,
+            resync,
+            ..primary
+        });
+        runtime.cuts.clear();
+        runtime.next_wake = None;
+        self.drive_primary(vm);
+    }
+
+    /// Turns the VM off where it runs: its connection ends, its disks close, and what its
+    /// guest had not yet written is gone.
+    fn stop_vm(&mut self, vm: usize) {
+        if let Some(connection) = self.current_connection(vm) {
+            self.close(connection, "the VM was turned off", false);
+        }
+        let runtime = &mut self.vms[vm];
+        runtime.next_wake = None;
+        for model in &mut runtime.models {
+            model.forget_unwritten();
+        }
+        if let Some(primary) = runtime.primary.take() {
+            let host = runtime.spec.host;
+            if let Err(error) = primary.vm.close() {
+                self.lost_host_io(host, &error.to_string());
+            }
+        }
+    }
+
+    fn violation(&mut self, vm: Option<usize>, what: String) {
+        let now = self.agenda.now();
+        let name = vm.map(|vm| self.vms[vm].spec.name.clone());
+        self.checker
+            .violation(Violation::new(now, self.seed, name.as_deref(), what));
     }
 
     /// Runs the scenario to its end and reports.
@@ -492,6 +635,16 @@ impl World {
                     ));
                 }
             }
+            Event::RetryVm { vm, incarnation } => {
+                let host = self.vms[vm].spec.host;
+                if self.hosts[host].up
+                    && self.hosts[host].incarnation == incarnation
+                    && self.vms[vm].primary.is_none()
+                {
+                    let options = self.storage_options(host);
+                    self.start_vm_or_retry(vm, &options);
+                }
+            }
             Event::ForceCrash { host, incarnation } => {
                 if self.hosts[host].incarnation == incarnation {
                     self.crash_host(host, "lost power");
@@ -521,9 +674,19 @@ impl World {
 
     fn workload_second(&mut self) {
         for vm in &mut self.vms {
-            if vm.primary.is_some() {
+            if vm.primary.is_some() && !vm.writes_stopped {
                 let written = vm.workload.second(&mut vm.models[0]);
                 vm.report.bytes_written += written;
+            }
+        }
+        if self
+            .agenda
+            .now()
+            .as_secs()
+            .is_multiple_of(GUEST_FLUSH_SECONDS)
+        {
+            for vm in 0..self.vms.len() {
+                self.write_guest(vm);
             }
         }
         self.agenda
@@ -559,7 +722,9 @@ impl World {
                     runtime.report.failed_writes += 1;
                 }
             }
-            let _ = disk.flush();
+            if disk.flush().is_ok() {
+                model.flushed();
+            }
         }
     }
 
@@ -652,6 +817,7 @@ impl World {
                             delta.sequence,
                             CutRecord {
                                 at: now,
+                                kind,
                                 versions,
                                 bytes: chunk_bytes.iter().sum(),
                             },
@@ -708,17 +874,38 @@ impl World {
                     primary.machine.connection_lost(instant, &reason);
                 }
             }
-            PrimaryAction::Verify { .. }
-            | PrimaryAction::HandedOver { .. }
-            | PrimaryAction::Reversed { .. }
-            | PrimaryAction::HandoverRefused { .. } => {
+            PrimaryAction::Verify { sequence } => {
+                let seed = self.random.draw();
+                let Some(primary) = &mut self.vms[vm].primary else {
+                    return;
+                };
+                match primary.vm.digests(seed) {
+                    Ok(digests) => primary.machine.verified(sequence, seed, digests),
+                    Err(error) => {
+                        let reason = error.to_string();
+                        self.lost_host_io(self.vms[vm].spec.host, &reason);
+                    }
+                }
+            }
+            PrimaryAction::HandedOver { sequence } => self.handed_over(vm, sequence),
+            PrimaryAction::HandoverRefused { reason } => {
+                self.vms[vm].writes_stopped = false;
+                self.planned_failed(vm, format!("refused: {reason}"));
+                if let Some(connection) = self.current_connection(vm) {
+                    self.close(connection, "resynchronizing", false);
+                }
+                if let Some(primary) = &mut self.vms[vm].primary {
+                    primary.resync = true;
+                    primary.connection = None;
+                    primary.machine.connection_lost(instant, &reason);
+                }
+            }
+            PrimaryAction::Reversed { .. } => {
                 let what = format!("{action:?}");
-                self.checker.violation(Violation::new(
-                    now,
-                    self.seed,
-                    Some(&self.vms[vm].spec.name),
-                    format!("the primary asked for a failover step nobody requested: {what}"),
-                ));
+                self.violation(
+                    Some(vm),
+                    format!("the primary was told to become a replica, which the simulator never asks: {what}"),
+                );
             }
         }
     }
@@ -1013,11 +1200,16 @@ impl World {
             return;
         }
         let owner = self.hosts[self.vms[vm].spec.host].name.clone();
-        let Some(slot) = self.hosts[host].slots.get_mut(&vm) else {
+        let runtime = &mut self.hosts[host];
+        let Some(slot) = runtime.slots.get_mut(&vm) else {
             return;
         };
         match message {
             Message::Hello { version, disks, .. } => {
+                if let Some(store) = &runtime.store {
+                    // As the daemon does: a replica stopped by a failed commit is reopened.
+                    let _ = store.recover_failed(&mut slot.replica, &mut slot.machine);
+                }
                 slot.machine.hello(connection, &owner, version, disks);
             }
             other => slot.machine.handle_message(connection, other),
@@ -1126,13 +1318,15 @@ impl World {
             ReplicaAction::VerifyHandover {
                 connection,
                 sequence,
-                ..
+                seed,
+                digests,
+                reverse,
             } => {
-                slot.machine.handover_verified(
-                    connection,
-                    sequence,
-                    Err("planned failover is not simulated yet".into()),
-                );
+                let outcome = self.verify_handover(host, vm, sequence, seed, &digests, reverse);
+                if let Some(slot) = self.hosts[host].slots.get_mut(&vm) {
+                    slot.machine
+                        .handover_verified(connection, sequence, outcome);
+                }
             }
             ReplicaAction::Close { connection, reason } => self.close(connection, &reason, true),
         }
@@ -1194,6 +1388,10 @@ impl World {
         runtime.caught_up = kind == DeltaKind::Changes;
         runtime.report.deltas_applied += 1;
         runtime.report.disk_bytes_shipped += cut.bytes;
+        runtime.acknowledged = Some((
+            delta.sequence,
+            (kind == DeltaKind::Changes).then(|| cut.versions.clone()),
+        ));
         if kind == DeltaKind::Initial {
             runtime.report.initial_replications += 1;
             // Read live, an initial replication is made consistent by the delta after it.
@@ -1204,16 +1402,18 @@ impl World {
         let name = runtime.spec.name.clone();
         let previous = runtime.verified.take();
         let cursor = runtime.sample_cursor;
-        let models: Vec<(u64, u64)> = runtime
-            .models
-            .iter()
-            .map(|model| (model.identity(), model.pages()))
-            .collect();
+        let disks_of_host = self.hosts[host].disks.clone();
+        if disks_of_host.struck() {
+            return; // The host is going down: its disks are checked after it restarts.
+        }
         let Some(slot) = self.hosts[host].slots.get_mut(&vm) else {
             return;
         };
+        let problem = disks_of_host.observing(|| {
         let mut problem = None;
-        'disks: for (disk, (identity, pages)) in models.iter().enumerate() {
+        let models = &self.vms[vm].models;
+        'disks: for (disk, model) in models.iter().enumerate() {
+            let pages = &model.pages();
             let versions = &cut.versions[disk];
             // What changed since the last check, and a rotating window of the rest.
             let mut pages_to_check: Vec<u64> = match &previous {
@@ -1241,7 +1441,7 @@ impl World {
                     problem = Some(format!("cannot read the replica's disk {disk}: {error}"));
                     break 'disks;
                 }
-                if let Some(page) = first_difference(*identity, versions, first, &buffer) {
+                if let Some(page) = first_difference(&models[disk], versions, first, &buffer) {
                     problem = Some(format!(
                         "after {delta} was acknowledged, the replica's disk {disk} differs from the primary's at its cut, at byte {} (page {page})",
                         page * PAGE
@@ -1250,6 +1450,8 @@ impl World {
                 }
             }
         }
+        problem
+        });
         let runtime = &mut self.vms[vm];
         runtime.sample_cursor = cursor + SAMPLED_PAGES;
         match problem {
@@ -1288,7 +1490,7 @@ impl World {
                         .push((now.as_secs_f64(), rpo.as_secs_f64()));
                 }
             }
-            let Some(primary) = &runtime.primary else {
+            let Some(primary) = runtime.primary.as_ref().filter(|_| runtime.replicating) else {
                 continue;
             };
             let status = primary.machine.status(instant);
@@ -1417,6 +1619,28 @@ impl World {
                     self.crash_host(host, "lost power");
                 }
             }
+            Action::SiteOutage { site, length } => {
+                self.note_fault(format!(
+                    "site {} loses power for {}s",
+                    self.scenario.sites[site].name,
+                    length.as_secs_f64()
+                ));
+                for host in 0..self.hosts.len() {
+                    if self.hosts[host].site == site {
+                        self.hosts[host].down_for = length;
+                        self.crash_host(host, "lost power with its site");
+                    }
+                }
+            }
+            Action::UnplannedFailover { plan, groups } => {
+                self.unplanned_failover(plan.as_deref(), &groups);
+            }
+            Action::Reverse { vms } => self.reverse(&vms),
+            Action::PlannedFailover { vms, reverse } => {
+                for vm in vms {
+                    self.planned_failover(vm, reverse);
+                }
+            }
             Action::DiskFull { host, length } => {
                 self.note_fault(format!(
                     "host {}: disk full for {}s",
@@ -1439,11 +1663,42 @@ impl World {
         }
     }
 
+    /// The cluster restarts its VMs that ran on `host` (going down) on another node that is up,
+    /// at the other site of a stretched cluster if need be.
+    fn cluster_failover(&mut self, host: usize) {
+        let now = self.agenda.now();
+        for index in 0..self.scenario.clustered.len() {
+            if self.clustered_on[index] != Some(host) {
+                continue;
+            }
+            let vm = &self.scenario.clustered[index];
+            let node = (0..self.hosts.len()).find(|&other| {
+                other != host
+                    && self.hosts[other].up
+                    && self.scenario.hosts[other].cluster.as_deref() == Some(vm.cluster.as_str())
+            });
+            self.clustered_on[index] = node;
+            let mut report =
+                crate::report::FailoverReport::failed(now, &vm.name, None, String::new());
+            report.kind = "cluster".into();
+            report.from = self.hosts[host].name.clone();
+            match node {
+                Some(node) => {
+                    report.to = self.hosts[node].name.clone();
+                    report.problem = None;
+                }
+                None => report.problem = Some(format!("no node of cluster {} is up", vm.cluster)),
+            }
+            self.failovers.push(report);
+        }
+    }
+
     fn crash_host(&mut self, host: usize, how: &str) {
         if !self.hosts[host].up {
             return;
         }
         self.note_fault(format!("host {} {how}", self.hosts[host].name));
+        self.cluster_failover(host);
         let runtime = &mut self.hosts[host];
         runtime.disks.crash();
         runtime.up = false;
@@ -1452,7 +1707,23 @@ impl World {
         runtime.store = None;
         runtime.slots.clear();
         for vm in 0..self.vms.len() {
+            if self.vms[vm].spec.replica_host == host
+                && self.vms[vm]
+                    .taking_over
+                    .as_ref()
+                    .is_some_and(|side| side.incarnation != self.hosts[host].incarnation)
+            {
+                // It took the VM over and died: it starts it again once back.
+                self.vms[vm].taking_over = None;
+            }
             if self.vms[vm].spec.host == host {
+                if self.vms[vm].taking_over.is_some() {
+                    // The old primary died before it heard the other site took over.
+                    let sequence = self.vms[vm].handover_sequence;
+                    self.vms[vm].primary = None;
+                    self.handed_over(vm, sequence);
+                    continue;
+                }
                 let runtime = &mut self.vms[vm];
                 runtime.primary = None;
                 runtime.next_wake = None;
@@ -1555,6 +1826,7 @@ impl World {
                 .iter()
                 .map(|(at, what)| (at.as_secs_f64(), what.clone()))
                 .collect(),
+            failovers: std::mem::take(&mut self.failovers),
             violations,
             more_violations,
             peak_memory_bytes: crate::report::peak_memory(),
