@@ -25,7 +25,8 @@ pub fn scenario_for(seed: u64) -> String {
         1 + random.below(latency_ms),
         random.unit() * 0.02,
     );
-    for vm in 0..1 + random.below(3) {
+    let vms = 1 + random.below(3);
+    for vm in 0..vms {
         let workload = match random.below(4) {
             0 => format!(
                 "{{ kind = \"oltp\", writes_per_second = {}, hot_set_percent = {}, skew = 1.{} }}",
@@ -50,6 +51,33 @@ pub fn scenario_for(seed: u64) -> String {
              disks = [\"{}M\"]\nworkload = {workload}\n",
             [16, 32, 64][random.below(3) as usize]
         );
+    }
+    let names: Vec<String> = (0..vms).map(|vm| format!("\"vm{vm}\"")).collect();
+    let names = names.join(", ");
+    match random.below(4) {
+        // An unplanned failover, reverse replication, then failback.
+        0 => {
+            let failover = 300 + random.below(600);
+            let reverse = failover + 60 + random.below(240);
+            let failback = reverse + 300 + random.below(300);
+            let _ = write!(
+                text,
+                "[[event]]\nkind = \"unplanned_failover\"\nat = \"{failover}s\"\nvms = [{names}]\n\
+                 [[event]]\nkind = \"reverse\"\nat = \"{reverse}s\"\nvms = [{names}]\n\
+                 [[event]]\nkind = \"planned_failover\"\nat = \"{failback}s\"\nvms = [{names}]\nreverse = true\n"
+            );
+        }
+        // A planned failover and back.
+        1 => {
+            let there = 300 + random.below(600);
+            let back = there + 300 + random.below(300);
+            let _ = write!(
+                text,
+                "[[event]]\nkind = \"planned_failover\"\nat = \"{there}s\"\nvms = [{names}]\nreverse = true\n\
+                 [[event]]\nkind = \"planned_failover\"\nat = \"{back}s\"\nvms = [{names}]\nreverse = true\n"
+            );
+        }
+        _ => {}
     }
     for _ in 0..random.below(4) {
         let at = 60 + random.below(1500);

@@ -55,7 +55,9 @@ fn walk(
         delta_bytes: HEADER_SIZE as u64,
     };
     let mut payload = Vec::new();
-    let mut data = vec![0u8; MAX_EXTENT as usize];
+    // Grown to the largest extent met, not to the largest allowed: zeroing a MiB for every
+    // small delta would cost more than decoding it.
+    let mut data = Vec::new();
     let mut next_offset = 0u64;
     loop {
         let mut record_bytes = [0u8; RECORD_SIZE];
@@ -126,6 +128,9 @@ fn walk(
                 running = crc32c::crc32c_append(running, &payload);
                 summary.delta_bytes += stored as u64;
                 summary.stored_bytes += stored as u64;
+                if data.len() < length as usize {
+                    data.resize(length as usize, 0);
+                }
                 let bytes = &mut data[..length as usize];
                 if encoding == ENCODING_LZ4 {
                     let unpacked =
@@ -239,6 +244,94 @@ pub fn apply_delta<R: Read + Seek>(
     write_delta(reader, name, target)?;
     target.flush()?;
     Ok(summary)
+}
+
+/// A delta decoded whole with every checksum verified, its data held in memory, ready to be
+/// written: for deltas small enough to hold (a chunk, an entry of a bundle), applying one then
+/// costs one pass over its payloads instead of a verifying pass and a writing pass.
+#[derive(Debug, Default)]
+pub struct DecodedDelta {
+    /// (disk offset, length, the extent's bytes in `data`, or `None` for zeros).
+    extents: Vec<(u64, u64, Option<std::ops::Range<usize>>)>,
+    data: Vec<u8>,
+}
+
+impl DecodedDelta {
+    /// Writes every extent to `target`; does not flush.
+    pub fn write_to(&self, target: &mut dyn BlockImage) -> Result<()> {
+        for (offset, length, bytes) in &self.extents {
+            match bytes {
+                Some(range) => target.write_at(&self.data[range.clone()], *offset)?,
+                None => target.zero_range(*offset, *length)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Verifies `reader` whole and keeps its data, up to `limit` bytes of it: `None` when the data
+/// is larger (the delta is verified all the same; write it with [`write_delta`] then).
+pub fn decode_delta(reader: impl Read, name: &str, limit: usize) -> Result<Option<DecodedDelta>> {
+    let mut decoded = DecodedDelta::default();
+    let mut fits = true;
+    walk(reader, name, |offset, length, bytes| {
+        if !fits {
+            return Ok(());
+        }
+        match bytes {
+            Some(bytes) if decoded.data.len() + bytes.len() > limit => fits = false,
+            Some(bytes) => {
+                let start = decoded.data.len();
+                decoded.data.extend_from_slice(bytes);
+                decoded
+                    .extents
+                    .push((offset, length, Some(start..decoded.data.len())));
+            }
+            None => decoded.extents.push((offset, length, None)),
+        }
+        Ok(())
+    })?;
+    Ok(fits.then_some(decoded))
+}
+
+/// The extents a delta's records cover, in order and merged where they touch, read from the
+/// records alone: payloads are skipped, not decompressed nor checked. Only for a delta verified
+/// before (one staged on the replica), where it saves a pass over the data.
+pub fn listed_extents(mut reader: impl Read, name: &str) -> Result<Vec<std::ops::Range<u64>>> {
+    let problem = |text: String| Error::Delta {
+        name: name.to_owned(),
+        problem: text,
+    };
+    let read = |reader: &mut dyn Read, buffer: &mut [u8]| {
+        reader
+            .read_exact(buffer)
+            .map_err(|error| Error::file(name, "read delta", error))
+    };
+    let mut header = [0u8; HEADER_SIZE];
+    read(&mut reader, &mut header)?;
+    DeltaHeader::decode(&header).map_err(problem)?;
+    let mut extents: Vec<std::ops::Range<u64>> = Vec::new();
+    loop {
+        let mut record_bytes = [0u8; RECORD_SIZE];
+        read(&mut reader, &mut record_bytes)?;
+        let record = Record::decode(&record_bytes).map_err(problem)?;
+        if record.kind == KIND_END {
+            return Ok(extents);
+        }
+        let (offset, length) = (record.offset, u64::from(record.length));
+        match extents.last_mut() {
+            Some(last) if last.end == offset => last.end += length,
+            _ => extents.push(offset..offset + length),
+        }
+        let skipped = std::io::copy(
+            &mut (&mut reader).take(u64::from(record.stored_length)),
+            &mut std::io::sink(),
+        )
+        .map_err(|error| Error::file(name, "read delta", error))?;
+        if skipped != u64::from(record.stored_length) {
+            return Err(problem("truncated: a payload ends early".into()));
+        }
+    }
 }
 
 /// Writes a delta already verified whole (by [`verify_delta`]) to `target`, in one pass, each

@@ -8,7 +8,10 @@ mod encode;
 mod format;
 mod spool;
 
-pub use apply::{DeltaSummary, TargetState, apply_delta, delta_extents, verify_delta, write_delta};
+pub use apply::{
+    DecodedDelta, DeltaSummary, TargetState, apply_delta, decode_delta, delta_extents,
+    listed_extents, verify_delta, write_delta,
+};
 pub use encode::{Compression, DeltaEncoder, EncodeStatistics, encode_delta};
 pub use format::{DeltaHeader, FORMAT_VERSION, HEADER_SIZE};
 pub use spool::{Spool, chunk_pieces};

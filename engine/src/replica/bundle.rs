@@ -108,9 +108,14 @@ pub fn apply_bundle<D: BlockImage>(
             .get_mut(usize::from(disk))
             .ok_or_else(|| Error::corrupt(&name, format!("entry for disk {disk}")))?;
         // Every entry is verified whole before a byte of it is written; the caller flushes.
+        // An entry is at most a chunk or an undo piece, so it is decoded once and held.
         let entry = format!("{name} at byte {position}");
-        crate::delta::verify_delta(Cursor::new(payload), &entry)?;
-        write_delta(Cursor::new(payload), &entry, target)?;
+        match crate::delta::decode_delta(Cursor::new(payload), &entry, DECODED_LIMIT)? {
+            Some(decoded) => decoded.write_to(target)?,
+            None => {
+                write_delta(Cursor::new(payload), &entry, target)?;
+            }
+        }
         if std::mem::take(&mut first) {
             after_first();
         }
@@ -118,7 +123,13 @@ pub fn apply_bundle<D: BlockImage>(
     })
 }
 
-/// The byte ranges each disk's entries cover (sorted, merged), for `disks` disks.
+/// Entries whose data is larger than this are verified and written in two passes rather than
+/// held in memory.
+const DECODED_LIMIT: usize = 8 << 20;
+
+/// The byte ranges each disk's entries cover (sorted, merged), for `disks` disks, from the
+/// entries' records alone: the bundle was verified when it was staged, and is verified again
+/// entry by entry when it is applied.
 pub fn bundle_extents(path: &Path, disks: usize) -> Result<Vec<Vec<Range<u64>>>> {
     let name = path.display().to_string();
     let mut extents: Vec<Vec<Range<u64>>> = vec![Vec::new(); disks];
@@ -126,7 +137,7 @@ pub fn bundle_extents(path: &Path, disks: usize) -> Result<Vec<Vec<Range<u64>>>>
         let list = extents
             .get_mut(usize::from(disk))
             .ok_or_else(|| Error::corrupt(&name, format!("entry for disk {disk}")))?;
-        list.extend(crate::delta::delta_extents(
+        list.extend(crate::delta::listed_extents(
             Cursor::new(payload),
             &format!("{name} at byte {position}"),
         )?);

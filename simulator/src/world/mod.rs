@@ -296,13 +296,18 @@ impl World {
         let mut random = Random::new(seed);
         let clock = Arc::new(AtomicU64::new(0));
         let mut hosts = Vec::new();
-        for host in &scenario.hosts {
+        for (index, host) in scenario.hosts.iter().enumerate() {
             let directory = scratch.path().join(&host.name);
             std::fs::create_dir_all(&directory)?;
+            let may_crash = scenario.events.iter().any(|event| match event.action {
+                Action::CrashHost { host: crashed, .. } => crashed == index,
+                Action::SiteOutage { site, .. } => site == host.site,
+                _ => false,
+            });
             hosts.push(HostRuntime {
                 name: host.name.clone(),
                 site: host.site,
-                disks: HostDisks::new(random.fork()),
+                disks: HostDisks::new(random.fork(), may_crash),
                 up: true,
                 incarnation: 0,
                 directory,
