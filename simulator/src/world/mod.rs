@@ -226,6 +226,8 @@ struct VmRuntime {
     recovery_point: Option<SimTime>,
     /// When the primary last heard a delta was applied.
     last_applied: SimTime,
+    /// When its current primary started: health judges nothing from before.
+    replication_started: SimTime,
     /// A changes delta was applied since the last initial replication.
     caught_up: bool,
     unreachable_since: Option<SimTime>,
@@ -362,6 +364,7 @@ impl World {
                 sample_cursor: 0,
                 recovery_point: None,
                 last_applied: SimTime::ZERO,
+                replication_started: SimTime::ZERO,
                 caught_up: false,
                 unreachable_since: None,
                 next_wake: None,
@@ -489,6 +492,7 @@ impl World {
             machine.stop();
         }
         self.vms[vm].last_applied = self.agenda.now();
+        self.vms[vm].replication_started = self.agenda.now();
         let runtime = &mut self.vms[vm];
         runtime.primary = Some(PrimarySide {
             vm: protected,
@@ -531,6 +535,7 @@ impl World {
         self.vms[vm].replicating = true;
         // Health counts from the start of this replication.
         self.vms[vm].last_applied = self.agenda.now();
+        self.vms[vm].replication_started = self.agenda.now();
         let runtime = &mut self.vms[vm];
         runtime.primary = Some(PrimarySide {
             machine,
@@ -1518,7 +1523,9 @@ impl World {
                 vm: &runtime.spec.name,
                 health: status.health,
                 last_applied: runtime.last_applied,
-                unreachable_since: runtime.unreachable_since,
+                unreachable_since: runtime
+                    .unreachable_since
+                    .map(|since| since.max(runtime.replication_started)),
                 rpo: rpo.filter(|_| runtime.caught_up),
                 frequency: runtime.spec.policy.frequency,
                 quiet,
