@@ -66,6 +66,8 @@ pub struct VmReport {
     pub resync_differing_bytes: u64,
     /// Times replication was reversed after a failover.
     pub reversals: u64,
+    /// Checks that found pages a bit flip had damaged (expected, until a resync repairs them).
+    pub damage_seen: u64,
     /// Guest writes that failed (a full disk).
     pub failed_writes: u64,
     pub failures: Vec<String>,
@@ -99,6 +101,7 @@ impl VmReport {
             resyncs: 0,
             resync_differing_bytes: 0,
             reversals: 0,
+            damage_seen: 0,
             failed_writes: 0,
             failures: Vec::new(),
             final_state: String::new(),
@@ -107,6 +110,18 @@ impl VmReport {
             pending_series: Vec::new(),
         }
     }
+}
+
+/// A comparison of a replica with its primary by hash, shipping nothing (`blockrep verify`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VerifyReport {
+    pub seconds: f64,
+    pub vm: String,
+    /// (disk, first byte, end byte) of each range found differing; `None` when the comparison
+    /// could not be made.
+    pub differing: Option<Vec<(u16, u64, u64)>>,
+    pub pending_bytes: u64,
+    pub problem: Option<String>,
 }
 
 /// A failover step (or reverse replication) and what it cost.
@@ -189,6 +204,7 @@ pub struct Report {
     /// (seconds, what) for each fault injected.
     pub faults: Vec<(f64, String)>,
     pub failovers: Vec<FailoverReport>,
+    pub verifications: Vec<VerifyReport>,
     pub violations: Vec<Violation>,
     /// Violations beyond those listed.
     pub more_violations: u64,
@@ -321,6 +337,27 @@ impl Report {
                 let _ = write!(out, " [{problem}]");
             }
             let _ = writeln!(out);
+        }
+        for verification in &self.verifications {
+            let _ = write!(
+                out,
+                "verify at {}: {}: ",
+                clock(verification.seconds),
+                verification.vm
+            );
+            let _ = match (&verification.differing, &verification.problem) {
+                (Some(ranges), _) if ranges.is_empty() => writeln!(out, "equal"),
+                (Some(ranges), _) => {
+                    let listed: Vec<String> = ranges
+                        .iter()
+                        .map(|(disk, start, end)| format!("disk {disk} {start}..{end}"))
+                        .collect();
+                    writeln!(out, "differs at {}", listed.join(", "))
+                }
+                (None, problem) => {
+                    writeln!(out, "not compared: {}", problem.as_deref().unwrap_or(""))
+                }
+            };
         }
         if let Some(peak) = self.peak_memory_bytes {
             let _ = writeln!(out, "peak memory {}", size(peak));

@@ -217,6 +217,12 @@ pub enum EventFile {
     /// Reverse replication: VMs that failed over replicate back to their old hosts, which
     /// compare their copies by hash and take only what differs.
     Reverse { at: String, vms: Vec<String> },
+    /// A bit flips, silently, in a replica disk kept on `host` (one VM's, at random).
+    BitFlip { at: String, host: String },
+    /// Compare replicas with their primaries by hash, shipping nothing (`blockrep verify`).
+    Verify { at: String, vms: Vec<String> },
+    /// Resynchronize by hand (`blockrep resync`): compare by hash, ship what differs.
+    Resync { at: String, vms: Vec<String> },
     /// Planned failover where the VMs run (failback, when they run at the replica site): their
     /// writes stop, the last changes ship, both sides compare, the other site runs them;
     /// `reverse` replicates them back at once.
@@ -326,6 +332,15 @@ pub enum Action {
     PlannedFailover {
         vms: Vec<usize>,
         reverse: bool,
+    },
+    BitFlip {
+        host: usize,
+    },
+    Verify {
+        vms: Vec<usize>,
+    },
+    Resync {
+        vms: Vec<usize>,
     },
 }
 
@@ -629,6 +644,21 @@ impl ScenarioFile {
                         Action::PlannedFailover {
                             vms: vm_indexes(vms)?,
                             reverse: *reverse,
+                        },
+                    ),
+                    EventFile::BitFlip { at, host: name } => {
+                        (at, Action::BitFlip { host: host(name)? })
+                    }
+                    EventFile::Verify { at, vms } => (
+                        at,
+                        Action::Verify {
+                            vms: vm_indexes(vms)?,
+                        },
+                    ),
+                    EventFile::Resync { at, vms } => (
+                        at,
+                        Action::Resync {
+                            vms: vm_indexes(vms)?,
                         },
                     ),
                     EventFile::Reverse { at, vms } => (

@@ -57,6 +57,7 @@ fn every_scenario_file_is_covered_here() {
     assert_eq!(
         files,
         [
+            "bit-rot.toml",
             "network-mapping.toml",
             "site-outage.toml",
             "standalone-vmm.toml",
@@ -204,6 +205,25 @@ fn a_complete_site_outage_fails_over_fails_back_and_loses_only_what_followed_the
         .map(|f| f.to.as_str())
         .collect();
     assert_eq!(back, ["hv-p1", "hv-p2", "hv-p2"]);
+}
+
+#[test]
+fn verify_finds_a_flipped_bit_and_a_resynchronization_repairs_it() {
+    let report = run("bit-rot.toml", 1, None);
+    let flipped: u64 = report
+        .faults
+        .iter()
+        .find_map(|(_, what)| what.split("at byte ").nth(1)?.parse().ok())
+        .expect("a bit was flipped");
+    let found = report.verifications[0].differing.clone().unwrap();
+    let block = flipped / (64 << 10) * (64 << 10);
+    assert_eq!(
+        found,
+        [(0, block, block + (64 << 10))],
+        "flipped byte {flipped}"
+    );
+    assert_eq!(report.verifications[1].differing, Some(Vec::new()));
+    assert!(report.vms[0].resync_differing_bytes >= 64 << 10);
 }
 
 #[test]

@@ -25,6 +25,7 @@ pub fn peer_fingerprint(connection: &Connection) -> Option<String> {
         .and_then(|certificates| certificates.first().map(fingerprint))
 }
 
+pub use crate::resync::Verification;
 pub use extension::ExtensionOptions;
 pub use hosting::{HostingOptions, close_when_free, exports};
 pub use identity::{Identity, fingerprint, load_certificate};
@@ -32,6 +33,6 @@ pub use primary::{
     ConsistencyHook, Ending, Greeting, PrimaryCommand, PrimaryOptions, PrimaryReport, ResyncDone,
     ResyncSummary, Route, SharedReport, client_endpoint, greet, run_primary,
 };
-pub use resync::{ProgressReport, Verification};
+pub use resync::ProgressReport;
 pub use server::{Hosting, ReplicaReport, ReplicaServer, TakenOver, TestCopy};
 pub use tls::{client_config, is_authentication_failure, server_config};

@@ -68,7 +68,7 @@ pub enum PrimaryCommand {
     Resync,
     /// Compare the replica with this primary by hash, shipping nothing.
     Verify {
-        done: oneshot::Sender<std::result::Result<resync::Verification, String>>,
+        done: oneshot::Sender<std::result::Result<crate::resync::Verification, String>>,
     },
 }
 
@@ -790,7 +790,7 @@ async fn verify_over_new_connection(
     vm: &Arc<ProtectedVm>,
     name: &str,
     progress: &Arc<resync::Progress>,
-) -> std::result::Result<resync::Verification, String> {
+) -> std::result::Result<crate::resync::Verification, String> {
     let (connection, mut control, mut incoming) = open_session(endpoint, replica).await?;
     let outcome = resync::verify(vm, name, &mut control, &mut incoming, progress)
         .await

@@ -15,7 +15,7 @@ use super::frame::{read_frame, write_message};
 use super::primary::ResyncSummary;
 use crate::protect::ProtectedVm;
 use crate::proto::{Message, PROTOCOL_VERSION};
-use crate::resync::{BlockHashes, GROUP_BLOCKS, random_seed};
+use crate::resync::{BlockHashes, GROUP_BLOCKS, Verification, random_seed};
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::ops::Range;
@@ -105,23 +105,16 @@ pub(super) async fn compare(
         let mut summary = ResyncSummary::default();
         for (disk, (ours, differing)) in ours.iter().zip(&differing).enumerate() {
             summary.compared_bytes += ours.virtual_size();
-            summary.differing_bytes += bytes_in(differing);
+            summary.differing_bytes += differing
+                .iter()
+                .map(|range| range.end - range.start)
+                .sum::<u64>();
             vm.mark_changed(disk, differing)?;
         }
         Ok(Some(summary))
     })
     .await
     .map_err(|error| failure(error.to_string()))?
-}
-
-/// Where the replica differs from the primary, besides what the primary has not shipped yet.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Verification {
-    pub compared_bytes: u64,
-    /// Per differing range: the disk and the byte range.
-    pub differing: Vec<(u16, Range<u64>)>,
-    /// Changed on the primary and not yet acknowledged: left out of the comparison.
-    pub pending_bytes: u64,
 }
 
 /// Compares the replica with the primary by hash, shipping nothing. Blocks changed on the
@@ -137,21 +130,11 @@ pub(super) async fn verify(
     let (ours, differing) = both_hashes(vm, name, control, incoming, progress)
         .await?
         .ok_or_else(|| failure("the replica holds no copy of this VM yet"))?;
-    let pending = vm.pending_extents();
-    let mut verification = Verification {
-        compared_bytes: 0,
-        differing: Vec::new(),
-        pending_bytes: pending.iter().map(|ranges| bytes_in(ranges)).sum(),
-    };
-    for (disk, (ours, differing)) in ours.iter().zip(&differing).enumerate() {
-        verification.compared_bytes += ours.virtual_size();
-        for range in differing {
-            for part in subtract(range, &pending[disk]) {
-                verification.differing.push((disk as u16, part));
-            }
-        }
-    }
-    Ok(verification)
+    Ok(Verification::new(
+        ours.iter().map(BlockHashes::virtual_size),
+        &differing,
+        &vm.pending_extents(),
+    ))
 }
 
 /// Asks for the replica's hashes and computes ours at the same time; gives our hashes and, per
@@ -259,29 +242,6 @@ async fn receive(incoming: &mut quinn::RecvStream) -> Result<Message> {
     }
 }
 
-fn bytes_in(ranges: &[Range<u64>]) -> u64 {
-    ranges.iter().map(|range| range.end - range.start).sum()
-}
-
-/// `range` without the parts inside `holes` (ordered, not overlapping).
-fn subtract(range: &Range<u64>, holes: &[Range<u64>]) -> Vec<Range<u64>> {
-    let mut parts = Vec::new();
-    let mut start = range.start;
-    for hole in holes {
-        if hole.end <= start || hole.start >= range.end {
-            continue;
-        }
-        if hole.start > start {
-            parts.push(start..hole.start);
-        }
-        start = start.max(hole.end);
-    }
-    if start < range.end {
-        parts.push(start..range.end);
-    }
-    parts
-}
-
 /// The replica's side, first: what it has applied (0 when it holds no copy, and nothing
 /// follows). Sent before hashing, so that both sides hash at the same time.
 pub(super) async fn answer_welcome(
@@ -349,30 +309,4 @@ pub(super) fn refusal(reason: String) -> Bytes {
         retry: false,
     }
     .encode()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::subtract;
-    use std::ops::Range;
-
-    #[test]
-    fn subtracting_holes_keeps_what_is_outside_them() {
-        let none: Vec<Range<u64>> = Vec::new();
-        assert_eq!(subtract(&(0..100), &none), vec![0..100]);
-        assert_eq!(
-            subtract(&(0..100), &[10..20, 50..60]),
-            vec![0..10, 20..50, 60..100]
-        );
-        let (before, around, after) = (0..15, 0..30, 20..30);
-        assert_eq!(
-            subtract(&(10..20), std::slice::from_ref(&before)),
-            vec![15..20]
-        );
-        assert_eq!(subtract(&(10..20), std::slice::from_ref(&around)), none);
-        assert_eq!(
-            subtract(&(10..20), std::slice::from_ref(&after)),
-            vec![10..20]
-        );
-    }
 }

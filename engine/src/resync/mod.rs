@@ -21,6 +21,7 @@
 mod compute;
 mod hash;
 mod hashes;
+mod verification;
 mod wire;
 
 #[cfg(test)]
@@ -28,6 +29,7 @@ mod tests;
 
 pub use hash::random_seed;
 pub use hashes::BlockHashes;
+pub use verification::Verification;
 
 /// Bytes per hashed block: small enough that one changed byte ships little, large enough that
 /// the hashes of a disk stay small (16 bytes per 64 KiB, 256 KiB per GiB).

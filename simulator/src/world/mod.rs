@@ -6,6 +6,7 @@
 //! with the sizes the wire encoding gives them, and disks take time to apply what they stage.
 
 mod failover;
+mod integrity;
 
 use crate::agenda::{Agenda, SimTime};
 use crate::check::{Checker, Observation, Violation};
@@ -209,6 +210,8 @@ struct VmRuntime {
     failed_over_at: Option<u64>,
     /// The VM's disk files on each host that has held them.
     homes: BTreeMap<usize, Vec<PathBuf>>,
+    /// Replica pages (disk, page) a bit flip damaged, until a full check finds them repaired.
+    flipped: std::collections::BTreeSet<(usize, u64)>,
     /// The site it was created at, whose networks are its own.
     origin_site: usize,
     /// A planned failover stopped the guest's writes.
@@ -264,6 +267,7 @@ pub struct World {
     checker: Checker,
     faults: Vec<(SimTime, String)>,
     failovers: Vec<crate::report::FailoverReport>,
+    verifications: Vec<crate::report::VerifyReport>,
     /// Where each clustered VM runs now.
     clustered_on: Vec<Option<usize>>,
     events: u64,
@@ -346,6 +350,7 @@ impl World {
             vms.push(VmRuntime {
                 homes: BTreeMap::from([(spec.host, paths.clone())]),
                 origin_site: hosts[spec.host].site,
+                flipped: std::collections::BTreeSet::new(),
                 workload: Workload::new(spec.workload.clone(), random.fork(), pages),
                 report: VmReport::new(spec, &hosts[spec.host].name, &hosts[spec.replica_host].name),
                 spec: spec.clone(),
@@ -389,6 +394,7 @@ impl World {
             checker: Checker::default(),
             faults: Vec::new(),
             failovers: Vec::new(),
+            verifications: Vec::new(),
             clustered_on: scenario.clustered.iter().map(|vm| Some(vm.host)).collect(),
             events: 0,
             scenario,
@@ -1421,7 +1427,9 @@ impl World {
         };
         let problem = disks_of_host.observing(|| {
         let mut problem = None;
+        let mut damaged = false;
         let models = &self.vms[vm].models;
+        let flipped = &self.vms[vm].flipped;
         'disks: for (disk, model) in models.iter().enumerate() {
             let pages = &model.pages();
             let versions = &cut.versions[disk];
@@ -1451,19 +1459,38 @@ impl World {
                     problem = Some(format!("cannot read the replica's disk {disk}: {error}"));
                     break 'disks;
                 }
-                if let Some(page) = first_difference(&models[disk], versions, first, &buffer) {
-                    problem = Some(format!(
-                        "after {delta} was acknowledged, the replica's disk {disk} differs from the primary's at its cut, at byte {} (page {page})",
-                        page * PAGE
-                    ));
-                    break 'disks;
+                // Pages a bit flip damaged on purpose are expected to differ until a
+                // resynchronization repairs them; anything else is the engine's doing.
+                let mut from = first;
+                while let Some(page) = first_difference(
+                    &models[disk],
+                    versions,
+                    from,
+                    &buffer[((from - first) * PAGE) as usize..],
+                ) {
+                    if !flipped.contains(&(disk, page)) {
+                        problem = Some(format!(
+                            "after {delta} was acknowledged, the replica's disk {disk} differs from the primary's at its cut, at byte {} (page {page})",
+                            page * PAGE
+                        ));
+                        break 'disks;
+                    }
+                    damaged = true;
+                    from = page + 1;
                 }
             }
         }
-        problem
+        (problem, damaged)
         });
+        let (problem, damaged) = problem;
         let runtime = &mut self.vms[vm];
         runtime.sample_cursor = cursor + SAMPLED_PAGES;
+        if damaged {
+            runtime.report.damage_seen += 1;
+        } else if previous.is_none() && problem.is_none() {
+            // A full check found every page right: whatever was flipped has been repaired.
+            runtime.flipped.clear();
+        }
         match problem {
             Some(what) => {
                 self.checker
@@ -1472,7 +1499,8 @@ impl World {
             }
             None => {
                 runtime.report.checked_cuts += 1;
-                runtime.verified = Some(cut.versions);
+                // Damage seen is looked for in full again next time, until repaired.
+                runtime.verified = (!damaged).then_some(cut.versions);
             }
         }
     }
@@ -1648,6 +1676,29 @@ impl World {
                 self.unplanned_failover(plan.as_deref(), &groups);
             }
             Action::Reverse { vms } => self.reverse(&vms),
+            Action::BitFlip { host } => self.flip_a_bit(host),
+            Action::Verify { vms } => {
+                for vm in vms {
+                    self.verify(vm);
+                }
+            }
+            Action::Resync { vms } => {
+                let instant = self.agenda.instant();
+                for vm in vms {
+                    if let Some(connection) = self.current_connection(vm) {
+                        self.close(connection, "resynchronizing", false);
+                    }
+                    if let Some(primary) = &mut self.vms[vm].primary {
+                        primary.resync = true;
+                        primary.connection = None;
+                        primary
+                            .machine
+                            .connection_lost(instant, "resynchronization asked for");
+                    }
+                    self.vms[vm].report.resyncs += 1;
+                    self.drive_primary(vm);
+                }
+            }
             Action::PlannedFailover { vms, reverse } => {
                 for vm in vms {
                     self.planned_failover(vm, reverse);
@@ -1839,6 +1890,7 @@ impl World {
                 .map(|(at, what)| (at.as_secs_f64(), what.clone()))
                 .collect(),
             failovers: std::mem::take(&mut self.failovers),
+            verifications: std::mem::take(&mut self.verifications),
             violations,
             more_violations,
             peak_memory_bytes: crate::report::peak_memory(),
