@@ -45,6 +45,8 @@ struct Prepared {
 /// A protected VM's disks on the primary.
 pub struct ProtectedVm {
     paths: Vec<PathBuf>,
+    /// How the VM's files are opened (and layered, in the simulator): its spools too.
+    storage: StorageOptions,
     disks: Vec<Arc<ProtectedDisk>>,
     descriptions: Vec<DiskDescription>,
     needs_initial: bool,
@@ -120,6 +122,7 @@ impl ProtectedVm {
         }
         Ok(ProtectedVm {
             paths: paths.to_vec(),
+            storage: storage.clone(),
             disks,
             descriptions,
             needs_initial,
@@ -182,7 +185,7 @@ impl ProtectedVm {
                     gate.lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                 });
-                let spool = Arc::new(Spool::create(&self.spool_path())?);
+                let spool = Arc::new(Spool::create(&self.spool_path(), &self.storage)?);
                 let (generations, bytes) = self.spool_changes(delta, &spool)?;
                 (Source::Spooled { spool, generations }, bytes)
             }

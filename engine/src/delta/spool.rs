@@ -7,7 +7,7 @@
 use super::encode::{Compression, DeltaEncoder};
 use super::format::DeltaHeader;
 use crate::image::BlockImage;
-use crate::io::{FileStorage, Storage};
+use crate::io::{FileStorage, Storage, StorageOptions};
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::ops::Range;
@@ -94,17 +94,26 @@ struct SpooledChunk {
 }
 
 /// A cycle's chunks in a file, appended by any thread, read back by index.
-#[derive(Debug)]
 pub struct Spool {
     path: PathBuf,
-    storage: FileStorage,
+    storage: Box<dyn Storage>,
     chunks: Mutex<(u64, Vec<SpooledChunk>)>,
 }
 
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Spool")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Spool {
-    /// Creates (or empties) the spool file at `path`.
-    pub fn create(path: &Path) -> Result<Spool> {
+    /// Creates (or empties) the spool file at `path`, written through `options`' layer.
+    pub fn create(path: &Path, options: &StorageOptions) -> Result<Spool> {
         let storage = FileStorage::create(path)
+            .map(|file| options.layered(Box::new(file)))
             .map_err(|source| Error::file(&path.display().to_string(), "create spool", source))?;
         Ok(Spool {
             path: path.to_owned(),
@@ -293,7 +302,11 @@ mod tests {
     #[test]
     fn spooled_chunks_read_back_by_index() {
         let directory = tempfile::tempdir().unwrap();
-        let spool = Spool::create(&directory.path().join("spool")).unwrap();
+        let spool = Spool::create(
+            &directory.path().join("spool"),
+            &crate::io::StorageOptions::default(),
+        )
+        .unwrap();
         spool.append(0, b"first", 10).unwrap();
         spool.append(1, b"second chunk", 20).unwrap();
         assert_eq!(

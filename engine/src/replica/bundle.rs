@@ -5,7 +5,7 @@
 
 use crate::delta::{Compression, DeltaEncoder, DeltaHeader, chunk_pieces, write_delta};
 use crate::image::BlockImage;
-use crate::io::{FileStorage, Storage};
+use crate::io::{FileStorage, Storage, StorageOptions};
 use crate::proto::MAX_BODY;
 use crate::{Error, Result};
 use std::io::Cursor;
@@ -20,14 +20,15 @@ const UNDO_ENTRY_DISK_BYTES: u64 = 4 << 20;
 /// Appends entries to a new bundle file.
 pub struct BundleWriter {
     path: PathBuf,
-    storage: FileStorage,
+    storage: Box<dyn Storage>,
     end: u64,
 }
 
 impl BundleWriter {
-    /// Creates (or empties) the bundle at `path`.
-    pub fn create(path: &Path) -> Result<Self> {
+    /// Creates (or empties) the bundle at `path`, written through `options`' layer.
+    pub fn create(path: &Path, options: &StorageOptions) -> Result<Self> {
         let storage = FileStorage::create(path)
+            .map(|file| options.layered(Box::new(file)))
             .map_err(|error| Error::file(&path.display().to_string(), "create", error))?;
         Ok(BundleWriter {
             path: path.to_owned(),

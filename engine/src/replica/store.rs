@@ -517,7 +517,7 @@ impl VmReplica {
             }
             DeltaKind::Changes => Staging::Changes {
                 delta,
-                file: BundleWriter::create(&self.directory.join(STAGE))?,
+                file: BundleWriter::create(&self.directory.join(STAGE), &self.storage)?,
             },
         });
         Ok(())
@@ -1034,7 +1034,7 @@ impl VmReplica {
             let union: Vec<Vec<std::ops::Range<u64>>> =
                 union.into_iter().map(super::bundle::merge_ranges).collect();
             let merged = format!("undo-point-{}-{}.bundle", point.sequence, point.undo.len());
-            let mut writer = BundleWriter::create(&self.directory.join(&merged))?;
+            let mut writer = BundleWriter::create(&self.directory.join(&merged), &self.storage)?;
             write_contents(
                 &mut writer,
                 &images,
@@ -1063,7 +1063,10 @@ impl VmReplica {
         let descriptions = self.catalogue()?.disks.clone();
         let extents = bundle_extents(&self.directory.join(STAGE), descriptions.len())?;
         let headers = undo_headers(&descriptions, delta.sequence - 1);
-        let mut writer = BundleWriter::create(&self.directory.join(undo_name(delta.sequence)))?;
+        let mut writer = BundleWriter::create(
+            &self.directory.join(undo_name(delta.sequence)),
+            &self.storage,
+        )?;
         write_contents(&mut writer, &self.disks, &extents, &headers)?;
         writer.flush()?;
         sync_directory(&self.directory)
