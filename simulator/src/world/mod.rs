@@ -137,6 +137,13 @@ impl Event {
     }
 }
 
+/// Which way a message crosses a connection.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    ToReplica { ordered: bool },
+    ToPrimary,
+}
+
 struct Connection {
     vm: usize,
     link: usize,
@@ -791,7 +798,7 @@ impl World {
             PrimaryAction::Connect => self.connect(vm),
             PrimaryAction::Send(message) => {
                 if let Some(connection) = self.current_connection(vm) {
-                    self.send_to_replica(connection, message, true);
+                    self.send(connection, message, Way::ToReplica { ordered: true });
                 }
             }
             PrimaryAction::SendChunk { delta, index } => {
@@ -809,7 +816,7 @@ impl World {
                             disk,
                             payload,
                         };
-                        self.send_to_replica(connection, message, false);
+                        self.send(connection, message, Way::ToReplica { ordered: false });
                     }
                     Err(error) => {
                         self.lost_host_io(self.vms[vm].spec.host, &error.to_string());
@@ -1061,66 +1068,59 @@ impl World {
         Ok(())
     }
 
-    fn send_to_replica(&mut self, connection: ConnectionId, message: Message, ordered: bool) {
+    /// Sends `message` across the connection's link: toward the replica (on the ordered
+    /// control stream, or a data stream when not `ordered`) or back to the primary (always the
+    /// control stream).
+    fn send(&mut self, connection: ConnectionId, message: Message, way: Way) {
         let bytes = wire_size(&message);
         let Some(state) = self.connections.get(&connection) else {
             return;
         };
-        let vm = state.vm;
-        let link = state.link;
-        let after = if ordered {
-            state.last_to_replica
-        } else {
-            SimTime::ZERO
+        let (vm, link) = (state.vm, state.link);
+        let (from, after) = match way {
+            Way::ToReplica { ordered } => (
+                self.vms[vm].spec.host,
+                if ordered {
+                    state.last_to_replica
+                } else {
+                    SimTime::ZERO
+                },
+            ),
+            Way::ToPrimary => (self.vms[vm].spec.replica_host, state.last_to_primary),
         };
-        let from_site = self.hosts[self.vms[vm].spec.host].site;
-        let now = self.agenda.now();
-        self.vms[vm].report.wire_bytes += bytes;
-        if let Message::Chunk { .. } = &message {
-            self.vms[vm].report.chunks_sent += 1;
+        if let Way::ToReplica { .. } = way {
+            self.vms[vm].report.wire_bytes += bytes;
+            if let Message::Chunk { .. } = &message {
+                self.vms[vm].report.chunks_sent += 1;
+            }
         }
-        match self.links[link].send(now, from_site, bytes, after) {
-            Delivery::Arrives(at) => {
-                if ordered && let Some(state) = self.connections.get_mut(&connection) {
+        let now = self.agenda.now();
+        let Delivery::Arrives(at) = self.links[link].send(now, self.hosts[from].site, bytes, after)
+        else {
+            return;
+        };
+        let Some(state) = self.connections.get_mut(&connection) else {
+            return;
+        };
+        let event = match way {
+            Way::ToReplica { ordered } => {
+                if ordered {
                     state.last_to_replica = at;
                 }
-                self.agenda.add(
-                    at,
-                    Event::ToReplica {
-                        connection,
-                        message,
-                    },
-                );
-            }
-            Delivery::Lost => {}
-        }
-    }
-
-    fn send_to_primary(&mut self, connection: ConnectionId, message: Message) {
-        let bytes = wire_size(&message);
-        let Some(state) = self.connections.get(&connection) else {
-            return;
-        };
-        let vm = state.vm;
-        let link = state.link;
-        let after = state.last_to_primary;
-        let from_site = self.hosts[self.vms[vm].spec.replica_host].site;
-        let now = self.agenda.now();
-        match self.links[link].send(now, from_site, bytes, after) {
-            Delivery::Arrives(at) => {
-                if let Some(state) = self.connections.get_mut(&connection) {
-                    state.last_to_primary = at;
+                Event::ToReplica {
+                    connection,
+                    message,
                 }
-                self.agenda.add(
-                    at,
-                    Event::ToPrimary {
-                        connection,
-                        message,
-                    },
-                );
             }
-            Delivery::Lost => {}
-        }
+            Way::ToPrimary => {
+                state.last_to_primary = at;
+                Event::ToPrimary {
+                    connection,
+                    message,
+                }
+            }
+        };
+        self.agenda.add(at, event);
     }
 
     fn primary_receives(&mut self, connection: ConnectionId, message: Message) {
@@ -1278,7 +1278,7 @@ impl World {
             ReplicaAction::Send {
                 connection,
                 message,
-            } => self.send_to_primary(connection, message),
+            } => self.send(connection, message, Way::ToPrimary),
             ReplicaAction::PrepareDisks { disks, owner } => {
                 if let Err(error) = slot.replica.prepare(disks, &owner) {
                     let reason = error.to_string();
