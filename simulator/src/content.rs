@@ -15,6 +15,9 @@ const RANDOM_BYTES: usize = 1024;
 pub struct DiskModel {
     identity: u64,
     versions: Vec<u32>,
+    /// The highest version each page ever had: new writes number from it, so that a page
+    /// never holds a version's bytes for two different writes (after a failover went back).
+    highest: Vec<u32>,
     /// The versions the disk holds: `versions` but for the pages in `unwritten`.
     on_disk: Vec<u32>,
     /// Pages written since they were last put on the disk (`take_unwritten`).
@@ -34,6 +37,7 @@ impl DiskModel {
         DiskModel {
             identity,
             versions: vec![0; size.div_ceil(PAGE) as usize],
+            highest: vec![0; size.div_ceil(PAGE) as usize],
             on_disk: vec![0; size.div_ceil(PAGE) as usize],
             unwritten: BTreeSet::new(),
             unflushed: BTreeMap::new(),
@@ -49,7 +53,9 @@ impl DiskModel {
     pub fn write(&mut self, first: u64, count: u64) {
         let end = (first + count).min(self.pages());
         for page in first..end {
-            self.versions[page as usize] = self.versions[page as usize].wrapping_add(1).max(1);
+            let index = page as usize;
+            self.highest[index] = self.highest[index].wrapping_add(1).max(1);
+            self.versions[index] = self.highest[index];
             self.unwritten.insert(page);
         }
     }
@@ -109,7 +115,8 @@ impl DiskModel {
                 return;
             }
         }
-        let torn = self.versions[index].max(durable).wrapping_add(1).max(1);
+        self.highest[index] = self.highest[index].wrapping_add(1).max(1);
+        let torn = self.highest[index];
         self.explicit.insert((page, torn), bytes.to_vec());
         self.versions[index] = torn;
         self.on_disk[index] = torn;

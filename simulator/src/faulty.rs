@@ -27,6 +27,8 @@ enum Undo {
     },
     SetLen {
         old_size: u64,
+        /// The bytes a shrink cut off.
+        tail: Vec<u8>,
     },
 }
 
@@ -173,12 +175,17 @@ impl HostDisks {
                         };
                         let start = (kept * SECTOR).min(old.len());
                         let _ = store.inner.write_at(&old[start..], offset + start as u64);
-                        if store.inner.size().is_ok_and(|size| size > old_size) {
-                            let _ = store.inner.set_len(old_size);
+                        // A write past the old end keeps its torn sectors, and no more.
+                        let end = old_size.max(offset + start as u64);
+                        if store.inner.size().is_ok_and(|size| size > end) {
+                            let _ = store.inner.set_len(end);
                         }
                     }
-                    Undo::SetLen { old_size } => {
+                    Undo::SetLen { old_size, tail } => {
                         let _ = store.inner.set_len(old_size);
+                        if !tail.is_empty() {
+                            let _ = store.inner.write_at(&tail, old_size - tail.len() as u64);
+                        }
                     }
                 }
             }
@@ -277,17 +284,17 @@ impl Storage for FaultyStorage {
         if !self.host.lock().may_crash {
             return self.opened.inner.set_len(size);
         }
-        if size < old_size {
-            // Bytes cut off come back as they were if the cut is lost.
-            let mut old = vec![0u8; (old_size - size) as usize];
-            self.opened.inner.read_at(&mut old, size)?;
-            self.opened.unflushed().push(Undo::Write {
-                offset: size,
-                old,
-                old_size,
-            });
-        }
-        self.opened.unflushed().push(Undo::SetLen { old_size });
+        // A cut that is lost brings the bytes it cut off back as they were: one fate for both.
+        let tail = if size < old_size {
+            let mut tail = vec![0u8; (old_size - size) as usize];
+            self.opened.inner.read_at(&mut tail, size)?;
+            tail
+        } else {
+            Vec::new()
+        };
+        self.opened
+            .unflushed()
+            .push(Undo::SetLen { old_size, tail });
         self.opened.inner.set_len(size)
     }
 

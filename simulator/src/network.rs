@@ -92,10 +92,18 @@ impl Link {
 
     /// Takes the link down from `from` for `length`; returns whether connections across it end.
     pub fn cut(&mut self, from: SimTime, length: Duration) -> bool {
-        let outage = Outage {
+        let mut outage = Outage {
             from,
             until: from + length,
         };
+        // An outage within or overlapping one in force extends it, never shortens it.
+        if let Some(current) = self.outage
+            && current.from <= from
+            && from < current.until
+        {
+            outage.from = current.from;
+            outage.until = outage.until.max(current.until);
+        }
         self.outage = Some(outage);
         outage.fatal()
     }

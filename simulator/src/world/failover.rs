@@ -55,6 +55,10 @@ impl World {
         if !self.hosts[target].up {
             return Err(format!("replica host {} is down", self.hosts[target].name));
         }
+        // Refused before the VM is touched: there must be a point to fail over to.
+        if self.slot(target, vm)?.replica.applied() == 0 {
+            return Err("initial replication has not completed".into());
+        }
         // What the guest had written, on disk or not, before its VM went off for good.
         let written: Vec<Versions> = self.vms[vm]
             .models
@@ -62,15 +66,16 @@ impl World {
             .map(|model| model.versions().clone())
             .collect();
         self.stop_vm(vm);
-        let rpo = self.vms[vm]
+        let runtime = &mut self.vms[vm];
+        runtime.writes_stopped = false;
+        runtime.handover_reverse = false;
+        runtime.taking_over = None;
+        let rpo = runtime
             .recovery_point
             .map(|point| (now - point).as_secs_f64());
         let storage = self.storage_options(target);
         let slot = self.slot(target, vm)?;
         let point = slot.replica.applied();
-        if point == 0 {
-            return Err("initial replication has not completed".into());
-        }
         let step = |error: blockrep::Error| error.to_string();
         slot.replica.begin_failover(point).map_err(step)?;
         slot.machine
@@ -120,10 +125,12 @@ impl World {
                 }
                 report.checked = true;
                 report.lost_bytes = lost_bytes(&written, &versions);
-                // The guest starts again from the point.
+                // The guest starts again from the point, bit flips and all: the damage is the
+                // VM's now.
                 for (model, versions) in self.vms[vm].models.iter_mut().zip(&versions) {
                     model.reset_to(versions);
                 }
+                self.adopt_flipped(vm, &paths);
             }
             Expected::Initial => {
                 // An initial replication is read live: its content is no single instant of
@@ -377,7 +384,14 @@ impl World {
         runtime.recovery_point = None;
         runtime.caught_up = false;
         runtime.verified = None;
-        runtime.acknowledged = None;
+        // The disks hold what the guest wrote (checked when the other site took over): the
+        // point a failover back before any new delta lands on.
+        let written = runtime
+            .models
+            .iter()
+            .map(|model| model.versions().clone())
+            .collect();
+        runtime.acknowledged = Some((sequence, Some(written)));
         runtime.cuts.clear();
         runtime.next_wake = None;
         let reverse = runtime.handover_reverse;
@@ -474,9 +488,30 @@ impl World {
         all
     }
 
-    /// Where disks at `paths` differ from `versions`, if they do.
+    /// The pages a bit flip damaged become what the disks at `paths` hold.
+    fn adopt_flipped(&mut self, vm: usize, paths: &[PathBuf]) {
+        let flipped = std::mem::take(&mut self.vms[vm].flipped);
+        let mut bytes = vec![0u8; PAGE as usize];
+        for (disk, page) in flipped {
+            let Some(path) = paths.get(disk) else {
+                continue;
+            };
+            let format = ImageFormat::from_extension(path).unwrap_or(ImageFormat::Vhdx);
+            if let Ok(image) = open_path(path, format, Access::ReadOnly)
+                && image.read_at(&mut bytes, page * PAGE).is_ok()
+            {
+                let model = &mut self.vms[vm].models[disk];
+                let version = model.versions()[page as usize];
+                model.found_on_disk(page, &bytes, version);
+            }
+        }
+    }
+
+    /// Where disks at `paths` differ from `versions`, if they do (pages a bit flip damaged
+    /// are expected to).
     fn differs(&self, vm: usize, paths: &[PathBuf], versions: &[Versions]) -> Option<String> {
         let models = &self.vms[vm].models;
+        let flipped = &self.vms[vm].flipped;
         for (disk, (path, expected)) in paths.iter().zip(versions).enumerate() {
             let format = ImageFormat::from_extension(path).unwrap_or(ImageFormat::Vhdx);
             let image = match open_path(path, format, Access::ReadOnly) {
@@ -492,11 +527,20 @@ impl World {
                 if let Err(error) = image.read_at(bytes, first * PAGE) {
                     return Some(format!("cannot read failed-over disk {disk}: {error}"));
                 }
-                if let Some(page) = first_difference(&models[disk], expected, first, bytes) {
-                    return Some(format!(
-                        "failed-over disk {disk} differs from the recovery point at byte {}",
-                        page * PAGE
-                    ));
+                let mut from = first;
+                while let Some(page) = first_difference(
+                    &models[disk],
+                    expected,
+                    from,
+                    &bytes[((from - first) * PAGE) as usize..],
+                ) {
+                    if !flipped.contains(&(disk, page)) {
+                        return Some(format!(
+                            "failed-over disk {disk} differs from the recovery point at byte {}",
+                            page * PAGE
+                        ));
+                    }
+                    from = page + 1;
                 }
                 first += count;
             }

@@ -76,10 +76,12 @@ enum Event {
     ToReplica {
         connection: ConnectionId,
         message: Message,
+        sent: SimTime,
     },
     ToPrimary {
         connection: ConnectionId,
         message: Message,
+        sent: SimTime,
     },
     /// The replica's disk finished applying a delta.
     Applied {
@@ -97,6 +99,7 @@ enum Event {
     Scheduled(Action),
     HostRestart {
         host: usize,
+        generation: u64,
     },
     /// An armed crash that has not struck by now (the host did no I/O) strikes anyway.
     ForceCrash {
@@ -150,10 +153,23 @@ struct Connection {
     /// The incarnations of the two hosts it joins: a crash ends it.
     primary_incarnation: u64,
     replica_incarnation: u64,
-    open: bool,
+    /// When either side ended it: messages sent before still arrive, as QUIC delivers what
+    /// was queued before a close.
+    closed_at: Option<SimTime>,
     /// Arrival of the last control message each way (control streams are ordered).
     last_to_replica: SimTime,
     last_to_primary: SimTime,
+}
+
+impl Connection {
+    fn open(&self) -> bool {
+        self.closed_at.is_none()
+    }
+
+    /// A message sent at `sent` is delivered.
+    fn carries(&self, sent: SimTime) -> bool {
+        self.closed_at.is_none_or(|closed| sent <= closed)
+    }
 }
 
 struct HostRuntime {
@@ -172,6 +188,10 @@ struct HostRuntime {
     crashes: u64,
     /// Faults on the host excuse its VMs' recovery point objective until then.
     disturbed_until: SimTime,
+    /// Disk-full periods in force.
+    full_periods: u32,
+    /// Raised whenever a restart is scheduled: only the latest one happens.
+    restart_generation: u64,
 }
 
 struct Slot {
@@ -260,7 +280,9 @@ pub struct World {
     agenda: Agenda<Event>,
     random: Random,
     clock: Arc<AtomicU64>,
-    _scratch: tempfile::TempDir,
+    /// Where the hosts' files are; its name differs from run to run, so it never reaches
+    /// the trace or the report (`scrub`).
+    scratch: tempfile::TempDir,
     hosts: Vec<HostRuntime>,
     vms: Vec<VmRuntime>,
     links: Vec<Link>,
@@ -329,6 +351,8 @@ impl World {
                 slots: BTreeMap::new(),
                 crashes: 0,
                 disturbed_until: SimTime::ZERO,
+                full_periods: 0,
+                restart_generation: 0,
             });
         }
         let mut links = Vec::new();
@@ -389,7 +413,7 @@ impl World {
             agenda: Agenda::new(),
             random,
             clock,
-            _scratch: scratch,
+            scratch,
             hosts,
             vms,
             links,
@@ -515,8 +539,13 @@ impl World {
             incarnation: self.hosts[runtime.spec.host].incarnation,
             resync: false,
         });
-        runtime.cuts.clear();
+        // Cuts newer than the last acknowledged one stay: the replica may hold one of them.
         runtime.next_wake = None;
+        let interrupted = std::mem::take(&mut runtime.writes_stopped);
+        runtime.handover_reverse = false;
+        if interrupted {
+            self.planned_failed(vm, "interrupted: the VM's host restarted".into());
+        }
         self.drive_primary(vm);
         Ok(())
     }
@@ -580,6 +609,27 @@ impl World {
         }
     }
 
+    /// Bytes a message takes on the wire. A chunk is its payload and a small header; encoding
+    /// it only to measure it would copy a MiB a chunk. A refusal's text names files by their
+    /// path in the scratch directory, which must not make one run's timing differ from another's.
+    fn wire_size(&self, message: &Message) -> u64 {
+        match message {
+            Message::Chunk { payload, .. } => payload.len() as u64 + 32,
+            Message::Refused { reason, retry } => Message::Refused {
+                reason: self.scrub(reason),
+                retry: *retry,
+            }
+            .encode()
+            .len() as u64,
+            other => other.encode().len() as u64,
+        }
+    }
+
+    /// `text` with the scratch directory's path replaced by a fixed name.
+    fn scrub(&self, text: &str) -> String {
+        text.replace(&*self.scratch.path().to_string_lossy(), "<scratch>")
+    }
+
     fn violation(&mut self, vm: Option<usize>, what: String) {
         let now = self.agenda.now();
         let name = vm.map(|vm| self.vms[vm].spec.name.clone());
@@ -629,11 +679,13 @@ impl World {
             Event::ToReplica {
                 connection,
                 message,
-            } => self.replica_receives(connection, message),
+                sent,
+            } => self.replica_receives(connection, message, sent),
             Event::ToPrimary {
                 connection,
                 message,
-            } => self.primary_receives(connection, message),
+                sent,
+            } => self.primary_receives(connection, message, sent),
             Event::Applied {
                 vm,
                 incarnation,
@@ -646,7 +698,10 @@ impl World {
                 replica_side,
             } => self.peer_lost(connection, replica_side),
             Event::Scheduled(action) => self.fault(action),
-            Event::HostRestart { host } => {
+            Event::HostRestart { host, generation } => {
+                if generation != self.hosts[host].restart_generation || self.hosts[host].up {
+                    return;
+                }
                 self.note_fault(format!("host {} restarts", self.hosts[host].name));
                 if let Err(error) = self.start_host(host) {
                     let now = self.agenda.now();
@@ -674,6 +729,9 @@ impl World {
                 }
             }
             Event::DiskSpace { host, full } => {
+                // Overlapping full periods: space returns when the last one ends.
+                self.hosts[host].full_periods = self.hosts[host].full_periods.saturating_sub(1);
+                let full = full || self.hosts[host].full_periods > 0;
                 self.hosts[host].disks.set_full(full);
                 if !full {
                     self.note_fault(format!("host {}: disk space back", self.hosts[host].name));
@@ -888,6 +946,8 @@ impl World {
             }
             PrimaryAction::Resync { reason } => {
                 self.vms[vm].report.resyncs += 1;
+                // Whatever the comparison repairs is checked in full afterwards.
+                self.vms[vm].verified = None;
                 if let Some(connection) = self.current_connection(vm) {
                     self.close(connection, "resynchronizing", false);
                 }
@@ -938,7 +998,11 @@ impl World {
             .primary
             .as_ref()
             .and_then(|primary| primary.connection)
-            .filter(|connection| self.connections.get(connection).is_some_and(|c| c.open))
+            .filter(|connection| {
+                self.connections
+                    .get(connection)
+                    .is_some_and(Connection::open)
+            })
     }
 
     fn link_between(&self, a: usize, b: usize) -> Option<usize> {
@@ -980,7 +1044,7 @@ impl World {
                         link,
                         primary_incarnation: incarnation,
                         replica_incarnation: self.hosts[replica_host].incarnation,
-                        open: true,
+                        closed_at: None,
                         last_to_replica: SimTime::ZERO,
                         last_to_primary: SimTime::ZERO,
                     },
@@ -1003,7 +1067,7 @@ impl World {
     }
 
     fn connected(&mut self, connection: ConnectionId) {
-        let Some(state) = self.connections.get(&connection).filter(|c| c.open) else {
+        let Some(state) = self.connections.get(&connection).filter(|c| c.open()) else {
             return;
         };
         let vm = state.vm;
@@ -1072,7 +1136,7 @@ impl World {
     /// control stream, or a data stream when not `ordered`) or back to the primary (always the
     /// control stream).
     fn send(&mut self, connection: ConnectionId, message: Message, way: Way) {
-        let bytes = wire_size(&message);
+        let bytes = self.wire_size(&message);
         let Some(state) = self.connections.get(&connection) else {
             return;
         };
@@ -1110,6 +1174,7 @@ impl World {
                 Event::ToReplica {
                     connection,
                     message,
+                    sent: now,
                 }
             }
             Way::ToPrimary => {
@@ -1117,14 +1182,19 @@ impl World {
                 Event::ToPrimary {
                     connection,
                     message,
+                    sent: now,
                 }
             }
         };
         self.agenda.add(at, event);
     }
 
-    fn primary_receives(&mut self, connection: ConnectionId, message: Message) {
-        let Some(state) = self.connections.get(&connection).filter(|c| c.open) else {
+    fn primary_receives(&mut self, connection: ConnectionId, message: Message, sent: SimTime) {
+        let Some(state) = self
+            .connections
+            .get(&connection)
+            .filter(|c| c.carries(sent))
+        else {
             return;
         };
         let vm = state.vm;
@@ -1143,22 +1213,28 @@ impl World {
     /// Ends a connection: the side that closes knows at once, the other hears after a round
     /// trip (or, when the link is severed, when its idle timeout runs out).
     fn close(&mut self, connection: ConnectionId, _reason: &str, by_replica: bool) {
+        let now = self.agenda.now();
         let Some(state) = self.connections.get_mut(&connection) else {
             return;
         };
-        if !state.open {
+        if !state.open() {
             return;
         }
-        state.open = false;
-        let link = state.link;
-        let now = self.agenda.now();
-        let delay = if self.links[link].severed(now) {
-            IDLE_TIMEOUT
+        state.closed_at = Some(now);
+        // The other side hears after what was sent its way before the close.
+        let queued = if by_replica {
+            state.last_to_primary
         } else {
-            self.links[link].spec.latency
+            state.last_to_replica
         };
-        self.agenda.add_after(
-            delay,
+        let link = state.link;
+        let heard = if self.links[link].severed(now) {
+            now + IDLE_TIMEOUT
+        } else {
+            (now + self.links[link].spec.latency).max(queued + Duration::from_micros(1))
+        };
+        self.agenda.add(
+            heard,
             Event::PeerLost {
                 connection,
                 replica_side: !by_replica,
@@ -1175,8 +1251,9 @@ impl World {
             state.primary_incarnation,
             state.replica_incarnation,
         );
+        let now = self.agenda.now();
         if let Some(state) = self.connections.get_mut(&connection) {
-            state.open = false;
+            state.closed_at.get_or_insert(now);
         }
         if replica_side {
             let host = self.vms[vm].spec.replica_host;
@@ -1202,8 +1279,12 @@ impl World {
 
     // ---- the replica's driver ----
 
-    fn replica_receives(&mut self, connection: ConnectionId, message: Message) {
-        let Some(state) = self.connections.get(&connection).filter(|c| c.open) else {
+    fn replica_receives(&mut self, connection: ConnectionId, message: Message, sent: SimTime) {
+        let Some(state) = self
+            .connections
+            .get(&connection)
+            .filter(|c| c.carries(sent))
+        else {
             return;
         };
         let vm = state.vm;
@@ -1212,6 +1293,8 @@ impl World {
             return;
         }
         if let Err(reason) = self.slot(host, vm) {
+            // As the daemon does: the connection ends, the primary tries again later.
+            self.close(connection, &reason, true);
             self.lost_host_io(host, &reason);
             return;
         }
@@ -1352,7 +1435,7 @@ impl World {
         let open: Vec<ConnectionId> = self
             .connections
             .iter()
-            .filter(|(_, state)| state.vm == vm && state.open)
+            .filter(|(_, state)| state.vm == vm && state.open())
             .map(|(id, _)| *id)
             .collect();
         for connection in open {
@@ -1609,19 +1692,20 @@ impl World {
                     self.scenario.sites[sites.1].name,
                     length.as_secs_f64()
                 ));
-                self.link_disturbed_until
-                    .insert(link, now + length + Duration::from_secs(600));
+                let until = now + length + Duration::from_secs(600);
+                let excused = self.link_disturbed_until.entry(link).or_default();
+                *excused = (*excused).max(until);
                 if self.links[link].cut(now, length) {
                     // Both ends time out after the idle timeout.
                     let across: Vec<ConnectionId> = self
                         .connections
                         .iter()
-                        .filter(|(_, state)| state.link == link && state.open)
+                        .filter(|(_, state)| state.link == link && state.open())
                         .map(|(id, _)| *id)
                         .collect();
                     for connection in across {
                         if let Some(state) = self.connections.get_mut(&connection) {
-                            state.open = false;
+                            state.closed_at = Some(now);
                         }
                         for replica_side in [true, false] {
                             self.agenda.add_after(
@@ -1666,9 +1750,18 @@ impl World {
                     length.as_secs_f64()
                 ));
                 for host in 0..self.hosts.len() {
-                    if self.hosts[host].site == site {
-                        self.hosts[host].down_for = length;
+                    if self.hosts[host].site != site {
+                        continue;
+                    }
+                    self.hosts[host].down_for = length;
+                    if self.hosts[host].up {
                         self.crash_host(host, "lost power with its site");
+                    } else {
+                        // Down already: it comes back with its site, not before.
+                        self.hosts[host].restart_generation += 1;
+                        let generation = self.hosts[host].restart_generation;
+                        self.agenda
+                            .add_after(length, Event::HostRestart { host, generation });
                     }
                 }
             }
@@ -1696,6 +1789,7 @@ impl World {
                             .connection_lost(instant, "resynchronization asked for");
                     }
                     self.vms[vm].report.resyncs += 1;
+                    self.vms[vm].verified = None;
                     self.drive_primary(vm);
                 }
             }
@@ -1712,7 +1806,9 @@ impl World {
                 ));
                 self.hosts[host].disks.set_full(true);
                 let now = self.agenda.now();
-                self.hosts[host].disturbed_until = now + length + Duration::from_secs(600);
+                let until = now + length + Duration::from_secs(600);
+                self.hosts[host].disturbed_until = self.hosts[host].disturbed_until.max(until);
+                self.hosts[host].full_periods += 1;
                 self.agenda
                     .add_after(length, Event::DiskSpace { host, full: false });
             }
@@ -1799,7 +1895,7 @@ impl World {
         let touching: Vec<(ConnectionId, bool)> = self
             .connections
             .iter()
-            .filter(|(_, state)| state.open)
+            .filter(|(_, state)| state.open())
             .filter_map(|(id, state)| {
                 let spec = &self.vms[state.vm].spec;
                 if spec.replica_host == host {
@@ -1811,9 +1907,10 @@ impl World {
                 }
             })
             .collect();
+        let now = self.agenda.now();
         for (connection, replica_side) in touching {
             if let Some(state) = self.connections.get_mut(&connection) {
-                state.open = false;
+                state.closed_at = Some(now);
             }
             self.agenda.add_after(
                 IDLE_TIMEOUT,
@@ -1825,16 +1922,42 @@ impl World {
         }
         let down_for = self.hosts[host].down_for;
         let now = self.agenda.now();
+        self.hosts[host].restart_generation += 1;
+        let generation = self.hosts[host].restart_generation;
         // Back up, its VMs may need a new initial replication or a resynchronization.
-        self.hosts[host].disturbed_until = now + down_for + Duration::from_secs(1800);
-        self.agenda.add_after(down_for, Event::HostRestart { host });
+        let until = now + down_for + Duration::from_secs(1800);
+        self.hosts[host].disturbed_until = self.hosts[host].disturbed_until.max(until);
+        self.agenda
+            .add_after(down_for, Event::HostRestart { host, generation });
     }
 
     fn finish(mut self, real: Duration, end: SimTime) -> Report {
-        let (violations, more_violations) = std::mem::take(&mut self.checker).into_violations();
+        let (mut violations, more_violations) = std::mem::take(&mut self.checker).into_violations();
+        for violation in &mut violations {
+            violation.what = self.scrub(&violation.what);
+        }
+        let faults: Vec<(SimTime, String)> = std::mem::take(&mut self.faults)
+            .into_iter()
+            .map(|(at, what)| (at, self.scrub(&what)))
+            .collect();
+        self.faults = faults;
+        let mut failovers = std::mem::take(&mut self.failovers);
+        for failover in &mut failovers {
+            failover.problem = failover
+                .problem
+                .as_deref()
+                .map(|problem| self.scrub(problem));
+        }
+        self.failovers = failovers;
+        let scratch = self.scratch.path().to_string_lossy().into_owned();
         let mut vms = Vec::new();
         for runtime in &mut self.vms {
             let mut report = runtime.report.clone();
+            report.failures = report
+                .failures
+                .iter()
+                .map(|failure| failure.replace(&*scratch, "<scratch>"))
+                .collect();
             report.rpo_seconds = Percentiles::of(&mut runtime.rpo_samples);
             report.compression_ratio = if report.wire_bytes > 0 {
                 report.disk_bytes_shipped as f64 / report.wire_bytes as f64
@@ -1951,14 +2074,5 @@ fn message_code(message: &Message) -> u64 {
         Message::GroupDigests { .. } => 15,
         Message::HashRanges { .. } => 16,
         Message::HashesDone => 17,
-    }
-}
-
-/// Bytes a message takes on the wire. A chunk is its payload and a small header; encoding it
-/// only to measure it would copy a MiB a chunk.
-fn wire_size(message: &Message) -> u64 {
-    match message {
-        Message::Chunk { payload, .. } => payload.len() as u64 + 32,
-        other => other.encode().len() as u64,
     }
 }
