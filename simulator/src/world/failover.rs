@@ -344,6 +344,8 @@ impl World {
         }
         let mut machine = self.new_primary(vm, &protected, false);
         machine.stop();
+        self.sides += 1;
+        let side = self.sides;
         let runtime = &mut self.vms[vm];
         runtime.homes.insert(host, paths);
         runtime.handover_sequence = sequence;
@@ -353,6 +355,7 @@ impl World {
             encoder: blockrep::delta::DeltaEncoder::new(),
             connection: None,
             incarnation: self.hosts[host].incarnation,
+            side,
             resync: false,
         });
         Ok(())

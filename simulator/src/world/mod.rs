@@ -70,7 +70,7 @@ enum Event {
     },
     ConnectFailed {
         vm: usize,
-        incarnation: u64,
+        side: u64,
         reason: &'static str,
     },
     ToReplica {
@@ -86,6 +86,7 @@ enum Event {
     /// The replica's disk finished applying a delta.
     Applied {
         vm: usize,
+        host: usize,
         incarnation: u64,
         delta: DeltaId,
         kind: DeltaKind,
@@ -151,7 +152,11 @@ struct Connection {
     vm: usize,
     link: usize,
     /// The incarnations of the two hosts it joins: a crash ends it.
-    primary_incarnation: u64,
+    /// The primary that opened it.
+    primary_side: u64,
+    /// The host of the replica it reaches, and that host's incarnation: a failover that
+    /// swaps the roles does not redirect it.
+    replica_host: usize,
     replica_incarnation: u64,
     /// When either side ended it: messages sent before still arrive, as QUIC delivers what
     /// was queued before a close.
@@ -205,7 +210,10 @@ struct PrimarySide {
     machine: Primary,
     encoder: DeltaEncoder,
     connection: Option<ConnectionId>,
+    /// Its host's incarnation when it started.
     incarnation: u64,
+    /// Unique in the run: events meant for an earlier primary of the VM are told apart.
+    side: u64,
     /// A comparison by hash is owed before the next hello.
     resync: bool,
 }
@@ -300,6 +308,8 @@ pub struct World {
     /// Where each clustered VM runs now.
     clustered_on: Vec<Option<usize>>,
     events: u64,
+    /// Primaries started so far (their `side` numbers).
+    sides: u64,
 }
 
 fn scratch_directory() -> std::io::Result<tempfile::TempDir> {
@@ -428,6 +438,7 @@ impl World {
             verifications: Vec::new(),
             clustered_on: scenario.clustered.iter().map(|vm| Some(vm.host)).collect(),
             events: 0,
+            sides: 0,
             scenario,
         };
         for host in 0..world.hosts.len() {
@@ -530,6 +541,8 @@ impl World {
         }
         self.vms[vm].last_applied = self.agenda.now();
         self.vms[vm].replication_started = self.agenda.now();
+        self.sides += 1;
+        let side = self.sides;
         let runtime = &mut self.vms[vm];
         runtime.primary = Some(PrimarySide {
             vm: protected,
@@ -537,6 +550,7 @@ impl World {
             encoder: DeltaEncoder::new(),
             connection: None,
             incarnation: self.hosts[runtime.spec.host].incarnation,
+            side,
             resync: false,
         });
         // Cuts newer than the last acknowledged one stay: the replica may hold one of them.
@@ -574,6 +588,8 @@ impl World {
             return;
         };
         let machine = self.new_primary(vm, &primary.vm, false);
+        self.sides += 1;
+        let side = self.sides;
         self.vms[vm].replicating = true;
         // Health counts from the start of this replication.
         self.vms[vm].last_applied = self.agenda.now();
@@ -583,6 +599,7 @@ impl World {
             machine,
             connection: None,
             resync,
+            side,
             ..primary
         });
         runtime.cuts.clear();
@@ -665,13 +682,9 @@ impl World {
             Event::Workload => self.workload_second(),
             Event::Wake { vm } => self.wake(vm),
             Event::Connected { connection } => self.connected(connection),
-            Event::ConnectFailed {
-                vm,
-                incarnation,
-                reason,
-            } => {
+            Event::ConnectFailed { vm, side, reason } => {
                 let now = self.agenda.instant();
-                if let Some(primary) = self.primary_of(vm, incarnation) {
+                if let Some(primary) = self.primary_of(vm, side) {
                     primary.machine.connect_failed(now, reason, false);
                     self.drive_primary(vm);
                 }
@@ -688,11 +701,12 @@ impl World {
             } => self.primary_receives(connection, message, sent),
             Event::Applied {
                 vm,
+                host,
                 incarnation,
                 delta,
                 kind,
                 app_consistent,
-            } => self.apply(vm, incarnation, delta, kind, app_consistent),
+            } => self.apply(vm, host, incarnation, delta, kind, app_consistent),
             Event::PeerLost {
                 connection,
                 replica_side,
@@ -744,11 +758,11 @@ impl World {
         }
     }
 
-    fn primary_of(&mut self, vm: usize, incarnation: u64) -> Option<&mut PrimarySide> {
+    fn primary_of(&mut self, vm: usize, side: u64) -> Option<&mut PrimarySide> {
         self.vms[vm]
             .primary
             .as_mut()
-            .filter(|primary| primary.incarnation == incarnation)
+            .filter(|primary| primary.side == side)
     }
 
     // ---- the guests ----
@@ -1030,7 +1044,7 @@ impl World {
     fn connect(&mut self, vm: usize) {
         let link = self.link_for(vm);
         let replica_host = self.vms[vm].spec.replica_host;
-        let incarnation = self.vms[vm].primary.as_ref().map_or(0, |p| p.incarnation);
+        let side = self.vms[vm].primary.as_ref().map_or(0, |p| p.side);
         let now = self.agenda.now();
         let handshake = self.links[link].handshake(now);
         match handshake {
@@ -1042,7 +1056,8 @@ impl World {
                     Connection {
                         vm,
                         link,
-                        primary_incarnation: incarnation,
+                        primary_side: side,
+                        replica_host,
                         replica_incarnation: self.hosts[replica_host].incarnation,
                         closed_at: None,
                         last_to_replica: SimTime::ZERO,
@@ -1059,7 +1074,7 @@ impl World {
                 CONNECT_TIMEOUT,
                 Event::ConnectFailed {
                     vm,
-                    incarnation,
+                    side,
                     reason: "the replica host does not answer",
                 },
             ),
@@ -1198,9 +1213,9 @@ impl World {
             return;
         };
         let vm = state.vm;
-        let incarnation = state.primary_incarnation;
+        let side = state.primary_side;
         let instant = self.agenda.instant();
-        let Some(primary) = self.primary_of(vm, incarnation) else {
+        let Some(primary) = self.primary_of(vm, side) else {
             return;
         };
         if primary.connection != Some(connection) {
@@ -1246,9 +1261,10 @@ impl World {
         let Some(state) = self.connections.get(&connection) else {
             return;
         };
-        let (vm, primary_incarnation, replica_incarnation) = (
+        let (vm, primary_side, host, replica_incarnation) = (
             state.vm,
-            state.primary_incarnation,
+            state.primary_side,
+            state.replica_host,
             state.replica_incarnation,
         );
         let now = self.agenda.now();
@@ -1256,7 +1272,6 @@ impl World {
             state.closed_at.get_or_insert(now);
         }
         if replica_side {
-            let host = self.vms[vm].spec.replica_host;
             if self.hosts[host].incarnation == replica_incarnation
                 && let Some(slot) = self.hosts[host].slots.get_mut(&vm)
             {
@@ -1265,7 +1280,7 @@ impl World {
             }
         } else {
             let instant = self.agenda.instant();
-            if let Some(primary) = self.primary_of(vm, primary_incarnation)
+            if let Some(primary) = self.primary_of(vm, primary_side)
                 && primary.connection == Some(connection)
             {
                 primary.connection = None;
@@ -1287,8 +1302,7 @@ impl World {
         else {
             return;
         };
-        let vm = state.vm;
-        let host = self.vms[vm].spec.replica_host;
+        let (vm, host) = (state.vm, state.replica_host);
         if self.hosts[host].incarnation != state.replica_incarnation || !self.hosts[host].up {
             return;
         }
@@ -1407,6 +1421,7 @@ impl World {
                     delay,
                     Event::Applied {
                         vm,
+                        host,
                         incarnation,
                         delta,
                         kind,
@@ -1449,12 +1464,12 @@ impl World {
     fn apply(
         &mut self,
         vm: usize,
+        host: usize,
         incarnation: u64,
         delta: DeltaId,
         kind: DeltaKind,
         app_consistent: bool,
     ) {
-        let host = self.vms[vm].spec.replica_host;
         if self.hosts[host].incarnation != incarnation || !self.hosts[host].up {
             return;
         }
