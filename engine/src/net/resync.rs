@@ -15,16 +15,14 @@ use super::frame::{read_frame, write_message};
 use super::primary::ResyncSummary;
 use crate::protect::ProtectedVm;
 use crate::proto::{Message, PROTOCOL_VERSION};
-use crate::resync::{BlockHashes, GROUP_BLOCKS, Verification, random_seed};
+use crate::resync::exchange::{self, Comparison, Step};
+use crate::resync::{BlockHashes, Verification, random_seed};
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-
-/// Blocks per `Hashes` message: 1 MiB of hashes, well under a frame's limit.
-const PIECE_BLOCKS: u64 = 1 << 16;
 
 fn failure(problem: impl Into<String>) -> Error {
     Error::Replication {
@@ -147,24 +145,12 @@ async fn both_hashes(
     progress: &Arc<Progress>,
 ) -> Result<Option<(Vec<BlockHashes>, Vec<Vec<Range<u64>>>)>> {
     let seed = random_seed()?;
-    send(
-        control,
-        &Message::HashRequest {
-            vm: name.to_owned(),
-            seed,
-        },
-    )
-    .await?;
-    match receive(incoming).await? {
-        Message::Welcome { applied: 0, .. } => return Ok(None),
-        Message::Welcome { .. } => {}
-        other => {
-            return Err(failure(format!(
-                "expected the replica's welcome, got {other:?}"
-            )));
-        }
-    }
     let disks = vm.descriptions().len();
+    let (mut comparison, request) = Comparison::start(name, seed, disks);
+    send(control, &request).await?;
+    if comparison.received(receive(incoming).await?)? == Step::NoCopy {
+        return Ok(None);
+    }
     progress.start(vm.descriptions().iter().map(|disk| disk.virtual_size).sum());
     let ours = {
         let (vm, progress) = (Arc::clone(vm), Arc::clone(progress));
@@ -174,55 +160,27 @@ async fn both_hashes(
             })
         })
     };
-    let mut groups: Vec<Option<Vec<u128>>> = vec![None; disks];
-    while groups.iter().any(Option::is_none) {
-        match receive(incoming).await? {
-            Message::GroupDigests { disk, digests } if usize::from(disk) < disks => {
-                groups[usize::from(disk)] = Some(digests);
-            }
-            other => return Err(failure(format!("expected group digests, got {other:?}"))),
-        }
+    // Both sides hash at once: the replica's group digests come while ours are computed.
+    for _ in 0..disks {
+        comparison.received(receive(incoming).await?)?;
     }
     let ours = ours.await.map_err(|error| failure(error.to_string()))?;
     progress.finish();
-    let ours = ours?;
-    let mut asked = Vec::new();
-    for (disk, (ours, theirs)) in ours.iter().zip(groups.iter().flatten()).enumerate() {
-        for blocks in ours.differing_groups(theirs, GROUP_BLOCKS)? {
-            asked.push((disk as u16, blocks));
-        }
-    }
-    send(
-        control,
-        &Message::HashRanges {
-            ranges: asked.clone(),
-        },
-    )
-    .await?;
-    let mut differing: Vec<Vec<Range<u64>>> = vec![Vec::new(); disks];
+    let mut step = comparison.hashed(ours?)?;
     loop {
-        match receive(incoming).await? {
-            Message::Hashes { disk, payload } if usize::from(disk) < disks => {
-                let theirs = BlockHashes::decode(&payload)?;
-                let blocks = theirs.blocks();
-                if !asked.iter().any(|(asked_disk, range)| {
-                    *asked_disk == disk && range.start <= blocks.start && blocks.end <= range.end
-                }) {
-                    return Err(failure(format!(
-                        "hashes of blocks {blocks:?} of disk {disk} were not asked for"
-                    )));
-                }
-                let ours = ours[usize::from(disk)].piece(blocks)?;
-                differing[usize::from(disk)].extend(ours.differing(&theirs)?);
+        match step {
+            Step::Send(message) => send(control, &message).await?,
+            Step::Done(differing) => {
+                let ours = comparison
+                    .into_ours()
+                    .ok_or_else(|| failure("our hashes went missing"))?;
+                return Ok(Some((ours, differing)));
             }
-            Message::HashesDone => break,
-            other => return Err(failure(format!("expected hashes, got {other:?}"))),
+            Step::NoCopy => return Ok(None),
+            Step::Wait => {}
         }
+        step = comparison.received(receive(incoming).await?)?;
     }
-    for ranges in &mut differing {
-        ranges.sort_by_key(|range| range.start);
-    }
-    Ok(Some((ours, differing)))
 }
 
 async fn send(control: &mut quinn::SendStream, message: &Message) -> Result<()> {
@@ -266,40 +224,17 @@ pub(super) async fn answer_hashes(
     receive_stream: &mut quinn::RecvStream,
     hashes: &[BlockHashes],
 ) -> Result<()> {
-    for (disk, set) in hashes.iter().enumerate() {
-        send(
-            send_stream,
-            &Message::GroupDigests {
-                disk: disk as u16,
-                digests: set.group_digests(GROUP_BLOCKS),
-            },
-        )
-        .await?;
+    for message in exchange::group_digests(hashes) {
+        send(send_stream, &message).await?;
     }
     let ranges = match receive(receive_stream).await? {
         Message::HashRanges { ranges } => ranges,
         other => return Err(failure(format!("expected hash ranges, got {other:?}"))),
     };
-    for (disk, blocks) in ranges {
-        let set = hashes
-            .get(usize::from(disk))
-            .ok_or_else(|| failure(format!("hashes of disk {disk}, which is not there")))?;
-        let blocks = blocks.start.min(set.blocks().end)..blocks.end.min(set.blocks().end);
-        let mut start = blocks.start;
-        while start < blocks.end {
-            let end = (start + PIECE_BLOCKS).min(blocks.end);
-            send(
-                send_stream,
-                &Message::Hashes {
-                    disk,
-                    payload: Bytes::from(set.encode(start..end)),
-                },
-            )
-            .await?;
-            start = end;
-        }
+    for message in exchange::block_hashes(hashes, &ranges)? {
+        send(send_stream, &message).await?;
     }
-    send(send_stream, &Message::HashesDone).await
+    Ok(())
 }
 
 /// A refusal of a hash request, as the frame to send.

@@ -19,6 +19,7 @@
 //! ```
 
 mod compute;
+pub mod exchange;
 mod hash;
 mod hashes;
 mod verification;

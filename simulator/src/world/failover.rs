@@ -252,6 +252,7 @@ impl World {
                 machine,
                 replica,
                 staged_bytes: 0,
+                hashes: None,
             },
         );
         Ok(())
@@ -357,6 +358,7 @@ impl World {
             incarnation: self.hosts[host].incarnation,
             side,
             resync: false,
+            comparing: None,
         });
         Ok(())
     }

@@ -7,6 +7,7 @@
 
 mod failover;
 mod integrity;
+mod resync;
 
 use crate::agenda::{Agenda, SimTime};
 use crate::check::{Checker, Observation, Violation};
@@ -203,6 +204,8 @@ struct Slot {
     machine: Replica,
     replica: VmReplica,
     staged_bytes: u64,
+    /// Its block hashes for the comparison in progress, until the primary asks for pieces.
+    hashes: Option<Vec<blockrep::resync::BlockHashes>>,
 }
 
 struct PrimarySide {
@@ -216,6 +219,8 @@ struct PrimarySide {
     side: u64,
     /// A comparison by hash is owed before the next hello.
     resync: bool,
+    /// The comparison in progress on the current connection, and its seed.
+    comparing: Option<(u64, blockrep::resync::exchange::Comparison)>,
 }
 
 /// A delta's cut: what the disks held then.
@@ -552,6 +557,7 @@ impl World {
             incarnation: self.hosts[runtime.spec.host].incarnation,
             side,
             resync: false,
+            comparing: None,
         });
         // Cuts newer than the last acknowledged one stay: the replica may hold one of them.
         runtime.next_wake = None;
@@ -600,6 +606,7 @@ impl World {
             connection: None,
             resync,
             side,
+            comparing: None,
             ..primary
         });
         runtime.cuts.clear();
@@ -1092,59 +1099,14 @@ impl World {
             .as_ref()
             .is_some_and(|primary| primary.resync)
         {
-            // Compared before the hello, as the daemon does; the time it takes is the time
-            // to read both disks.
-            if let Err(reason) = self.compare(vm, connection) {
-                if let Some(primary) = &mut self.vms[vm].primary {
-                    primary.connection = None;
-                    primary.machine.connect_failed(instant, &reason, false);
-                }
-                self.close(connection, &reason, false);
-                self.drive_primary(vm);
-                return;
-            }
+            // Compared before the hello, as the daemon does.
+            self.start_comparison(vm, connection);
+            return;
         }
         if let Some(primary) = &mut self.vms[vm].primary {
             primary.machine.connected(instant);
         }
         self.drive_primary(vm);
-    }
-
-    /// Compares the primary's disks with the replica's by hash and marks what differs as
-    /// changed: a resynchronization, done in place of the exchange the daemons make.
-    fn compare(&mut self, vm: usize, connection: ConnectionId) -> Result<(), String> {
-        let replica_host = self.vms[vm].spec.replica_host;
-        let seed = self.random.draw();
-        let replica_hashes = {
-            let slot = self.slot(replica_host, vm)?;
-            slot.machine.compared(connection);
-            slot.replica
-                .block_hashes(seed)
-                .map_err(|error| error.to_string())?
-        };
-        let runtime = &mut self.vms[vm];
-        let primary = runtime.primary.as_mut().ok_or("the primary is down")?;
-        let hashes = primary
-            .vm
-            .block_hashes(seed)
-            .map_err(|error| error.to_string())?;
-        if hashes.len() != replica_hashes.len() {
-            return Err("the replica has other disks".into());
-        }
-        for (disk, (ours, theirs)) in hashes.iter().zip(&replica_hashes).enumerate() {
-            let differing = ours.differing(theirs).map_err(|error| error.to_string())?;
-            runtime.report.resync_differing_bytes += differing
-                .iter()
-                .map(|range| range.end - range.start)
-                .sum::<u64>();
-            primary
-                .vm
-                .mark_changed(disk, &differing)
-                .map_err(|error| error.to_string())?;
-        }
-        primary.machine.resynchronized();
-        primary.resync = false;
-        Ok(())
     }
 
     /// Sends `message` across the connection's link: toward the replica (on the ordered
@@ -1219,6 +1181,10 @@ impl World {
             return;
         };
         if primary.connection != Some(connection) {
+            return;
+        }
+        if primary.comparing.is_some() {
+            self.primary_compares(vm, connection, message);
             return;
         }
         primary.machine.handle_message(instant, message);
@@ -1312,6 +1278,9 @@ impl World {
             self.lost_host_io(host, &reason);
             return;
         }
+        if self.replica_compares(host, vm, connection, &message) {
+            return;
+        }
         let owner = self.hosts[self.vms[vm].spec.host].name.clone();
         let runtime = &mut self.hosts[host];
         let Some(slot) = runtime.slots.get_mut(&vm) else {
@@ -1344,6 +1313,7 @@ impl World {
                     machine,
                     replica,
                     staged_bytes: 0,
+                    hashes: None,
                 }))
             }
         }
