@@ -243,3 +243,19 @@ fn the_same_seed_gives_the_same_trace_and_another_seed_does_not() {
     assert_eq!(first.failovers, again.failovers);
     assert_ne!(first.trace_hash, other.trace_hash);
 }
+
+/// Every scenario for a simulated day (`cargo test -p blockrep-sim -- --ignored`): the long
+/// runs, left out of the suite for time.
+#[test]
+#[ignore = "long: every scenario for 24 simulated hours"]
+fn every_scenario_for_a_day() {
+    let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut files: Vec<String> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    for file in files {
+        run(&file, 1, Some(Duration::from_secs(24 * 3600)));
+    }
+}
