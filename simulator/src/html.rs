@@ -6,6 +6,8 @@ use std::fmt::Write;
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 160.0;
+/// Series points further apart than this are not joined by a line.
+const GAP_SECONDS: f64 = 120.0;
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -23,14 +25,14 @@ fn chart(title: &str, unit: &str, x_end: f64, points: &[(f64, f64)]) -> String {
         .max(1e-9);
     let x_end = x_end.max(1.0);
     let mut path = String::new();
-    for (index, (x, y)) in points.iter().enumerate() {
+    let mut previous: Option<f64> = None;
+    for (x, y) in points {
         let px = x / x_end * WIDTH;
         let py = HEIGHT - y / y_max * (HEIGHT - 10.0);
-        let _ = write!(
-            path,
-            "{}{px:.1},{py:.1}",
-            if index == 0 { "M" } else { " L" }
-        );
+        // Points come a minute apart; a longer gap (nothing to measure) is left blank.
+        let joined = previous.is_some_and(|before| x - before <= GAP_SECONDS);
+        let _ = write!(path, "{}{px:.1},{py:.1}", if joined { " L" } else { " M" });
+        previous = Some(*x);
     }
     format!(
         "<figure><figcaption>{} (max {:.1} {})</figcaption>\
@@ -53,7 +55,7 @@ pub fn html(report: &Report) -> String {
          <title>blockrep simulation: {}</title><style>\
          body{{font-family:sans-serif;margin:2em;max-width:60em}}\
          table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}\
-         th:first-child,td:first-child{{text-align:left}}.bad{{color:#b00}}.axis{{font-size:small;color:#666}}\
+         td{{white-space:nowrap}}th:first-child,td:first-child{{text-align:left}}.bad{{color:#b00}}.axis{{font-size:small;color:#666}}\
          figure{{margin:1em 0}}</style></head><body>",
         escape(&report.scenario)
     );
@@ -106,6 +108,7 @@ pub fn html(report: &Report) -> String {
         );
     }
     out.push_str("</table>");
+    failovers(&mut out, report);
     if !report.faults.is_empty() {
         out.push_str("<h2>Faults injected</h2><ul>");
         for (seconds, what) in &report.faults {
@@ -160,4 +163,58 @@ pub fn html(report: &Report) -> String {
     }
     out.push_str("</body></html>\n");
     out
+}
+
+/// The failover steps as a table, and what each verification found.
+fn failovers(out: &mut String, report: &Report) {
+    if !report.failovers.is_empty() {
+        out.push_str(
+            "<h2>Failovers</h2><table><tr><th>time</th><th>VM</th><th>kind</th>\
+             <th>from → to</th><th>point</th><th>lost</th><th>plan</th><th>networks</th>\
+             <th>problem</th></tr>",
+        );
+        for failover in &report.failovers {
+            let _ = write!(
+                out,
+                "<tr><td>{:.0} s</td><td>{}</td><td>{}</td><td>{} → {}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                failover.seconds,
+                escape(&failover.vm),
+                escape(&failover.kind),
+                escape(&failover.from),
+                escape(&failover.to),
+                failover
+                    .point
+                    .map(|point| point.to_string())
+                    .unwrap_or_default(),
+                blockrep::units::format_size(failover.lost_bytes),
+                escape(failover.plan.as_deref().unwrap_or("")),
+                escape(&failover.networks.join("; ")),
+                escape(failover.problem.as_deref().unwrap_or("")),
+            );
+        }
+        out.push_str("</table>");
+    }
+    if !report.verifications.is_empty() {
+        out.push_str("<h2>Verifications</h2><ul>");
+        for verification in &report.verifications {
+            let found = match (&verification.differing, &verification.problem) {
+                (Some(ranges), _) if ranges.is_empty() => "equal".to_owned(),
+                (Some(ranges), _) => ranges
+                    .iter()
+                    .map(|(disk, start, end)| format!("disk {disk} bytes {start}..{end} differ"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                (None, problem) => format!("not compared: {}", problem.as_deref().unwrap_or("")),
+            };
+            let _ = write!(
+                out,
+                "<li>{:.0} s, {}: {}</li>",
+                verification.seconds,
+                escape(&verification.vm),
+                escape(&found)
+            );
+        }
+        out.push_str("</ul>");
+    }
 }
