@@ -142,6 +142,12 @@ enum Command {
     /// on a virtual clock (docs/simulator.md).
     #[command(subcommand)]
     Sim(sim_command::SimCommand),
+    /// Print a shell completion script: `blockrep completions bash > /etc/bash_completion.d/blockrep`
+    /// (zsh: a `_blockrep` file on `$fpath`; fish: `~/.config/fish/completions/blockrep.fish`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Show the state and health of the primaries and replica servers running here.
     Status {
         /// Print JSON instead of text.
@@ -217,6 +223,15 @@ fn main() -> ExitCode {
         Command::Resume { vm } => replication_command::suspend(&vm, false),
         Command::Plan(command) => plan::run(command),
         Command::Sim(command) => sim_command::run(command),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "blockrep",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match outcome {
         Ok(code) => code,
