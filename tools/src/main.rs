@@ -3,6 +3,7 @@
 mod control;
 mod delta_command;
 mod image_command;
+mod metrics;
 mod output_file;
 mod plan;
 mod protect_command;

@@ -77,6 +77,9 @@ pub struct ServeArguments {
     extend_frequency: Duration,
     #[command(flatten)]
     io: IoArguments,
+    /// Serve the statistics of `blockrep status` as Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -135,6 +138,9 @@ pub struct ProtectArguments {
     pub(crate) streams: u16,
     #[command(flatten)]
     pub(crate) io: IoArguments,
+    /// Serve the statistics of `blockrep status` as Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -281,16 +287,21 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
         let server = Arc::new(ReplicaServer::start(arguments.listen, store, &identity, allowed, hosting).await?);
         let address = server.address();
         eprintln!("blockrep: serving replicas in {} on {address}", arguments.store.display());
+        let control_path = run_directory().join(format!("serve-{}.sock", address.port()));
         let control = {
             let server = Arc::clone(&server);
             let runtime = tokio::runtime::Handle::current();
-            ControlSocket::bind(&run_directory().join(format!("serve-{}.sock", address.port())), move |request| {
+            ControlSocket::bind(&control_path, move |request| {
                 match serde_json::from_str::<ReplicaRequest>(request) {
                     Ok(request) => answer_replica_request(&server, &runtime, request),
                     Err(_) => serde_json::json!({"role": "replica", "listen": address.to_string(), "vms": server.reports()}),
                 }
             })?
         };
+        let _metrics = arguments
+            .metrics
+            .map(|address| crate::metrics::MetricsServer::bind(address, &control_path))
+            .transpose()?;
         while !*stopped.borrow() {
             if stopped.changed().await.is_err() {
                 break;

@@ -1849,3 +1849,73 @@ fn a_resynchronization_killed_halfway_continues_and_finishes() {
     serve.stop();
     site.assert_replica_equals_primary();
 }
+
+/// `GET path` on `address`: the status line and the body.
+fn http_get(address: &str, path: &str) -> (String, String) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The value of the sample `name` (with its labels) in exposition `text`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn free_tcp_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn metrics_endpoints_give_what_status_gives_as_prometheus_text() {
+    let test = "metrics_endpoints_give_what_status_gives_as_prometheus_text";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("16M");
+    let (serve_metrics, protect_metrics) = (free_tcp_address(), free_tcp_address());
+    let (mut serve, address) = site.serve_with("127.0.0.1:0", &["--metrics", &serve_metrics]);
+    let mut protect = site.protect_with(None, &address, "pid", &["--metrics", &protect_metrics]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    site.nbd_io(&["write -P 0x21 0 1M"]);
+    let applied = site.wait_until_replicated(&[&serve, &protect]);
+    let (status, primary) = http_get(&protect_metrics, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let scraped = sample(&primary, "blockrep_primary_applied_sequence{vm=\"vm1\"}")
+        .unwrap_or_else(|| panic!("{primary}"));
+    assert!(scraped >= applied as f64, "{scraped} < {applied}");
+    assert_eq!(
+        sample(&primary, "blockrep_primary_health{vm=\"vm1\"}"),
+        Some(0.0)
+    );
+    assert_eq!(sample(&primary, "blockrep_primary_connections"), Some(1.0));
+    assert!(
+        sample(
+            &primary,
+            "blockrep_primary_bytes_before_compression_total{vm=\"vm1\"}"
+        )
+        .is_some_and(|bytes| bytes >= MIB as f64),
+        "{primary}"
+    );
+    let (status, replica) = http_get(&serve_metrics, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        sample(&replica, "blockrep_replica_applied_sequence{vm=\"vm1\"}")
+            .is_some_and(|sequence| sequence >= applied as f64),
+        "{replica}"
+    );
+    assert_eq!(sample(&replica, "blockrep_replica_connections"), Some(1.0));
+    let (status, _) = http_get(&serve_metrics, "/elsewhere");
+    assert!(status.contains("404"), "{status}");
+    protect.stop();
+    serve.stop();
+}
