@@ -1,5 +1,6 @@
 //! The `blockrep` command.
 
+mod config_file;
 mod control;
 mod delta_command;
 mod image_command;
@@ -164,7 +165,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let arguments = match config_file::expand::<Cli>(std::env::args_os().collect()) {
+        Ok(arguments) => arguments,
+        Err(error) => {
+            eprintln!("blockrep: error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(arguments);
     // Daemons say what they do; one-shot commands speak only of trouble.
     let daemon = matches!(cli.command, Command::Serve(_) | Command::Protect(_));
     let builder = tracing_subscriber::fmt()

@@ -80,6 +80,10 @@ pub struct ServeArguments {
     /// Serve the statistics of `blockrep status` as Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Read flags from a TOML file, one key per flag (`recovery-points = 24`); flags on the
+    /// command line win. Example: docs/examples/serve.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -141,6 +145,10 @@ pub struct ProtectArguments {
     /// Serve the statistics of `blockrep status` as Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics: Option<SocketAddr>,
+    /// Read flags from a TOML file, one key per flag (`frequency = "5m"`); flags on the
+    /// command line win. Example: docs/examples/protect.toml.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
 }
 
 #[derive(Args)]
