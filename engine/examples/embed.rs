@@ -1,6 +1,7 @@
 //! Embedding blockrep: a primary and a replica server in one process. The program makes a
 //! 32 MiB disk, replicates it over QUIC on loopback, writes to it through change tracking
-//! while replication runs, and checks that the replica ends equal to it.
+//! while replication runs, prints the replication events it is sent, and checks that the
+//! replica ends equal to its disk.
 //!
 //! ```sh
 //! cargo run --example embed -p blockrep
@@ -10,8 +11,8 @@ use blockrep::delta::Compression;
 use blockrep::image::{Access, BlockImage, VhdxImage};
 use blockrep::io::{FileStorage, StorageOptions};
 use blockrep::net::{
-    Hosting, Identity, PrimaryOptions, ReplicaServer, Route, SharedReport, client_endpoint,
-    run_primary,
+    Hosting, Identity, PrimaryOptions, ReplicaServer, ReplicationEvent, Route, SharedReport,
+    client_endpoint, run_primary,
 };
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::PrimaryConfig;
@@ -19,7 +20,7 @@ use blockrep::replica::ReplicaStore;
 use std::error::Error;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 const MIB: u64 = 1 << 20;
 
@@ -68,6 +69,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         replica_identity.certificate.clone(),
         server.address(),
     )?;
+    // Replication events (cycles, health, resync, failover steps) come on this channel.
+    let (events, mut received) = mpsc::unbounded_channel();
     let options = PrimaryOptions {
         route: Route::Dial {
             endpoint,
@@ -82,6 +85,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         resync: None,
         resync_window: None,
         source_changes: None,
+        events: Some(events),
     };
     let report = SharedReport::default();
     let (stop, stopped) = watch::channel(false);
@@ -126,6 +130,20 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let _ = stop.send(true);
     primary.await??;
     println!("delta {applied} applied on the replica");
+    let mut shipped = 0;
+    while let Ok(timed) = received.try_recv() {
+        let since_epoch = timed
+            .at
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        println!("event at {since_epoch:.3}: {} {:?}", timed.vm, timed.event);
+        if let ReplicationEvent::CycleShipped { .. } = timed.event {
+            shipped += 1;
+        }
+    }
+    if shipped == 0 {
+        return Err("no cycle-shipped event came".into());
+    }
 
     // The replica's disk equals the primary's.
     let mut ours = vec![0u8; 32 * MIB as usize];

@@ -113,6 +113,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
         resync: None,
         resync_window: None,
         source_changes: None,
+        events: None,
     };
     let primary = tokio::spawn(run_primary(
         Arc::clone(&vm),
@@ -204,6 +205,7 @@ async fn refused(
         resync: None,
         resync_window: None,
         source_changes: None,
+        events: None,
     };
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
@@ -320,6 +322,7 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
             resync: None,
             resync_window: None,
             source_changes: None,
+            events: None,
         };
         let task = tokio::spawn(run_primary(
             Arc::clone(&vm),

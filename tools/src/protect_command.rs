@@ -194,6 +194,7 @@ impl Agent<'_> {
             .then(|| Arc::new(|_| {}) as blockrep::net::ResyncDone),
             resync_window: arguments.resync_window,
             source_changes: None,
+            events: None,
         };
         let report = SharedReport::default();
         let control = {

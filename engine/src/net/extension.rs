@@ -90,6 +90,7 @@ impl ExtendedVm {
             resync: None,
             resync_window: None,
             source_changes: Some(applied),
+            events: None,
         };
         let vm_name = name.to_owned();
         let target = options.target;

@@ -145,6 +145,7 @@ impl HostedVm {
             resync,
             resync_window: None,
             source_changes: None,
+            events: None,
         };
         let task = runtime.spawn(run_primary(
             Arc::clone(&self.vm),

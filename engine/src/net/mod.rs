@@ -2,6 +2,7 @@
 //! run the protocol's state machines over quinn on tokio. This module moves bytes and keeps
 //! time; every replication decision is made in `proto`.
 
+mod events;
 mod extension;
 mod frame;
 mod hosting;
@@ -26,6 +27,7 @@ pub fn peer_fingerprint(connection: &Connection) -> Option<String> {
 }
 
 pub use crate::resync::Verification;
+pub use events::{EventSender, ReplicationEvent, TimedEvent};
 pub use extension::ExtensionOptions;
 pub use hosting::{HostingOptions, close_when_free, exports};
 pub use identity::{Identity, fingerprint, load_certificate};

@@ -3,6 +3,7 @@
 //! unidirectional ones, has the [`ProtectedVm`] cut and read deltas on blocking threads, paces
 //! chunks to `--max-rate`, and publishes the machine's status for `blockrep status`.
 
+use super::events::{self, ReplicationEvent};
 use super::frame::{read_frame, spawn_control_writer, write_message};
 use super::identity::Identity;
 use super::resync;
@@ -121,6 +122,9 @@ pub struct PrimaryOptions {
     /// Cut only after this changes (a count of deltas applied to the disks being passed on):
     /// extended replication never cuts more often than the primary before it ships.
     pub source_changes: Option<watch::Receiver<u64>>,
+    /// Where to send replication events (cycles shipped and missed, health, resync, failover
+    /// steps), for an embedder; none when `None`.
+    pub events: Option<super::events::EventSender>,
 }
 
 impl std::fmt::Debug for PrimaryOptions {
@@ -308,7 +312,11 @@ pub async fn run_primary(
         resync,
         resync_window,
         source_changes,
+        events: listeners,
     } = options;
+    let listeners = listeners.as_ref();
+    let mut status_events = super::events::StatusEvents::default();
+    let mut resync_announced = false;
     let mut source_changes = source_changes;
     let (peer, dialer) = match route {
         Route::Dial { endpoint, replica } => {
@@ -349,6 +357,10 @@ pub async fn run_primary(
             match action {
                 PrimaryAction::Connect => {
                     generation += 1;
+                    if resync_pending.load(Ordering::Relaxed) && !resync_announced {
+                        resync_announced = true;
+                        events::send(listeners, &config.vm, ReplicationEvent::ResyncStarted);
+                    }
                     let task = ConnectTask {
                         dialer: dialer.clone(),
                         generation,
@@ -413,6 +425,13 @@ pub async fn run_primary(
                     primary.connection_lost(Instant::now(), &reason);
                 }
                 PrimaryAction::Failed { reason } => {
+                    events::send(
+                        listeners,
+                        &config.vm,
+                        ReplicationEvent::Failed {
+                            reason: reason.clone(),
+                        },
+                    );
                     tracing::error!(replica = %peer, %reason, "replication stopped");
                     if let Some(done) = handover_done.take() {
                         let _ = done.send(Err(reason.clone()));
@@ -424,6 +443,13 @@ pub async fn run_primary(
                     break 'run;
                 }
                 PrimaryAction::HandoverRefused { reason } => {
+                    events::send(
+                        listeners,
+                        &config.vm,
+                        ReplicationEvent::HandoverRefused {
+                            reason: reason.clone(),
+                        },
+                    );
                     tracing::error!(vm = %config.vm, %reason, "the planned failover was refused; replication goes on, and the disks are compared first");
                     if let Some(done) = handover_done.take() {
                         let _ = done.send(Err(reason.clone()));
@@ -453,6 +479,11 @@ pub async fn run_primary(
                     });
                 }
                 PrimaryAction::HandedOver { sequence } => {
+                    events::send(
+                        listeners,
+                        &config.vm,
+                        ReplicationEvent::HandedOver { sequence },
+                    );
                     tracing::info!(vm = %config.vm, sequence, "planned failover done: the replica site runs the VM");
                     if let Some(done) = handover_done.take() {
                         let _ = done.send(Ok(sequence));
@@ -461,6 +492,11 @@ pub async fn run_primary(
                     break 'run;
                 }
                 PrimaryAction::Reversed { applied, resync } => {
+                    events::send(
+                        listeners,
+                        &config.vm,
+                        ReplicationEvent::Reversed { applied, resync },
+                    );
                     tracing::warn!(vm = %config.vm, applied, resync, "the VM runs at the replica's site: becoming its replica");
                     if let Some(link) = link.take() {
                         drop(link.control);
@@ -486,6 +522,11 @@ pub async fn run_primary(
                 .load(Ordering::Relaxed)
                 .then(|| progress.report()),
         );
+        if listeners.is_some() {
+            for event in status_events.observe(&primary.status(Instant::now())) {
+                events::send(listeners, &config.vm, event);
+            }
+        }
         let deadline = primary.poll_timeout();
         let sleep = async {
             match deadline {
@@ -587,10 +628,24 @@ pub async fn run_primary(
                         primary.connected(now);
                     }
                     Event::Resynchronized(None) => {
+                        resync_announced = false;
+                        events::send(
+                            listeners,
+                            &config.vm,
+                            ReplicationEvent::ResyncFinished { summary: None },
+                        );
                         tracing::info!(vm = %config.vm, "the replica holds no copy to compare with: initial replication");
                         resync_pending.store(false, Ordering::Relaxed);
                     }
                     Event::Resynchronized(Some(summary)) => {
+                        resync_announced = false;
+                        events::send(
+                            listeners,
+                            &config.vm,
+                            ReplicationEvent::ResyncFinished {
+                                summary: Some(summary),
+                            },
+                        );
                         tracing::info!(vm = %config.vm, compared = summary.compared_bytes, differing = summary.differing_bytes, "resynchronization compared the disks; what differs ships with the next delta");
                         // Owed until the replica welcomes this connection: a link lost in
                         // between compares again (a seeded replica insists on it).

@@ -1,0 +1,171 @@
+//! Replication events for embedders: what happened to a VM's replication and when, sent on a
+//! channel the embedder gives `run_primary` (`PrimaryOptions::events`). The cycle and health
+//! events are read off the primary's status as it changes, so they say what `blockrep status`
+//! would show, at the moment it changed.
+
+use super::primary::ResyncSummary;
+use crate::proto::{Health, PrimaryStatus};
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+
+/// Something that happened to a VM's replication.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ReplicationEvent {
+    /// A delta was applied on the replica: its sequence, its disk bytes, and its time from
+    /// cut to applied.
+    CycleShipped {
+        sequence: u64,
+        disk_bytes: u64,
+        latency: Duration,
+    },
+    /// Cycles came due and could not be cut (the link was down, or a delta still in flight);
+    /// `missed` is the count since the primary started.
+    CyclesMissed {
+        missed: u64,
+    },
+    HealthChanged {
+        from: Option<Health>,
+        to: Health,
+    },
+    /// A comparison by hash began (tracking could not vouch for the replica).
+    ResyncStarted,
+    /// The comparison ended: what it compared and found differing (shipped with the next
+    /// delta), or `None` when the replica held no copy (an initial replication follows).
+    ResyncFinished {
+        summary: Option<ResyncSummary>,
+    },
+    /// Planned failover: the final delta is applied and the other site runs the VM now.
+    HandedOver {
+        sequence: u64,
+    },
+    /// The planned failover was refused; replication goes on here.
+    HandoverRefused {
+        reason: String,
+    },
+    /// The VM runs at the replica's site: this side becomes its replica.
+    Reversed {
+        applied: u64,
+        resync: bool,
+    },
+    /// Replication stopped for good.
+    Failed {
+        reason: String,
+    },
+}
+
+/// An event of a VM, and when it happened.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TimedEvent {
+    pub vm: String,
+    pub at: SystemTime,
+    #[serde(flatten)]
+    pub event: ReplicationEvent,
+}
+
+/// Where a primary sends its events.
+pub type EventSender = mpsc::UnboundedSender<TimedEvent>;
+
+/// Turns successive statuses into the events between them.
+#[derive(Debug, Default)]
+pub(super) struct StatusEvents {
+    applied: Option<u64>,
+    missed: u64,
+    health: Option<Health>,
+}
+
+impl StatusEvents {
+    pub(super) fn observe(&mut self, status: &PrimaryStatus) -> Vec<ReplicationEvent> {
+        let mut events = Vec::new();
+        if self
+            .applied
+            .is_some_and(|applied| status.applied_sequence > applied)
+        {
+            events.push(ReplicationEvent::CycleShipped {
+                sequence: status.applied_sequence,
+                disk_bytes: status.last_delta_bytes,
+                latency: status.last_delta_latency,
+            });
+        }
+        self.applied = Some(status.applied_sequence);
+        if status.missed_cycles > self.missed {
+            events.push(ReplicationEvent::CyclesMissed {
+                missed: status.missed_cycles,
+            });
+            self.missed = status.missed_cycles;
+        }
+        if self.health != Some(status.health) {
+            events.push(ReplicationEvent::HealthChanged {
+                from: self.health,
+                to: status.health,
+            });
+            self.health = Some(status.health);
+        }
+        events
+    }
+}
+
+/// Sends `event` of `vm`, stamped now, if anyone listens.
+pub(super) fn send(events: Option<&EventSender>, vm: &str, event: ReplicationEvent) {
+    if let Some(events) = events {
+        let _ = events.send(TimedEvent {
+            vm: vm.to_owned(),
+            at: SystemTime::now(),
+            event,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ReplicationState;
+
+    fn status(applied: u64, missed: u64, health: Health) -> PrimaryStatus {
+        PrimaryStatus {
+            state: ReplicationState::Replicating,
+            health,
+            connected: true,
+            last_replication: None,
+            pending_bytes: 0,
+            in_flight_bytes: 0,
+            successful_cycles: applied,
+            missed_cycles: missed,
+            average_delta_bytes: 0,
+            maximum_delta_bytes: 0,
+            average_latency: Duration::ZERO,
+            last_error: None,
+            applied_sequence: applied,
+            last_delta_bytes: 4096,
+            last_delta_latency: Duration::from_millis(30),
+        }
+    }
+
+    #[test]
+    fn changes_between_statuses_become_events_once() {
+        let mut events = StatusEvents::default();
+        assert_eq!(
+            events.observe(&status(0, 0, Health::Normal)),
+            vec![ReplicationEvent::HealthChanged {
+                from: None,
+                to: Health::Normal
+            }]
+        );
+        assert!(events.observe(&status(0, 0, Health::Normal)).is_empty());
+        assert_eq!(
+            events.observe(&status(2, 1, Health::Warning)),
+            vec![
+                ReplicationEvent::CycleShipped {
+                    sequence: 2,
+                    disk_bytes: 4096,
+                    latency: Duration::from_millis(30)
+                },
+                ReplicationEvent::CyclesMissed { missed: 1 },
+                ReplicationEvent::HealthChanged {
+                    from: Some(Health::Normal),
+                    to: Health::Warning
+                },
+            ]
+        );
+    }
+}
