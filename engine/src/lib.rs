@@ -1,9 +1,19 @@
 //! blockrep: the block replication engine that agents embed.
 //!
-//! Layers, top to bottom on the primary: `image` (disk formats behind [`image::BlockImage`]) and
-//! `io` (how bytes reach a file, behind [`io::Storage`]). Later layers (tracking, deltas, the
-//! protocol, the replica) build on these two; see `docs/architecture.md`. `nbd` serves tracked
-//! disks to NBD clients such as qemu.
+//! The high-level pieces, as an embedder uses them (`examples/embed.rs` puts them together):
+//!
+//! - [`protect::ProtectedVm`]: a VM's disks opened with change tracking; write through its
+//!   [`protect::ProtectedVm::disks`].
+//! - [`net::ReplicaServer`]: a replica server keeping VMs in a [`replica::ReplicaStore`]
+//!   (recovery points, test, planned and unplanned failover, reverse replication).
+//! - [`net::run_primary`]: replicates a protected VM to a replica server, reporting its status
+//!   ([`net::PrimaryReport`]) and, when asked, replication events ([`net::ReplicationEvent`]).
+//!
+//! Below them, by layer: `image` (disk formats behind [`image::BlockImage`]), `io` (how bytes
+//! reach a file, behind [`io::Storage`]), `track` (change tracking and its journal), `delta`
+//! (the delta format), `proto` (the protocol as sans-IO state machines), `resync` (comparison by
+//! hash), `nbd` (serving tracked disks to NBD clients such as qemu); see
+//! `docs/architecture.md`.
 
 pub mod delta;
 pub mod error;

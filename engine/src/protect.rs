@@ -97,7 +97,33 @@ pub(crate) fn journal_path(image: &Path) -> PathBuf {
 }
 
 impl ProtectedVm {
-    /// Opens the VM's disk images for writing, with their tracking journals.
+    /// Opens the VM's disk images for writing, with their tracking journals. Writes made
+    /// through [`ProtectedVm::disks`] are tracked; the first open of a disk asks for an
+    /// initial replication.
+    ///
+    /// ```
+    /// use blockrep::delta::Compression;
+    /// use blockrep::proto::{DeltaId, DeltaKind};
+    /// use blockrep::io::StorageOptions;
+    /// use blockrep::protect::ProtectedVm;
+    ///
+    /// # fn main() -> blockrep::Result<()> {
+    /// let directory = tempfile::tempdir().unwrap();
+    /// let disk = directory.path().join("vm1.raw");
+    /// std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap(); // a 4 MiB raw disk
+    /// let vm = ProtectedVm::open(&[disk], &StorageOptions::default(), Compression::Lz4)?;
+    /// assert!(vm.needs_initial(), "a new journal cannot vouch for any replica");
+    ///
+    /// // The guest's writes go through the tracked disk.
+    /// vm.disks()[0].write_at(&[7u8; 8192], 1 << 20)?;
+    ///
+    /// // A cycle's cut: the changed blocks, frozen at one instant, as chunks to ship.
+    /// let delta = DeltaId { sequence: 1, cut: 42 };
+    /// let chunk_bytes = vm.prepare(delta, DeltaKind::Changes)?;
+    /// assert_eq!(chunk_bytes.iter().sum::<u64>(), 64 << 10, "one 64 KiB block changed");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn open(
         paths: &[PathBuf],
         storage: &StorageOptions,

@@ -159,7 +159,24 @@ pub struct ReplicaStore {
 }
 
 impl ReplicaStore {
-    /// Opens (creating if needed) the store at `root`.
+    /// Opens (creating if needed) the store at `root`: one directory per VM, each with its
+    /// catalogue, replica disks and recovery points.
+    ///
+    /// ```
+    /// use blockrep::io::StorageOptions;
+    /// use blockrep::replica::ReplicaStore;
+    ///
+    /// # fn main() -> blockrep::Result<()> {
+    /// let directory = tempfile::tempdir().unwrap();
+    /// let store = ReplicaStore::open(directory.path(), StorageOptions::default())?;
+    /// assert!(store.vms()?.is_empty());
+    /// // A VM not seen before: nothing applied, no recovery points yet.
+    /// let vm = store.open_vm("vm1")?;
+    /// assert_eq!(vm.applied(), 0);
+    /// assert!(vm.points().is_empty());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn open(root: &Path, storage: StorageOptions) -> Result<Self> {
         Self::with_policy(root, storage, PointPolicy::default())
     }
