@@ -294,7 +294,106 @@ impl Pacer {
 
 /// Runs replication until `stop` turns true (a clean stop: the session says goodbye), a
 /// planned failover hands the VM over, the replica says the VM runs at its site, or
-/// replication fails for good.
+/// replication fails for good. Its status is kept in `report` as it goes.
+///
+/// A replica server and a primary in one process; the status and recovery points queried; then
+/// the primary stops and the VM fails over to the replica's site:
+///
+/// ```
+/// use blockrep::delta::Compression;
+/// use blockrep::io::StorageOptions;
+/// use blockrep::net::{
+///     Hosting, Identity, PrimaryOptions, ReplicaServer, Route, SharedReport, client_endpoint,
+///     run_primary,
+/// };
+/// use blockrep::protect::ProtectedVm;
+/// use blockrep::proto::PrimaryConfig;
+/// use blockrep::replica::ReplicaStore;
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let directory = tempfile::tempdir()?;
+/// # let path = |name: &str| directory.path().join(name);
+/// std::fs::write(path("vm1.raw"), vec![0u8; 4 << 20])?;
+/// let replica_id = Identity::create("replica", &path("replica-id"))?;
+/// let primary_id = Identity::create("primary", &path("primary-id"))?;
+/// tokio::runtime::Runtime::new()?.block_on(async {
+///     let store = ReplicaStore::open(&path("store"), StorageOptions::default())?;
+///     let server = ReplicaServer::start(
+///         "127.0.0.1:0".parse()?,
+///         store,
+///         &replica_id,
+///         vec![primary_id.certificate.clone()],
+///         Hosting::Here(Box::default()),
+///     )
+///     .await?;
+///     let vm = Arc::new(ProtectedVm::open(
+///         &[path("vm1.raw")],
+///         &StorageOptions::default(),
+///         Compression::Lz4,
+///     )?);
+///     let config = PrimaryConfig {
+///         vm: "vm1".into(),
+///         primary: "host-a".into(),
+///         disks: vm.descriptions().to_vec(),
+///         frequency: Duration::from_millis(200),
+///         window: 16,
+///         reconnect_min: Duration::from_millis(100),
+///         reconnect_max: Duration::from_secs(1),
+///         needs_initial: vm.needs_initial(),
+///         seed: 1,
+///         app_consistent_every: None,
+///     };
+///     let endpoint =
+///         client_endpoint(&primary_id, replica_id.certificate.clone(), server.address())?;
+///     let options = PrimaryOptions {
+///         route: Route::Dial { endpoint, replica: server.address() },
+///         config,
+///         streams: 2,
+///         max_rate: None,
+///         suspended: None,
+///         consistency_hook: None,
+///         commands: None,
+///         resync: None,
+///         resync_window: None,
+///         source_changes: None,
+///         events: None,
+///     };
+///     let report = SharedReport::default();
+///     let (stop, stopped) = tokio::sync::watch::channel(false);
+///     let primary = tokio::spawn(run_primary(Arc::clone(&vm), options, report.clone(), stopped));
+///     vm.disks()[0].write_at(b"hello, replica", 0)?;
+///
+///     // The status, as `blockrep status` shows it: wait for two deltas applied.
+///     let applied = || {
+///         report.lock().unwrap().as_ref().map_or(0, |entry| entry.status.applied_sequence)
+///     };
+///     while applied() < 2 {
+///         tokio::time::sleep(Duration::from_millis(20)).await;
+///     }
+///     // The replica's points, newest first: the latest state at least at delta 2.
+///     let points = server.points("vm1")?;
+///     assert!(points[0].latest && points[0].id >= 2);
+///
+///     // The primary goes away; the VM fails over to the replica's latest point, for good.
+///     let _ = stop.send(true);
+///     primary.await??;
+///     let failed_over = loop {
+///         match server.unplanned_failover("vm1", None, false).await {
+///             Ok(copy) => break copy,
+///             // Refused while the primary's connection is still closing.
+///             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+///         }
+///     };
+///     assert!(failed_over.point >= 2);
+///     let disks = server.commit_failover("vm1")?;
+///     assert_eq!(disks.len(), 1);
+///     Ok::<_, Box<dyn std::error::Error>>(())
+/// })?;
+/// # Ok(())
+/// # }
+/// ```
 pub async fn run_primary(
     vm: Arc<ProtectedVm>,
     options: PrimaryOptions,
