@@ -46,16 +46,21 @@ fn failovers<'a>(report: &'a Report, kind: &str) -> Vec<&'a FailoverReport> {
         .collect()
 }
 
-#[test]
-fn every_scenario_file_is_covered_here() {
+/// The scenario files, by name, in order.
+fn scenario_files() -> Vec<String> {
     let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     let mut files: Vec<String> = std::fs::read_dir(directory)
         .unwrap()
         .map(|entry| entry.unwrap().file_name().into_string().unwrap())
         .collect();
     files.sort();
+    files
+}
+
+#[test]
+fn every_scenario_file_is_covered_here() {
     assert_eq!(
-        files,
+        scenario_files(),
         [
             "bit-rot.toml",
             "network-mapping.toml",
@@ -249,13 +254,7 @@ fn the_same_seed_gives_the_same_trace_and_another_seed_does_not() {
 #[test]
 #[ignore = "long: every scenario for 24 simulated hours"]
 fn every_scenario_for_a_day() {
-    let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
-    let mut files: Vec<String> = std::fs::read_dir(directory)
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-        .collect();
-    files.sort();
-    for file in files {
+    for file in scenario_files() {
         run(&file, 1, Some(Duration::from_secs(24 * 3600)));
     }
 }
