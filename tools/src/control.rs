@@ -26,6 +26,35 @@ pub fn run_directory() -> PathBuf {
     }
 }
 
+/// Runs `accept` (on a non-blocking listener) on a thread named `name`, handing each
+/// connection to `handle`, until the returned flag is raised; join the thread after raising it.
+pub fn accept_until_stopped<T: Send + 'static>(
+    name: &str,
+    accept: impl Fn() -> std::io::Result<T> + Send + 'static,
+    handle: impl Fn(T) + Send + 'static,
+) -> std::io::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::clone(&stop);
+    let name = name.to_owned();
+    let thread = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                match accept() {
+                    Ok(connection) => handle(connection),
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, listener = %name, "accepting a connection");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        })?;
+    Ok((stop, thread))
+}
+
 /// A listening control socket; dropping it stops the listener and removes the socket.
 pub struct ControlSocket {
     path: PathBuf,
@@ -52,39 +81,26 @@ impl ControlSocket {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                while !stopping.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((mut stream, _)) => {
-                            // A thread per request: a long one (a failover's copy) must not
-                            // keep `status` waiting.
-                            let answer = Arc::clone(&answer);
-                            std::thread::spawn(move || {
-                                let _ = stream.set_nonblocking(false);
-                                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                                let mut request = String::new();
-                                if let Ok(reader) = stream.try_clone() {
-                                    let _ = BufReader::new(reader).read_line(&mut request);
-                                }
-                                let mut text = answer(request.trim()).to_string();
-                                text.push('\n');
-                                let _ = stream.write_all(text.as_bytes());
-                            });
-                        }
-                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "control socket");
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
+        let (stop, thread) = accept_until_stopped(
+            "control",
+            move || listener.accept(),
+            move |(mut stream, _)| {
+                // A thread per request: a long one (a failover's copy) must not keep `status`
+                // waiting.
+                let answer = Arc::clone(&answer);
+                std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut request = String::new();
+                    if let Ok(reader) = stream.try_clone() {
+                        let _ = BufReader::new(reader).read_line(&mut request);
                     }
-                }
-            })?;
+                    let mut text = answer(request.trim()).to_string();
+                    text.push('\n');
+                    let _ = stream.write_all(text.as_bytes());
+                });
+            },
+        )?;
         Ok(ControlSocket {
             path: path.to_owned(),
             stop,

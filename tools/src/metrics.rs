@@ -26,27 +26,14 @@ impl MetricsServer {
             std::io::Error::new(error.kind(), format!("--metrics {address}: {error}"))
         })?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
         let control: PathBuf = control.to_owned();
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                while !stopping.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let _ = answer(stream, &control);
-                        }
-                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "metrics endpoint");
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                    }
-                }
-            })?;
+        let (stop, thread) = control::accept_until_stopped(
+            "metrics",
+            move || listener.accept(),
+            move |(stream, _)| {
+                let _ = answer(stream, &control);
+            },
+        )?;
         Ok(MetricsServer {
             stop,
             thread: Some(thread),
