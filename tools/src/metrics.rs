@@ -1,6 +1,8 @@
 //! `--metrics ADDR`: the statistics of `blockrep status`, served as Prometheus text exposition
 //! (format 0.0.4) at `http://ADDR/metrics`. Each scrape asks the daemon's own control socket for
-//! its status, so the figures are exactly those `blockrep status --json` prints.
+//! its status, so the figures are exactly those `blockrep status --json` prints. A replica's
+//! apply throughput is `rate(blockrep_replica_staged_bytes_total)` over
+//! `rate(blockrep_replica_apply_seconds_total)`.
 //!
 //! The HTTP side is written here: a scrape is one `GET` answered with one body, and an HTTP
 //! server crate would bring a second async stack for that.
@@ -148,8 +150,8 @@ pub fn exposition(status: &serde_json::Value) -> String {
             let field = metric_name(field);
             let counter = field.ends_with("_cycles")
                 || field.starts_with("bytes_")
-                || field.ends_with("_bytes_total");
-            let metric = if counter {
+                || field.ends_with("_total");
+            let metric = if counter && !field.ends_with("_total") {
                 format!("blockrep_{role}_{field}_total")
             } else {
                 format!("blockrep_{role}_{field}")

@@ -1914,6 +1914,21 @@ fn metrics_endpoints_give_what_status_gives_as_prometheus_text() {
         "{replica}"
     );
     assert_eq!(sample(&replica, "blockrep_replica_connections"), Some(1.0));
+    // Apply throughput: bytes staged over seconds applying, both counters.
+    assert!(
+        replica.contains("# TYPE blockrep_replica_staged_bytes_total counter"),
+        "{replica}"
+    );
+    assert!(
+        sample(&replica, "blockrep_replica_staged_bytes_total{vm=\"vm1\"}")
+            .is_some_and(|bytes| bytes > 0.0),
+        "{replica}"
+    );
+    assert!(
+        sample(&replica, "blockrep_replica_apply_seconds_total{vm=\"vm1\"}")
+            .is_some_and(|seconds| seconds > 0.0),
+        "{replica}"
+    );
     let (status, _) = http_get(&serve_metrics, "/elsewhere");
     assert!(status.contains("404"), "{status}");
     protect.stop();

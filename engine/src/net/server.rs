@@ -47,6 +47,12 @@ pub struct ReplicaReport {
     pub reverse: Option<PrimaryReport>,
     /// Extended replication of this replica to a third site, when configured.
     pub extended: Option<PrimaryReport>,
+    /// Chunk bytes staged (as received: compressed), since the server started.
+    pub staged_bytes_total: u64,
+    /// Deltas applied since the server started, and the seconds their commits took: apply
+    /// throughput is the staged bytes over those seconds.
+    pub applied_deltas_total: u64,
+    pub apply_seconds_total: f64,
 }
 
 /// Who runs a VM that fails over to this server.
@@ -254,6 +260,15 @@ struct VmSlot {
     extended: Option<ExtendedVm>,
     /// This slot, for the callbacks of what runs the VM here.
     this: std::sync::Weak<Mutex<VmSlot>>,
+    totals: Totals,
+}
+
+/// What a VM's replica has taken in since the server started, for status and metrics.
+#[derive(Debug, Default)]
+struct Totals {
+    staged_bytes: u64,
+    applied_deltas: u64,
+    apply_seconds: f64,
 }
 
 impl VmSlot {
@@ -400,6 +415,9 @@ impl ReplicaServer {
                     failover: slot.replica.failover(),
                     reverse: slot.hosted.as_ref().and_then(HostedVm::report),
                     extended: slot.extended.as_ref().and_then(ExtendedVm::report),
+                    staged_bytes_total: slot.totals.staged_bytes,
+                    applied_deltas_total: slot.totals.applied_deltas,
+                    apply_seconds_total: slot.totals.apply_seconds,
                 }
             })
             .collect();
@@ -1033,6 +1051,7 @@ async fn open_slot(
                     hosted: None,
                     extended: None,
                     this: this.clone(),
+                    totals: Totals::default(),
                 })
             })
         });
@@ -1127,7 +1146,10 @@ fn drive(slot: &mut VmSlot) {
                 disk,
                 payload,
             } => match slot.replica.stage_chunk(delta, disk, &payload) {
-                Ok(()) => slot.machine.chunk_staged(delta, index),
+                Ok(()) => {
+                    slot.totals.staged_bytes += payload.len() as u64;
+                    slot.machine.chunk_staged(delta, index);
+                }
                 Err(error) => {
                     tracing::warn!(%delta, index, %error, "refused a chunk");
                     slot.machine.chunk_refused(delta, index, &error.to_string());
@@ -1141,6 +1163,8 @@ fn drive(slot: &mut VmSlot) {
                 let started = std::time::Instant::now();
                 match slot.replica.commit(delta, kind, app_consistent) {
                     Ok(()) => {
+                        slot.totals.applied_deltas += 1;
+                        slot.totals.apply_seconds += started.elapsed().as_secs_f64();
                         tracing::info!(%delta, ?kind, seconds = started.elapsed().as_secs_f64(), "applied");
                         slot.machine.committed(delta);
                         if let Some(extended) = &slot.extended {
