@@ -1370,6 +1370,7 @@ mod tests {
                     hosted: None,
                     extended: None,
                     this: this.clone(),
+                    totals: Totals::default(),
                 })
             });
             let writer = {
