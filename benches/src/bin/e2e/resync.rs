@@ -80,10 +80,20 @@ impl Sites {
         Ok(daemon)
     }
 
+    /// The blockrep command, with this bench's run directory and log level.
+    fn blockrep(&self) -> Command {
+        let mut command = Command::new(&self.blockrep);
+        command.env("BLOCKREP_RUN_DIR", &self.run_directory).env(
+            "BLOCKREP_LOG",
+            std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        command
+    }
+
     fn spawn_serve(&self, port: u16) -> Outcome<Daemon> {
         Daemon::spawn(
             "blockrep serve",
-            Command::new(&self.blockrep)
+            self.blockrep()
                 .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store"])
                 .arg(self.file("store"))
                 .arg("--identity")
@@ -91,11 +101,6 @@ impl Sites {
                 .arg("--allow")
                 .arg(self.file("primary-id/identity.crt"))
                 .args(["--recovery-points", "0"])
-                .env("BLOCKREP_RUN_DIR", &self.run_directory)
-                .env(
-                    "BLOCKREP_LOG",
-                    std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
-                )
                 .stderr(Stdio::inherit()),
         )
     }
@@ -103,7 +108,7 @@ impl Sites {
     fn protect(&self, port: u16) -> Outcome<Daemon> {
         Daemon::spawn(
             "blockrep protect",
-            Command::new(&self.blockrep)
+            self.blockrep()
                 .args(["protect", "--name", "vm1", "--disk"])
                 .arg(self.file("source.raw"))
                 .args(["--replica", &format!("127.0.0.1:{port}"), "--identity"])
@@ -111,11 +116,6 @@ impl Sites {
                 .arg("--trust")
                 .arg(self.file("replica-id/identity.crt"))
                 .args(["--frequency", "1h"])
-                .env("BLOCKREP_RUN_DIR", &self.run_directory)
-                .env(
-                    "BLOCKREP_LOG",
-                    std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
-                )
                 .stderr(Stdio::inherit()),
         )
     }
