@@ -41,8 +41,11 @@ enum Phase {
     Welcome,
     /// Collecting the replica's group digests (and our hashes).
     Groups,
-    /// Asked for these block ranges; collecting their hashes.
-    Hashes(Vec<(u16, Range<u64>)>),
+    /// Asked for these block ranges; collecting their hashes, `received` blocks so far.
+    Hashes {
+        asked: Vec<(u16, Range<u64>)>,
+        received: u64,
+    },
     Finished,
 }
 
@@ -105,7 +108,7 @@ impl Comparison {
                 self.groups[usize::from(disk)] = Some(digests);
                 self.ask_when_ready()
             }
-            (Phase::Hashes(asked), Message::Hashes { disk, payload })
+            (Phase::Hashes { asked, received }, Message::Hashes { disk, payload })
                 if usize::from(disk) < disks =>
             {
                 let theirs = BlockHashes::decode(&payload)?;
@@ -121,11 +124,19 @@ impl Comparison {
                     .ours
                     .as_ref()
                     .ok_or_else(|| failure("hashes came before ours were done"))?;
+                *received += blocks.end - blocks.start;
                 let piece = ours[usize::from(disk)].piece(blocks)?;
                 self.differing[usize::from(disk)].extend(piece.differing(&theirs)?);
                 Ok(Step::Wait)
             }
-            (Phase::Hashes(_), Message::HashesDone) => {
+            (Phase::Hashes { asked, received }, Message::HashesDone) => {
+                // A replica that stops short must not pass for one whose blocks all matched.
+                let owed: u64 = asked.iter().map(|(_, range)| range.end - range.start).sum();
+                if *received != owed {
+                    return Err(failure(format!(
+                        "the replica sent hashes of {received} blocks of the {owed} asked for"
+                    )));
+                }
                 self.phase = Phase::Finished;
                 let mut differing = std::mem::take(&mut self.differing);
                 for ranges in &mut differing {
@@ -138,7 +149,7 @@ impl Comparison {
                 match phase {
                     Phase::Welcome => "waiting for the replica's welcome",
                     Phase::Groups => "waiting for group digests",
-                    Phase::Hashes(_) => "waiting for block hashes",
+                    Phase::Hashes { .. } => "waiting for block hashes",
                     Phase::Finished => "done",
                 }
             ))),
@@ -159,7 +170,10 @@ impl Comparison {
                 asked.push((disk as u16, blocks));
             }
         }
-        self.phase = Phase::Hashes(asked.clone());
+        self.phase = Phase::Hashes {
+            asked: asked.clone(),
+            received: 0,
+        };
         Ok(Step::Send(Message::HashRanges { ranges: asked }))
     }
 }

@@ -348,3 +348,50 @@ proptest! {
         prop_assert_eq!(our_hashes.digest() == their_hashes.digest(), expected.is_empty());
     }
 }
+
+/// The exchange of `engine::resync::exchange`, both sides in memory: `replica` answers as the
+/// daemons do, except when `short` (it says it is done without sending the hashes asked for).
+fn exchange(ours: Vec<u8>, theirs: Vec<u8>, short: bool) -> Result<Vec<Range<u64>>> {
+    use crate::proto::Message;
+    use crate::resync::exchange::{self, Comparison, Step};
+    let (ours, theirs) = (hashes_of(&raw(ours)), hashes_of(&raw(theirs)));
+    let (mut comparison, _request) = Comparison::start("vm1", SEED, 1);
+    let welcome = Message::Welcome {
+        version: crate::proto::PROTOCOL_VERSION,
+        applied: 3,
+        staged: None,
+    };
+    assert_eq!(comparison.received(welcome)?, Step::Wait);
+    assert_eq!(comparison.hashed(vec![ours])?, Step::Wait);
+    let theirs = [theirs];
+    let mut step = Step::Wait;
+    for message in exchange::group_digests(&theirs) {
+        step = comparison.received(message)?;
+    }
+    let Step::Send(Message::HashRanges { ranges }) = step else {
+        panic!("no hash ranges asked for: {step:?}");
+    };
+    let mut answers = exchange::block_hashes(&theirs, &ranges)?;
+    if short {
+        answers.retain(|message| matches!(message, Message::HashesDone));
+    }
+    for message in answers {
+        if let Step::Done(differing) = comparison.received(message)? {
+            return Ok(differing.concat());
+        }
+    }
+    panic!("the exchange never ended");
+}
+
+#[test]
+fn the_exchange_finds_the_differing_block_and_refuses_a_replica_that_stops_short() {
+    let ours = pattern(1, 4 * HASH_BLOCK as usize);
+    let mut theirs = ours.clone();
+    theirs[2 * HASH_BLOCK as usize + 5] ^= 1;
+    assert_eq!(
+        exchange(ours.clone(), theirs.clone(), false).unwrap(),
+        vec![2 * HASH_BLOCK..3 * HASH_BLOCK]
+    );
+    let error = exchange(ours, theirs, true).unwrap_err().to_string();
+    assert!(error.contains("of the"), "{error}");
+}
