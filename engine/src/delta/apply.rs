@@ -180,13 +180,18 @@ pub fn verify_delta(reader: impl Read, name: &str) -> Result<DeltaSummary> {
 pub fn delta_extents(reader: impl Read, name: &str) -> Result<Vec<std::ops::Range<u64>>> {
     let mut extents: Vec<std::ops::Range<u64>> = Vec::new();
     walk(reader, name, |offset, length, _| {
-        match extents.last_mut() {
-            Some(last) if last.end == offset => last.end += length,
-            _ => extents.push(offset..offset + length),
-        }
+        push_merged(&mut extents, offset, length);
         Ok(())
     })?;
     Ok(extents)
+}
+
+/// Adds an extent to ordered `extents`, merged with the last one when they touch.
+fn push_merged(extents: &mut Vec<std::ops::Range<u64>>, offset: u64, length: u64) {
+    match extents.last_mut() {
+        Some(last) if last.end == offset => last.end += length,
+        _ => extents.push(offset..offset + length),
+    }
 }
 
 /// What the target of a delta already is.
@@ -279,7 +284,11 @@ pub fn decode_delta(reader: impl Read, name: &str, limit: usize) -> Result<Optio
             return Ok(());
         }
         match bytes {
-            Some(bytes) if decoded.data.len() + bytes.len() > limit => fits = false,
+            Some(bytes) if decoded.data.len() + bytes.len() > limit => {
+                // Too large to hold: the rest is only verified, and what was held goes now.
+                decoded = DecodedDelta::default();
+                fits = false;
+            }
             Some(bytes) => {
                 let start = decoded.data.len();
                 decoded.data.extend_from_slice(bytes);
@@ -318,11 +327,7 @@ pub fn listed_extents(mut reader: impl Read, name: &str) -> Result<Vec<std::ops:
         if record.kind == KIND_END {
             return Ok(extents);
         }
-        let (offset, length) = (record.offset, u64::from(record.length));
-        match extents.last_mut() {
-            Some(last) if last.end == offset => last.end += length,
-            _ => extents.push(offset..offset + length),
-        }
+        push_merged(&mut extents, record.offset, u64::from(record.length));
         let skipped = std::io::copy(
             &mut (&mut reader).take(u64::from(record.stored_length)),
             &mut std::io::sink(),

@@ -12,10 +12,11 @@ use tokio::sync::mpsc;
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ReplicationEvent {
-    /// A delta was applied on the replica: its sequence, its disk bytes, and its time from
-    /// cut to applied.
+    /// Deltas were applied on the replica, up to `sequence`: `deltas` of them since the last
+    /// event (usually one), and the last one's disk bytes and time from cut to applied.
     CycleShipped {
         sequence: u64,
+        deltas: u64,
         disk_bytes: u64,
         latency: Duration,
     },
@@ -77,12 +78,13 @@ pub(super) struct StatusEvents {
 impl StatusEvents {
     pub(super) fn observe(&mut self, status: &PrimaryStatus) -> Vec<ReplicationEvent> {
         let mut events = Vec::new();
-        if self
+        if let Some(applied) = self
             .applied
-            .is_some_and(|applied| status.applied_sequence > applied)
+            .filter(|applied| status.applied_sequence > *applied)
         {
             events.push(ReplicationEvent::CycleShipped {
                 sequence: status.applied_sequence,
+                deltas: status.applied_sequence - applied,
                 disk_bytes: status.last_delta_bytes,
                 latency: status.last_delta_latency,
             });
@@ -157,6 +159,7 @@ mod tests {
             vec![
                 ReplicationEvent::CycleShipped {
                     sequence: 2,
+                    deltas: 2,
                     disk_bytes: 4096,
                     latency: Duration::from_millis(30)
                 },

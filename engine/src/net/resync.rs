@@ -103,10 +103,7 @@ pub(super) async fn compare(
         let mut summary = ResyncSummary::default();
         for (disk, (ours, differing)) in ours.iter().zip(&differing).enumerate() {
             summary.compared_bytes += ours.virtual_size();
-            summary.differing_bytes += differing
-                .iter()
-                .map(|range| range.end - range.start)
-                .sum::<u64>();
+            summary.differing_bytes += crate::resync::bytes_in(differing);
             vm.mark_changed(disk, differing)?;
         }
         Ok(Some(summary))

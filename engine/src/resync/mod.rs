@@ -31,6 +31,7 @@ mod tests;
 pub use hash::random_seed;
 pub use hashes::BlockHashes;
 pub use verification::Verification;
+pub(crate) use verification::bytes_in;
 
 /// Bytes per hashed block: small enough that one changed byte ships little, large enough that
 /// the hashes of a disk stay small (16 bytes per 64 KiB, 256 KiB per GiB).

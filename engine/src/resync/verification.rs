@@ -39,7 +39,7 @@ impl Verification {
     }
 }
 
-fn bytes_in(ranges: &[Range<u64>]) -> u64 {
+pub(crate) fn bytes_in(ranges: &[Range<u64>]) -> u64 {
     ranges.iter().map(|range| range.end - range.start).sum()
 }
 
