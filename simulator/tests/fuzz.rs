@@ -6,6 +6,7 @@ use std::time::Duration;
 
 #[test]
 fn random_scenarios_with_random_faults_hold_their_invariants() {
+    let (mut faults, mut failovers) = (0, 0);
     let outcome = blockrep_sim::fuzz::run_seeds(
         1,
         10,
@@ -16,6 +17,16 @@ fn random_scenarios_with_random_faults_hold_their_invariants() {
                 "seed {seed}: {} events, trace {}",
                 report.events, report.trace_hash
             );
+            // Every VM replicated: a run where nothing ships would hold every invariant.
+            for vm in &report.vms {
+                assert!(
+                    vm.deltas_applied > 0,
+                    "seed {seed}: {} never replicated",
+                    vm.name
+                );
+            }
+            faults += report.faults.len();
+            failovers += report.failovers.len();
         },
     )
     .unwrap_or_else(|error| panic!("{error}"));
@@ -26,4 +37,9 @@ fn random_scenarios_with_random_faults_hold_their_invariants() {
             report.text()
         );
     }
+    // The seeds did inject faults and fail VMs over.
+    assert!(
+        faults > 0 && failovers > 0,
+        "{faults} faults, {failovers} failover steps"
+    );
 }

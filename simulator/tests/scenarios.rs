@@ -94,6 +94,15 @@ fn two_sites_ride_out_a_partition_a_flap_and_a_replica_crash() {
         assert_eq!(healths.last(), Some(&"normal"), "{}", vm.name);
     }
     assert!(report.hosts.iter().any(|host| host.crashes == 1));
+    // The crash struck in the middle of the engine's work, not between two events.
+    assert!(
+        report.faults.iter().any(|(_, what)| {
+            what.contains("lost power during an operation")
+                || what.contains("lost power while applying a delta")
+        }),
+        "{:?}",
+        report.faults
+    );
 }
 
 #[test]
@@ -104,6 +113,8 @@ fn a_standalone_vmm_server_protects_itself_at_the_host_level() {
         (vmm.cloud.as_deref(), vmm.replica_host.as_str()),
         (None, "hv-backup")
     );
+    // Replicated, and its replica checked page by page at acknowledged cuts.
+    assert!(vmm.checked_cuts > 0, "{vmm:?}");
     let files = report.vms.iter().find(|vm| vm.name == "files-1").unwrap();
     assert_eq!(files.cloud.as_deref(), Some("protected"));
     assert!(files.checked_cuts > 10);
