@@ -148,7 +148,7 @@ fn direct_copy(source: &Path, target: &Path, skip_zeros: bool) -> io::Result<()>
 }
 
 /// Reads a whole file, leaving it in the page cache.
-fn read_through(path: &Path) -> io::Result<()> {
+pub(crate) fn read_through(path: &Path) -> io::Result<()> {
     let file = File::open(path)?;
     let mut buffer = vec![0u8; 4 << 20];
     let size = file.metadata()?.len();

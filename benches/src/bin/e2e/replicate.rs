@@ -160,6 +160,25 @@ pub(crate) fn wait_for(
     }
 }
 
+/// The replica's and the primary's identities in `directory` (`replica-id`, `primary-id`),
+/// made once.
+pub(crate) fn make_identities(blockrep: &Path, directory: &Path) -> Outcome {
+    for host in ["replica", "primary"] {
+        let identity = directory.join(format!("{host}-id"));
+        if !identity.join("identity.crt").exists() {
+            let status = Command::new(blockrep)
+                .args(["identity", "create", "--name", host, "--out"])
+                .arg(&identity)
+                .stdout(Stdio::null())
+                .status()?;
+            if !status.success() {
+                return Err("cannot make identities".into());
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn drop_caches(cold: bool) -> Outcome {
     // SAFETY: sync has no arguments and cannot fail.
     unsafe { libc::sync() };
@@ -222,19 +241,7 @@ pub fn replicate(arguments: &ReplicateArguments) -> Outcome {
         source::MIX
     );
     source::make_disk_like(&source, arguments.size)?;
-    for host in ["replica", "primary"] {
-        let identity = file(&format!("{host}-id"));
-        if !identity.join("identity.crt").exists() {
-            let status = Command::new(&blockrep)
-                .args(["identity", "create", "--name", host, "--out"])
-                .arg(&identity)
-                .stdout(Stdio::null())
-                .status()?;
-            if !status.success() {
-                return Err("cannot make identities".into());
-            }
-        }
-    }
+    make_identities(&blockrep, &directory)?;
     let rsync = have("rsync");
     let (rsync_daemon, rsync_port) = if rsync {
         let (daemon, port) = start_rsync_daemon(&directory)?;
@@ -372,14 +379,7 @@ pub fn replicate(arguments: &ReplicateArguments) -> Outcome {
         if rsync {
             drop_caches(cold)?;
             let started = Instant::now();
-            let status = Command::new("rsync")
-                .args(["--inplace", "--no-whole-file"])
-                .arg(&source)
-                .arg(&rsync_target)
-                .status()?;
-            if !status.success() {
-                return Err("rsync (delta) failed".into());
-            }
+            crate::resync::run_rsync(&source, &rsync_target)?;
             File::open(file("rsync-destination/source.raw"))?.sync_all()?;
             figures.rsync_delta_seconds = Some(started.elapsed().as_secs_f64());
             if !measure::same_content(&source, &file("rsync-destination/source.raw"))? {

@@ -12,7 +12,6 @@ use crate::replicate::{
 };
 use crate::{Outcome, blockrep_binary, have, source};
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -144,19 +143,7 @@ pub fn resync(arguments: &ResyncArguments) -> Outcome {
         let _ = std::fs::remove_file(sites.file(stale));
     }
     let _ = std::fs::remove_dir_all(sites.file("store"));
-    for host in ["replica", "primary"] {
-        let identity = sites.file(&format!("{host}-id"));
-        if !identity.join("identity.crt").exists() {
-            let status = Command::new(&sites.blockrep)
-                .args(["identity", "create", "--name", host, "--out"])
-                .arg(&identity)
-                .stdout(Stdio::null())
-                .status()?;
-            if !status.success() {
-                return Err("cannot make identities".into());
-            }
-        }
-    }
+    crate::replicate::make_identities(&sites.blockrep, &sites.directory)?;
     // The replica, made once by an initial replication (not timed).
     eprintln!("initial replication of the test disk (not timed)");
     let port = free_port(true)?;
@@ -215,8 +202,8 @@ pub fn resync(arguments: &ResyncArguments) -> Outcome {
         let replica = sites.file("store/vm1/disk-0.vhdx");
         settle_cache(cold, &[&source, &local_copy])?;
         let started = Instant::now();
-        read_whole(&source)?;
-        read_whole(&local_copy)?;
+        crate::measure::read_through(&source)?;
+        crate::measure::read_through(&local_copy)?;
         figures.read_both_seconds = started.elapsed().as_secs_f64();
         // blockrep: both sides hash their disk, and what differs ships.
         settle_cache(cold, &[&source, &replica])?;
@@ -275,7 +262,7 @@ pub fn resync(arguments: &ResyncArguments) -> Outcome {
     Ok(())
 }
 
-fn run_rsync(source: &Path, destination: &str) -> Outcome {
+pub(crate) fn run_rsync(source: &Path, destination: &str) -> Outcome {
     let status = Command::new("rsync")
         .args(["--inplace", "--no-whole-file"])
         .arg(source)
@@ -293,16 +280,9 @@ fn settle_cache(cold: bool, inputs: &[&Path]) -> Outcome {
     drop_caches(cold)?;
     if !cold {
         for input in inputs {
-            read_whole(input)?;
+            crate::measure::read_through(input)?;
         }
     }
-    Ok(())
-}
-
-fn read_whole(path: &Path) -> Outcome {
-    let mut file = File::open(path)?;
-    let mut buffer = vec![0u8; 4 << 20];
-    while file.read(&mut buffer)? > 0 {}
     Ok(())
 }
 
