@@ -1,6 +1,6 @@
 //! Embedding blockrep: a primary and a replica server in one process. The program makes a
 //! 32 MiB disk, replicates it over QUIC on loopback, writes to it through change tracking
-//! while replication runs, prints the replication events it is sent, and checks that the
+//! while replication runs, prints the replication events both sides send, and checks that the
 //! replica ends equal to its disk.
 //!
 //! ```sh
@@ -34,7 +34,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let replica_identity = Identity::create("replica", &directory.path().join("replica-id"))?;
     let primary_identity = Identity::create("primary", &directory.path().join("primary-id"))?;
 
-    // The replica server: one store for many VMs, open to the primaries it allows.
+    // The replica server: one store for many VMs, open to the primaries it allows. It tells
+    // the deltas it applies and the failover steps taken there on this channel.
+    let (server_events, mut server_received) = mpsc::unbounded_channel();
     let store = ReplicaStore::open(&directory.path().join("store"), StorageOptions::default())?;
     let server = ReplicaServer::start(
         "127.0.0.1:0".parse()?,
@@ -42,6 +44,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         &replica_identity,
         vec![primary_identity.certificate.clone()],
         Hosting::Here(Box::default()),
+        Some(server_events),
     )
     .await?;
     println!("replica server listening on {}", server.address());
@@ -143,6 +146,22 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
     if shipped == 0 {
         return Err("no cycle-shipped event came".into());
+    }
+    let mut applied_events = 0;
+    while let Ok(timed) = server_received.try_recv() {
+        if let ReplicationEvent::DeltaApplied {
+            sequence,
+            apply_time,
+        } = timed.event
+        {
+            println!("replica applied delta {sequence} in {apply_time:?}");
+            applied_events += 1;
+        }
+    }
+    if applied_events < applied {
+        return Err(
+            format!("the replica told {applied_events} deltas applied of {applied}").into(),
+        );
     }
 
     // The replica's disk equals the primary's.

@@ -5,7 +5,8 @@
 //! - [`protect::ProtectedVm`]: a VM's disks opened with change tracking; write through its
 //!   [`protect::ProtectedVm::disks`].
 //! - [`net::ReplicaServer`]: a replica server keeping VMs in a [`replica::ReplicaStore`]
-//!   (recovery points, test, planned and unplanned failover, reverse replication).
+//!   (recovery points, test, planned and unplanned failover, reverse replication), telling
+//!   the deltas it applies and each failover step as replication events when asked.
 //! - [`net::run_primary`]: replicates a protected VM to a replica server, reporting its status
 //!   ([`net::PrimaryReport`]) and, when asked, replication events ([`net::ReplicationEvent`]).
 //!

@@ -88,6 +88,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
         &replica_identity,
         vec![primary_identity.certificate.clone()],
         Hosting::Here(Box::default()),
+        None,
     )
     .await
     .unwrap();
@@ -187,6 +188,7 @@ async fn refused(
         server_identity,
         vec![allowed.certificate.clone()],
         Hosting::Here(Box::default()),
+        None,
     )
     .await
     .unwrap();
@@ -278,6 +280,7 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
             second_identity.certificate.clone(),
         ],
         Hosting::Here(Box::default()),
+        None,
     )
     .await
     .unwrap();

@@ -391,6 +391,7 @@ impl Agent<'_> {
                         ReplicaServer::without_listener(
                             store.clone(),
                             Hosting::Caller(taken_over.clone()),
+                            None,
                         )
                         .await?,
                     );

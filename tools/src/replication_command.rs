@@ -292,7 +292,7 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
             host_name: hostname(),
             extend,
         }));
-        let server = Arc::new(ReplicaServer::start(arguments.listen, store, &identity, allowed, hosting).await?);
+        let server = Arc::new(ReplicaServer::start(arguments.listen, store, &identity, allowed, hosting, None).await?);
         let address = server.address();
         eprintln!("blockrep: serving replicas in {} on {address}", arguments.store.display());
         let control_path = run_directory().join(format!("serve-{}.sock", address.port()));
@@ -411,8 +411,8 @@ fn answer_replica_request(
         ReplicaRequest::UnplannedFailover { vm, point, force } => runtime
             .block_on(server.unplanned_failover(&vm, point, force))
             .map(|copy| serde_json::json!(copy)),
-        ReplicaRequest::CommitFailover { vm } => server
-            .commit_failover(&vm)
+        ReplicaRequest::CommitFailover { vm } => runtime
+            .block_on(server.commit_failover(&vm))
             .map(|disks| serde_json::json!({"vm": vm, "disks": disks})),
         ReplicaRequest::CancelFailover { vm } => server
             .cancel_failover(&vm)

@@ -1,10 +1,15 @@
 //! Replication events for embedders: what happened to a VM's replication and when, sent on a
-//! channel the embedder gives `run_primary` (`PrimaryOptions::events`). The cycle and health
-//! events are read off the primary's status as it changes, so they say what `blockrep status`
-//! would show, at the moment it changed.
+//! channel the embedder gives `run_primary` (`PrimaryOptions::events`) or a replica server
+//! (`ReplicaServer::start`). The cycle and health events are read off the primary's status as
+//! it changes, so they say what `blockrep status` would show, at the moment it changed.
+//!
+//! A primary sends the cycle, health and resync events, and those of a planned failover it
+//! makes. A replica server sends the deltas it applies and the failover steps taken there;
+//! for a VM running there after a failover, its replication back sends the primary's events.
 
 use super::primary::ResyncSummary;
 use crate::proto::{Health, PrimaryStatus};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
@@ -40,7 +45,7 @@ pub enum ReplicationEvent {
     HandedOver {
         sequence: u64,
     },
-    /// The planned failover was refused; replication goes on here.
+    /// The planned failover was refused (sent by both sides); replication goes on as before.
     HandoverRefused {
         reason: String,
     },
@@ -53,6 +58,38 @@ pub enum ReplicationEvent {
     Failed {
         reason: String,
     },
+    /// Replica side: a delta was committed to the replica's disks, taking `apply_time`.
+    DeltaApplied {
+        sequence: u64,
+        apply_time: Duration,
+    },
+    /// Replica side: a test failover copy of recovery point `point` is ready in `disks`, while
+    /// replication goes on.
+    TestFailoverCreated {
+        point: u64,
+        disks: Vec<PathBuf>,
+    },
+    /// Replica side: the test failover copy was removed.
+    TestFailoverRemoved,
+    /// Replica side: unplanned failover to recovery point `point`; replication from the
+    /// primary is fenced off and the point's disks are ready.
+    FailedOver {
+        point: u64,
+    },
+    /// Replica side: the failover to `point` was committed; the VM runs here from now on.
+    FailoverCommitted {
+        point: u64,
+    },
+    /// Replica side: the failover was cancelled; replication from the primary may resume.
+    FailoverCancelled,
+    /// Replica side: a planned failover handed the VM to this site at delta `sequence`; its
+    /// disks equal the primary's and the VM runs here now.
+    TakenOver {
+        sequence: u64,
+        reverse: bool,
+    },
+    /// Replica side: the VM running here is to replicate back to its old primary.
+    ReverseRequested,
 }
 
 /// An event of a VM, and when it happened.

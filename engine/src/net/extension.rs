@@ -113,12 +113,17 @@ impl ExtendedVm {
     }
 
     /// Stops the onward primary and waits (a few seconds at most) until it has let go of the
-    /// disks, before someone else opens them. Not to be called from async code.
-    pub(super) fn stop_and_wait(mut self, runtime: &tokio::runtime::Handle) {
+    /// disks, before someone else opens them.
+    pub(super) async fn stop(mut self) {
         let _ = self.stop.send(true);
         if let Some(task) = self.task.take() {
-            let _ = runtime.block_on(tokio::time::timeout(Duration::from_secs(10), task));
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
+    }
+
+    /// [`ExtendedVm::stop`], from a blocking thread (one that holds the VM's slot).
+    pub(super) fn stop_and_wait(self, runtime: &tokio::runtime::Handle) {
+        runtime.block_on(self.stop());
     }
 
     /// A delta was applied to the replica: there is something new to pass on.

@@ -3,6 +3,7 @@
 //! ships their changes to the old primary over the connections it keeps making to this
 //! server (reverse replication).
 
+use super::events::EventSender;
 use super::primary::{
     Ending, PrimaryCommand, PrimaryOptions, ResyncDone, Route, SharedReport, run_primary,
 };
@@ -105,12 +106,13 @@ impl HostedVm {
     }
 
     /// Starts replicating back to the old primary, over the connections it makes here.
-    /// `resync` compares its copy by hash first.
+    /// `resync` compares its copy by hash first; `events` hears of its cycles and handover.
     pub(super) fn start_reverse(
         &mut self,
         options: &HostingOptions,
         runtime: &tokio::runtime::Handle,
         resync: Option<ResyncDone>,
+        events: Option<EventSender>,
     ) {
         if self.reverse.is_some() {
             return;
@@ -145,7 +147,7 @@ impl HostedVm {
             resync,
             resync_window: None,
             source_changes: None,
-            events: None,
+            events,
         };
         let task = runtime.spawn(run_primary(
             Arc::clone(&self.vm),

@@ -326,6 +326,7 @@ impl Pacer {
 ///         &replica_id,
 ///         vec![primary_id.certificate.clone()],
 ///         Hosting::Here(Box::default()),
+///         None,
 ///     )
 ///     .await?;
 ///     let vm = Arc::new(ProtectedVm::open(
@@ -387,7 +388,7 @@ impl Pacer {
 ///         }
 ///     };
 ///     assert!(failed_over.point >= 2);
-///     let disks = server.commit_failover("vm1")?;
+///     let disks = server.commit_failover("vm1").await?;
 ///     assert_eq!(disks.len(), 1);
 ///     Ok::<_, Box<dyn std::error::Error>>(())
 /// })?;

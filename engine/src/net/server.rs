@@ -3,6 +3,7 @@
 //! [`VmReplica`] (staging, commits) on blocking threads. One process serves many VMs from many
 //! primaries; each VM's work is serialized by its own lock, VMs proceed independently.
 
+use super::events::{self, EventSender, ReplicationEvent};
 use super::extension::ExtendedVm;
 use super::frame::{read_frame, spawn_control_writer};
 use super::hosting::{HostedVm, HostingOptions};
@@ -63,6 +64,18 @@ pub enum Hosting {
     /// Whoever made the server (a primary acting as replica during reverse replication): it
     /// is told, and takes its VM back.
     Caller(mpsc::UnboundedSender<TakenOver>),
+}
+
+/// What the server's VMs share: who runs those that fail over here, and who hears of it.
+struct Site {
+    hosting: Hosting,
+    events: Option<EventSender>,
+}
+
+impl Site {
+    fn send(&self, vm: &str, event: ReplicationEvent) {
+        events::send(self.events.as_ref(), vm, event);
+    }
 }
 
 /// A planned failover handed a VM to this site.
@@ -253,7 +266,7 @@ struct VmSlot {
     /// Where a connection's close waits for its last message: the slot is also driven from
     /// threads outside the runtime (the control socket's).
     runtime: tokio::runtime::Handle,
-    hosting: Arc<Hosting>,
+    site: Arc<Site>,
     /// The VM runs at this site (it failed over here).
     hosted: Option<HostedVm>,
     /// The replica is replicated onward to a third site.
@@ -284,7 +297,7 @@ pub struct ReplicaServer {
     address: Option<SocketAddr>,
     vms: Vms,
     store: ReplicaStore,
-    hosting: Arc<Hosting>,
+    site: Arc<Site>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     next_connection: Arc<AtomicU64>,
@@ -298,18 +311,21 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl ReplicaServer {
     /// Binds `listen` and serves until `shutdown`. VMs already in the store are opened first,
-    /// so a commit that a crash interrupted is finished before anyone connects.
+    /// so a commit that a crash interrupted is finished before anyone connects. `events`
+    /// hears of what happens to each VM here: deltas applied, failover steps, and the
+    /// replication back of a VM that runs here.
     pub async fn start(
         listen: SocketAddr,
         store: ReplicaStore,
         identity: &Identity,
         allowed: Vec<CertificateDer<'static>>,
         hosting: Hosting,
+        events: Option<EventSender>,
     ) -> Result<ReplicaServer> {
-        let hosting = Arc::new(hosting);
+        let site = Arc::new(Site { hosting, events });
         let vms: Vms = Arc::default();
         for vm in store.vms()? {
-            open_slot(&store, &vms, &vm, &hosting).await?;
+            open_slot(&store, &vms, &vm, &site).await?;
         }
         let allowed_count = allowed.len();
         let endpoint = quinn::Endpoint::server(server_config(identity, allowed)?, listen).map_err(
@@ -329,7 +345,7 @@ impl ReplicaServer {
             endpoint,
             store.clone(),
             Arc::clone(&vms),
-            Arc::clone(&hosting),
+            Arc::clone(&site),
             Arc::clone(&next_connection),
             stopped,
         ));
@@ -337,7 +353,7 @@ impl ReplicaServer {
             address: Some(address),
             vms,
             store,
-            hosting,
+            site,
             stop,
             task,
             next_connection,
@@ -346,18 +362,22 @@ impl ReplicaServer {
 
     /// A server that listens nowhere: its caller hands it connections it made itself (a
     /// primary that became the replica of its VM, over its own connection to the other site).
-    pub async fn without_listener(store: ReplicaStore, hosting: Hosting) -> Result<ReplicaServer> {
-        let hosting = Arc::new(hosting);
+    pub async fn without_listener(
+        store: ReplicaStore,
+        hosting: Hosting,
+        events: Option<EventSender>,
+    ) -> Result<ReplicaServer> {
+        let site = Arc::new(Site { hosting, events });
         let vms: Vms = Arc::default();
         for vm in store.vms()? {
-            open_slot(&store, &vms, &vm, &hosting).await?;
+            open_slot(&store, &vms, &vm, &site).await?;
         }
         let (stop, _) = watch::channel(false);
         Ok(ReplicaServer {
             address: None,
             vms,
             store,
-            hosting,
+            site,
             stop,
             task: tokio::spawn(async {}),
             next_connection: Arc::new(AtomicU64::new(1)),
@@ -373,7 +393,7 @@ impl ReplicaServer {
             connection,
             self.store.clone(),
             Arc::clone(&self.vms),
-            Arc::clone(&self.hosting),
+            Arc::clone(&self.site),
         )
         .await;
     }
@@ -442,13 +462,21 @@ impl ReplicaServer {
         out: &Path,
     ) -> Result<TestCopy> {
         let slot = self.slot(vm)?;
-        let (vm, out) = (vm.to_owned(), out.to_owned());
-        tokio::task::spawn_blocking(move || test_failover(&slot, &vm, point, &out))
+        let (name, out) = (vm.to_owned(), out.to_owned());
+        let copy = tokio::task::spawn_blocking(move || test_failover(&slot, &name, point, &out))
             .await
             .map_err(|error| Error::Replication {
                 peer: "test failover".into(),
                 problem: error.to_string(),
-            })?
+            })??;
+        self.site.send(
+            vm,
+            ReplicationEvent::TestFailoverCreated {
+                point: copy.point,
+                disks: copy.disks.clone(),
+            },
+        );
+        Ok(copy)
     }
 
     /// Removes `vm`'s test failover copy; returns where it was.
@@ -467,6 +495,7 @@ impl ReplicaServer {
         }
         let _ = std::fs::remove_dir(&out);
         slot.replica.set_test_failover(None)?;
+        self.site.send(vm, ReplicationEvent::TestFailoverRemoved);
         Ok(out)
     }
 
@@ -481,25 +510,46 @@ impl ReplicaServer {
         force: bool,
     ) -> Result<TestCopy> {
         let slot = self.slot(vm)?;
-        let vm = vm.to_owned();
-        tokio::task::spawn_blocking(move || unplanned_failover(&slot, &vm, point, force))
-            .await
-            .map_err(|error| Error::Replication {
-                peer: "failover".into(),
-                problem: error.to_string(),
-            })?
+        let name = vm.to_owned();
+        let copy =
+            tokio::task::spawn_blocking(move || unplanned_failover(&slot, &name, point, force))
+                .await
+                .map_err(|error| Error::Replication {
+                    peer: "failover".into(),
+                    problem: error.to_string(),
+                })??;
+        self.site
+            .send(vm, ReplicationEvent::FailedOver { point: copy.point });
+        Ok(copy)
     }
 
     /// Commits a failover: its disks become the VM's, the older points go, and replication
     /// from the old primary has ended for good.
-    pub fn commit_failover(&self, vm: &str) -> Result<Vec<PathBuf>> {
+    pub async fn commit_failover(&self, vm: &str) -> Result<Vec<PathBuf>> {
         let slot = self.slot(vm)?;
-        let mut guard = lock(&slot);
-        let disks = guard.replica.commit_failover()?;
-        let fence = guard.replica.failover().as_ref().map(fence_for);
-        guard.machine.fence(fence);
-        drive(&mut guard);
-        host(&mut guard, vm, true)?;
+        // The onward primary lets go of the disks before they become the VM's; it is not
+        // started again while a failover is in place. Waited for here, not under the lock.
+        let extended = lock(&slot).extended.take();
+        if let Some(extended) = extended {
+            extended.stop().await;
+        }
+        let name = vm.to_owned();
+        let (disks, point) = tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&slot);
+            let disks = guard.replica.commit_failover()?;
+            let failover = guard.replica.failover();
+            guard.machine.fence(failover.as_ref().map(fence_for));
+            drive(&mut guard);
+            host(&mut guard, &name, true)?;
+            Ok::<_, Error>((disks, failover.map_or(0, |failover| failover.point)))
+        })
+        .await
+        .map_err(|error| Error::Replication {
+            peer: vm.to_owned(),
+            problem: error.to_string(),
+        })??;
+        self.site
+            .send(vm, ReplicationEvent::FailoverCommitted { point });
         Ok(disks)
     }
 
@@ -510,6 +560,7 @@ impl ReplicaServer {
         let mut guard = lock(&slot);
         guard.replica.set_reverse(true)?;
         start_reverse(&mut guard);
+        self.site.send(vm, ReplicationEvent::ReverseRequested);
         Ok(())
     }
 
@@ -588,6 +639,7 @@ impl ReplicaServer {
         slot.replica.cancel_failover()?;
         slot.machine.fence(None);
         drive(&mut slot);
+        self.site.send(vm, ReplicationEvent::FailoverCancelled);
         Ok(())
     }
 
@@ -628,7 +680,7 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     store: ReplicaStore,
     vms: Vms,
-    hosting: Arc<Hosting>,
+    site: Arc<Site>,
     next_connection: Arc<AtomicU64>,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -638,12 +690,12 @@ async fn accept_loop(
                 let Some(incoming) = incoming else { break };
                 let store = store.clone();
                 let vms = Arc::clone(&vms);
-                let hosting = Arc::clone(&hosting);
+                let site = Arc::clone(&site);
                 let id = next_connection.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     match incoming.await {
-                        Ok(connection) => serve_connection(id, connection, store, vms, hosting).await,
+                        Ok(connection) => serve_connection(id, connection, store, vms, site).await,
                         Err(error) => tracing::warn!(peer = %remote, %error, "refused a connection: the handshake failed"),
                     }
                 });
@@ -662,7 +714,7 @@ async fn serve_connection(
     connection: quinn::Connection,
     store: ReplicaStore,
     vms: Vms,
-    hosting: Arc<Hosting>,
+    site: Arc<Site>,
 ) {
     let remote = connection.remote_address();
     let owner = super::peer_fingerprint(&connection);
@@ -686,7 +738,7 @@ async fn serve_connection(
         if let Message::HashRequest { vm, seed } = hello {
             // A resynchronization first: the hashes, then the session's hello once the peer
             // has compared (hashing both disks takes a while).
-            match hash_request(&store, &vms, &hosting, &vm, &owner).await {
+            match hash_request(&store, &vms, &site, &vm, &owner).await {
                 Ok((slot, applied)) => {
                     // The welcome first, so the primary hashes its disks while this side does.
                     let answered = tokio::time::timeout(RESYNC_TIMEOUT, async {
@@ -738,7 +790,7 @@ async fn serve_connection(
         return;
     };
     tracing::info!(peer = %remote, %primary, %owner, %vm, "primary connected");
-    let slot = match open_slot(&store, &vms, &vm, &hosting).await {
+    let slot = match open_slot(&store, &vms, &vm, &site).await {
         Ok(slot) => slot,
         Err(error) => {
             tracing::error!(%vm, %error, "cannot open the VM's replica");
@@ -888,11 +940,11 @@ fn answer_for_running_vm(slot: &Mutex<VmSlot>, owner: &str) -> Option<Message> {
 async fn hash_request(
     store: &ReplicaStore,
     vms: &Vms,
-    hosting: &Arc<Hosting>,
+    site: &Arc<Site>,
     vm: &str,
     owner: &str,
 ) -> std::result::Result<(Arc<Mutex<VmSlot>>, u64), String> {
-    let slot = open_slot(store, vms, vm, hosting)
+    let slot = open_slot(store, vms, vm, site)
         .await
         .map_err(|error| error.to_string())?;
     let applied = {
@@ -940,7 +992,7 @@ fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
         extended.stop_and_wait(&slot.runtime.clone());
     }
     slot.replica.untrack();
-    match &*Arc::clone(&slot.hosting) {
+    match &Arc::clone(&slot.site).hosting {
         Hosting::Here(options) => {
             if slot.hosted.is_none() {
                 slot.replica.release_disks();
@@ -970,7 +1022,7 @@ fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
 /// holds a state to pass on. `fresh`: its disk files are new, so onward replication starts
 /// with an initial one.
 fn extend(slot: &mut VmSlot, fresh: bool) {
-    let Hosting::Here(hosting) = &*Arc::clone(&slot.hosting) else {
+    let Hosting::Here(hosting) = &Arc::clone(&slot.site).hosting else {
         return;
     };
     let Some(options) = &hosting.extend else {
@@ -989,7 +1041,7 @@ fn extend(slot: &mut VmSlot, fresh: bool) {
 
 /// Starts replication back for a VM running here.
 fn start_reverse(slot: &mut VmSlot) {
-    let Hosting::Here(options) = &*Arc::clone(&slot.hosting) else {
+    let Hosting::Here(options) = &Arc::clone(&slot.site).hosting else {
         return;
     };
     let resync_owed = slot
@@ -1014,14 +1066,14 @@ fn start_reverse(slot: &mut VmSlot) {
             }
         }) as ResyncDone
     });
-    hosted.start_reverse(options, &runtime, resync);
+    hosted.start_reverse(options, &runtime, resync, slot.site.events.clone());
 }
 
 async fn open_slot(
     store: &ReplicaStore,
     vms: &Vms,
     vm: &str,
-    hosting: &Arc<Hosting>,
+    site: &Arc<Site>,
 ) -> Result<Arc<Mutex<VmSlot>>> {
     if let Some(slot) = lock(vms).get(vm) {
         return Ok(Arc::clone(slot));
@@ -1047,7 +1099,7 @@ async fn open_slot(
                     replica: opened,
                     connections: HashMap::new(),
                     runtime: tokio::runtime::Handle::current(),
-                    hosting: Arc::clone(hosting),
+                    site: Arc::clone(site),
                     hosted: None,
                     extended: None,
                     this: this.clone(),
@@ -1057,7 +1109,7 @@ async fn open_slot(
         });
         (Arc::clone(slot), created)
     };
-    if created && matches!(**hosting, Hosting::Here(_)) {
+    if created && matches!(site.hosting, Hosting::Here(_)) {
         // A VM that runs here since a failover runs again, its tracking continued.
         let handle = Arc::clone(&slot);
         let vm = vm.to_owned();
@@ -1163,9 +1215,17 @@ fn drive(slot: &mut VmSlot) {
                 let started = std::time::Instant::now();
                 match slot.replica.commit(delta, kind, app_consistent) {
                     Ok(()) => {
+                        let apply_time = started.elapsed();
                         slot.totals.applied_deltas += 1;
-                        slot.totals.apply_seconds += started.elapsed().as_secs_f64();
-                        tracing::info!(%delta, ?kind, seconds = started.elapsed().as_secs_f64(), "applied");
+                        slot.totals.apply_seconds += apply_time.as_secs_f64();
+                        tracing::info!(%delta, ?kind, seconds = apply_time.as_secs_f64(), "applied");
+                        slot.site.send(
+                            slot.replica.vm(),
+                            ReplicationEvent::DeltaApplied {
+                                sequence: delta.sequence,
+                                apply_time,
+                            },
+                        );
                         slot.machine.committed(delta);
                         if let Some(extended) = &slot.extended {
                             extended.source_changed();
@@ -1206,8 +1266,18 @@ fn drive(slot: &mut VmSlot) {
                 match &outcome {
                     Ok(()) => {
                         tracing::info!(%vm, sequence, reverse, "planned failover: the disks equal the primary's; the VM runs here now");
+                        slot.site
+                            .send(&vm, ReplicationEvent::TakenOver { sequence, reverse });
                     }
-                    Err(reason) => tracing::error!(%vm, %reason, "refused a planned failover"),
+                    Err(reason) => {
+                        tracing::error!(%vm, %reason, "refused a planned failover");
+                        slot.site.send(
+                            &vm,
+                            ReplicationEvent::HandoverRefused {
+                                reason: reason.clone(),
+                            },
+                        );
+                    }
                 }
                 slot.machine
                     .handover_verified(connection, sequence, outcome);
@@ -1366,7 +1436,10 @@ mod tests {
                     replica,
                     connections: HashMap::new(),
                     runtime: runtime.handle().clone(),
-                    hosting: Arc::new(Hosting::Here(Box::default())),
+                    site: Arc::new(Site {
+                        hosting: Hosting::Here(Box::default()),
+                        events: None,
+                    }),
                     hosted: None,
                     extended: None,
                     this: this.clone(),
