@@ -555,6 +555,8 @@ pub async fn run_primary(
                         let _ = done.send(Err(reason.clone()));
                     }
                     resync_pending.store(true, Ordering::Relaxed);
+                    // A comparison asked for now is not ended by the welcome of one before.
+                    welcome_ends_resync = false;
                     if let Some(link) = link.take() {
                         link.connection.close(0u32.into(), b"resynchronizing");
                     }
@@ -563,6 +565,8 @@ pub async fn run_primary(
                 PrimaryAction::Resync { reason } => {
                     tracing::warn!(vm = %config.vm, %reason, "resynchronizing: comparing the disks on the next connection");
                     resync_pending.store(true, Ordering::Relaxed);
+                    // A comparison asked for now is not ended by the welcome of one before.
+                    welcome_ends_resync = false;
                     if let Some(link) = link.take() {
                         link.connection.close(0u32.into(), b"resynchronizing");
                     }
@@ -678,6 +682,8 @@ pub async fn run_primary(
                 PrimaryCommand::Resync => {
                     tracing::info!(vm = %config.vm, "resynchronization asked for: comparing the disks on the next connection");
                     resync_pending.store(true, Ordering::Relaxed);
+                    // A comparison asked for now is not ended by the welcome of one before.
+                    welcome_ends_resync = false;
                     if let Some(link) = link.take() {
                         link.connection.close(0u32.into(), b"resynchronizing");
                         primary.connection_lost(Instant::now(), "resynchronizing");
@@ -780,7 +786,8 @@ pub async fn run_primary(
                         }
                     }
                     Event::Message { generation: this, message } => {
-                        if this == generation {
+                        // What a link sent before it was dropped (for a resync, say) is stale.
+                        if this == generation && link.is_some() {
                             if welcome_ends_resync && matches!(message, Message::Welcome { .. }) {
                                 welcome_ends_resync = false;
                                 resync_pending.store(false, Ordering::Relaxed);
