@@ -150,6 +150,12 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write man pages, one per command (blockrep.1, blockrep-serve.1, blockrep-image-create.1,
+    /// ...), into DIRECTORY: `blockrep man /usr/local/share/man/man1`.
+    Man {
+        /// Where to write them (made when missing).
+        directory: PathBuf,
+    },
     /// Show the state and health of the primaries and replica servers running here.
     Status {
         /// Print JSON instead of text.
@@ -241,6 +247,7 @@ fn main() -> ExitCode {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Man { directory } => man_pages(&directory),
     };
     match outcome {
         Ok(code) => code,
@@ -257,4 +264,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes the man pages of every command into `directory`. They are made from the same
+/// definitions as `--help`, so they cannot drift from it.
+fn man_pages(directory: &std::path::Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(directory)
+        .map_err(|error| format!("cannot make {}: {error}", directory.display()))?;
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), directory)
+        .map_err(|error| format!("cannot write man pages to {}: {error}", directory.display()))?;
+    eprintln!("blockrep: man pages written to {}", directory.display());
+    Ok(ExitCode::SUCCESS)
 }

@@ -30,6 +30,7 @@ fn each_shell_gets_a_script_naming_every_command() {
         "plan",
         "sim",
         "completions",
+        "man",
         "status",
     ];
     for shell in ["bash", "zsh", "fish"] {
