@@ -17,7 +17,7 @@
 //! `docs/architecture.md`.
 
 pub mod delta;
-pub mod error;
+mod error;
 pub mod image;
 pub mod io;
 pub mod nbd;

@@ -159,7 +159,7 @@ impl ProtectedVm {
     }
 
     /// Cuts wait for `gate`, so that they fall between the steps of whoever holds it.
-    pub fn with_gate(mut self, gate: Arc<Mutex<()>>) -> Self {
+    pub(crate) fn with_gate(mut self, gate: Arc<Mutex<()>>) -> Self {
         self.gate = Some(gate);
         self
     }
@@ -186,7 +186,7 @@ impl ProtectedVm {
         &self.disks
     }
 
-    pub fn paths(&self) -> &[PathBuf] {
+    pub(crate) fn paths(&self) -> &[PathBuf] {
         &self.paths
     }
 
@@ -297,7 +297,7 @@ impl ProtectedVm {
     }
 
     /// The same, saying how many bytes of all the disks are hashed so far.
-    pub fn block_hashes_with_progress(
+    pub(crate) fn block_hashes_with_progress(
         &self,
         seed: u64,
         progress: &(dyn Fn(u64) + Sync),

@@ -2,10 +2,10 @@
 
 use crate::{Error, Result};
 
-pub const KIB: u64 = 1 << 10;
-pub const MIB: u64 = 1 << 20;
-pub const GIB: u64 = 1 << 30;
-pub const TIB: u64 = 1 << 40;
+pub(crate) const KIB: u64 = 1 << 10;
+pub(crate) const MIB: u64 = 1 << 20;
+pub(crate) const GIB: u64 = 1 << 30;
+pub(crate) const TIB: u64 = 1 << 40;
 
 /// Parses `512K`, `64M`, `10G`, `1T` (binary multiples; an optional `iB` or `B` after the unit)
 /// or a plain number of bytes.
@@ -136,7 +136,7 @@ impl TimeWindow {
     }
 
     /// Whether `minute` (after local midnight) falls inside the window.
-    pub fn contains_minute(&self, minute: u32) -> bool {
+    fn contains_minute(&self, minute: u32) -> bool {
         if self.start < self.end {
             (self.start..self.end).contains(&minute)
         } else {
@@ -145,7 +145,7 @@ impl TimeWindow {
     }
 
     /// Whether the local time now falls inside the window.
-    pub fn contains_now(&self) -> bool {
+    pub(crate) fn contains_now(&self) -> bool {
         self.contains_minute(local_minute_now())
     }
 }

@@ -175,17 +175,6 @@ pub fn verify_delta(reader: impl Read, name: &str) -> Result<DeltaSummary> {
     walk(reader, name, |_, _, _| Ok(()))
 }
 
-/// Checks a whole delta and lists the extents it covers (data and zero alike), in order and
-/// merged where they touch: what applying it would change.
-pub fn delta_extents(reader: impl Read, name: &str) -> Result<Vec<std::ops::Range<u64>>> {
-    let mut extents: Vec<std::ops::Range<u64>> = Vec::new();
-    walk(reader, name, |offset, length, _| {
-        push_merged(&mut extents, offset, length);
-        Ok(())
-    })?;
-    Ok(extents)
-}
-
 /// Adds an extent to ordered `extents`, merged with the last one when they touch.
 fn push_merged(extents: &mut Vec<std::ops::Range<u64>>, offset: u64, length: u64) {
     match extents.last_mut() {
@@ -255,7 +244,7 @@ pub fn apply_delta<R: Read + Seek>(
 /// written: for deltas small enough to hold (a chunk, an entry of a bundle), applying one then
 /// costs one pass over its payloads instead of a verifying pass and a writing pass.
 #[derive(Debug, Default)]
-pub struct DecodedDelta {
+pub(crate) struct DecodedDelta {
     /// (disk offset, length, the extent's bytes in `data`, or `None` for zeros).
     extents: Vec<(u64, u64, Option<std::ops::Range<usize>>)>,
     data: Vec<u8>,
@@ -263,7 +252,7 @@ pub struct DecodedDelta {
 
 impl DecodedDelta {
     /// Writes every extent to `target`; does not flush.
-    pub fn write_to(&self, target: &mut dyn BlockImage) -> Result<()> {
+    pub(crate) fn write_to(&self, target: &mut dyn BlockImage) -> Result<()> {
         for (offset, length, bytes) in &self.extents {
             match bytes {
                 Some(range) => target.write_at(&self.data[range.clone()], *offset)?,
@@ -276,7 +265,11 @@ impl DecodedDelta {
 
 /// Verifies `reader` whole and keeps its data, up to `limit` bytes of it: `None` when the data
 /// is larger (the delta is verified all the same; write it with [`write_delta`] then).
-pub fn decode_delta(reader: impl Read, name: &str, limit: usize) -> Result<Option<DecodedDelta>> {
+pub(crate) fn decode_delta(
+    reader: impl Read,
+    name: &str,
+    limit: usize,
+) -> Result<Option<DecodedDelta>> {
     let mut decoded = DecodedDelta::default();
     let mut fits = true;
     walk(reader, name, |offset, length, bytes| {
@@ -306,7 +299,10 @@ pub fn decode_delta(reader: impl Read, name: &str, limit: usize) -> Result<Optio
 /// The extents a delta's records cover, in order and merged where they touch, read from the
 /// records alone: payloads are skipped, not decompressed nor checked. Only for a delta verified
 /// before (one staged on the replica), where it saves a pass over the data.
-pub fn listed_extents(mut reader: impl Read, name: &str) -> Result<Vec<std::ops::Range<u64>>> {
+pub(crate) fn listed_extents(
+    mut reader: impl Read,
+    name: &str,
+) -> Result<Vec<std::ops::Range<u64>>> {
     let problem = |text: String| Error::Delta {
         name: name.to_owned(),
         problem: text,
@@ -342,7 +338,7 @@ pub fn listed_extents(mut reader: impl Read, name: &str) -> Result<Vec<std::ops:
 /// Writes a delta already verified whole (by [`verify_delta`]) to `target`, in one pass, each
 /// extent only after its own checksum holds again; does not flush: the caller flushes once
 /// after many deltas (the chunks of a replication cycle).
-pub fn write_delta(
+pub(crate) fn write_delta(
     reader: impl Read,
     name: &str,
     target: &mut dyn BlockImage,

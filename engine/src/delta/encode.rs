@@ -81,7 +81,7 @@ impl DeltaEncoder {
     }
 
     /// [`encode_delta`] with these buffers, choosing whether to compress.
-    pub fn encode(
+    pub(crate) fn encode(
         &mut self,
         image: &dyn BlockImage,
         extents: &[Range<u64>],

@@ -4,7 +4,7 @@ use uuid::Uuid;
 
 pub const MAGIC: &[u8; 8] = b"BRDELTA\n";
 pub const FORMAT_VERSION: u16 = 1;
-pub const HEADER_SIZE: usize = 72;
+pub(crate) const HEADER_SIZE: usize = 72;
 pub const RECORD_SIZE: usize = 32;
 
 pub const KIND_DATA: u8 = 1;
@@ -38,7 +38,7 @@ pub struct DeltaHeader {
 }
 
 impl DeltaHeader {
-    pub fn encode(&self) -> [u8; HEADER_SIZE] {
+    pub(crate) fn encode(&self) -> [u8; HEADER_SIZE] {
         let mut bytes = [0u8; HEADER_SIZE];
         bytes[..8].copy_from_slice(MAGIC);
         bytes[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -56,7 +56,7 @@ impl DeltaHeader {
         bytes
     }
 
-    pub fn decode(bytes: &[u8; HEADER_SIZE]) -> Result<Self, String> {
+    pub(crate) fn decode(bytes: &[u8; HEADER_SIZE]) -> Result<Self, String> {
         if &bytes[..8] != MAGIC {
             return Err("not a blockrep delta (no BRDELTA signature)".into());
         }

@@ -8,10 +8,9 @@ mod encode;
 mod format;
 mod spool;
 
-pub use apply::{
-    DecodedDelta, DeltaSummary, TargetState, apply_delta, decode_delta, delta_extents,
-    listed_extents, verify_delta, write_delta,
-};
+pub use apply::{DeltaSummary, TargetState, apply_delta, verify_delta};
+pub(crate) use apply::{decode_delta, listed_extents, write_delta};
 pub use encode::{Compression, DeltaEncoder, EncodeStatistics, encode_delta};
-pub use format::{DeltaHeader, FORMAT_VERSION, HEADER_SIZE};
-pub use spool::{Spool, chunk_pieces};
+pub(crate) use format::HEADER_SIZE;
+pub use format::{DeltaHeader, FORMAT_VERSION};
+pub(crate) use spool::{Spool, chunk_pieces};

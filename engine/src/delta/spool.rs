@@ -94,7 +94,7 @@ struct SpooledChunk {
 }
 
 /// A cycle's chunks in a file, appended by any thread, read back by index.
-pub struct Spool {
+pub(crate) struct Spool {
     path: PathBuf,
     storage: Box<dyn Storage>,
     chunks: Mutex<(u64, Vec<SpooledChunk>)>,
@@ -111,7 +111,7 @@ impl std::fmt::Debug for Spool {
 
 impl Spool {
     /// Creates (or empties) the spool file at `path`, written through `options`' layer.
-    pub fn create(path: &Path, options: &StorageOptions) -> Result<Spool> {
+    pub(crate) fn create(path: &Path, options: &StorageOptions) -> Result<Spool> {
         let storage = FileStorage::create(path)
             .map(|file| options.layered(Box::new(file)))
             .map_err(|source| Error::file(&path.display().to_string(), "create spool", source))?;
@@ -123,7 +123,7 @@ impl Spool {
     }
 
     /// Adds a chunk for `disk` that covers `disk_bytes` of it.
-    pub fn append(&self, disk: u16, chunk: &[u8], disk_bytes: u64) -> Result<()> {
+    pub(crate) fn append(&self, disk: u16, chunk: &[u8], disk_bytes: u64) -> Result<()> {
         let mut state = self
             .chunks
             .lock()
@@ -148,7 +148,7 @@ impl Spool {
     }
 
     /// Chunk `index`: its disk and its bytes.
-    pub fn chunk(&self, index: u32) -> Result<(u16, Bytes)> {
+    pub(crate) fn chunk(&self, index: u32) -> Result<(u16, Bytes)> {
         let entry = {
             let state = self
                 .chunks
@@ -175,7 +175,7 @@ impl Spool {
     }
 
     /// Disk bytes each chunk covers, in index order.
-    pub fn chunk_disk_bytes(&self) -> Vec<u64> {
+    pub(crate) fn chunk_disk_bytes(&self) -> Vec<u64> {
         let state = self
             .chunks
             .lock()
@@ -184,7 +184,7 @@ impl Spool {
     }
 
     /// Deletes the spool file (chunks already read stay readable until the spool is dropped).
-    pub fn remove(&self) -> Result<()> {
+    pub(crate) fn remove(&self) -> Result<()> {
         let name = self.path.display().to_string();
         match std::fs::remove_file(&self.path) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
@@ -197,7 +197,7 @@ impl Spool {
 
 /// Splits `extents` (in order) into pieces of at most `limit` bytes, never across an extent
 /// boundary gap larger than the piece: consecutive small extents share a piece.
-pub fn chunk_pieces(extents: &[Range<u64>], limit: u64) -> Vec<Vec<Range<u64>>> {
+pub(crate) fn chunk_pieces(extents: &[Range<u64>], limit: u64) -> Vec<Vec<Range<u64>>> {
     let mut pieces: Vec<Vec<Range<u64>>> = Vec::new();
     let mut current: Vec<Range<u64>> = Vec::new();
     let mut start = 0;

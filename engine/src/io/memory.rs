@@ -66,7 +66,8 @@ impl MemoryStorage {
     }
 
     /// Number of changes made since the last flush.
-    pub fn pending_changes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pending_changes(&self) -> usize {
         self.lock().pending.len()
     }
 

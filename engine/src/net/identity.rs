@@ -16,7 +16,6 @@ const CERTIFICATE_FILE: &str = "identity.crt";
 /// A host's key and certificate.
 #[derive(Debug)]
 pub struct Identity {
-    pub name: String,
     pub certificate: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
 }
@@ -65,7 +64,6 @@ impl Identity {
         write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_new(&certificate_path, certificate.pem().as_bytes(), 0o644)?;
         Ok(Identity {
-            name: name.to_owned(),
             certificate: certificate.der().clone(),
             key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         })
@@ -83,18 +81,10 @@ impl Identity {
                 ),
             )
         })?;
-        let name = directory
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Ok(Identity {
-            name,
-            certificate,
-            key,
-        })
+        Ok(Identity { certificate, key })
     }
 
-    pub fn key(&self) -> PrivateKeyDer<'static> {
+    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
         self.key.clone_key()
     }
 

@@ -13,7 +13,7 @@ mod server;
 mod tls;
 
 /// A peer's certificate (DER), as pinned or allowed.
-pub type Certificate = rustls::pki_types::CertificateDer<'static>;
+type Certificate = rustls::pki_types::CertificateDer<'static>;
 
 /// QUIC connections and endpoints, as the drivers take and hand them out.
 pub use quinn::{Connection, Endpoint};
@@ -26,7 +26,6 @@ pub fn peer_fingerprint(connection: &Connection) -> Option<String> {
         .and_then(|certificates| certificates.first().map(fingerprint))
 }
 
-pub use crate::resync::Verification;
 pub use events::{EventSender, ReplicationEvent, TimedEvent};
 pub use extension::ExtensionOptions;
 pub use hosting::{HostingOptions, close_when_free, exports};
@@ -37,4 +36,3 @@ pub use primary::{
 };
 pub use resync::ProgressReport;
 pub use server::{Hosting, ReplicaReport, ReplicaServer, TakenOver, TestCopy};
-pub use tls::{client_config, is_authentication_failure, server_config};

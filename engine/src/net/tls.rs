@@ -57,7 +57,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 /// The replica server's QUIC configuration: its identity, and the primaries it allows.
-pub fn server_config(
+pub(crate) fn server_config(
     identity: &Identity,
     allowed: Vec<CertificateDer<'static>>,
 ) -> Result<quinn::ServerConfig> {
@@ -85,7 +85,7 @@ pub fn server_config(
 }
 
 /// A primary's QUIC configuration: its identity, and the one replica certificate it trusts.
-pub fn client_config(
+pub(crate) fn client_config(
     identity: &Identity,
     pinned: CertificateDer<'static>,
 ) -> Result<quinn::ClientConfig> {
@@ -220,7 +220,7 @@ impl ServerCertVerifier for Pinned {
 
 /// True when a connection ended because a TLS check failed (either side refused the other's
 /// identity): retrying will fail the same way.
-pub fn is_authentication_failure(error: &quinn::ConnectionError) -> bool {
+pub(crate) fn is_authentication_failure(error: &quinn::ConnectionError) -> bool {
     let crypto = |code: u64| (0x100..0x200).contains(&code);
     match error {
         quinn::ConnectionError::TransportError(error) => crypto(u64::from(error.code)),

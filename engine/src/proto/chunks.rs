@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ChunkSet {
+pub(crate) struct ChunkSet {
     ranges: Vec<Range<u32>>,
 }
 
@@ -70,10 +70,6 @@ impl ChunkSet {
             .iter()
             .map(|range| u64::from(range.end - range.start))
             .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
     }
 
     /// True when every index below `count` is held.

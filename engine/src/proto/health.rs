@@ -30,7 +30,7 @@ impl std::fmt::Display for Health {
 
 /// The outcome of each replication cycle of the last hour, and totals since the start.
 #[derive(Debug)]
-pub struct CycleLog {
+pub(crate) struct CycleLog {
     started: Instant,
     recent: VecDeque<(Instant, bool)>,
     last_success: Option<Instant>,

@@ -10,14 +10,14 @@ use uuid::Uuid;
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// The TLS application protocol name both sides insist on.
-pub const ALPN: &[u8] = b"blockrep/1";
+pub(crate) const ALPN: &[u8] = b"blockrep/1";
 /// Bytes before a frame's body: its length and its kind.
-pub const FRAME_HEADER: usize = 5;
+pub(crate) const FRAME_HEADER: usize = 5;
 /// The longest body a reader accepts. A chunk holds at most [`CHUNK_DISK_BYTES`] of disk, which
 /// its lz4 or raw records fit in with room to spare.
-pub const MAX_BODY: usize = 8 << 20;
+pub(crate) const MAX_BODY: usize = 8 << 20;
 /// Disk bytes one chunk covers at most.
-pub const CHUNK_DISK_BYTES: u64 = 1 << 20;
+pub(crate) const CHUNK_DISK_BYTES: u64 = 1 << 20;
 
 const KIND_HELLO: u8 = 1;
 const KIND_WELCOME: u8 = 2;
@@ -74,9 +74,9 @@ pub enum DeltaKind {
 /// What a replica holds of a delta it has not applied yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Staged {
-    pub delta: DeltaId,
+    pub(crate) delta: DeltaId,
     /// Chunk indexes staged, as ordered, non-overlapping ranges.
-    pub received: Vec<Range<u32>>,
+    pub(crate) received: Vec<Range<u32>>,
 }
 
 /// A protocol message.
@@ -160,14 +160,16 @@ pub enum Message {
 /// A message that could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("protocol error: {0}")]
-pub struct ProtocolError(pub String);
+pub(crate) struct ProtocolError(pub String);
 
 fn error(text: impl Into<String>) -> ProtocolError {
     ProtocolError(text.into())
 }
 
 /// Reads a frame header: the kind and the body length, refusing bodies over [`MAX_BODY`].
-pub fn decode_frame_header(header: [u8; FRAME_HEADER]) -> Result<(u8, usize), ProtocolError> {
+pub(crate) fn decode_frame_header(
+    header: [u8; FRAME_HEADER],
+) -> Result<(u8, usize), ProtocolError> {
     let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if length > MAX_BODY {
         return Err(error(format!(
@@ -186,7 +188,12 @@ fn frame_header(kind: u8, body_length: usize) -> [u8; FRAME_HEADER] {
 
 /// The part of a chunk frame before its payload: sending it and then the payload (a slice of
 /// the spool or of a buffer) avoids copying the payload into a frame.
-pub fn chunk_frame_prefix(delta: DeltaId, index: u32, disk: u16, payload_length: usize) -> Bytes {
+pub(crate) fn chunk_frame_prefix(
+    delta: DeltaId,
+    index: u32,
+    disk: u16,
+    payload_length: usize,
+) -> Bytes {
     let mut body = BytesMut::with_capacity(FRAME_HEADER + 22);
     body.put_slice(&frame_header(KIND_CHUNK, 22 + payload_length));
     body.put_u64_le(delta.sequence);
@@ -360,7 +367,7 @@ impl Message {
     }
 
     /// Decodes a body of `kind`. A chunk's payload is a slice of `body`, not a copy.
-    pub fn decode(kind: u8, mut body: Bytes) -> Result<Message, ProtocolError> {
+    pub(crate) fn decode(kind: u8, mut body: Bytes) -> Result<Message, ProtocolError> {
         let message = match kind {
             KIND_HELLO => {
                 let version = take_u16(&mut body)?;

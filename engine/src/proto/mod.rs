@@ -10,11 +10,11 @@ mod message;
 mod primary;
 mod replica;
 
-pub use chunks::ChunkSet;
-pub use health::{CycleLog, Health};
-pub use message::{
-    ALPN, CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription, FRAME_HEADER, MAX_BODY, Message,
-    PROTOCOL_VERSION, ProtocolError, Staged, chunk_frame_prefix, decode_frame_header,
+pub use health::Health;
+pub(crate) use message::{
+    ALPN, CHUNK_DISK_BYTES, FRAME_HEADER, MAX_BODY, ProtocolError, chunk_frame_prefix,
+    decode_frame_header,
 };
+pub use message::{DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION, Staged};
 pub use primary::{Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, ReplicationState};
 pub use replica::{ConnectionId, Fence, Replica, ReplicaAction, ReplicaVmRecord};

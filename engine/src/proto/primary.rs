@@ -119,7 +119,7 @@ pub struct PrimaryStatus {
     pub connected: bool,
     /// Time since the last delta was applied on the replica.
     #[serde(skip)]
-    pub last_replication: Option<Instant>,
+    pub(crate) last_replication: Option<Instant>,
     /// Disk bytes of the delta in flight not yet staged on the replica.
     pub pending_bytes: u64,
     /// Disk bytes of the whole delta in flight.
@@ -130,14 +130,14 @@ pub struct PrimaryStatus {
     pub maximum_delta_bytes: u64,
     /// From cut to applied, averaged over the deltas applied.
     #[serde(skip)]
-    pub average_latency: Duration,
+    pub(crate) average_latency: Duration,
     pub last_error: Option<String>,
     pub applied_sequence: u64,
     /// Disk bytes of the last delta applied.
     pub last_delta_bytes: u64,
     /// From cut to applied, for the last delta.
     #[serde(skip)]
-    pub last_delta_latency: Duration,
+    pub(crate) last_delta_latency: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

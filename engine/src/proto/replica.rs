@@ -146,11 +146,11 @@ impl Replica {
         self.actions.pop_front()
     }
 
-    pub fn applied(&self) -> u64 {
+    pub(crate) fn applied(&self) -> u64 {
         self.record.applied
     }
 
-    pub fn record(&self) -> &ReplicaVmRecord {
+    pub(crate) fn record(&self) -> &ReplicaVmRecord {
         &self.record
     }
 
@@ -619,12 +619,12 @@ impl Replica {
     }
 
     /// The failure that stopped this VM, if one did.
-    pub fn failure(&self) -> Option<&str> {
+    pub(crate) fn failure(&self) -> Option<&str> {
         self.failed.as_deref()
     }
 
     /// The delta being staged: its id, chunks staged and total.
-    pub fn staging(&self) -> Option<(DeltaId, u64, u32)> {
+    pub(crate) fn staging(&self) -> Option<(DeltaId, u64, u32)> {
         self.staging
             .as_ref()
             .map(|staging| (staging.delta, staging.staged.len(), staging.chunks))

@@ -8,5 +8,5 @@ mod store;
 
 pub use bundle::apply_bundle;
 pub use copy::{ReplicaAccess, copy_point};
-pub use points::{PointPolicy, RecoveryPoint};
-pub use store::{Disk, FailoverRecord, PointInfo, ReplicaStore, VmReplica, WallClock, fence_for};
+pub use points::PointPolicy;
+pub use store::{FailoverRecord, PointInfo, ReplicaStore, VmReplica, WallClock, fence_for};

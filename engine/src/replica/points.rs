@@ -28,7 +28,7 @@ impl Default for PointPolicy {
 
 /// A kept recovery point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RecoveryPoint {
+pub(crate) struct RecoveryPoint {
     /// The delta sequence the replica was at: the point's id.
     pub sequence: u64,
     /// When that delta was applied, seconds since the Unix epoch.

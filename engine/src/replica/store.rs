@@ -31,7 +31,7 @@ const STAGE: &str = "delta.stage";
 const CATALOGUE_VERSION: u32 = 1;
 
 /// A replica disk as the store opens it.
-pub type Disk = VhdxImage<Box<dyn Storage>>;
+pub(crate) type Disk = VhdxImage<Box<dyn Storage>>;
 
 /// A replica disk as the store applies to it: its own VHDX, or an adopted disk of any format.
 type OpenDisk = Box<dyn BlockImage>;
@@ -124,7 +124,7 @@ impl WallClock {
         WallClock(Arc::new(now))
     }
 
-    pub fn system() -> Self {
+    pub(crate) fn system() -> Self {
         WallClock::new(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -457,7 +457,7 @@ impl VmReplica {
         }
     }
 
-    pub fn vm(&self) -> &str {
+    pub(crate) fn vm(&self) -> &str {
         &self.vm
     }
 
@@ -684,7 +684,7 @@ impl VmReplica {
     }
 
     /// Ranges of replica disk `index` that may hold data.
-    pub fn allocated_ranges(&mut self, index: usize) -> Result<Vec<std::ops::Range<u64>>> {
+    pub(crate) fn allocated_ranges(&mut self, index: usize) -> Result<Vec<std::ops::Range<u64>>> {
         self.open_disks()?;
         self.disks
             .get(index)
@@ -745,14 +745,14 @@ impl VmReplica {
     }
 
     /// Where the VM's test failover copy is, if one exists.
-    pub fn test_failover(&self) -> Option<PathBuf> {
+    pub(crate) fn test_failover(&self) -> Option<PathBuf> {
         self.catalogue
             .as_ref()
             .and_then(|catalogue| catalogue.test_failover.clone())
     }
 
     /// Records (or clears) the VM's test failover copy.
-    pub fn set_test_failover(&mut self, out: Option<PathBuf>) -> Result<()> {
+    pub(crate) fn set_test_failover(&mut self, out: Option<PathBuf>) -> Result<()> {
         let mut catalogue = self.catalogue()?.clone();
         catalogue.test_failover = out;
         self.write_catalogue(catalogue)
@@ -785,7 +785,7 @@ impl VmReplica {
     }
 
     /// Drops a failover that was not committed: its disks go, replication may resume.
-    pub fn cancel_failover(&mut self) -> Result<()> {
+    pub(crate) fn cancel_failover(&mut self) -> Result<()> {
         match self.failover() {
             None => return Err(self.refusal("has not failed over".into())),
             Some(failover) if failover.committed => {
@@ -870,7 +870,7 @@ impl VmReplica {
     }
 
     /// Asks (or stops asking) for replication back to the old primary once it connects.
-    pub fn set_reverse(&mut self, reverse: bool) -> Result<()> {
+    pub(crate) fn set_reverse(&mut self, reverse: bool) -> Result<()> {
         let mut catalogue = self.catalogue()?.clone();
         match &mut catalogue.failover {
             Some(failover) if failover.active() => failover.reverse = reverse,
@@ -885,7 +885,7 @@ impl VmReplica {
     }
 
     /// Reverse replication compared and shipped what differed: no resync is owed any more.
-    pub fn resynchronized(&mut self) -> Result<()> {
+    pub(crate) fn resynchronized(&mut self) -> Result<()> {
         let mut catalogue = self.catalogue()?.clone();
         if let Some(failover) = &mut catalogue.failover {
             failover.resync = false;
@@ -905,7 +905,7 @@ impl VmReplica {
     }
 
     /// Creates an empty disk like replica disk `index`, at `path`.
-    pub fn create_copy(&self, index: usize, path: &Path) -> Result<Disk> {
+    pub(crate) fn create_copy(&self, index: usize, path: &Path) -> Result<Disk> {
         let description = *self
             .catalogue()?
             .disks
@@ -1231,25 +1231,25 @@ impl VmReplica {
 
     /// Applies through `disks` (the same files, tracked by whoever replicates them onward)
     /// from now on, instead of opening the files itself.
-    pub fn track_with(&mut self, disks: Vec<Arc<ProtectedDisk>>) {
+    pub(crate) fn track_with(&mut self, disks: Vec<Arc<ProtectedDisk>>) {
         self.disks.clear();
         self.tracked = Some(disks);
     }
 
     /// Stops applying through tracked disks.
-    pub fn untrack(&mut self) {
+    pub(crate) fn untrack(&mut self) {
         self.disks.clear();
         self.tracked = None;
     }
 
     /// Held around each apply: a cut taken while holding it falls between two deltas.
-    pub fn apply_gate(&self) -> Arc<Mutex<()>> {
+    pub(crate) fn apply_gate(&self) -> Arc<Mutex<()>> {
         Arc::clone(&self.gate)
     }
 
     /// Whether an initial replication replaced the files under the tracked disks since last
     /// asked (onward replication must start again from the new files).
-    pub fn take_detached(&mut self) -> bool {
+    pub(crate) fn take_detached(&mut self) -> bool {
         std::mem::take(&mut self.detached)
     }
 

@@ -56,7 +56,7 @@ impl BlockHashes {
     /// Hashes the blocks `blocks` (indexes from the start of the disk) of `image` under `seed`,
     /// to answer for a part of the disk. `progress` is called with the bytes of that part covered
     /// so far; unallocated ranges count as covered from the start, since they need no reading.
-    pub fn compute_blocks(
+    pub(crate) fn compute_blocks(
         image: &dyn BlockImage,
         seed: u64,
         blocks: Range<u64>,

@@ -85,7 +85,7 @@ impl Comparison {
     }
 
     /// Our hashes, once given.
-    pub fn into_ours(self) -> Option<Vec<BlockHashes>> {
+    pub(crate) fn into_ours(self) -> Option<Vec<BlockHashes>> {
         self.ours
     }
 

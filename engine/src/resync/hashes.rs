@@ -10,7 +10,7 @@ use std::ops::Range;
 ///
 /// A set covers the blocks `first_block..first_block + hashes.len()`: the whole disk when
 /// computed with [`BlockHashes::compute`], a part of it when computed with
-/// [`BlockHashes::compute_blocks`] or decoded from a peer's piece. Block indexes are always
+/// `compute_blocks` or decoded from a peer's piece. Block indexes are always
 /// counted from the start of the disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockHashes {
@@ -40,7 +40,7 @@ impl BlockHashes {
     }
 
     /// Bytes per block ([`HASH_BLOCK`]); the last block of the disk may be shorter.
-    pub fn block_size(&self) -> u64 {
+    pub(crate) fn block_size(&self) -> u64 {
         self.block_size
     }
 
@@ -50,27 +50,22 @@ impl BlockHashes {
     }
 
     /// The seed every hash was computed with.
-    pub fn seed(&self) -> u64 {
+    pub(crate) fn seed(&self) -> u64 {
         self.seed
     }
 
-    /// Index of the first block the set covers.
-    pub fn first_block(&self) -> u64 {
-        self.first_block
-    }
-
     /// Indexes of the blocks the set covers.
-    pub fn blocks(&self) -> Range<u64> {
+    pub(crate) fn blocks(&self) -> Range<u64> {
         self.first_block..self.first_block + self.hashes.len() as u64
     }
 
     /// One hash per covered block, in order.
-    pub fn hashes(&self) -> &[u128] {
+    pub(crate) fn hashes(&self) -> &[u128] {
         &self.hashes
     }
 
     /// The bytes of the disk that `blocks` cover (the last block clipped to the disk's end).
-    pub fn byte_range(&self, blocks: Range<u64>) -> Range<u64> {
+    fn byte_range(&self, blocks: Range<u64>) -> Range<u64> {
         block_bytes(self.virtual_size, &blocks)
     }
 
@@ -99,7 +94,7 @@ impl BlockHashes {
 
     /// One digest per `group_blocks` consecutive blocks of the set (the last group may be
     /// shorter): the hash of the group's hash list. A `group_blocks` of 0 is taken as 1.
-    pub fn group_digests(&self, group_blocks: u64) -> Vec<u128> {
+    pub(crate) fn group_digests(&self, group_blocks: u64) -> Vec<u128> {
         let group_length = usize::try_from(group_blocks.max(1)).unwrap_or(usize::MAX);
         self.hashes
             .chunks(group_length)
@@ -109,7 +104,7 @@ impl BlockHashes {
 
     /// The root of the comparison: a hash over the set's geometry and its group digests of
     /// [`GROUP_BLOCKS`]. Equal roots mean equal hashes of the same blocks of same-sized disks.
-    pub fn digest(&self) -> u128 {
+    pub(crate) fn digest(&self) -> u128 {
         let blocks = self.blocks();
         let mut geometry = Vec::with_capacity(32);
         for field in [self.block_size, self.virtual_size, blocks.start, blocks.end] {
@@ -121,7 +116,11 @@ impl BlockHashes {
     /// Block ranges of the groups whose digests differ from `theirs` (the peer's group digests
     /// of the same blocks, groups of `group_blocks`), adjacent groups merged: the blocks whose
     /// hashes are worth asking for.
-    pub fn differing_groups(&self, theirs: &[u128], group_blocks: u64) -> Result<Vec<Range<u64>>> {
+    pub(crate) fn differing_groups(
+        &self,
+        theirs: &[u128],
+        group_blocks: u64,
+    ) -> Result<Vec<Range<u64>>> {
         let group_blocks = group_blocks.max(1);
         let ours = self.group_digests(group_blocks);
         if ours.len() != theirs.len() {
@@ -144,7 +143,7 @@ impl BlockHashes {
 
     /// The hashes of `blocks`, a part of this set, as a set of their own (to compare with a
     /// peer's piece of the same blocks).
-    pub fn piece(&self, blocks: Range<u64>) -> Result<BlockHashes> {
+    pub(crate) fn piece(&self, blocks: Range<u64>) -> Result<BlockHashes> {
         let covered = self.blocks();
         if blocks.start > blocks.end || blocks.start < covered.start || blocks.end > covered.end {
             return Err(Error::InvalidArgument {
@@ -163,7 +162,8 @@ impl BlockHashes {
 
     /// Appends `next`, the piece that follows this set, so that pieces received one by one
     /// rebuild a larger set.
-    pub fn merge(&mut self, next: BlockHashes) -> Result<()> {
+    #[cfg(test)]
+    pub(crate) fn merge(&mut self, next: BlockHashes) -> Result<()> {
         self.check_comparable(&next)?;
         if next.first_block != self.blocks().end {
             return Err(Error::InvalidArgument {

@@ -41,7 +41,7 @@ pub const HASH_BLOCK: u64 = 64 * 1024;
 pub const GROUP_BLOCKS: u64 = 1024;
 
 /// Number of hashed blocks in a disk of `virtual_size` bytes (the last one may be short).
-pub fn disk_blocks(virtual_size: u64) -> u64 {
+pub(crate) fn disk_blocks(virtual_size: u64) -> u64 {
     virtual_size.div_ceil(HASH_BLOCK)
 }
 

@@ -15,7 +15,7 @@ const HASH_LENGTH: usize = size_of::<u128>();
 impl BlockHashes {
     /// The hashes of `blocks` with a header saying whose they are. Blocks outside the set are
     /// left out; the header says which blocks came.
-    pub fn encode(&self, blocks: Range<u64>) -> Vec<u8> {
+    pub(crate) fn encode(&self, blocks: Range<u64>) -> Vec<u8> {
         let covered = self.blocks();
         let start = blocks.start.clamp(covered.start, covered.end);
         let end = blocks.end.clamp(start, covered.end);
@@ -38,7 +38,7 @@ impl BlockHashes {
 
     /// Rebuilds the set (or piece of a set) that [`BlockHashes::encode`] wrote. Pieces of one
     /// disk join with [`BlockHashes::merge`].
-    pub fn decode(bytes: &[u8]) -> Result<BlockHashes> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<BlockHashes> {
         let refuse = |reason: String| Error::InvalidArgument {
             what: "block hash message",
             reason,

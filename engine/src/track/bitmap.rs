@@ -20,12 +20,12 @@ impl DirtyBitmap {
     }
 
     /// Number of blocks the bitmap covers.
-    pub fn blocks(&self) -> u64 {
+    pub(crate) fn blocks(&self) -> u64 {
         self.blocks
     }
 
     /// Marks blocks `first..=last` (clipped to the bitmap).
-    pub fn mark(&self, first: u64, last: u64) {
+    pub(crate) fn mark(&self, first: u64, last: u64) {
         let last = last.min(self.blocks.saturating_sub(1));
         let mut block = first;
         while block <= last {
@@ -50,13 +50,14 @@ impl DirtyBitmap {
     }
 
     /// Adds every block of `other` (of the same size).
-    pub fn merge(&self, other: &DirtyBitmap) {
+    pub(crate) fn merge(&self, other: &DirtyBitmap) {
         for (word, theirs) in self.words.iter().zip(&other.words) {
             word.fetch_or(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
         }
     }
 
-    pub fn count(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> u64 {
         self.words
             .iter()
             .map(|word| u64::from(word.load(Ordering::Relaxed).count_ones()))
@@ -64,7 +65,7 @@ impl DirtyBitmap {
     }
 
     /// Runs of marked blocks, in order, as `first..end` block ranges.
-    pub fn runs(&self) -> Vec<std::ops::Range<u64>> {
+    pub(crate) fn runs(&self) -> Vec<std::ops::Range<u64>> {
         let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
         for (index, word) in self.words.iter().enumerate() {
             let mut bits = word.load(Ordering::Relaxed);
@@ -88,7 +89,7 @@ impl DirtyBitmap {
     }
 
     /// The bitmap as little-endian words, for persisting.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         self.words
             .iter()
             .flat_map(|word| word.load(Ordering::Relaxed).to_le_bytes())
@@ -96,7 +97,7 @@ impl DirtyBitmap {
     }
 
     /// A bitmap of `blocks` from bytes made by `to_bytes`; `None` if the length does not fit.
-    pub fn from_bytes(blocks: u64, bytes: &[u8]) -> Option<Self> {
+    pub(crate) fn from_bytes(blocks: u64, bytes: &[u8]) -> Option<Self> {
         if bytes.len() as u64 != blocks.div_ceil(64) * 8 {
             return None;
         }

@@ -11,14 +11,14 @@ use crate::{Error, Result};
 use std::sync::Mutex;
 use uuid::Uuid;
 
-pub const JOURNAL_VERSION: u16 = 1;
+const JOURNAL_VERSION: u16 = 1;
 const MAGIC: &[u8; 8] = b"BRTRACK\n";
 const PAGE: u64 = 4096;
 const ENTRIES_PER_PAGE: u64 = 511;
 const STATE_ACTIVE: u32 = 1;
 const STATE_CLEAN: u32 = 2;
 /// Coarse region size for the modified-region table unless told otherwise.
-pub const DEFAULT_REGION_SIZE: u64 = 64 << 20;
+pub(crate) const DEFAULT_REGION_SIZE: u64 = 64 << 20;
 
 /// Which disk a journal belongs to, and how it tracks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +253,7 @@ impl<S: Storage> Journal<S> {
         ))
     }
 
-    pub fn identity(&self) -> JournalIdentity {
+    pub(crate) fn identity(&self) -> JournalIdentity {
         self.identity
     }
 
@@ -280,7 +280,7 @@ impl<S: Storage> Journal<S> {
 
     /// Durably marks the regions covering `offset..offset + length` as modified in
     /// `generation`, unless they already are. Must return before the write it covers starts.
-    pub fn mark(&self, offset: u64, length: u64, generation: u64) -> Result<()> {
+    pub(crate) fn mark(&self, offset: u64, length: u64, generation: u64) -> Result<()> {
         if length == 0 {
             return Ok(());
         }
@@ -310,7 +310,7 @@ impl<S: Storage> Journal<S> {
 
     /// Records that every generation up to `generation` is safely on the replica, so their
     /// region marks no longer count after a crash.
-    pub fn acknowledge(&self, generation: u64) -> Result<()> {
+    pub(crate) fn acknowledge(&self, generation: u64) -> Result<()> {
         let mut state = self.lock();
         state.acknowledged = state.acknowledged.max(generation);
         let bitmap_checksum = self.stored_bitmap_checksum()?;

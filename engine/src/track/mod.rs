@@ -7,5 +7,7 @@ mod journal;
 mod tracked;
 
 pub use bitmap::DirtyBitmap;
-pub use journal::{DEFAULT_REGION_SIZE, JOURNAL_VERSION, Journal, JournalIdentity, Recovered};
-pub use tracked::{Cut, DEFAULT_GRANULARITY, PreserveBlocks, TrackedDisk};
+pub(crate) use journal::DEFAULT_REGION_SIZE;
+pub use journal::{Journal, JournalIdentity, Recovered};
+pub(crate) use tracked::PreserveBlocks;
+pub use tracked::{Cut, DEFAULT_GRANULARITY, TrackedDisk};

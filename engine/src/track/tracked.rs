@@ -65,7 +65,7 @@ impl Cut {
 }
 
 /// Takes the contents a block had at a cut, before a later write changes them.
-pub trait PreserveBlocks: Send + Sync {
+pub(crate) trait PreserveBlocks: Send + Sync {
     /// `data` is what the disk held at `offset` when the cut was made.
     fn preserve(&self, offset: u64, data: &[u8]) -> Result<()>;
 }
@@ -182,11 +182,11 @@ impl<I: BlockImage> TrackedDisk<I> {
         })
     }
 
-    pub fn granularity(&self) -> u64 {
+    pub(crate) fn granularity(&self) -> u64 {
         self.granularity
     }
 
-    pub fn virtual_size(&self) -> u64 {
+    pub(crate) fn virtual_size(&self) -> u64 {
         self.virtual_size
     }
 
@@ -250,7 +250,7 @@ impl<I: BlockImage> TrackedDisk<I> {
 
     /// Every range changed and not yet acknowledged by the replica: the current generation and
     /// every cut not acknowledged. A block outside these holds what the replica holds.
-    pub fn pending_extents(&self) -> Vec<Range<u64>> {
+    pub(crate) fn pending_extents(&self) -> Vec<Range<u64>> {
         let pending = DirtyBitmap::new(unpoisoned(self.current.read()).bitmap.blocks());
         pending.merge(&unpoisoned(self.current.read()).bitmap);
         for (_, bitmap) in unpoisoned(self.unacknowledged.lock()).iter() {
@@ -267,7 +267,7 @@ impl<I: BlockImage> TrackedDisk<I> {
 
     /// Counts a range as changed without writing it (a hash comparison found it differs from
     /// the replica), durably when journaled, so that the next cut ships it.
-    pub fn mark_changed(&self, offset: u64, length: u64) -> Result<()> {
+    pub(crate) fn mark_changed(&self, offset: u64, length: u64) -> Result<()> {
         self.tracked(offset, length, |_| Ok(()))
     }
 
@@ -283,7 +283,7 @@ impl<I: BlockImage> TrackedDisk<I> {
     /// Cuts every disk at one instant: no write that started after a write to any of them
     /// completed lands in an earlier generation (write order is kept across disks). With a
     /// preserver per disk, each cut's contents are also frozen until read (`read_snapshot`).
-    pub fn cut_together(
+    pub(crate) fn cut_together(
         disks: &[&TrackedDisk<I>],
         preservers: Option<Vec<Arc<dyn PreserveBlocks>>>,
     ) -> Vec<Cut> {
@@ -319,7 +319,7 @@ impl<I: BlockImage> TrackedDisk<I> {
     /// Reads `buf.len()` bytes at `offset` as they were at the snapshot cut, for the blocks of
     /// the cut not yet taken; returns the byte ranges read (those taken earlier went to the
     /// preserver). Each block of the cut is taken once.
-    pub fn read_snapshot(&self, buf: &mut [u8], offset: u64) -> Result<Vec<Range<u64>>> {
+    pub(crate) fn read_snapshot(&self, buf: &mut [u8], offset: u64) -> Result<Vec<Range<u64>>> {
         let snapshot = unpoisoned(self.snapshot.read()).clone();
         let Some(snapshot) = snapshot else {
             self.read_at(buf, offset)?;
@@ -350,7 +350,7 @@ impl<I: BlockImage> TrackedDisk<I> {
 
     /// Ends the snapshot: writes no longer preserve anything. Fails if preserving failed,
     /// in which case the delta read from it is not a consistent point.
-    pub fn end_snapshot(&self) -> Result<()> {
+    pub(crate) fn end_snapshot(&self) -> Result<()> {
         let snapshot = unpoisoned(self.snapshot.write()).take();
         self.snapshot_active.store(false, Ordering::Relaxed);
         match snapshot.and_then(|snapshot| unpoisoned(snapshot.failure.lock()).take()) {
@@ -361,7 +361,7 @@ impl<I: BlockImage> TrackedDisk<I> {
 
     /// Puts a cut's blocks back into the current generation: its delta could not be
     /// prepared, so its changes must ship with the next one.
-    pub fn requeue(&self, cut: &Cut) {
+    pub(crate) fn requeue(&self, cut: &Cut) {
         unpoisoned(self.current.read()).bitmap.merge(&cut.bitmap);
     }
 

@@ -7,11 +7,11 @@ use std::ops::Range;
 
 /// Index of a payload block of the virtual disk (virtual offset / block size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct BlockIndex(pub u64);
+pub(crate) struct BlockIndex(pub u64);
 
 /// Index of an entry in the BAT, where sector-bitmap entries are interleaved with payload ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct BatIndex(pub u64);
+pub(crate) struct BatIndex(pub u64);
 
 const STATE_MASK: u64 = 0b111;
 const OFFSET_MASK: u64 = !(ALIGNMENT - 1);

@@ -4,7 +4,7 @@
 use crate::units::{KIB, MIB};
 use uuid::Uuid;
 
-pub const FILE_SIGNATURE: &[u8; 8] = b"vhdxfile";
+pub(crate) const FILE_SIGNATURE: &[u8; 8] = b"vhdxfile";
 /// The file type identifier occupies the first 64 KiB; the creator string follows the signature.
 pub const CREATOR_OFFSET: usize = 8;
 pub const CREATOR_LENGTH: usize = 512;

@@ -60,22 +60,22 @@ impl Header {
 
 /// Which of the two header slots holds the current header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeaderSlot {
+pub(crate) enum HeaderSlot {
     First,
     Second,
 }
 
 impl HeaderSlot {
-    pub fn offset(self) -> u64 {
+    pub(crate) fn offset(self) -> u64 {
         HEADER_OFFSETS[self.index()]
     }
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             HeaderSlot::First => 0,
             HeaderSlot::Second => 1,
         }
     }
-    pub fn other(self) -> HeaderSlot {
+    pub(crate) fn other(self) -> HeaderSlot {
         match self {
             HeaderSlot::First => HeaderSlot::Second,
             HeaderSlot::Second => HeaderSlot::First,

@@ -28,20 +28,20 @@ pub enum LogWrite {
 }
 
 impl LogWrite {
-    pub fn file_offset(&self) -> u64 {
+    pub(crate) fn file_offset(&self) -> u64 {
         match self {
             LogWrite::Data { file_offset, .. } | LogWrite::Zero { file_offset, .. } => *file_offset,
         }
     }
 
-    pub fn length(&self) -> u64 {
+    pub(crate) fn length(&self) -> u64 {
         match self {
             LogWrite::Data { sector, .. } => sector.len() as u64,
             LogWrite::Zero { length, .. } => *length,
         }
     }
 
-    pub fn end(&self) -> u64 {
+    pub(crate) fn end(&self) -> u64 {
         self.file_offset() + self.length()
     }
 }
@@ -59,7 +59,7 @@ struct Entry {
 
 /// The active sequence of a log: what replay must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replay {
+pub(crate) struct Replay {
     /// The writes of every entry from the tail to the head, in order.
     pub writes: Vec<LogWrite>,
     /// The file must be at least this long, or it was truncated after the log was written.
@@ -74,7 +74,7 @@ pub struct Replay {
 
 impl Replay {
     /// Overwrites `buf`, holding file bytes from `offset`, with what the log writes there.
-    pub fn overlay(&self, buf: &mut [u8], offset: u64) {
+    pub(crate) fn overlay(&self, buf: &mut [u8], offset: u64) {
         let end = offset + buf.len() as u64;
         for write in &self.writes {
             let start = write.file_offset().max(offset);
@@ -96,7 +96,7 @@ impl Replay {
     }
 
     /// The file size after replay.
-    pub fn file_size_after(&self, file_size: u64) -> u64 {
+    pub(crate) fn file_size_after(&self, file_size: u64) -> u64 {
         let written = self.writes.iter().map(LogWrite::end).max().unwrap_or(0);
         file_size.max(self.last_file_offset).max(written)
     }
@@ -202,7 +202,7 @@ fn decode_entry(log: &[u8], position: u64, log_guid: Uuid) -> Option<Entry> {
 /// Finds the active sequence of `log` (the log region's bytes) for `log_guid`: the valid run of
 /// entries with consecutive sequence numbers whose head has the highest sequence number and whose
 /// head's tail points at an entry of the run. `None` means there is nothing to replay.
-pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Option<Replay> {
+pub(crate) fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Option<Replay> {
     if log.is_empty() || !(log.len() as u64).is_multiple_of(LOG_SECTOR) || log_guid.is_nil() {
         return None;
     }

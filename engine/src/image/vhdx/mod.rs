@@ -19,11 +19,13 @@ pub mod log;
 mod metadata;
 mod region;
 
-pub use bat::{BatIndex, BlockIndex, PayloadState};
+pub(crate) use bat::BlockIndex;
+pub use bat::PayloadState;
 pub use check::{CheckReport, check};
 pub use create::VhdxCreateOptions;
-pub use format::FILE_SIGNATURE;
-pub use header::{Header, HeaderSlot};
+pub(crate) use format::FILE_SIGNATURE;
+pub use header::Header;
+pub(crate) use header::HeaderSlot;
 pub use metadata::{BlockSize, SectorSize};
 
 use super::{Access, BlockImage, check_range, is_zero};
@@ -155,7 +157,7 @@ impl<S: Storage> VhdxImage<S> {
         self.geometry.block_size
     }
 
-    pub fn is_fixed(&self) -> bool {
+    pub(crate) fn is_fixed(&self) -> bool {
         self.metadata.leave_blocks_allocated
     }
 
@@ -163,12 +165,12 @@ impl<S: Storage> VhdxImage<S> {
         self.metadata.disk_id
     }
 
-    pub fn logical_sector_size(&self) -> SectorSize {
+    pub(crate) fn logical_sector_size(&self) -> SectorSize {
         self.metadata.logical_sector_size
     }
 
     /// The state of one payload block.
-    pub fn block_state(&self, block: BlockIndex) -> Result<PayloadState> {
+    pub(crate) fn block_state(&self, block: BlockIndex) -> Result<PayloadState> {
         let index = self.geometry.bat_index(block);
         let entry = self.bat.get(index.0 as usize).copied().unwrap_or(0);
         PayloadState::decode(entry).map_err(|state| {
