@@ -16,6 +16,9 @@
 //! hash), `nbd` (serving tracked disks to NBD clients such as qemu); see
 //! `docs/architecture.md`.
 
+// `pub` is the public API: an item that outside code cannot reach is `pub(crate)`.
+#![warn(unreachable_pub)]
+
 pub mod delta;
 mod error;
 pub mod image;

@@ -2,23 +2,23 @@
 
 use uuid::Uuid;
 
-pub const MAGIC: &[u8; 8] = b"BRDELTA\n";
+pub(super) const MAGIC: &[u8; 8] = b"BRDELTA\n";
 pub const FORMAT_VERSION: u16 = 1;
 pub(crate) const HEADER_SIZE: usize = 72;
-pub const RECORD_SIZE: usize = 32;
+pub(super) const RECORD_SIZE: usize = 32;
 
-pub const KIND_DATA: u8 = 1;
-pub const KIND_ZERO: u8 = 2;
-pub const KIND_END: u8 = 3;
+pub(super) const KIND_DATA: u8 = 1;
+pub(super) const KIND_ZERO: u8 = 2;
+pub(super) const KIND_END: u8 = 3;
 
-pub const ENCODING_RAW: u8 = 0;
-pub const ENCODING_LZ4: u8 = 1;
+pub(super) const ENCODING_RAW: u8 = 0;
+pub(super) const ENCODING_LZ4: u8 = 1;
 
-pub const FLAG_RECOVERY_POINT: u32 = 1 << 0;
-pub const FLAG_FULL: u32 = 1 << 1;
+pub(super) const FLAG_RECOVERY_POINT: u32 = 1 << 0;
+pub(super) const FLAG_FULL: u32 = 1 << 1;
 
 /// Largest extent one record covers.
-pub const MAX_EXTENT: u64 = 1 << 20;
+pub(super) const MAX_EXTENT: u64 = 1 << 20;
 
 /// What a delta says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -92,7 +92,7 @@ impl DeltaHeader {
 
 /// One record's fixed part: an extent, or the end of the delta.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Record {
+pub(super) struct Record {
     pub kind: u8,
     pub encoding: u8,
     /// Bytes of the disk the record covers (data and zero records).
@@ -107,7 +107,7 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn encode(&self) -> [u8; RECORD_SIZE] {
+    pub(super) fn encode(&self) -> [u8; RECORD_SIZE] {
         let mut bytes = [0u8; RECORD_SIZE];
         bytes[0] = self.kind;
         bytes[1] = self.encoding;
@@ -120,7 +120,7 @@ impl Record {
         bytes
     }
 
-    pub fn decode(bytes: &[u8; RECORD_SIZE]) -> Result<Self, String> {
+    pub(super) fn decode(bytes: &[u8; RECORD_SIZE]) -> Result<Self, String> {
         if u32_at(bytes, 24) != crc32c::crc32c(&bytes[..24]) {
             return Err("record header checksum mismatch".into());
         }

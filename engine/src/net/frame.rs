@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum FrameError {
+pub(super) enum FrameError {
     #[error("{0}")]
     Read(#[from] quinn::ReadExactError),
     #[error(transparent)]
@@ -13,7 +13,9 @@ pub enum FrameError {
 }
 
 /// Reads the next message from `stream`; `None` when the stream ended cleanly between frames.
-pub async fn read_frame(stream: &mut quinn::RecvStream) -> Result<Option<Message>, FrameError> {
+pub(super) async fn read_frame(
+    stream: &mut quinn::RecvStream,
+) -> Result<Option<Message>, FrameError> {
     let mut header = [0u8; FRAME_HEADER];
     match stream.read_exact(&mut header).await {
         Ok(()) => {}
@@ -33,7 +35,7 @@ const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// finishes the stream; the task ends once the peer has acknowledged everything written (a
 /// goodbye, a refusal) or after a short timeout, so awaiting it before closing the connection
 /// delivers the last message instead of racing it.
-pub fn spawn_control_writer(
+pub(super) fn spawn_control_writer(
     mut stream: quinn::SendStream,
 ) -> (
     tokio::sync::mpsc::UnboundedSender<Message>,
@@ -54,7 +56,7 @@ pub fn spawn_control_writer(
 }
 
 /// Writes one message.
-pub async fn write_message(
+pub(super) async fn write_message(
     stream: &mut quinn::SendStream,
     message: &Message,
 ) -> Result<(), quinn::WriteError> {

@@ -33,7 +33,7 @@ fn failure(problem: impl Into<String>) -> Error {
 
 /// How far a comparison is, for `blockrep status`.
 #[derive(Debug, Default)]
-pub struct Progress {
+pub(super) struct Progress {
     total: AtomicU64,
     hashed: AtomicU64,
     started: Mutex<Option<Instant>>,
@@ -66,7 +66,7 @@ impl Progress {
     }
 
     /// The comparison under way, if one is.
-    pub fn report(&self) -> Option<ProgressReport> {
+    pub(super) fn report(&self) -> Option<ProgressReport> {
         let started = (*self
             .started
             .lock()

@@ -9,12 +9,12 @@ pub(crate) struct ChunkSet {
 }
 
 impl ChunkSet {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self::default()
     }
 
     /// A set from ranges that may be unordered or overlap.
-    pub fn from_ranges(ranges: &[Range<u32>]) -> Self {
+    pub(super) fn from_ranges(ranges: &[Range<u32>]) -> Self {
         let mut set = ChunkSet::new();
         for range in ranges {
             set.insert_range(range.clone());
@@ -22,11 +22,11 @@ impl ChunkSet {
         set
     }
 
-    pub fn insert(&mut self, index: u32) {
+    pub(super) fn insert(&mut self, index: u32) {
         self.insert_range(index..index.saturating_add(1));
     }
 
-    pub fn insert_range(&mut self, range: Range<u32>) {
+    pub(super) fn insert_range(&mut self, range: Range<u32>) {
         if range.is_empty() {
             return;
         }
@@ -42,7 +42,7 @@ impl ChunkSet {
         self.ranges.splice(first..last, std::iter::once(merged));
     }
 
-    pub fn remove(&mut self, index: u32) {
+    pub(super) fn remove(&mut self, index: u32) {
         let at = self.ranges.partition_point(|held| held.end <= index);
         let Some(held) = self
             .ranges
@@ -59,13 +59,13 @@ impl ChunkSet {
         );
     }
 
-    pub fn contains(&self, index: u32) -> bool {
+    pub(super) fn contains(&self, index: u32) -> bool {
         let at = self.ranges.partition_point(|held| held.end <= index);
         self.ranges.get(at).is_some_and(|held| held.start <= index)
     }
 
     /// How many indexes the set holds.
-    pub fn len(&self) -> u64 {
+    pub(super) fn len(&self) -> u64 {
         self.ranges
             .iter()
             .map(|range| u64::from(range.end - range.start))
@@ -73,16 +73,16 @@ impl ChunkSet {
     }
 
     /// True when every index below `count` is held.
-    pub fn covers(&self, count: u32) -> bool {
+    pub(super) fn covers(&self, count: u32) -> bool {
         self.first_missing(0, count).is_none()
     }
 
-    pub fn ranges(&self) -> &[Range<u32>] {
+    pub(super) fn ranges(&self) -> &[Range<u32>] {
         &self.ranges
     }
 
     /// The first index below `count` not in the set, at or after `from`.
-    pub fn first_missing(&self, from: u32, count: u32) -> Option<u32> {
+    pub(super) fn first_missing(&self, from: u32, count: u32) -> Option<u32> {
         let mut candidate = from;
         let at = self.ranges.partition_point(|held| held.end <= candidate);
         for held in &self.ranges[at..] {

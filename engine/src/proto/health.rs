@@ -39,7 +39,7 @@ pub(crate) struct CycleLog {
 }
 
 impl CycleLog {
-    pub fn new(now: Instant) -> Self {
+    pub(super) fn new(now: Instant) -> Self {
         CycleLog {
             started: now,
             recent: VecDeque::new(),
@@ -49,7 +49,7 @@ impl CycleLog {
         }
     }
 
-    pub fn record(&mut self, now: Instant, success: bool) {
+    pub(super) fn record(&mut self, now: Instant, success: bool) {
         if success {
             self.successful += 1;
             self.last_success = Some(now);
@@ -66,17 +66,17 @@ impl CycleLog {
         }
     }
 
-    pub fn successful(&self) -> u64 {
+    pub(super) fn successful(&self) -> u64 {
         self.successful
     }
 
-    pub fn missed(&self) -> u64 {
+    pub(super) fn missed(&self) -> u64 {
         self.missed
     }
 
     /// Health at `now`. `cannot_send_since` is when the primary last lost the ability to send
     /// (link down, or refused), if it has not regained it.
-    pub fn health(
+    pub(super) fn health(
         &self,
         now: Instant,
         cannot_send_since: Option<Instant>,

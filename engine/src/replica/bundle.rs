@@ -18,7 +18,7 @@ const ENTRY_HEADER: u64 = 6;
 const UNDO_ENTRY_DISK_BYTES: u64 = 4 << 20;
 
 /// Appends entries to a new bundle file.
-pub struct BundleWriter {
+pub(super) struct BundleWriter {
     path: PathBuf,
     storage: Box<dyn Storage>,
     end: u64,
@@ -26,7 +26,7 @@ pub struct BundleWriter {
 
 impl BundleWriter {
     /// Creates (or empties) the bundle at `path`, written through `options`' layer.
-    pub fn create(path: &Path, options: &StorageOptions) -> Result<Self> {
+    pub(super) fn create(path: &Path, options: &StorageOptions) -> Result<Self> {
         let storage = FileStorage::create(path)
             .map(|file| options.layered(Box::new(file)))
             .map_err(|error| Error::file(&path.display().to_string(), "create", error))?;
@@ -37,7 +37,7 @@ impl BundleWriter {
         })
     }
 
-    pub fn append(&mut self, disk: u16, payload: &[u8]) -> Result<()> {
+    pub(super) fn append(&mut self, disk: u16, payload: &[u8]) -> Result<()> {
         let mut header = [0u8; ENTRY_HEADER as usize];
         header[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         header[4..].copy_from_slice(&disk.to_le_bytes());
@@ -52,7 +52,7 @@ impl BundleWriter {
     }
 
     /// Makes every entry durable.
-    pub fn flush(&self) -> Result<()> {
+    pub(super) fn flush(&self) -> Result<()> {
         self.storage
             .flush()
             .map_err(|error| Error::file(&self.path.display().to_string(), "flush", error))
@@ -61,7 +61,7 @@ impl BundleWriter {
 
 /// Calls `visit` with each entry of the bundle at `path`: its disk, its payload, and where it
 /// starts. One entry is in memory at a time.
-pub fn for_each_entry(
+pub(super) fn for_each_entry(
     path: &Path,
     mut visit: impl FnMut(u16, &[u8], u64) -> Result<()>,
 ) -> Result<()> {
@@ -131,7 +131,7 @@ const DECODED_LIMIT: usize = 8 << 20;
 /// The byte ranges each disk's entries cover (sorted, merged), for `disks` disks, from the
 /// entries' records alone: the bundle was verified when it was staged, and is verified again
 /// entry by entry when it is applied.
-pub fn bundle_extents(path: &Path, disks: usize) -> Result<Vec<Vec<Range<u64>>>> {
+pub(super) fn bundle_extents(path: &Path, disks: usize) -> Result<Vec<Vec<Range<u64>>>> {
     let name = path.display().to_string();
     let mut extents: Vec<Vec<Range<u64>>> = vec![Vec::new(); disks];
     for_each_entry(path, |disk, payload, position| {
@@ -151,7 +151,7 @@ pub fn bundle_extents(path: &Path, disks: usize) -> Result<Vec<Vec<Range<u64>>>>
 }
 
 /// Sorts ranges and merges those that overlap or touch.
-pub fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+pub(super) fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     ranges.sort_by_key(|range| range.start);
     let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
     for range in ranges {
@@ -165,7 +165,7 @@ pub fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
 
 /// Writes to `writer` what `disks` hold now in `extents` (per disk), as entries: the undo of a
 /// change about to overwrite them. `header` gives each disk's id and size.
-pub fn write_contents<D: BlockImage>(
+pub(super) fn write_contents<D: BlockImage>(
     writer: &mut BundleWriter,
     disks: &[D],
     extents: &[Vec<Range<u64>>],

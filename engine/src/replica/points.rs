@@ -42,7 +42,7 @@ pub(crate) struct RecoveryPoint {
 /// Records that delta `sequence` was applied over the state `sequence - 1` (applied at
 /// `previous.0`, application-consistent when `previous.1`), whose undo is in `undo`. An
 /// application-consistent state is always kept. Returns the undo files no longer needed.
-pub fn record_applied(
+pub(super) fn record_applied(
     points: &mut Vec<RecoveryPoint>,
     policy: PointPolicy,
     sequence: u64,
@@ -77,7 +77,7 @@ pub fn record_applied(
 
 /// The undo files to apply, in order, to take the latest state back to point `sequence`; `None`
 /// when no such point is kept.
-pub fn undo_chain(points: &[RecoveryPoint], sequence: u64) -> Option<Vec<String>> {
+pub(super) fn undo_chain(points: &[RecoveryPoint], sequence: u64) -> Option<Vec<String>> {
     let position = points.iter().position(|point| point.sequence == sequence)?;
     Some(
         points[position..]

@@ -64,7 +64,7 @@ impl PayloadState {
 
 /// How virtual offsets map to blocks and BAT entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
+pub(super) struct Geometry {
     pub virtual_size: u64,
     pub block_size: u64,
     /// Payload blocks per sector-bitmap block.
@@ -73,7 +73,7 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    pub fn new(metadata: &Metadata) -> Self {
+    pub(super) fn new(metadata: &Metadata) -> Self {
         let block_size = metadata.block_size.bytes();
         Geometry {
             virtual_size: metadata.virtual_size,
@@ -84,28 +84,32 @@ impl Geometry {
     }
 
     /// Entries in the BAT of a non-differencing image.
-    pub fn bat_entries(&self) -> u64 {
+    pub(super) fn bat_entries(&self) -> u64 {
         self.block_count + (self.block_count - 1) / self.chunk_ratio
     }
 
-    pub fn bat_index(&self, block: BlockIndex) -> BatIndex {
+    pub(super) fn bat_index(&self, block: BlockIndex) -> BatIndex {
         BatIndex(block.0 + block.0 / self.chunk_ratio)
     }
 
     /// True for the entries that describe sector-bitmap blocks rather than payload.
-    pub fn is_sector_bitmap(&self, index: BatIndex) -> bool {
+    pub(super) fn is_sector_bitmap(&self, index: BatIndex) -> bool {
         (index.0 + 1).is_multiple_of(self.chunk_ratio + 1)
     }
 
     /// The virtual byte range a block covers (the last block may be short).
-    pub fn block_range(&self, block: BlockIndex) -> Range<u64> {
+    pub(super) fn block_range(&self, block: BlockIndex) -> Range<u64> {
         let start = block.0 * self.block_size;
         start..(start + self.block_size).min(self.virtual_size)
     }
 
     /// Splits `length` bytes at virtual `offset` into per-block pieces:
     /// (block, offset inside the block, length of the piece).
-    pub fn pieces(&self, offset: u64, length: u64) -> impl Iterator<Item = (BlockIndex, u64, u64)> {
+    pub(super) fn pieces(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> impl Iterator<Item = (BlockIndex, u64, u64)> {
         let block_size = self.block_size;
         let end = offset + length;
         let mut position = offset;
@@ -124,7 +128,7 @@ impl Geometry {
 
 /// Problems in the payload entries of a BAT: unknown states, blocks outside the file or inside
 /// the structures (`reserved`), and blocks that share file space.
-pub fn bat_problems(
+pub(super) fn bat_problems(
     entries: &[u64],
     geometry: &Geometry,
     has_parent: bool,

@@ -84,7 +84,7 @@ impl HeaderSlot {
 }
 
 /// Picks the current header from the decoded contents of both slots.
-pub fn current_header(
+pub(super) fn current_header(
     first: &Result<Header, String>,
     second: &Result<Header, String>,
     first_bytes: &[u8],
@@ -107,7 +107,7 @@ pub fn current_header(
 }
 
 /// The 64 KiB file type identifier: the signature and a UTF-16 creator string.
-pub fn encode_file_identifier(creator: &str) -> Vec<u8> {
+pub(super) fn encode_file_identifier(creator: &str) -> Vec<u8> {
     let mut bytes = vec![0u8; 64 * 1024];
     bytes[..8].copy_from_slice(FILE_SIGNATURE);
     let utf16: Vec<u8> = creator
@@ -120,7 +120,7 @@ pub fn encode_file_identifier(creator: &str) -> Vec<u8> {
 }
 
 /// The creator string of a file type identifier, for display.
-pub fn decode_creator(identifier: &[u8]) -> String {
+pub(super) fn decode_creator(identifier: &[u8]) -> String {
     let units: Vec<u16> = identifier[CREATOR_OFFSET..CREATOR_OFFSET + CREATOR_LENGTH]
         .chunks_exact(2)
         .map(|pair| u16::from_le_bytes([pair[0], pair[1]]))

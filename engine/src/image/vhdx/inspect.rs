@@ -23,13 +23,13 @@ pub(super) struct FileReader<'a, S: Storage + ?Sized> {
 }
 
 impl<S: Storage + ?Sized> FileReader<'_, S> {
-    pub fn size(&self) -> u64 {
+    pub(super) fn size(&self) -> u64 {
         self.replay.map_or(self.stored_size, |replay| {
             replay.file_size_after(self.stored_size)
         })
     }
 
-    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(super) fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
         if end > self.size() {
             return Err(Error::corrupt(
@@ -52,7 +52,7 @@ impl<S: Storage + ?Sized> FileReader<'_, S> {
         Ok(())
     }
 
-    pub fn read_vec(&self, offset: u64, length: u64) -> Result<Vec<u8>> {
+    pub(super) fn read_vec(&self, offset: u64, length: u64) -> Result<Vec<u8>> {
         let mut bytes = vec![0u8; length as usize];
         self.read(&mut bytes, offset)?;
         Ok(bytes)
@@ -61,7 +61,7 @@ impl<S: Storage + ?Sized> FileReader<'_, S> {
 
 /// Everything read from a VHDX file, and the problems met on the way that did not stop the walk.
 #[derive(Debug)]
-pub struct Inspection {
+pub(super) struct Inspection {
     pub creator: String,
     pub header_slot: HeaderSlot,
     pub header: Header,
@@ -83,7 +83,7 @@ pub struct Inspection {
 const MINIMUM_FILE_SIZE: u64 = 2 * ALIGNMENT;
 
 /// Walks the structures of the VHDX image in `storage`.
-pub fn inspect<S: Storage + ?Sized>(storage: &S, name: &str) -> Result<Inspection> {
+pub(super) fn inspect<S: Storage + ?Sized>(storage: &S, name: &str) -> Result<Inspection> {
     let stored_size = storage
         .size()
         .map_err(|source| Error::file(name, "stat", source))?;

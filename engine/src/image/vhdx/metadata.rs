@@ -58,7 +58,7 @@ impl SectorSize {
 
 /// What the metadata region says about the virtual disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Metadata {
+pub(super) struct Metadata {
     pub block_size: BlockSize,
     /// Set for the fixed subformat: every block is allocated and stays so.
     pub leave_blocks_allocated: bool,
@@ -72,14 +72,14 @@ pub struct Metadata {
 
 /// Why metadata could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MetadataError {
+pub(super) enum MetadataError {
     Corrupt(String),
     Unsupported(String),
 }
 
 impl Metadata {
     /// Checks the values against the format's limits.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(super) fn validate(&self) -> Result<(), String> {
         let sector = self.logical_sector_size.bytes();
         if self.virtual_size == 0 || !self.virtual_size.is_multiple_of(sector) {
             return Err(format!(
@@ -97,7 +97,7 @@ impl Metadata {
     }
 
     /// The metadata region's contents (table and items), `region_length` bytes long.
-    pub fn encode(&self, region_length: usize) -> Vec<u8> {
+    pub(super) fn encode(&self, region_length: usize) -> Vec<u8> {
         let mut bytes = vec![0u8; region_length];
         bytes[..8].copy_from_slice(METADATA_SIGNATURE);
         let items: [(Uuid, u32, Vec<u8>); 5] = [
@@ -148,7 +148,7 @@ impl Metadata {
     }
 
     /// Decodes the metadata region's contents.
-    pub fn decode(region: &[u8]) -> Result<Metadata, MetadataError> {
+    pub(super) fn decode(region: &[u8]) -> Result<Metadata, MetadataError> {
         use MetadataError::{Corrupt, Unsupported};
         if region.len() < METADATA_TABLE_SIZE || &region[..8] != METADATA_SIGNATURE {
             return Err(Corrupt("metadata table has no 'metadata' signature".into()));

@@ -8,7 +8,7 @@ const ENTRY_SIZE: usize = 32;
 const MAX_ENTRIES: usize = (REGION_TABLE_SIZE - 16) / ENTRY_SIZE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Region {
+pub(super) struct Region {
     pub guid: Uuid,
     pub file_offset: u64,
     pub length: u32,
@@ -16,18 +16,18 @@ pub struct Region {
 }
 
 impl Region {
-    pub fn end(&self) -> u64 {
+    pub(super) fn end(&self) -> u64 {
         self.file_offset + u64::from(self.length)
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegionTable {
+pub(super) struct RegionTable {
     pub regions: Vec<Region>,
 }
 
 impl RegionTable {
-    pub fn encode(&self) -> Vec<u8> {
+    pub(super) fn encode(&self) -> Vec<u8> {
         let mut bytes = vec![0u8; REGION_TABLE_SIZE];
         bytes[..4].copy_from_slice(REGION_TABLE_SIGNATURE);
         put_u32(&mut bytes, 8, self.regions.len() as u32);
@@ -43,7 +43,7 @@ impl RegionTable {
     }
 
     /// Decodes a region table, or says why it is not a valid one.
-    pub fn decode(bytes: &[u8]) -> Result<RegionTable, String> {
+    pub(super) fn decode(bytes: &[u8]) -> Result<RegionTable, String> {
         if &bytes[..4] != REGION_TABLE_SIGNATURE {
             return Err("no 'regi' signature".into());
         }
@@ -68,7 +68,7 @@ impl RegionTable {
         Ok(RegionTable { regions })
     }
 
-    pub fn find(&self, guid: Uuid) -> Option<Region> {
+    pub(super) fn find(&self, guid: Uuid) -> Option<Region> {
         self.regions
             .iter()
             .copied()
@@ -77,7 +77,7 @@ impl RegionTable {
 
     /// Structural problems: misaligned or overlapping regions, duplicates, unknown required ones,
     /// regions in the header area or past `file_size`.
-    pub fn problems(&self, file_size: u64) -> Vec<String> {
+    pub(super) fn problems(&self, file_size: u64) -> Vec<String> {
         let mut problems = Vec::new();
         for (index, region) in self.regions.iter().enumerate() {
             let name = region_name(region.guid);
@@ -122,7 +122,7 @@ impl RegionTable {
     }
 }
 
-pub fn region_name(guid: Uuid) -> String {
+pub(super) fn region_name(guid: Uuid) -> String {
     match guid {
         BAT_REGION => "BAT".into(),
         METADATA_REGION => "metadata".into(),
