@@ -13,6 +13,7 @@ mod points;
 mod replicate;
 mod report;
 mod resync;
+mod sites;
 mod source;
 
 use clap::{Parser, Subcommand};

@@ -8,6 +8,7 @@
 
 use crate::measure::{self, Step};
 use crate::nbd_client::NbdClient;
+use crate::sites::Sites;
 use crate::{Outcome, blockrep_binary, have, source};
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -227,11 +228,11 @@ struct RunFigures {
 }
 
 pub fn replicate(arguments: &ReplicateArguments) -> Outcome {
-    let blockrep = blockrep_binary()?;
     let directory = std::fs::canonicalize({
         std::fs::create_dir_all(&arguments.dir)?;
         &arguments.dir
     })?;
+    let sites = Sites::new(blockrep_binary()?, directory.clone())?;
     let file = |name: &str| directory.join(name);
     let source = file("source.raw");
     eprintln!(
@@ -241,7 +242,7 @@ pub fn replicate(arguments: &ReplicateArguments) -> Outcome {
         source::MIX
     );
     source::make_disk_like(&source, arguments.size)?;
-    make_identities(&blockrep, &directory)?;
+    make_identities(&sites.blockrep, &directory)?;
     let rsync = have("rsync");
     let (rsync_daemon, rsync_port) = if rsync {
         let (daemon, port) = start_rsync_daemon(&directory)?;
@@ -280,61 +281,25 @@ pub fn replicate(arguments: &ReplicateArguments) -> Outcome {
             }
             File::open(file("rsync-destination/source.raw"))?.sync_all()?;
             figures.rsync_initial_seconds = Some(started.elapsed().as_secs_f64());
+            crate::resync::make_stale(&file("rsync-destination/source.raw"))?;
         }
         // blockrep: a fresh replica and fresh tracking each run.
-        let run_directory = file("run");
-        for stale in ["store", "run"] {
-            let _ = std::fs::remove_dir_all(file(stale));
-        }
+        let run_directory = &sites.run_directory;
+        let _ = std::fs::remove_dir_all(file("store"));
         for stale in ["source.raw.brtrack", "source.raw.brspool", "nbd.sock"] {
             let _ = std::fs::remove_file(file(stale));
         }
         let replica_port = free_port(true)?;
         drop_caches(cold)?;
-        let serve = Daemon::spawn(
-            "blockrep serve",
-            Command::new(&blockrep)
-                .args([
-                    "serve",
-                    "--listen",
-                    &format!("127.0.0.1:{replica_port}"),
-                    "--store",
-                ])
-                .arg(file("store"))
-                .arg("--identity")
-                .arg(file("replica-id"))
-                .arg("--allow")
-                .arg(file("primary-id/identity.crt"))
-                .env("BLOCKREP_RUN_DIR", &run_directory)
-                .env("BLOCKREP_LOG", "warn")
-                .stderr(Stdio::inherit()),
-        )?;
-        std::thread::sleep(Duration::from_millis(200));
+        let serve = sites.serve(replica_port, &[])?;
         let started = Instant::now();
-        let protect = Daemon::spawn(
-            "blockrep protect",
-            Command::new(&blockrep)
-                .args(["protect", "--name", "vm1", "--disk"])
-                .arg(&source)
-                .args([
-                    "--replica",
-                    &format!("127.0.0.1:{replica_port}"),
-                    "--identity",
-                ])
-                .arg(file("primary-id"))
-                .arg("--trust")
-                .arg(file("replica-id/identity.crt"))
-                .args(["--frequency", "10s", "--nbd"])
-                .arg(format!("unix:{}", file("nbd.sock").display()))
-                .env("BLOCKREP_RUN_DIR", &run_directory)
-                .env("BLOCKREP_LOG", "warn")
-                .stderr(Stdio::inherit()),
-        )?;
-        wait_for(&run_directory, "initial replication", |report| {
+        let nbd = format!("unix:{}", file("nbd.sock").display());
+        let protect = sites.protect(replica_port, &["--frequency", "10s", "--nbd", &nbd])?;
+        wait_for(run_directory, "initial replication", |report| {
             report["applied_sequence"].as_u64() >= Some(1)
         })?;
         figures.blockrep_initial_seconds = started.elapsed().as_secs_f64();
-        let settled = wait_for(&run_directory, "the first cycle", |report| {
+        let settled = wait_for(run_directory, "the first cycle", |report| {
             report["applied_sequence"].as_u64() >= Some(2)
         })?;
         let applied = settled["applied_sequence"].as_u64().unwrap_or(0);
@@ -353,7 +318,7 @@ pub fn replicate(arguments: &ReplicateArguments) -> Outcome {
         client.flush()?;
         client.disconnect()?;
         drop_caches(cold)?;
-        let shipped = wait_for(&run_directory, "the delta", |report| {
+        let shipped = wait_for(run_directory, "the delta", |report| {
             report["applied_sequence"].as_u64() > Some(applied)
                 && report["pending_bytes"].as_u64() == Some(0)
         })?;

@@ -7,15 +7,21 @@
 
 use crate::measure;
 use crate::replicate::{
-    BLOCK, Daemon, changed_blocks, drop_caches, free_port, random_block, start_rsync_daemon,
+    BLOCK, changed_blocks, drop_caches, free_port, random_block, start_rsync_daemon,
     verify_replica, wait_for,
 };
+use crate::sites::Sites;
 use crate::{Outcome, blockrep_binary, have, source};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+/// No recovery points to keep, and no cycle due while the comparison runs: the line times the
+/// resynchronization alone.
+const SERVE: &[&str] = &["--recovery-points", "0"];
+const PROTECT: &[&str] = &["--frequency", "1h"];
 
 #[derive(clap::Args)]
 pub struct ResyncArguments {
@@ -53,84 +59,12 @@ struct RunFigures {
     protect_peak_memory: Option<u64>,
 }
 
-struct Sites {
-    blockrep: PathBuf,
-    directory: PathBuf,
-    run_directory: PathBuf,
-}
-
-impl Sites {
-    fn file(&self, name: &str) -> PathBuf {
-        self.directory.join(name)
-    }
-
-    /// `blockrep serve`, once it answers on its control socket (so that no connection attempt
-    /// of the primary falls before it listens, and waits out a retry).
-    fn serve(&self, port: u16) -> Outcome<Daemon> {
-        let daemon = self.spawn_serve(port)?;
-        let socket = self.run_directory.join(format!("serve-{port}.sock"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if Instant::now() > deadline {
-                return Err("blockrep serve did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(daemon)
-    }
-
-    /// The blockrep command, with this bench's run directory and log level.
-    fn blockrep(&self) -> Command {
-        let mut command = Command::new(&self.blockrep);
-        command.env("BLOCKREP_RUN_DIR", &self.run_directory).env(
-            "BLOCKREP_LOG",
-            std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
-        );
-        command
-    }
-
-    fn spawn_serve(&self, port: u16) -> Outcome<Daemon> {
-        Daemon::spawn(
-            "blockrep serve",
-            self.blockrep()
-                .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store"])
-                .arg(self.file("store"))
-                .arg("--identity")
-                .arg(self.file("replica-id"))
-                .arg("--allow")
-                .arg(self.file("primary-id/identity.crt"))
-                .args(["--recovery-points", "0"])
-                .stderr(Stdio::inherit()),
-        )
-    }
-
-    fn protect(&self, port: u16) -> Outcome<Daemon> {
-        Daemon::spawn(
-            "blockrep protect",
-            self.blockrep()
-                .args(["protect", "--name", "vm1", "--disk"])
-                .arg(self.file("source.raw"))
-                .args(["--replica", &format!("127.0.0.1:{port}"), "--identity"])
-                .arg(self.file("primary-id"))
-                .arg("--trust")
-                .arg(self.file("replica-id/identity.crt"))
-                .args(["--frequency", "1h"])
-                .stderr(Stdio::inherit()),
-        )
-    }
-}
-
 pub fn resync(arguments: &ResyncArguments) -> Outcome {
     let directory = std::fs::canonicalize({
         std::fs::create_dir_all(&arguments.dir)?;
         &arguments.dir
     })?;
-    let sites = Sites {
-        blockrep: blockrep_binary()?,
-        run_directory: directory.join("run"),
-        directory,
-    };
-    std::fs::create_dir_all(&sites.run_directory)?;
+    let sites = Sites::new(blockrep_binary()?, directory)?;
     let source = sites.file("source.raw");
     eprintln!(
         "making a {} test disk at {}: {}",
@@ -147,8 +81,8 @@ pub fn resync(arguments: &ResyncArguments) -> Outcome {
     // The replica, made once by an initial replication (not timed).
     eprintln!("initial replication of the test disk (not timed)");
     let port = free_port(true)?;
-    let serve = sites.serve(port)?;
-    let protect = sites.protect(port)?;
+    let serve = sites.serve(port, SERVE)?;
+    let protect = sites.protect(port, PROTECT)?;
     wait_for(&sites.run_directory, "initial replication", |report| {
         report["applied_sequence"].as_u64() >= Some(1) && report["pending_bytes"] == 0
     })?;
@@ -172,16 +106,10 @@ pub fn resync(arguments: &ResyncArguments) -> Outcome {
         eprintln!("run {} of {}", run + 1, arguments.runs.max(1));
         let mut figures = RunFigures::default();
         // rsync's destinations start where the replica is: the source before this run's change.
-        // An hour older than the source, as a real stale copy is: rsync's quick check (size
-        // and time) must not take it for current.
-        let stale = std::time::SystemTime::now() - Duration::from_secs(3600);
         for (copy, wanted) in [(&local_copy, true), (&daemon_copy, rsync)] {
             if wanted {
                 std::fs::copy(&source, copy)?;
-                File::options()
-                    .write(true)
-                    .open(copy)?
-                    .set_modified(stale)?;
+                make_stale(copy)?;
             }
         }
         // The change, behind blockrep's back, and tracking lost.
@@ -208,9 +136,9 @@ pub fn resync(arguments: &ResyncArguments) -> Outcome {
         // blockrep: both sides hash their disk, and what differs ships.
         settle_cache(cold, &[&source, &replica])?;
         let port = free_port(true)?;
-        let serve = sites.serve(port)?;
+        let serve = sites.serve(port, SERVE)?;
         let started = Instant::now();
-        let protect = sites.protect(port)?;
+        let protect = sites.protect(port, PROTECT)?;
         let done = wait_for(&sites.run_directory, "the resynchronization", |report| {
             report["resync"].is_object()
                 && report["state"] == "replicating"
@@ -259,6 +187,17 @@ pub fn resync(arguments: &ResyncArguments) -> Outcome {
     if !arguments.keep {
         std::fs::remove_dir_all(&sites.directory)?;
     }
+    Ok(())
+}
+
+/// Dates `copy` an hour back, as a real stale copy is: rsync's quick check (size, and time to
+/// the second) must not take it for current when the source changed within the same second.
+pub(crate) fn make_stale(copy: &Path) -> Outcome {
+    let stale = std::time::SystemTime::now() - Duration::from_secs(3600);
+    File::options()
+        .write(true)
+        .open(copy)?
+        .set_modified(stale)?;
     Ok(())
 }
 
