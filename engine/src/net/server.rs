@@ -293,6 +293,106 @@ impl VmSlot {
 type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
 
 /// A running replica server.
+///
+/// A server that tells its events; a primary replicates a VM to it; the server's status, a
+/// recovery point's test failover copy, and the events that came:
+///
+/// ```
+/// use blockrep::io::StorageOptions;
+/// use blockrep::net::{Hosting, Identity, ReplicaServer, ReplicationEvent};
+/// use blockrep::replica::ReplicaStore;
+/// # use blockrep::delta::Compression;
+/// # use blockrep::net::{PrimaryOptions, Route, SharedReport, client_endpoint, run_primary};
+/// # use blockrep::protect::ProtectedVm;
+/// # use blockrep::proto::PrimaryConfig;
+/// # use std::sync::Arc;
+/// # use std::time::Duration;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let directory = tempfile::tempdir()?;
+/// # let path = |name: &str| directory.path().join(name);
+/// # std::fs::write(path("vm1.raw"), vec![1u8; 4 << 20])?;
+/// let replica_id = Identity::create("replica", &path("replica-id"))?;
+/// let primary_id = Identity::create("primary", &path("primary-id"))?;
+/// tokio::runtime::Runtime::new()?.block_on(async {
+///     let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+///     let server = ReplicaServer::start(
+///         "127.0.0.1:0".parse()?,
+///         ReplicaStore::open(&path("store"), StorageOptions::default())?,
+///         &replica_id,
+///         vec![primary_id.certificate.clone()],
+///         Hosting::Here(Box::default()),
+///         Some(events),
+///     )
+///     .await?;
+///     // A primary replicates vm1 here (see `run_primary`).
+/// #   let vm = Arc::new(ProtectedVm::open(
+/// #       &[path("vm1.raw")],
+/// #       &StorageOptions::default(),
+/// #       Compression::Lz4,
+/// #   )?);
+/// #   let options = PrimaryOptions {
+/// #       route: Route::Dial {
+/// #           endpoint: client_endpoint(
+/// #               &primary_id,
+/// #               replica_id.certificate.clone(),
+/// #               server.address(),
+/// #           )?,
+/// #           replica: server.address(),
+/// #       },
+/// #       config: PrimaryConfig {
+/// #           vm: "vm1".into(),
+/// #           primary: "host-a".into(),
+/// #           disks: vm.descriptions().to_vec(),
+/// #           frequency: Duration::from_millis(200),
+/// #           window: 16,
+/// #           reconnect_min: Duration::from_millis(100),
+/// #           reconnect_max: Duration::from_secs(1),
+/// #           needs_initial: vm.needs_initial(),
+/// #           seed: 1,
+/// #           app_consistent_every: None,
+/// #       },
+/// #       streams: 2,
+/// #       max_rate: None,
+/// #       suspended: None,
+/// #       consistency_hook: None,
+/// #       commands: None,
+/// #       resync: None,
+/// #       resync_window: None,
+/// #       source_changes: None,
+/// #       events: None,
+/// #   };
+/// #   let (stop, stopped) = tokio::sync::watch::channel(false);
+/// #   let primary = tokio::spawn(run_primary(vm, options, SharedReport::default(), stopped));
+///
+///     // Status, as `blockrep status` shows it on the replica's host.
+///     while server.reports().first().map_or(0, |vm| vm.applied_sequence) < 2 {
+///         tokio::time::sleep(Duration::from_millis(20)).await;
+///     }
+///     assert!(server.reports()[0].connected);
+///
+///     // A test failover: a copy of the latest point, while replication goes on.
+///     let copy = server.test_failover("vm1", None, &path("test")).await?;
+///     assert_eq!(copy.disks.len(), 1);
+///     server.cleanup_test_failover("vm1")?;
+///
+///     // Every delta applied and each failover step came as an event.
+///     let mut steps = Vec::new();
+///     while let Ok(timed) = received.try_recv() {
+///         if !matches!(timed.event, ReplicationEvent::DeltaApplied { .. }) {
+///             steps.push(timed.event);
+///         }
+///     }
+///     assert!(matches!(steps[0], ReplicationEvent::TestFailoverCreated { .. }));
+///     assert_eq!(steps[1], ReplicationEvent::TestFailoverRemoved);
+/// #   let _ = stop.send(true);
+/// #   primary.await??;
+///     server.shutdown().await;
+///     Ok::<_, Box<dyn std::error::Error>>(())
+/// })?;
+/// # Ok(())
+/// # }
+/// ```
 pub struct ReplicaServer {
     address: Option<SocketAddr>,
     vms: Vms,

@@ -50,6 +50,30 @@ impl<S: Storage> VhdxImage<S> {
     /// Writes a new, empty VHDX image into `storage` (whose previous content is discarded) and
     /// opens it for writing. The file type identifier is written last, after a flush, so a
     /// crash part-way leaves a file that no reader takes for a VHDX image.
+    ///
+    /// A new 64 MiB disk for a VM, then protected: its writes tracked from the start.
+    ///
+    /// ```
+    /// use blockrep::delta::Compression;
+    /// use blockrep::image::vhdx::{VhdxCreateOptions, VhdxImage};
+    /// use blockrep::io::{FileStorage, StorageOptions};
+    /// use blockrep::protect::ProtectedVm;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let directory = tempfile::tempdir()?;
+    /// let path = directory.path().join("vm1.vhdx");
+    /// let image = VhdxImage::create(
+    ///     FileStorage::create_new(&path)?,
+    ///     "vm1.vhdx",
+    ///     &VhdxCreateOptions::dynamic(64 << 20),
+    /// )?;
+    /// drop(image);
+    /// let vm = ProtectedVm::open(&[path], &StorageOptions::default(), Compression::Lz4)?;
+    /// vm.disks()[0].write_at(b"boot sector", 0)?;
+    /// assert_eq!(vm.descriptions()[0].virtual_size, 64 << 20);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn create(storage: S, name: &str, options: &VhdxCreateOptions) -> Result<Self> {
         let metadata = Metadata {
             block_size: options.block_size,
