@@ -405,8 +405,8 @@ fn answer_replica_request(
         ReplicaRequest::TestFailover { vm, point, out } => runtime
             .block_on(server.test_failover(&vm, point, &out))
             .map(|copy| serde_json::json!(copy)),
-        ReplicaRequest::CleanupTestFailover { vm } => server
-            .cleanup_test_failover(&vm)
+        ReplicaRequest::CleanupTestFailover { vm } => runtime
+            .block_on(server.cleanup_test_failover(&vm))
             .map(|out| serde_json::json!({"vm": vm, "removed": out})),
         ReplicaRequest::UnplannedFailover { vm, point, force } => runtime
             .block_on(server.unplanned_failover(&vm, point, force))
@@ -414,17 +414,17 @@ fn answer_replica_request(
         ReplicaRequest::CommitFailover { vm } => runtime
             .block_on(server.commit_failover(&vm))
             .map(|disks| serde_json::json!({"vm": vm, "disks": disks})),
-        ReplicaRequest::CancelFailover { vm } => server
-            .cancel_failover(&vm)
+        ReplicaRequest::CancelFailover { vm } => runtime
+            .block_on(server.cancel_failover(&vm))
             .map(|()| serde_json::json!({"vm": vm})),
         ReplicaRequest::PlannedFailover { vm, reverse } => {
             runtime.block_on(server.planned_failover(&vm, reverse)).map(
                 |sequence| serde_json::json!({"vm": vm, "sequence": sequence, "reverse": reverse}),
             )
         }
-        ReplicaRequest::Reverse { vm } => {
-            server.reverse(&vm).map(|()| serde_json::json!({"vm": vm}))
-        }
+        ReplicaRequest::Reverse { vm } => runtime
+            .block_on(server.reverse(&vm))
+            .map(|()| serde_json::json!({"vm": vm})),
     };
     match outcome {
         Ok(answer) => serde_json::json!({"ok": answer}),

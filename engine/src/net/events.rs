@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
-/// Something that happened to a VM's replication.
+/// Something that happened to a VM's replication. More kinds may come in later versions.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[non_exhaustive]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ReplicationEvent {
     /// Deltas were applied on the replica, up to `sequence`: `deltas` of them since the last
@@ -45,7 +46,9 @@ pub enum ReplicationEvent {
     HandedOver {
         sequence: u64,
     },
-    /// The planned failover was refused (sent by both sides); replication goes on as before.
+    /// The planned failover was refused; replication goes on as before. The primary sends it
+    /// whatever the reason; the replica sends it when its disks did not match the primary's or
+    /// the VM could not run there.
     HandoverRefused {
         reason: String,
     },
@@ -84,7 +87,7 @@ pub enum ReplicationEvent {
     FailoverCancelled,
     /// Replica side: a planned failover handed the VM to this site at delta `sequence`; its
     /// disks equal the primary's and the VM runs here now.
-    TakenOver {
+    HandoverAccepted {
         sequence: u64,
         reverse: bool,
     },
@@ -101,7 +104,8 @@ pub struct TimedEvent {
     pub event: ReplicationEvent,
 }
 
-/// Where a primary sends its events.
+/// Where a primary or a replica server sends its events. The channel is unbounded (sending
+/// never holds up replication): the embedder reads it, or drops the receiver to stop them.
 pub type EventSender = mpsc::UnboundedSender<TimedEvent>;
 
 /// Turns successive statuses into the events between them.

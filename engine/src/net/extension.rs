@@ -116,8 +116,15 @@ impl ExtendedVm {
     /// disks, before someone else opens them.
     pub(super) async fn stop(mut self) {
         let _ = self.stop.send(true);
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(Duration::from_secs(10), &mut task)
+                .await
+                .is_err()
+        {
+            // Stuck (on the network, say): dropped, it lets go of the disks all the same.
+            tracing::warn!("onward replication did not stop within 10 s; aborting it");
+            task.abort();
+            let _ = task.await;
         }
     }
 

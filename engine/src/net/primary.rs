@@ -234,7 +234,8 @@ enum Event {
         permanent: bool,
     },
     /// The comparison is done: what it found, or `None` when the replica holds no copy.
-    Resynchronized(Option<ResyncSummary>),
+    /// A connection's comparison ended (its generation, and what it found).
+    Resynchronized(u64, Option<ResyncSummary>),
     Verified {
         sequence: u64,
         outcome: Result<(u64, Vec<u128>)>,
@@ -370,7 +371,9 @@ impl Pacer {
 ///     let applied = || {
 ///         report.lock().unwrap().as_ref().map_or(0, |entry| entry.status.applied_sequence)
 ///     };
+///     let deadline = std::time::Instant::now() + Duration::from_secs(60);
 ///     while applied() < 2 {
+///         assert!(std::time::Instant::now() < deadline, "nothing was replicated");
 ///         tokio::time::sleep(Duration::from_millis(20)).await;
 ///     }
 ///     // The replica's points, newest first: the latest state at least at delta 2.
@@ -733,7 +736,10 @@ pub async fn run_primary(
                         link = Some(start_link(this, connection, control, incoming, &vm, &events, streams, pacer.clone(), &wire_bytes));
                         primary.connected(now);
                     }
-                    Event::Resynchronized(None) => {
+                    Event::Resynchronized(this, _) if this != generation => {
+                        // A comparison of a connection given up on: the next one compares.
+                    }
+                    Event::Resynchronized(_, None) => {
                         resync_announced = false;
                         events::send(
                             listeners,
@@ -743,7 +749,7 @@ pub async fn run_primary(
                         tracing::info!(vm = %config.vm, "the replica holds no copy to compare with: initial replication");
                         resync_pending.store(false, Ordering::Relaxed);
                     }
-                    Event::Resynchronized(Some(summary)) => {
+                    Event::Resynchronized(_, Some(summary)) => {
                         resync_announced = false;
                         events::send(
                             listeners,
@@ -1049,7 +1055,9 @@ impl ConnectTask {
                 connection.close(1u32.into(), b"resynchronization failed");
                 (format!("resynchronization failed: {error}"), false)
             })?;
-            let _ = self.events.send(Event::Resynchronized(summary));
+            let _ = self
+                .events
+                .send(Event::Resynchronized(self.generation, summary));
         }
         Ok((connection, control, incoming))
     }

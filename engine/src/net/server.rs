@@ -73,7 +73,11 @@ struct Site {
 }
 
 impl Site {
+    /// Tells `event` to the embedder, and logs it (deltas applied are logged where applied).
     fn send(&self, vm: &str, event: ReplicationEvent) {
+        if !matches!(event, ReplicationEvent::DeltaApplied { .. }) {
+            tracing::info!(%vm, ?event, "failover step");
+        }
         events::send(self.events.as_ref(), vm, event);
     }
 }
@@ -138,7 +142,11 @@ fn test_failover(
         disks,
         out,
     };
-    copy.run(slot, |slot| {
+    let done = |copy: &TestCopy| ReplicationEvent::TestFailoverCreated {
+        point: copy.point,
+        disks: copy.disks.clone(),
+    };
+    copy.run(slot, done, |slot| {
         for index in 0..disks {
             let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
         }
@@ -156,17 +164,27 @@ struct Copy<'a> {
 }
 
 impl Copy<'_> {
-    /// Makes the copy, unpins, and on failure runs `undo` (under the VM's lock).
-    fn run(self, slot: &Mutex<VmSlot>, undo: impl FnOnce(&mut VmSlot)) -> Result<TestCopy> {
+    /// Makes the copy, unpins, and tells `done` of it; on failure runs `undo` instead (each
+    /// under the VM's lock, so the event is in order with the VM's other steps).
+    fn run(
+        self,
+        slot: &Mutex<VmSlot>,
+        done: impl FnOnce(&TestCopy) -> ReplicationEvent,
+        undo: impl FnOnce(&mut VmSlot),
+    ) -> Result<TestCopy> {
         let copied = copy_point(slot, self.pinned_at, self.target, self.disks, self.out);
         let mut guard = lock(slot);
         guard.replica.unpin();
         match copied {
-            Ok(paths) => Ok(TestCopy {
-                vm: self.vm.to_owned(),
-                point: self.target,
-                disks: paths,
-            }),
+            Ok(paths) => {
+                let copy = TestCopy {
+                    vm: self.vm.to_owned(),
+                    point: self.target,
+                    disks: paths,
+                };
+                guard.site.send(self.vm, done(&copy));
+                Ok(copy)
+            }
             Err(error) => {
                 undo(&mut guard);
                 Err(error)
@@ -225,7 +243,8 @@ fn unplanned_failover(
         disks,
         out: &out,
     };
-    copy.run(slot, |slot| {
+    let done = |copy: &TestCopy| ReplicationEvent::FailedOver { point: copy.point };
+    copy.run(slot, done, |slot| {
         let _ = slot.replica.cancel_failover();
         slot.machine.fence(None);
         drive(slot);
@@ -366,7 +385,9 @@ type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
 /// #   let primary = tokio::spawn(run_primary(vm, options, SharedReport::default(), stopped));
 ///
 ///     // Status, as `blockrep status` shows it on the replica's host.
+///     let deadline = std::time::Instant::now() + Duration::from_secs(60);
 ///     while server.reports().first().map_or(0, |vm| vm.applied_sequence) < 2 {
+///         assert!(std::time::Instant::now() < deadline, "nothing was replicated");
 ///         tokio::time::sleep(Duration::from_millis(20)).await;
 ///     }
 ///     assert!(server.reports()[0].connected);
@@ -374,7 +395,7 @@ type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
 ///     // A test failover: a copy of the latest point, while replication goes on.
 ///     let copy = server.test_failover("vm1", None, &path("test")).await?;
 ///     assert_eq!(copy.disks.len(), 1);
-///     server.cleanup_test_failover("vm1")?;
+///     server.cleanup_test_failover("vm1").await?;
 ///
 ///     // Every delta applied and each failover step came as an event.
 ///     let mut steps = Vec::new();
@@ -462,6 +483,7 @@ impl ReplicaServer {
 
     /// A server that listens nowhere: its caller hands it connections it made itself (a
     /// primary that became the replica of its VM, over its own connection to the other site).
+    /// `events` as for [`ReplicaServer::start`].
     pub async fn without_listener(
         store: ReplicaStore,
         hosting: Hosting,
@@ -562,41 +584,33 @@ impl ReplicaServer {
         out: &Path,
     ) -> Result<TestCopy> {
         let slot = self.slot(vm)?;
-        let (name, out) = (vm.to_owned(), out.to_owned());
-        let copy = tokio::task::spawn_blocking(move || test_failover(&slot, &name, point, &out))
-            .await
-            .map_err(|error| Error::Replication {
-                peer: "test failover".into(),
-                problem: error.to_string(),
-            })??;
-        self.site.send(
-            vm,
-            ReplicationEvent::TestFailoverCreated {
-                point: copy.point,
-                disks: copy.disks.clone(),
-            },
-        );
-        Ok(copy)
+        let out = out.to_owned();
+        let name = vm.to_owned();
+        blocking(vm, move || test_failover(&slot, &name, point, &out)).await
     }
 
     /// Removes `vm`'s test failover copy; returns where it was.
-    pub fn cleanup_test_failover(&self, vm: &str) -> Result<PathBuf> {
+    pub async fn cleanup_test_failover(&self, vm: &str) -> Result<PathBuf> {
         let slot = self.slot(vm)?;
-        let mut slot = lock(&slot);
-        let out = slot
-            .replica
-            .test_failover()
-            .ok_or_else(|| Error::Replication {
-                peer: vm.to_owned(),
-                problem: "no test failover to clean up".into(),
-            })?;
-        for index in 0..slot.replica.descriptions().len() {
-            let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
-        }
-        let _ = std::fs::remove_dir(&out);
-        slot.replica.set_test_failover(None)?;
-        self.site.send(vm, ReplicationEvent::TestFailoverRemoved);
-        Ok(out)
+        blocking(vm, move || {
+            let mut slot = lock(&slot);
+            let out = slot
+                .replica
+                .test_failover()
+                .ok_or_else(|| Error::Replication {
+                    peer: slot.machine_name(),
+                    problem: "no test failover to clean up".into(),
+                })?;
+            for index in 0..slot.replica.descriptions().len() {
+                let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
+            }
+            let _ = std::fs::remove_dir(&out);
+            slot.replica.set_test_failover(None)?;
+            slot.site
+                .send(slot.replica.vm(), ReplicationEvent::TestFailoverRemoved);
+            Ok(out)
+        })
+        .await
     }
 
     /// Unplanned failover to `point` (the latest when `None`): replication from the primary is
@@ -611,57 +625,73 @@ impl ReplicaServer {
     ) -> Result<TestCopy> {
         let slot = self.slot(vm)?;
         let name = vm.to_owned();
-        let copy =
-            tokio::task::spawn_blocking(move || unplanned_failover(&slot, &name, point, force))
-                .await
-                .map_err(|error| Error::Replication {
-                    peer: "failover".into(),
-                    problem: error.to_string(),
-                })??;
-        self.site
-            .send(vm, ReplicationEvent::FailedOver { point: copy.point });
-        Ok(copy)
+        blocking(vm, move || unplanned_failover(&slot, &name, point, force)).await
     }
 
     /// Commits a failover: its disks become the VM's, the older points go, and replication
     /// from the old primary has ended for good.
     pub async fn commit_failover(&self, vm: &str) -> Result<Vec<PathBuf>> {
         let slot = self.slot(vm)?;
-        // The onward primary lets go of the disks before they become the VM's; it is not
-        // started again while a failover is in place. Waited for here, not under the lock.
-        let extended = lock(&slot).extended.take();
+        // The onward primary lets go of the disks before they become the VM's (waited for
+        // outside the VM's lock). A failover that is not there to commit leaves it running;
+        // one whose commit fails has it back once cancelled.
+        let extended = {
+            let slot = Arc::clone(&slot);
+            blocking(vm, move || {
+                let mut guard = lock(&slot);
+                let committable = guard
+                    .replica
+                    .failover()
+                    .is_some_and(|failover| !failover.committed);
+                Ok(if committable {
+                    guard.extended.take()
+                } else {
+                    None
+                })
+            })
+            .await?
+        };
         if let Some(extended) = extended {
             extended.stop().await;
         }
-        let name = vm.to_owned();
-        let (disks, point) = tokio::task::spawn_blocking(move || {
+        blocking(vm, move || {
             let mut guard = lock(&slot);
             let disks = guard.replica.commit_failover()?;
             let failover = guard.replica.failover();
             guard.machine.fence(failover.as_ref().map(fence_for));
             drive(&mut guard);
+            let point = failover.map_or(0, |failover| failover.point);
+            let name = guard.machine_name();
+            guard
+                .site
+                .send(&name, ReplicationEvent::FailoverCommitted { point });
             host(&mut guard, &name, true)?;
-            Ok::<_, Error>((disks, failover.map_or(0, |failover| failover.point)))
+            Ok(disks)
         })
         .await
-        .map_err(|error| Error::Replication {
-            peer: vm.to_owned(),
-            problem: error.to_string(),
-        })??;
-        self.site
-            .send(vm, ReplicationEvent::FailoverCommitted { point });
-        Ok(disks)
     }
 
     /// Replicates a VM that runs here back to its old primary, comparing by hash first when
     /// the old primary may hold writes this site never saw (an unplanned failover).
-    pub fn reverse(&self, vm: &str) -> Result<()> {
+    pub async fn reverse(&self, vm: &str) -> Result<()> {
         let slot = self.slot(vm)?;
-        let mut guard = lock(&slot);
-        guard.replica.set_reverse(true)?;
-        start_reverse(&mut guard);
-        self.site.send(vm, ReplicationEvent::ReverseRequested);
-        Ok(())
+        blocking(vm, move || {
+            let mut guard = lock(&slot);
+            guard.replica.set_reverse(true)?;
+            let starts = guard
+                .hosted
+                .as_ref()
+                .is_some_and(|hosted| !hosted.reversing());
+            if starts {
+                // Told before the reverse primary starts, so its events come after.
+                guard
+                    .site
+                    .send(guard.replica.vm(), ReplicationEvent::ReverseRequested);
+            }
+            start_reverse(&mut guard);
+            Ok(())
+        })
+        .await
     }
 
     /// Planned failover of a VM that runs here back to the old primary (failback): its writes
@@ -732,15 +762,21 @@ impl ReplicaServer {
         Ok(sequence)
     }
 
-    /// Cancels a failover not committed: its disks go and replication may resume.
-    pub fn cancel_failover(&self, vm: &str) -> Result<()> {
+    /// Cancels a failover not committed: its disks go, replication from the primary may
+    /// resume, and so does onward replication.
+    pub async fn cancel_failover(&self, vm: &str) -> Result<()> {
         let slot = self.slot(vm)?;
-        let mut slot = lock(&slot);
-        slot.replica.cancel_failover()?;
-        slot.machine.fence(None);
-        drive(&mut slot);
-        self.site.send(vm, ReplicationEvent::FailoverCancelled);
-        Ok(())
+        blocking(vm, move || {
+            let mut slot = lock(&slot);
+            slot.replica.cancel_failover()?;
+            slot.machine.fence(None);
+            drive(&mut slot);
+            slot.site
+                .send(slot.replica.vm(), ReplicationEvent::FailoverCancelled);
+            extend(&mut slot, false);
+            Ok(())
+        })
+        .await
     }
 
     fn slot(&self, vm: &str) -> Result<Arc<Mutex<VmSlot>>> {
@@ -1238,6 +1274,19 @@ async fn dispatch(slot: &Arc<Mutex<VmSlot>>, id: ConnectionId, message: Message)
     .await;
 }
 
+/// Runs a step of `vm`'s on a blocking thread (it takes the VM's lock and does file I/O).
+async fn blocking<T: Send + 'static>(
+    vm: &str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| Error::Replication {
+            peer: vm.to_owned(),
+            problem: error.to_string(),
+        })?
+}
+
 async fn run_blocking(work: impl FnOnce() + Send + 'static) {
     if let Err(error) = tokio::task::spawn_blocking(work).await {
         tracing::error!(%error, "replica work panicked");
@@ -1366,8 +1415,10 @@ fn drive(slot: &mut VmSlot) {
                 match &outcome {
                     Ok(()) => {
                         tracing::info!(%vm, sequence, reverse, "planned failover: the disks equal the primary's; the VM runs here now");
-                        slot.site
-                            .send(&vm, ReplicationEvent::TakenOver { sequence, reverse });
+                        slot.site.send(
+                            &vm,
+                            ReplicationEvent::HandoverAccepted { sequence, reverse },
+                        );
                     }
                     Err(reason) => {
                         tracing::error!(%vm, %reason, "refused a planned failover");
