@@ -752,14 +752,18 @@ impl ReplicaServer {
         if let Some(hosted) = hosted {
             hosted.close().await?;
         }
-        let mut guard = lock(&slot);
-        guard.replica.hand_back(sequence)?;
-        let record = guard.replica.record();
-        guard.machine = Replica::new(vm, record);
-        // The third site's copy is older than the failover: it starts again.
-        extend(&mut guard, true);
-        tracing::info!(%vm, sequence, "planned failover done: the VM runs at the other site; this is its replica again");
-        Ok(sequence)
+        blocking(vm, move || {
+            let mut guard = lock(&slot);
+            guard.replica.hand_back(sequence)?;
+            let record = guard.replica.record();
+            let vm = guard.machine_name();
+            guard.machine = Replica::new(&vm, record);
+            // The third site's copy is older than the failover: it starts again.
+            extend(&mut guard, true);
+            tracing::info!(%vm, sequence, "planned failover done: the VM runs at the other site; this is its replica again");
+            Ok(sequence)
+        })
+        .await
     }
 
     /// Cancels a failover not committed: its disks go, replication from the primary may
