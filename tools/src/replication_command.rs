@@ -912,6 +912,9 @@ fn print_primary(vm: &serde_json::Value) {
 
 fn print_replica(vm: &serde_json::Value) {
     println!("{} (replica)", vm["vm"].as_str().unwrap_or("?"));
+    if vm["busy"].as_bool() == Some(true) {
+        println!("  busy:                comparing or applying; the figures below are from before");
+    }
     println!(
         "  primary connected:   {}",
         vm["connected"].as_bool().unwrap_or(false)

@@ -28,9 +28,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const RESYNC_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// What the status socket reports for each VM on the replica.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ReplicaReport {
     pub vm: String,
+    /// The VM's replica was busy when asked (hashing its disks for a comparison, say, which
+    /// takes minutes on a large disk): the other figures are the last ones read, if any.
+    pub busy: bool,
     pub primary: Option<String>,
     pub connected: bool,
     pub applied_sequence: u64,
@@ -54,6 +57,36 @@ pub struct ReplicaReport {
     /// throughput is the staged bytes over those seconds.
     pub applied_deltas_total: u64,
     pub apply_seconds_total: f64,
+}
+
+/// A VM's report, read off its slot.
+fn report(vm: String, slot: &VmSlot) -> ReplicaReport {
+    ReplicaReport {
+        vm,
+        busy: false,
+        primary: slot.machine.record().owner.clone(),
+        connected: slot.machine.connection().is_some(),
+        applied_sequence: slot.machine.applied(),
+        staging: slot
+            .machine
+            .staging()
+            .map(|(delta, staged, total)| (delta.sequence, staged, total)),
+        error: slot.machine.failure().map(str::to_owned),
+        disks: slot
+            .replica
+            .disk_paths()
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect(),
+        recovery_points: slot.replica.points().len().saturating_sub(1),
+        test_failover: slot.replica.test_failover(),
+        failover: slot.replica.failover(),
+        reverse: slot.hosted.as_ref().and_then(HostedVm::report),
+        extended: slot.extended.as_ref().and_then(ExtendedVm::report),
+        staged_bytes_total: slot.totals.staged_bytes,
+        applied_deltas_total: slot.totals.applied_deltas,
+        apply_seconds_total: slot.totals.apply_seconds,
+    }
 }
 
 /// Who runs a VM that fails over to this server.
@@ -422,6 +455,8 @@ pub struct ReplicaServer {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     next_connection: Arc<AtomicU64>,
+    /// Each VM's last report, for when its replica is busy.
+    last_reports: Mutex<HashMap<String, ReplicaReport>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -478,6 +513,7 @@ impl ReplicaServer {
             stop,
             task,
             next_connection,
+            last_reports: Mutex::default(),
         })
     }
 
@@ -503,6 +539,7 @@ impl ReplicaServer {
             stop,
             task: tokio::spawn(async {}),
             next_connection: Arc::new(AtomicU64::new(1)),
+            last_reports: Mutex::default(),
         })
     }
 
@@ -526,40 +563,35 @@ impl ReplicaServer {
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Each VM's state, for `blockrep status`.
+    /// Each VM's state, for `blockrep status`. Never waits for a VM whose replica is busy (a
+    /// long comparison holds it): that VM's last report is given, marked busy.
     pub fn reports(&self) -> Vec<ReplicaReport> {
         let slots: Vec<(String, Arc<Mutex<VmSlot>>)> = lock(&self.vms)
             .iter()
             .map(|(vm, slot)| (vm.clone(), Arc::clone(slot)))
             .collect();
+        let mut last_reports = lock(&self.last_reports);
         let mut reports: Vec<ReplicaReport> = slots
             .into_iter()
             .map(|(vm, slot)| {
-                let slot = lock(&slot);
-                ReplicaReport {
-                    vm,
-                    primary: slot.machine.record().owner.clone(),
-                    connected: slot.machine.connection().is_some(),
-                    applied_sequence: slot.machine.applied(),
-                    staging: slot
-                        .machine
-                        .staging()
-                        .map(|(delta, staged, total)| (delta.sequence, staged, total)),
-                    error: slot.machine.failure().map(str::to_owned),
-                    disks: slot
-                        .replica
-                        .disk_paths()
-                        .iter()
-                        .map(|path| path.display().to_string())
-                        .collect(),
-                    recovery_points: slot.replica.points().len().saturating_sub(1),
-                    test_failover: slot.replica.test_failover(),
-                    failover: slot.replica.failover(),
-                    reverse: slot.hosted.as_ref().and_then(HostedVm::report),
-                    extended: slot.extended.as_ref().and_then(ExtendedVm::report),
-                    staged_bytes_total: slot.totals.staged_bytes,
-                    applied_deltas_total: slot.totals.applied_deltas,
-                    apply_seconds_total: slot.totals.apply_seconds,
+                let guard = match slot.try_lock() {
+                    Ok(guard) => Some(guard),
+                    Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                match guard {
+                    Some(slot) => {
+                        let report = report(vm.clone(), &slot);
+                        last_reports.insert(vm, report.clone());
+                        report
+                    }
+                    None => ReplicaReport {
+                        busy: true,
+                        ..last_reports.get(&vm).cloned().unwrap_or(ReplicaReport {
+                            vm,
+                            ..ReplicaReport::default()
+                        })
+                    },
                 }
             })
             .collect();
@@ -1650,5 +1682,35 @@ mod tests {
                 assert_eq!(leftovers, 0, "undo files left behind");
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_does_not_wait_for_a_busy_replica_but_says_it_is_busy() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::open(directory.path(), StorageOptions::default()).unwrap();
+        {
+            let mut replica = store.open_vm("vm1").unwrap();
+            replica.prepare(vec![disk()], "owner").unwrap();
+            replica.start_staging(id(1), DeltaKind::Initial).unwrap();
+            replica.commit(id(1), DeltaKind::Initial, false).unwrap();
+        }
+        let (taken_over, _) = mpsc::unbounded_channel();
+        let server = ReplicaServer::without_listener(store, Hosting::Caller(taken_over), None)
+            .await
+            .unwrap();
+        let idle = server.reports();
+        assert_eq!(idle.len(), 1);
+        assert!(!idle[0].busy);
+        assert_eq!(idle[0].applied_sequence, 1);
+        // A long comparison holds the VM's slot.
+        let slot = server.slot("vm1").unwrap();
+        let held = lock(&slot);
+        let busy = server.reports();
+        assert!(busy[0].busy, "{busy:?}");
+        assert_eq!(busy[0].vm, "vm1");
+        assert_eq!(busy[0].applied_sequence, 1, "the last figures read");
+        assert_eq!(busy[0].disks, idle[0].disks);
+        drop(held);
+        assert!(!server.reports()[0].busy);
     }
 }
