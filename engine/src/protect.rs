@@ -8,7 +8,9 @@
 
 use crate::delta::{Compression, DeltaEncoder, DeltaHeader, Spool, chunk_pieces};
 use crate::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
-use crate::io::{FileStorage, StorageOptions, file_storage, remove_if_present, sync_directory};
+use crate::io::{
+    FileStorage, Storage, StorageOptions, file_storage, remove_if_present, sync_directory,
+};
 use crate::proto::{CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription};
 use crate::resync::BlockHashes;
 use crate::track::{
@@ -572,6 +574,57 @@ fn raw_disk_id(path: &Path) -> Uuid {
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
+/// A journal reopened, with what it recovered.
+struct Reopened {
+    journal: Journal<Box<dyn Storage>>,
+    recovered: Recovered,
+    identity: JournalIdentity,
+}
+
+/// Reopens a disk's journal. `None` when there is none, or when its content cannot be trusted
+/// (tracking is lost and starts afresh); an error when the journal cannot be read (a full or
+/// failing disk), so that a journal that may be intact is not thrown away.
+fn reopen_journal(
+    journal_path: &Path,
+    journal_name: &str,
+    storage: &StorageOptions,
+    disk_id: uuid::Uuid,
+    virtual_size: u64,
+) -> Result<Option<Reopened>> {
+    let file = match FileStorage::open(journal_path, true) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(Error::file(journal_name, "open journal", error)),
+    };
+    let storage = storage.layered(Box::new(file));
+    let opened = Journal::stored_identity(&storage, journal_name).and_then(|stored| {
+        // A raw image has no id of its own: the journal keeps the one it was given.
+        let identity = JournalIdentity {
+            disk_id: if disk_id.is_nil() {
+                stored.disk_id
+            } else {
+                disk_id
+            },
+            virtual_size,
+            ..stored
+        };
+        let (journal, recovered) = Journal::open(storage, journal_name, identity)?;
+        Ok(Reopened {
+            journal,
+            recovered,
+            identity,
+        })
+    });
+    match opened {
+        Ok(opened) => Ok(Some(opened)),
+        Err(error @ Error::TrackingLost { .. }) => {
+            tracing::warn!(%error, "starting tracking afresh: the replica will be rebuilt by an initial replication");
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Opens one disk with its journal: continuing tracking when the journal holds, starting
 /// afresh (and asking for an initial replication) when it is new or lost.
 fn open_disk(
@@ -582,26 +635,13 @@ fn open_disk(
     let journal_path = journal_path(path);
     let journal_name = journal_path.display().to_string();
     let virtual_size = image.virtual_size();
-    let existing = FileStorage::open(&journal_path, true).ok();
-    let reopened = existing.and_then(|file| {
-        let storage = storage.layered(Box::new(file));
-        let stored = Journal::stored_identity(&storage, &journal_name).ok()?;
-        // A raw image has no id of its own: the journal keeps the one it was given.
-        let identity = JournalIdentity {
-            disk_id: if disk_id.is_nil() { stored.disk_id } else { disk_id },
-            virtual_size,
-            ..stored
-        };
-        match Journal::open(storage, &journal_name, identity) {
-            Ok(opened) => Some((opened, identity)),
-            Err(error) => {
-                tracing::warn!(%error, "starting tracking afresh: the replica will be rebuilt by an initial replication");
-                None
-            }
-        }
-    });
+    let reopened = reopen_journal(&journal_path, &journal_name, storage, disk_id, virtual_size)?;
     let (journal, recovered, identity, fresh) = match reopened {
-        Some(((journal, recovered), identity)) => (journal, recovered, identity, false),
+        Some(Reopened {
+            journal,
+            recovered,
+            identity,
+        }) => (journal, recovered, identity, false),
         None => {
             if journal_path.exists() {
                 tracing::warn!(journal = %journal_name, "tracking lost: resynchronization required; replacing the journal");

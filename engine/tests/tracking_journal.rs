@@ -243,3 +243,65 @@ fn the_image_size_must_match_the_journal() {
     let result = TrackedDisk::with_journal(image(&small), journal, recovered);
     assert!(result.unwrap_err().to_string().contains("tracking lost"));
 }
+
+/// A store whose reads past `failing_from` fail as a failing disk's do.
+struct FailingReads {
+    inner: MemoryStorage,
+    failing_from: u64,
+}
+
+impl Storage for FailingReads {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset + buf.len() as u64 > self.failing_from {
+            return Err(std::io::Error::other("input/output error"));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn set_len(&self, size: u64) -> std::io::Result<()> {
+        self.inner.set_len(size)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+}
+
+#[test]
+fn a_journal_the_disk_fails_to_read_is_an_error_and_a_short_one_is_lost() {
+    let (_, journal_storage, tracked) = start();
+    drop(tracked.close().unwrap());
+    let good = journal_storage.to_bytes();
+    // The header, a region page, then the bitmap fail to read: an I/O error each time, not
+    // lost tracking, so the journal is not thrown away for a disk that may recover.
+    for failing_from in [0, 4096, good.len() as u64 - 1] {
+        let failing = FailingReads {
+            inner: MemoryStorage::from_bytes(good.clone()),
+            failing_from,
+        };
+        let stored = Journal::stored_identity(&failing, "journal");
+        let opened = Journal::open(failing, "journal", identity());
+        let error = opened.map(|_| ()).unwrap_err();
+        assert!(
+            !matches!(error, Error::TrackingLost { .. }),
+            "reads failing from {failing_from}: {error}"
+        );
+        assert!(error.to_string().contains("read journal"), "{error}");
+        if failing_from == 0 {
+            assert!(!matches!(stored, Err(Error::TrackingLost { .. })));
+        }
+    }
+    // A journal cut short has lost its content.
+    let short = good[..good.len() - 4096].to_vec();
+    let error = Journal::open(MemoryStorage::from_bytes(short), "journal", identity())
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::TrackingLost { reason, .. } if reason.contains("truncated")),
+        "{error}"
+    );
+}

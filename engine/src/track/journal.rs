@@ -91,6 +91,17 @@ fn lost(name: &str, reason: impl Into<String>) -> Error {
     }
 }
 
+/// A journal read that failed. A journal shorter than its layout has lost its content; any
+/// other failure is the storage's (a full or failing disk), which the caller must see rather
+/// than throw tracking away: the journal may be intact once the disk is.
+fn read_failed(name: &str, offset: u64, error: std::io::Error) -> Error {
+    if error.kind() == std::io::ErrorKind::UnexpectedEof {
+        lost(name, format!("journal truncated before byte {offset}"))
+    } else {
+        Error::file(name, "read journal", error)
+    }
+}
+
 impl<S: Storage> Journal<S> {
     /// Starts a new journal (after a full copy: nothing is dirty), replacing any content.
     pub fn create(storage: S, name: &str, identity: JournalIdentity) -> Result<Self> {
@@ -127,21 +138,19 @@ impl<S: Storage> Journal<S> {
     }
 
     /// Opens an existing journal for `identity` and recovers what must count as changed.
-    /// Anything that cannot be trusted is `Error::TrackingLost`.
+    /// Content that cannot be trusted is `Error::TrackingLost`; a storage that fails is an
+    /// I/O error (tracking is not given up for a disk that is full or failing).
     pub fn open(storage: S, name: &str, identity: JournalIdentity) -> Result<(Self, Recovered)> {
         let read = |offset: u64, length: u64| -> Result<Vec<u8>> {
             let mut bytes = vec![0u8; length as usize];
-            storage.read_at(&mut bytes, offset).map_err(|error| {
-                lost(
-                    name,
-                    format!("journal unreadable at byte {offset}: {error}"),
-                )
-            })?;
+            storage
+                .read_at(&mut bytes, offset)
+                .map_err(|error| read_failed(name, offset, error))?;
             Ok(bytes)
         };
         let size = storage
             .size()
-            .map_err(|error| lost(name, format!("journal missing: {error}")))?;
+            .map_err(|error| Error::file(name, "read journal", error))?;
         if size < PAGE {
             return Err(lost(name, "journal missing or empty"));
         }
@@ -263,7 +272,7 @@ impl<S: Storage> Journal<S> {
         let mut header = vec![0u8; PAGE as usize];
         storage
             .read_at(&mut header, 0)
-            .map_err(|error| lost(name, format!("journal missing or unreadable: {error}")))?;
+            .map_err(|error| read_failed(name, 0, error))?;
         if &header[..8] != MAGIC || u32_at(&header, 4092) != crc32c::crc32c(&header[..4092]) {
             return Err(lost(
                 name,
