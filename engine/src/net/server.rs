@@ -24,8 +24,12 @@ use tokio::sync::{mpsc, watch};
 
 /// How long a new connection has to introduce itself.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a peer that asked for hashes has to compare them and say hello.
-const RESYNC_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a peer that asked for hashes has to compare them and say hello: an hour, or the
+/// time to hash its disks at a slow 32 MiB/s when that is longer. A peer that dies is noticed
+/// sooner, by QUIC's idle timeout; this bounds one that lives but never answers.
+fn resync_timeout(disk_bytes: u64) -> Duration {
+    Duration::from_secs((disk_bytes / (32 << 20)).max(3600))
+}
 
 /// What the status socket reports for each VM on the replica.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -910,10 +914,17 @@ async fn serve_connection(
         if let Message::HashRequest { vm, seed } = hello {
             // A resynchronization first: the hashes, then the session's hello once the peer
             // has compared (hashing both disks takes a while).
-            match hash_request(&store, &vms, &site, &vm, &owner).await {
+            let resync_deadline = match hash_request(&store, &vms, &site, &vm, &owner).await {
                 Ok((slot, applied)) => {
+                    let disk_bytes: u64 = lock(&slot)
+                        .replica
+                        .descriptions()
+                        .iter()
+                        .map(|disk| disk.virtual_size)
+                        .sum();
+                    let resync_deadline = resync_timeout(disk_bytes);
                     // The welcome first, so the primary hashes its disks while this side does.
-                    let answered = tokio::time::timeout(RESYNC_TIMEOUT, async {
+                    let answered = tokio::time::timeout(resync_deadline, async {
                         super::resync::answer_welcome(&mut send, applied).await?;
                         if applied == 0 {
                             return Ok(());
@@ -931,14 +942,15 @@ async fn serve_connection(
                         return None;
                     }
                     compared = true;
+                    resync_deadline
                 }
                 Err(reason) => {
                     let _ = send.write_all(&super::resync::refusal(reason)).await;
                     let _ = send.finish();
                     return None;
                 }
-            }
-            hello = tokio::time::timeout(RESYNC_TIMEOUT, read_frame(&mut receive))
+            };
+            hello = tokio::time::timeout(resync_deadline, read_frame(&mut receive))
                 .await
                 .ok()?
                 .ok()??;
@@ -1712,5 +1724,13 @@ mod tests {
         assert_eq!(busy[0].disks, idle[0].disks);
         drop(held);
         assert!(!server.reports()[0].busy);
+    }
+
+    #[test]
+    fn a_resync_of_large_disks_is_given_time_to_hash_them() {
+        assert_eq!(resync_timeout(0), Duration::from_secs(3600));
+        assert_eq!(resync_timeout(64 << 30), Duration::from_secs(3600));
+        // 4 TiB at 32 MiB/s: over 36 hours.
+        assert_eq!(resync_timeout(4 << 40), Duration::from_secs(131_072));
     }
 }
