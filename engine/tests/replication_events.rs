@@ -190,12 +190,17 @@ async fn failover_when_disconnected(server: &ReplicaServer) -> u64 {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_replica_server_tells_each_delta_applied_and_each_failover_step() {
+/// A replica server and a primary replicating `vm1` to it, both telling their events.
+async fn two_sites() -> (
+    tempfile::TempDir,
+    ReplicaServer,
+    mpsc::UnboundedReceiver<TimedEvent>,
+    Primary,
+) {
     let directory = tempfile::tempdir().unwrap();
     let replica_id = Identity::create("replica", &directory.path().join("replica-id")).unwrap();
     let primary_id = Identity::create("primary", &directory.path().join("primary-id")).unwrap();
-    let (server, mut server_events) = server(
+    let (server, server_events) = server(
         directory.path(),
         "store",
         &replica_id,
@@ -203,7 +208,13 @@ async fn the_replica_server_tells_each_delta_applied_and_each_failover_step() {
         HostingOptions::default(),
     )
     .await;
-    let mut primary = Primary::start(directory.path(), &primary_id, &replica_id, &server);
+    let primary = Primary::start(directory.path(), &primary_id, &replica_id, &server);
+    (directory, server, server_events, primary)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_server_tells_each_delta_applied_and_each_failover_step() {
+    let (directory, server, mut server_events, mut primary) = two_sites().await;
     primary.replicate_until(3).await;
 
     let test_copy = server
@@ -277,18 +288,7 @@ async fn the_replica_server_tells_each_delta_applied_and_each_failover_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_failover_is_told_by_both_sides() {
-    let directory = tempfile::tempdir().unwrap();
-    let replica_id = Identity::create("replica", &directory.path().join("replica-id")).unwrap();
-    let primary_id = Identity::create("primary", &directory.path().join("primary-id")).unwrap();
-    let (server, mut server_events) = server(
-        directory.path(),
-        "store",
-        &replica_id,
-        &primary_id,
-        HostingOptions::default(),
-    )
-    .await;
-    let mut primary = Primary::start(directory.path(), &primary_id, &replica_id, &server);
+    let (_directory, server, mut server_events, mut primary) = two_sites().await;
     primary.replicate_until(2).await;
 
     // The VM's writes have stopped (nothing writes now): hand it over.
