@@ -74,22 +74,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
     )?;
     // Replication events (cycles, health, resync, failover steps) come on this channel.
     let (events, mut received) = mpsc::unbounded_channel();
-    let options = PrimaryOptions {
-        route: Route::Dial {
+    let mut options = PrimaryOptions::new(
+        Route::Dial {
             endpoint,
             replica: server.address(),
         },
         config,
-        streams: 2,
-        max_rate: None,
-        suspended: None,
-        consistency_hook: None,
-        commands: None,
-        resync: None,
-        resync_window: None,
-        source_changes: None,
-        events: Some(events),
-    };
+    );
+    options.streams = 2;
+    options.events = Some(events);
     let report = SharedReport::default();
     let (stop, stopped) = watch::channel(false);
     let primary = tokio::spawn(run_primary(

@@ -45,13 +45,13 @@ impl Primary {
         );
         let (events, received) = mpsc::unbounded_channel();
         let (commands, command_receiver) = mpsc::unbounded_channel();
-        let options = PrimaryOptions {
-            route: Route::Dial {
+        let mut options = PrimaryOptions::new(
+            Route::Dial {
                 endpoint: client_endpoint(identity, trusted.certificate.clone(), server.address())
                     .unwrap(),
                 replica: server.address(),
             },
-            config: PrimaryConfig {
+            PrimaryConfig {
                 vm: "vm1".into(),
                 primary: "host-a".into(),
                 disks: vm.descriptions().to_vec(),
@@ -63,16 +63,10 @@ impl Primary {
                 seed: 11,
                 app_consistent_every: None,
             },
-            streams: 2,
-            max_rate: None,
-            suspended: None,
-            consistency_hook: None,
-            commands: Some(command_receiver),
-            resync: None,
-            resync_window: None,
-            source_changes: None,
-            events: Some(events),
-        };
+        );
+        options.streams = 2;
+        options.commands = Some(command_receiver);
+        options.events = Some(events);
         let report = SharedReport::default();
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run_primary(

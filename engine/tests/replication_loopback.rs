@@ -103,19 +103,11 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
     assert!(vm.needs_initial());
     let report = SharedReport::default();
     let (stop, stopped) = watch::channel(false);
-    let options = PrimaryOptions {
-        route: dial(&primary_identity, &replica_identity, server.address()),
-        config: config(&vm, Duration::from_millis(300)),
-        streams: 3,
-        max_rate: None,
-        suspended: None,
-        consistency_hook: None,
-        commands: None,
-        resync: None,
-        resync_window: None,
-        source_changes: None,
-        events: None,
-    };
+    let mut options = PrimaryOptions::new(
+        dial(&primary_identity, &replica_identity, server.address()),
+        config(&vm, Duration::from_millis(300)),
+    );
+    options.streams = 3;
     let primary = tokio::spawn(run_primary(
         Arc::clone(&vm),
         options,
@@ -196,19 +188,11 @@ async fn refused(
         ProtectedVm::open(&[disk_path], &StorageOptions::default(), Compression::Lz4).unwrap(),
     );
     let (_stop, stopped) = watch::channel(false);
-    let options = PrimaryOptions {
-        route: dial(&presented, trusted, server.address()),
-        config: config(&vm, Duration::from_secs(1)),
-        streams: 2,
-        max_rate: None,
-        suspended: None,
-        consistency_hook: None,
-        commands: None,
-        resync: None,
-        resync_window: None,
-        source_changes: None,
-        events: None,
-    };
+    let mut options = PrimaryOptions::new(
+        dial(&presented, trusted, server.address()),
+        config(&vm, Duration::from_secs(1)),
+    );
+    options.streams = 2;
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
         run_primary(vm, options, SharedReport::default(), stopped),
@@ -314,19 +298,10 @@ async fn one_server_keeps_two_vms_from_two_primaries_with_all_their_disks() {
         if consistency_hook.is_some() {
             config.app_consistent_every = Some(Duration::ZERO);
         }
-        let options = PrimaryOptions {
-            route: dial(&identity, &replica_identity, server.address()),
-            config,
-            streams: 2,
-            max_rate: None,
-            suspended: None,
-            consistency_hook,
-            commands: None,
-            resync: None,
-            resync_window: None,
-            source_changes: None,
-            events: None,
-        };
+        let mut options =
+            PrimaryOptions::new(dial(&identity, &replica_identity, server.address()), config);
+        options.streams = 2;
+        options.consistency_hook = consistency_hook;
         let task = tokio::spawn(run_primary(
             Arc::clone(&vm),
             options,

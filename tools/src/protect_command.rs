@@ -167,35 +167,34 @@ impl Agent<'_> {
         let (suspend, suspended_receiver) = watch::channel(suspended);
         let (commands, command_receiver) = mpsc::unbounded_channel();
         let reverse_requested = Arc::new(AtomicBool::new(false));
-        let options = PrimaryOptions {
-            route: Route::Dial {
+        let mut options = PrimaryOptions::new(
+            Route::Dial {
                 endpoint: self.endpoint.clone(),
                 replica: self.replica,
             },
             config,
-            streams: usize::from(arguments.streams),
-            max_rate: arguments.max_rate,
-            suspended: Some(suspended_receiver),
-            consistency_hook: arguments
+        );
+        options.streams = usize::from(arguments.streams);
+        options.max_rate = arguments.max_rate;
+        options.suspended = Some(suspended_receiver);
+        options.consistency_hook =
+            arguments
                 .consistency_hook
                 .clone()
                 .map(|command| ConsistencyHook {
                     command,
                     timeout: arguments.hook_timeout,
-                }),
-            commands: Some(command_receiver),
-            // Tracking cannot vouch for the replica (a new or lost journal): compare by hash
-            // first; a replica with no copy yet gets an initial replication instead.
-            resync: match arguments.initial {
-                InitialMode::Full => false,
-                InitialMode::Auto => vm.needs_initial() && !handed_back,
-                InitialMode::Existing => !handed_back,
-            }
-            .then(|| Arc::new(|_| {}) as blockrep::net::ResyncDone),
-            resync_window: arguments.resync_window,
-            source_changes: None,
-            events: None,
-        };
+                });
+        options.commands = Some(command_receiver);
+        // Tracking cannot vouch for the replica (a new or lost journal): compare by hash
+        // first; a replica with no copy yet gets an initial replication instead.
+        options.resync = match arguments.initial {
+            InitialMode::Full => false,
+            InitialMode::Auto => vm.needs_initial() && !handed_back,
+            InitialMode::Existing => !handed_back,
+        }
+        .then(|| Arc::new(|_| {}) as blockrep::net::ResyncDone);
+        options.resync_window = arguments.resync_window;
         let report = SharedReport::default();
         let control = {
             let report = Arc::clone(&report);

@@ -76,22 +76,15 @@ impl ExtendedVm {
         let (stop, stopped) = watch::channel(false);
         let (applies, applied) = watch::channel(0u64);
         let report = SharedReport::default();
-        let primary_options = PrimaryOptions {
-            route: Route::Dial {
+        let mut primary_options = PrimaryOptions::new(
+            Route::Dial {
                 endpoint: options.endpoint.clone(),
                 replica: options.target,
             },
             config,
-            streams: options.streams,
-            max_rate: None,
-            suspended: None,
-            consistency_hook: None,
-            commands: None,
-            resync: None,
-            resync_window: None,
-            source_changes: Some(applied),
-            events: None,
-        };
+        );
+        primary_options.streams = options.streams;
+        primary_options.source_changes = Some(applied);
         let vm_name = name.to_owned();
         let target = options.target;
         let task_report = Arc::clone(&report);

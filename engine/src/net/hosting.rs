@@ -133,22 +133,17 @@ impl HostedVm {
             seed: crate::resync::random_seed().unwrap_or(0x5eed),
             app_consistent_every: None,
         };
-        let primary_options = PrimaryOptions {
-            route: Route::Incoming {
+        let mut primary_options = PrimaryOptions::new(
+            Route::Incoming {
                 peer: format!("old primary of {}", self.name),
                 connections: incoming,
             },
             config,
-            streams: options.streams,
-            max_rate: None,
-            suspended: None,
-            consistency_hook: None,
-            commands: Some(command_receiver),
-            resync,
-            resync_window: None,
-            source_changes: None,
-            events,
-        };
+        );
+        primary_options.streams = options.streams;
+        primary_options.commands = Some(command_receiver);
+        primary_options.resync = resync;
+        primary_options.events = events;
         let task = runtime.spawn(run_primary(
             Arc::clone(&self.vm),
             primary_options,

@@ -127,6 +127,27 @@ pub struct PrimaryOptions {
     pub events: Option<super::events::EventSender>,
 }
 
+impl PrimaryOptions {
+    /// Replicates by `config` over `route`, on 4 data streams, with nothing else asked: no
+    /// rate limit, pause, hook, commands, resynchronization or events. Set the fields to ask
+    /// for them.
+    pub fn new(route: Route, config: PrimaryConfig) -> PrimaryOptions {
+        PrimaryOptions {
+            route,
+            config,
+            streams: 4,
+            max_rate: None,
+            suspended: None,
+            consistency_hook: None,
+            commands: None,
+            resync: None,
+            resync_window: None,
+            source_changes: None,
+            events: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for PrimaryOptions {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
@@ -349,19 +370,9 @@ impl Pacer {
 ///     };
 ///     let endpoint =
 ///         client_endpoint(&primary_id, replica_id.certificate.clone(), server.address())?;
-///     let options = PrimaryOptions {
-///         route: Route::Dial { endpoint, replica: server.address() },
-///         config,
-///         streams: 2,
-///         max_rate: None,
-///         suspended: None,
-///         consistency_hook: None,
-///         commands: None,
-///         resync: None,
-///         resync_window: None,
-///         source_changes: None,
-///         events: None,
-///     };
+///     let mut options =
+///         PrimaryOptions::new(Route::Dial { endpoint, replica: server.address() }, config);
+///     options.streams = 2;
 ///     let report = SharedReport::default();
 ///     let (stop, stopped) = tokio::sync::watch::channel(false);
 ///     let primary = tokio::spawn(run_primary(Arc::clone(&vm), options, report.clone(), stopped));

@@ -387,8 +387,8 @@ type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
 /// #       &StorageOptions::default(),
 /// #       Compression::Lz4,
 /// #   )?);
-/// #   let options = PrimaryOptions {
-/// #       route: Route::Dial {
+/// #   let options = PrimaryOptions::new(
+/// #       Route::Dial {
 /// #           endpoint: client_endpoint(
 /// #               &primary_id,
 /// #               replica_id.certificate.clone(),
@@ -396,7 +396,7 @@ type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
 /// #           )?,
 /// #           replica: server.address(),
 /// #       },
-/// #       config: PrimaryConfig {
+/// #       PrimaryConfig {
 /// #           vm: "vm1".into(),
 /// #           primary: "host-a".into(),
 /// #           disks: vm.descriptions().to_vec(),
@@ -408,16 +408,7 @@ type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
 /// #           seed: 1,
 /// #           app_consistent_every: None,
 /// #       },
-/// #       streams: 2,
-/// #       max_rate: None,
-/// #       suspended: None,
-/// #       consistency_hook: None,
-/// #       commands: None,
-/// #       resync: None,
-/// #       resync_window: None,
-/// #       source_changes: None,
-/// #       events: None,
-/// #   };
+/// #   );
 /// #   let (stop, stopped) = tokio::sync::watch::channel(false);
 /// #   let primary = tokio::spawn(run_primary(vm, options, SharedReport::default(), stopped));
 ///
