@@ -292,6 +292,7 @@ async fn a_planned_failover_is_told_by_both_sides() {
         .send(PrimaryCommand::HandOver {
             reverse: false,
             done,
+            before_take_over: None,
         })
         .unwrap();
     let sequence = answer.await.unwrap().unwrap();

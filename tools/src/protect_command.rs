@@ -490,7 +490,11 @@ fn planned_failover(
         return serde_json::json!({"error": format!("cannot stop the NBD export: {error}")});
     }
     let (done, answer) = oneshot::channel();
-    let outcome = match commands.send(PrimaryCommand::HandOver { reverse, done }) {
+    let outcome = match commands.send(PrimaryCommand::HandOver {
+        reverse,
+        done,
+        before_take_over: None,
+    }) {
         Ok(()) => answer.blocking_recv().ok(),
         Err(_) => None,
     };

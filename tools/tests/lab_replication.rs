@@ -1232,6 +1232,84 @@ fn reverse_replication_after_an_unplanned_failover_ships_only_what_differs_then_
     site.assert_replica_equals_primary();
 }
 
+#[test]
+fn a_replica_server_killed_as_the_vm_is_handed_back_does_not_run_it_again() {
+    let test = "a_replica_server_killed_as_the_vm_is_handed_back_does_not_run_it_again";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let nbd_directory = site.path("nbd-b");
+    let options = [
+        "--nbd-dir",
+        text(&nbd_directory),
+        "--reverse-frequency",
+        "1s",
+    ];
+    let (mut crashing, address) = site.serve_command(
+        None,
+        "127.0.0.1:0",
+        "serve-crashing.log",
+        Some("failback-taken-over"),
+        &options,
+    );
+    let replica_nbd = nbd_directory.join("vm1.sock");
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_until_replicated(&[&crashing, &protect]);
+    site.nbd_io(&["write -P 0x61 0 2M"]);
+    site.wait_until_replicated(&[&crashing, &protect]);
+    // To the replica site and back: the VM writes there, then its first host takes it over,
+    // and the server dies before it has recorded that it gave the VM up.
+    planned_failover(&site, &[&crashing, &protect]);
+    wait_for_reverse(&site, &[&crashing, &protect]);
+    nbd_io_at(&replica_nbd, &["write -P 0x62 8M 1M"]);
+    let _ = site
+        .blockrep()
+        .args(["failover", "vm1", "--planned", "--reverse"])
+        .output()
+        .unwrap();
+    let status = crashing.wait_exit(WAIT);
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the server was to die at the crash point, but: {status}\n{}",
+        crashing.tail()
+    );
+    // Restarted, it is the VM's replica: the first host runs the VM and replicates to it,
+    // instead of being told to be the replica of a VM the server would run too.
+    let (mut serve, _) = site.serve_command(None, &address, "serve.log", None, &options);
+    site.wait_for_primary(
+        "the first host to run the VM, replicating to the restarted server",
+        &[&serve, &protect],
+        |status| status["state"] == "replicating" && status["connected"] == true,
+    );
+    assert!(
+        serve.log().contains("a failback was interrupted"),
+        "{}",
+        serve.tail()
+    );
+    let replica = site.replica_status().unwrap_or_default();
+    assert!(replica["failover"].is_null(), "{replica}");
+    site.nbd_io(&["write -P 0x63 16M 1M"]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    // Nothing written at either site was lost.
+    let home = std::fs::read(site.capture_through_nbd("home.raw")).unwrap();
+    for (range, byte) in [
+        (0..2 * MIB, 0x61u8),
+        (8 * MIB..9 * MIB, 0x62),
+        (16 * MIB..17 * MIB, 0x63),
+    ] {
+        let (start, end) = (range.start as usize, range.end as usize);
+        assert!(
+            home[start..end].iter().all(|&found| found == byte),
+            "{byte:#x} at {start} was lost"
+        );
+    }
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}
+
 /// `blockrep failover vm1 --planned --reverse`, wherever the VM runs; both sites compared equal.
 fn planned_failover(site: &Site, daemons: &[&Daemon]) {
     let output = site

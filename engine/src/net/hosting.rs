@@ -5,7 +5,8 @@
 
 use super::events::EventSender;
 use super::primary::{
-    Ending, PrimaryCommand, PrimaryOptions, ResyncDone, Route, SharedReport, run_primary,
+    BeforeTakeOver, Ending, PrimaryCommand, PrimaryOptions, ResyncDone, Route, SharedReport,
+    run_primary,
 };
 use crate::delta::Compression;
 use crate::io::StorageOptions;
@@ -208,6 +209,7 @@ impl HostedVm {
     pub(super) fn hand_over(
         &self,
         reverse: bool,
+        before_take_over: BeforeTakeOver,
     ) -> Result<oneshot::Receiver<std::result::Result<u64, String>>> {
         let replica = self.reverse.as_ref().ok_or_else(|| Error::Replication {
             peer: self.name.clone(),
@@ -218,7 +220,11 @@ impl HostedVm {
         let (done, answer) = oneshot::channel();
         replica
             .commands
-            .send(PrimaryCommand::HandOver { reverse, done })
+            .send(PrimaryCommand::HandOver {
+                reverse,
+                done,
+                before_take_over: Some(before_take_over),
+            })
             .map_err(|_| Error::Replication {
                 peer: self.name.clone(),
                 problem: "replication back has stopped".into(),

@@ -57,13 +57,15 @@ pub fn client_endpoint(
 }
 
 /// What an operator asks of a running primary.
-#[derive(Debug)]
 pub enum PrimaryCommand {
     /// Planned failover (the VM's writes are already stopped): ship the final delta, have the
     /// replica compare and take over; `done` gets the final sequence or why it failed.
     HandOver {
         reverse: bool,
         done: oneshot::Sender<std::result::Result<u64, String>>,
+        /// Told the final delta's sequence once the other side has applied it, before it is
+        /// asked to take over.
+        before_take_over: Option<BeforeTakeOver>,
     },
     /// Compare the disks by hash on the next connection and ship what differs.
     Resync,
@@ -71,6 +73,19 @@ pub enum PrimaryCommand {
     Verify {
         done: oneshot::Sender<std::result::Result<crate::resync::Verification, String>>,
     },
+}
+
+impl std::fmt::Debug for PrimaryCommand {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrimaryCommand::HandOver { reverse, .. } => formatter
+                .debug_struct("HandOver")
+                .field("reverse", reverse)
+                .finish_non_exhaustive(),
+            PrimaryCommand::Resync => formatter.write_str("Resync"),
+            PrimaryCommand::Verify { .. } => formatter.write_str("Verify"),
+        }
+    }
 }
 
 /// How replication ended, when it did not fail.
@@ -98,6 +113,11 @@ pub struct ResyncSummary {
 
 /// Told when a resynchronization has marked what differs (it then ships as a delta).
 pub type ResyncDone = Arc<dyn Fn(ResyncSummary) + Send + Sync>;
+
+/// Told, on a blocking thread, the final delta's sequence of a planned failover once the other
+/// side has applied it and before it is asked to take over; an error calls the failover off.
+/// A failback records it durably, so that a crash from then on cannot run the VM at both sites.
+pub type BeforeTakeOver = Arc<dyn Fn(u64) -> std::result::Result<(), String> + Send + Sync>;
 
 /// How a primary runs.
 pub struct PrimaryOptions {
@@ -443,6 +463,7 @@ pub async fn run_primary(
     };
     let mut commands = commands;
     let mut handover_done: Option<oneshot::Sender<std::result::Result<u64, String>>> = None;
+    let mut before_take_over: Option<BeforeTakeOver> = None;
     let resync_pending = Arc::new(std::sync::atomic::AtomicBool::new(resync.is_some()));
     let mut last_resync: Option<ResyncSummary> = None;
     let mut welcome_ends_resync = false;
@@ -590,9 +611,22 @@ pub async fn run_primary(
                     tracing::info!(vm = %config.vm, sequence, "final delta applied; comparing the disks");
                     let vm = Arc::clone(&vm);
                     let events = events.clone();
+                    let before = before_take_over.clone();
+                    let name = config.vm.clone();
                     tokio::task::spawn_blocking(move || {
                         let outcome = crate::resync::random_seed()
-                            .and_then(|seed| vm.digests(seed).map(|digests| (seed, digests)));
+                            .and_then(|seed| vm.digests(seed).map(|digests| (seed, digests)))
+                            .and_then(|verified| match &before {
+                                Some(before) => {
+                                    before(sequence).map(|()| verified).map_err(|problem| {
+                                        Error::Replication {
+                                            peer: name,
+                                            problem,
+                                        }
+                                    })
+                                }
+                                None => Ok(verified),
+                            });
                         let _ = events.send(Event::Verified { sequence, outcome });
                     });
                 }
@@ -714,11 +748,12 @@ pub async fn run_primary(
                         let _ = done.send(Err("verify runs on the VM's first host".into()));
                     }
                 },
-                PrimaryCommand::HandOver { reverse, done } => {
+                PrimaryCommand::HandOver { reverse, done, before_take_over: before } => {
                     match primary.hand_over(Instant::now(), reverse) {
                         Ok(()) => {
                             tracing::info!(vm = %config.vm, reverse, "planned failover: shipping the final delta");
                             handover_done = Some(done);
+                            before_take_over = before;
                         }
                         Err(reason) => {
                             let _ = done.send(Err(reason));
@@ -782,7 +817,7 @@ pub async fn run_primary(
                     Event::Verified { sequence, outcome } => match outcome {
                         Ok((seed, digests)) => primary.verified(sequence, seed, digests),
                         Err(error) => {
-                            let reason = format!("cannot compute the disks' digests: {error}");
+                            let reason = format!("cannot prepare the handover: {error}");
                             tracing::error!(%reason);
                             if let Some(done) = handover_done.take() {
                                 let _ = done.send(Err(reason.clone()));

@@ -8,7 +8,7 @@ use super::extension::ExtendedVm;
 use super::frame::{read_frame, spawn_control_writer};
 use super::hosting::{HostedVm, HostingOptions};
 use super::identity::Identity;
-use super::primary::{PrimaryReport, ResyncDone};
+use super::primary::{BeforeTakeOver, PrimaryReport, ResyncDone};
 use super::tls::server_config;
 use crate::proto::{ConnectionId, Message, Replica, ReplicaAction};
 use crate::replica::{PointInfo, ReplicaStore, VmReplica, fence_for};
@@ -731,6 +731,16 @@ impl ReplicaServer {
             tokio::task::spawn_blocking(move || {
                 let mut guard = lock(&slot);
                 let vm = guard.machine_name();
+                // Once the old primary holds the final delta it may take the VM over at any
+                // moment: from then on a crash here must not bring the VM up here again.
+                let this = guard.this.clone();
+                let before_take_over: BeforeTakeOver = Arc::new(move |sequence| {
+                    let slot = this.upgrade().ok_or("the replica server is stopping")?;
+                    lock(&slot)
+                        .replica
+                        .set_handing_back(Some(sequence))
+                        .map_err(|error| error.to_string())
+                });
                 let hosted = guard.hosted.as_mut().ok_or_else(|| Error::Replication {
                     peer: vm.clone(),
                     problem: "does not run at this site; a planned failover runs where the VM runs".into(),
@@ -743,7 +753,7 @@ impl ReplicaServer {
                     });
                 }
                 hosted.stop_writes()?;
-                let asked = hosted.hand_over(reverse);
+                let asked = hosted.hand_over(reverse, before_take_over);
                 if asked.is_err() {
                     hosted.resume_writes()?;
                 }
@@ -760,9 +770,17 @@ impl ReplicaServer {
             Ok(Ok(sequence)) => sequence,
             failed => {
                 // Not handed over: the VM goes on running here.
-                if let Some(hosted) = lock(&slot).hosted.as_mut()
-                    && let Err(error) = hosted.resume_writes()
-                {
+                let resumed = Arc::clone(&slot);
+                let resumed = blocking(vm, move || {
+                    let mut guard = lock(&resumed);
+                    guard.replica.set_handing_back(None)?;
+                    match guard.hosted.as_mut() {
+                        Some(hosted) => hosted.resume_writes(),
+                        None => Ok(()),
+                    }
+                })
+                .await;
+                if let Err(error) = resumed {
                     tracing::error!(%vm, %error, "cannot let the VM's writes in again");
                 }
                 let problem = match failed {
@@ -775,6 +793,7 @@ impl ReplicaServer {
                 });
             }
         };
+        crate::replica::crash_point("failback-taken-over");
         let hosted = lock(&slot).hosted.take();
         if let Some(hosted) = hosted {
             hosted.close().await?;
@@ -1161,6 +1180,18 @@ fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
     let Some(failover) = slot.replica.failover().filter(|failover| failover.active()) else {
         return Ok(());
     };
+    if let Some(sequence) = failover.handing_back {
+        // A failback was under way when this server stopped: the old primary holds the final
+        // delta and may run the VM already. Run here too and both sites would; so this is its
+        // replica again, and the old primary takes the VM over when it reconnects, if it has
+        // not yet.
+        tracing::warn!(%vm, sequence, "a failback was interrupted after its final delta: the VM runs at the other site, not here; this is its replica again");
+        slot.replica.hand_back(sequence)?;
+        let record = slot.replica.record();
+        slot.machine = Replica::new(vm, record);
+        extend(slot, true);
+        return Ok(());
+    }
     // The disks are the VM's now, no longer a replica to pass on; the onward primary lets go
     // of them before they are opened for the VM.
     if let Some(extended) = slot.extended.take() {

@@ -9,4 +9,5 @@ mod store;
 pub use bundle::apply_bundle;
 pub use copy::{ReplicaAccess, copy_point};
 pub use points::PointPolicy;
+pub(crate) use store::crash_point;
 pub use store::{FailoverRecord, PointInfo, ReplicaStore, VmReplica, WallClock, fence_for};

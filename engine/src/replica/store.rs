@@ -104,6 +104,11 @@ pub struct FailoverRecord {
     /// writes made after its last shipped cut (an unplanned failover).
     #[serde(default)]
     pub resync: bool,
+    /// A failback back to the old primary is under way: its final delta, this sequence, is
+    /// applied there, which may take the VM over any moment. A server that restarts with
+    /// this set must not run the VM again: it becomes the replica, at this sequence.
+    #[serde(default)]
+    pub handing_back: Option<u64>,
 }
 
 impl FailoverRecord {
@@ -780,6 +785,7 @@ impl VmReplica {
             planned: false,
             reverse: false,
             resync: true,
+            handing_back: None,
         });
         self.write_catalogue(catalogue)
     }
@@ -851,6 +857,7 @@ impl VmReplica {
                 planned: true,
                 reverse,
                 resync: false,
+                handing_back: None,
             },
         )
     }
@@ -890,6 +897,17 @@ impl VmReplica {
         if let Some(failover) = &mut catalogue.failover {
             failover.resync = false;
         }
+        self.write_catalogue(catalogue)
+    }
+
+    /// Records (`Some`) or drops (`None`) a failback under way at final delta `sequence`:
+    /// see [`FailoverRecord::handing_back`].
+    pub(crate) fn set_handing_back(&mut self, sequence: Option<u64>) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        let Some(failover) = catalogue.failover.as_mut() else {
+            return Err(self.refusal("does not run at this site".into()));
+        };
+        failover.handing_back = sequence;
         self.write_catalogue(catalogue)
     }
 
@@ -1324,7 +1342,7 @@ impl VmReplica {
 
 /// Kills the process with SIGKILL at the named point when `BLOCKREP_CRASH_POINT` names it:
 /// how the crash tests stop a real server between two steps of a commit, exactly there.
-fn crash_point(name: &str) {
+pub(crate) fn crash_point(name: &str) {
     static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let chosen = CHOSEN.get_or_init(|| std::env::var("BLOCKREP_CRASH_POINT").ok());
     if chosen.as_deref() == Some(name) {
