@@ -1238,6 +1238,15 @@ fn a_replica_server_killed_as_the_vm_is_handed_back_does_not_run_it_again() {
     if !have_qemu(test) {
         return;
     }
+    // Before the first host is asked to take the VM over, and after it has.
+    for crash_point in ["failback-final-delta-recorded", "failback-taken-over"] {
+        killed_during_failback(crash_point);
+    }
+}
+
+/// A failback whose replica server is killed at `crash_point`: once restarted, it is the VM's
+/// replica, the first host runs the VM, and nothing written at either site is lost.
+fn killed_during_failback(crash_point: &str) {
     let site = Site::new("64M");
     let nbd_directory = site.path("nbd-b");
     let options = [
@@ -1250,7 +1259,7 @@ fn a_replica_server_killed_as_the_vm_is_handed_back_does_not_run_it_again() {
         None,
         "127.0.0.1:0",
         "serve-crashing.log",
-        Some("failback-taken-over"),
+        Some(crash_point),
         &options,
     );
     let replica_nbd = nbd_directory.join("vm1.sock");
@@ -1272,7 +1281,7 @@ fn a_replica_server_killed_as_the_vm_is_handed_back_does_not_run_it_again() {
     assert_eq!(
         status.signal(),
         Some(libc::SIGKILL),
-        "the server was to die at the crash point, but: {status}\n{}",
+        "the server was to die at {crash_point}, but: {status}\n{}",
         crashing.tail()
     );
     // Restarted, it is the VM's replica: the first host runs the VM and replicates to it,
@@ -1302,7 +1311,7 @@ fn a_replica_server_killed_as_the_vm_is_handed_back_does_not_run_it_again() {
         let (start, end) = (range.start as usize, range.end as usize);
         assert!(
             home[start..end].iter().all(|&found| found == byte),
-            "{byte:#x} at {start} was lost"
+            "{crash_point}: {byte:#x} at {start} was lost"
         );
     }
     protect.stop();

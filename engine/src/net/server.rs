@@ -739,7 +739,9 @@ impl ReplicaServer {
                     lock(&slot)
                         .replica
                         .set_handing_back(Some(sequence))
-                        .map_err(|error| error.to_string())
+                        .map_err(|error| error.to_string())?;
+                    crate::replica::crash_point("failback-final-delta-recorded");
+                    Ok(())
                 });
                 let hosted = guard.hosted.as_mut().ok_or_else(|| Error::Replication {
                     peer: vm.clone(),
