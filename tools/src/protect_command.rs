@@ -14,9 +14,9 @@ use crate::replication_command::{
 use blockrep::delta::Compression;
 use blockrep::nbd::NbdServer;
 use blockrep::net::{
-    Connection, ConsistencyHook, Ending, Endpoint, Greeting, Hosting, Identity, PrimaryCommand,
-    PrimaryOptions, ReplicaServer, Route, SharedReport, client_endpoint, close_when_free, exports,
-    greet, load_certificate, peer_fingerprint, run_primary,
+    Connection, ConsistencyHook, Ending, Endpoint, Greeting, HandoverFailure, Hosting, Identity,
+    PrimaryCommand, PrimaryOptions, ReplicaServer, Route, SharedReport, client_endpoint,
+    close_when_free, exports, greet, load_certificate, peer_fingerprint, run_primary,
 };
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::{DiskDescription, Message, PROTOCOL_VERSION, PrimaryConfig};
@@ -502,7 +502,11 @@ fn planned_failover(
         Some(Ok(sequence)) => {
             serde_json::json!({"ok": {"sequence": sequence, "reverse": reverse}})
         }
-        Some(Err(reason)) => {
+        Some(Err(HandoverFailure::Unknown(reason))) => {
+            // The other site may run the VM now: the writes stay stopped here.
+            serde_json::json!({"error": HandoverFailure::Unknown(reason).to_string()})
+        }
+        Some(Err(HandoverFailure::NotHandedOver(reason))) => {
             // Refused: the VM goes on running here.
             if let Some(address) = address {
                 match NbdServer::start(address, exports(vm)) {

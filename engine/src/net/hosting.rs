@@ -5,8 +5,8 @@
 
 use super::events::EventSender;
 use super::primary::{
-    BeforeTakeOver, Ending, PrimaryCommand, PrimaryOptions, ResyncDone, Route, SharedReport,
-    run_primary,
+    BeforeTakeOver, Ending, HandoverFailure, PrimaryCommand, PrimaryOptions, ResyncDone, Route,
+    SharedReport, run_primary,
 };
 use crate::delta::Compression;
 use crate::io::StorageOptions;
@@ -204,13 +204,21 @@ impl HostedVm {
         Ok(())
     }
 
+    /// Makes every write the VM made durable (its data and the images' metadata).
+    pub(super) fn flush(&self) -> Result<()> {
+        for disk in self.vm.disks() {
+            disk.flush()?;
+        }
+        Ok(())
+    }
+
     /// Asks the reverse primary for a planned failover back; the answer comes on the
     /// returned channel.
     pub(super) fn hand_over(
         &self,
         reverse: bool,
         before_take_over: BeforeTakeOver,
-    ) -> Result<oneshot::Receiver<std::result::Result<u64, String>>> {
+    ) -> Result<oneshot::Receiver<std::result::Result<u64, HandoverFailure>>> {
         let replica = self.reverse.as_ref().ok_or_else(|| Error::Replication {
             peer: self.name.clone(),
             problem: "not replicating back to the old primary: run `blockrep reverse` first, \

@@ -31,9 +31,9 @@ pub use extension::ExtensionOptions;
 pub use hosting::{HostingOptions, close_when_free, exports};
 pub use identity::{Identity, fingerprint, load_certificate};
 pub use primary::{
-    BeforeTakeOver, ConsistencyHook, Ending, Greeting, PrimaryCommand, PrimaryOptions,
-    PrimaryReport, ResyncDone, ResyncSummary, Route, SharedReport, client_endpoint, greet,
-    run_primary,
+    BeforeTakeOver, ConsistencyHook, Ending, Greeting, HandoverFailure, PrimaryCommand,
+    PrimaryOptions, PrimaryReport, ResyncDone, ResyncSummary, Route, SharedReport, client_endpoint,
+    greet, run_primary,
 };
 pub use resync::ProgressReport;
 pub use server::{Hosting, ReplicaReport, ReplicaServer, TakenOver, TestCopy};

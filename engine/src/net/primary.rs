@@ -62,7 +62,7 @@ pub enum PrimaryCommand {
     /// replica compare and take over; `done` gets the final sequence or why it failed.
     HandOver {
         reverse: bool,
-        done: oneshot::Sender<std::result::Result<u64, String>>,
+        done: oneshot::Sender<std::result::Result<u64, HandoverFailure>>,
         /// Told the final delta's sequence once the other side has applied it, before it is
         /// asked to take over.
         before_take_over: Option<BeforeTakeOver>,
@@ -73,6 +73,29 @@ pub enum PrimaryCommand {
     Verify {
         done: oneshot::Sender<std::result::Result<crate::resync::Verification, String>>,
     },
+}
+
+/// Why a planned failover did not hand the VM over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandoverFailure {
+    /// The VM did not go: the other side refused it, or replication stopped before the other
+    /// side was asked to take it over. It may run here again.
+    NotHandedOver(String),
+    /// Replication stopped after the other side was asked to take the VM over: it may run
+    /// there now, so it must not run here until that is settled.
+    Unknown(String),
+}
+
+impl std::fmt::Display for HandoverFailure {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandoverFailure::NotHandedOver(reason) => formatter.write_str(reason),
+            HandoverFailure::Unknown(reason) => write!(
+                formatter,
+                "{reason}; the other site may run the VM now, so its writes stay stopped here"
+            ),
+        }
+    }
 }
 
 impl std::fmt::Debug for PrimaryCommand {
@@ -462,8 +485,12 @@ pub async fn run_primary(
         ),
     };
     let mut commands = commands;
-    let mut handover_done: Option<oneshot::Sender<std::result::Result<u64, String>>> = None;
+    let mut handover_done: Option<oneshot::Sender<std::result::Result<u64, HandoverFailure>>> =
+        None;
     let mut before_take_over: Option<BeforeTakeOver> = None;
+    // The other side was asked to take the VM over: from then on a failure leaves it unknown
+    // whether it did.
+    let mut handover_requested = false;
     let resync_pending = Arc::new(std::sync::atomic::AtomicBool::new(resync.is_some()));
     let mut last_resync: Option<ResyncSummary> = None;
     let mut welcome_ends_resync = false;
@@ -569,7 +596,11 @@ pub async fn run_primary(
                     );
                     tracing::error!(replica = %peer, %reason, "replication stopped");
                     if let Some(done) = handover_done.take() {
-                        let _ = done.send(Err(reason.clone()));
+                        let _ = done.send(Err(if handover_requested {
+                            HandoverFailure::Unknown(reason.clone())
+                        } else {
+                            HandoverFailure::NotHandedOver(reason.clone())
+                        }));
                     }
                     outcome = Err(Error::Replication {
                         peer: peer.clone(),
@@ -586,8 +617,9 @@ pub async fn run_primary(
                         },
                     );
                     tracing::error!(vm = %config.vm, %reason, "the planned failover was refused; replication goes on, and the disks are compared first");
+                    handover_requested = false;
                     if let Some(done) = handover_done.take() {
-                        let _ = done.send(Err(reason.clone()));
+                        let _ = done.send(Err(HandoverFailure::NotHandedOver(reason.clone())));
                     }
                     resync_pending.store(true, Ordering::Relaxed);
                     // A comparison asked for now is not ended by the welcome of one before.
@@ -756,7 +788,7 @@ pub async fn run_primary(
                             before_take_over = before;
                         }
                         Err(reason) => {
-                            let _ = done.send(Err(reason));
+                            let _ = done.send(Err(HandoverFailure::NotHandedOver(reason)));
                         }
                     }
                 }
@@ -815,14 +847,19 @@ pub async fn run_primary(
                         }
                     }
                     Event::Verified { sequence, outcome } => match outcome {
-                        Ok((seed, digests)) => primary.verified(sequence, seed, digests),
+                        Ok((seed, digests)) => {
+                            handover_requested = handover_done.is_some();
+                            primary.verified(sequence, seed, digests);
+                        }
                         Err(error) => {
                             let reason = format!("cannot prepare the handover: {error}");
                             tracing::error!(%reason);
+                            // Only a handover still asked for ends here; one called off
+                            // meanwhile has already been answered.
                             if let Some(done) = handover_done.take() {
-                                let _ = done.send(Err(reason.clone()));
+                                let _ = done.send(Err(HandoverFailure::NotHandedOver(reason.clone())));
+                                outcome_failed(&mut primary, &reason);
                             }
-                            outcome_failed(&mut primary, &reason);
                         }
                     },
                     Event::ConnectFailed { reason, permanent } => {
@@ -885,7 +922,8 @@ pub async fn run_primary(
         }
     }
     // A handover cut short by the end (stopped, or the VM taken over elsewhere) is neither
-    // done nor refused here: the asker hears the channel close and does not resume writes.
+    // done nor refused here: the asker hears the channel close, and does not resume writes
+    // before it knows where the VM runs.
     drop(handover_done.take());
     if matches!(ending, Ending::Stopped) {
         primary.stop();

@@ -8,7 +8,7 @@ use super::extension::ExtendedVm;
 use super::frame::{read_frame, spawn_control_writer};
 use super::hosting::{HostedVm, HostingOptions};
 use super::identity::Identity;
-use super::primary::{BeforeTakeOver, PrimaryReport, ResyncDone};
+use super::primary::{BeforeTakeOver, HandoverFailure, PrimaryReport, ResyncDone};
 use super::tls::server_config;
 use crate::proto::{ConnectionId, Message, Replica, ReplicaAction};
 use crate::replica::{PointInfo, ReplicaStore, VmReplica, fence_for};
@@ -726,23 +726,15 @@ impl ReplicaServer {
     /// over; this server is its replica again. Returns the final delta's sequence.
     pub async fn planned_failover(&self, vm: &str, reverse: bool) -> Result<u64> {
         let slot = self.slot(vm)?;
+        // Shared by the hook that records the final delta and by the failure below, each under
+        // the VM's lock: a failback called off is never recorded afterwards.
+        let state = Arc::new(Mutex::new(Failback::default()));
         let answer = {
-            let slot = Arc::clone(&slot);
+            let (slot, state) = (Arc::clone(&slot), Arc::clone(&state));
             tokio::task::spawn_blocking(move || {
                 let mut guard = lock(&slot);
                 let vm = guard.machine_name();
-                // Once the old primary holds the final delta it may take the VM over at any
-                // moment: from then on a crash here must not bring the VM up here again.
-                let this = guard.this.clone();
-                let before_take_over: BeforeTakeOver = Arc::new(move |sequence| {
-                    let slot = this.upgrade().ok_or("the replica server is stopping")?;
-                    lock(&slot)
-                        .replica
-                        .set_handing_back(Some(sequence))
-                        .map_err(|error| error.to_string())?;
-                    crate::replica::crash_point("failback-final-delta-recorded");
-                    Ok(())
-                });
+                let before_take_over = record_final_delta(guard.this.clone(), state);
                 let hosted = guard.hosted.as_mut().ok_or_else(|| Error::Replication {
                     peer: vm.clone(),
                     problem: "does not run at this site; a planned failover runs where the VM runs".into(),
@@ -767,49 +759,62 @@ impl ReplicaServer {
                 problem: error.to_string(),
             })??
         };
-        let answered = answer.await;
-        let sequence = match answered {
-            Ok(Ok(sequence)) => sequence,
-            failed => {
-                // Not handed over: the VM goes on running here.
-                let resumed = Arc::clone(&slot);
-                let resumed = blocking(vm, move || {
-                    let mut guard = lock(&resumed);
-                    guard.replica.set_handing_back(None)?;
-                    match guard.hosted.as_mut() {
-                        Some(hosted) => hosted.resume_writes(),
-                        None => Ok(()),
-                    }
+        let failure = match answer.await {
+            Ok(Ok(sequence)) => {
+                crate::replica::crash_point("failback-taken-over");
+                let hosted = lock(&slot).hosted.take();
+                if let Some(hosted) = hosted {
+                    hosted.close().await?;
+                }
+                return blocking(vm, move || {
+                    finish_failback(&mut lock(&slot), sequence)?;
+                    Ok(sequence)
                 })
                 .await;
-                if let Err(error) = resumed {
-                    tracing::error!(%vm, %error, "cannot let the VM's writes in again");
-                }
-                let problem = match failed {
-                    Ok(Err(problem)) => problem,
-                    _ => "replication back stopped before the failover finished".into(),
-                };
-                return Err(Error::Replication {
-                    peer: vm.to_owned(),
-                    problem,
-                });
             }
+            Ok(Err(failure)) => failure,
+            Err(_) => HandoverFailure::Unknown("replication back stopped".into()),
         };
-        crate::replica::crash_point("failback-taken-over");
-        let hosted = lock(&slot).hosted.take();
-        if let Some(hosted) = hosted {
-            hosted.close().await?;
-        }
         blocking(vm, move || {
             let mut guard = lock(&slot);
-            guard.replica.hand_back(sequence)?;
-            let record = guard.replica.record();
-            let vm = guard.machine_name();
-            guard.machine = Replica::new(&vm, record);
-            // The third site's copy is older than the failover: it starts again.
-            extend(&mut guard, true);
-            tracing::info!(%vm, sequence, "planned failover done: the VM runs at the other site; this is its replica again");
-            Ok(sequence)
+            let mut state = lock(&state);
+            state.called_off = true;
+            let recorded = guard
+                .replica
+                .failover()
+                .and_then(|failover| failover.handing_back);
+            match (&failure, recorded) {
+                // The old primary connected meanwhile and the failback was settled.
+                (_, _) if guard.replica.failover().is_none() => {
+                    Ok(state.recorded.unwrap_or_default())
+                }
+                // Asked to take over, and no answer: it may run the VM. The writes stay
+                // stopped; the failback is settled when it connects again.
+                (HandoverFailure::Unknown(_), Some(_)) => Err(Error::Replication {
+                    peer: guard.machine_name(),
+                    problem: format!(
+                        "{failure}; the failback completes when the old primary connects again"
+                    ),
+                }),
+                _ => {
+                    // Not handed over: the VM goes on running here.
+                    if recorded.is_some() {
+                        guard.replica.set_handing_back(None).map_err(|error| {
+                            Error::Replication {
+                                peer: guard.machine_name(),
+                                problem: format!("{failure}; and the record of the failback cannot be removed, so the VM's writes stay stopped: {error}"),
+                            }
+                        })?;
+                    }
+                    if let Some(hosted) = guard.hosted.as_mut() {
+                        hosted.resume_writes()?;
+                    }
+                    Err(Error::Replication {
+                        peer: guard.machine_name(),
+                        problem: failure.to_string(),
+                    })
+                }
+            }
         })
         .await
     }
@@ -1002,6 +1007,13 @@ async fn serve_connection(
             return;
         }
     };
+    // The old primary is back while a failback's outcome is open: it holds the final delta,
+    // so the failback completes and it is welcomed as the primary.
+    if let Err(error) = settle_failback(&slot).await {
+        tracing::error!(%vm, %error, "cannot settle an interrupted failback");
+        connection.close(4u32.into(), b"refused");
+        return;
+    }
     let (outgoing, writer) = spawn_control_writer(send);
     if let Some(answer) = answer_for_running_vm(&slot, &owner) {
         // The VM runs here: the connecting side is its old primary.
@@ -1176,6 +1188,91 @@ async fn replica_hashes(
     .map_err(|error| error.to_string())?
 }
 
+/// A failback in progress, as its final-delta hook and its failure path see it.
+#[derive(Debug, Default)]
+struct Failback {
+    /// The failback failed and was answered: the hook must not record it any more.
+    called_off: bool,
+    /// The final delta recorded, when it was.
+    recorded: Option<u64>,
+}
+
+/// The hook a failback runs once the old primary has applied the final delta and before it
+/// is asked to take the VM over: the VM's writes are made durable here, then the final
+/// delta is recorded (`FailoverRecord::handing_back`), so that from then on a restart of this
+/// server, or a reconnection of the old primary, never runs the VM here again.
+fn record_final_delta(
+    this: std::sync::Weak<Mutex<VmSlot>>,
+    state: Arc<Mutex<Failback>>,
+) -> BeforeTakeOver {
+    Arc::new(move |sequence| {
+        let slot = this.upgrade().ok_or("the replica server is stopping")?;
+        let mut guard = lock(&slot);
+        let mut state = lock(&state);
+        if state.called_off {
+            return Err("the failback was called off".into());
+        }
+        if let Some(hosted) = &guard.hosted {
+            hosted.flush().map_err(|error| error.to_string())?;
+        }
+        guard
+            .replica
+            .set_handing_back(Some(sequence))
+            .map_err(|error| error.to_string())?;
+        state.recorded = Some(sequence);
+        crate::replica::crash_point("failback-final-delta-recorded");
+        Ok(())
+    })
+}
+
+/// The VM runs at the old primary since a failback at delta `sequence`: this is its replica
+/// again (the VM no longer runs here: its writes stopped before the final delta).
+fn finish_failback(slot: &mut VmSlot, sequence: u64) -> Result<()> {
+    if slot.replica.failover().is_none() {
+        // Finished already, by the old primary's connection or by the failback itself.
+        return Ok(());
+    }
+    slot.replica.hand_back(sequence)?;
+    let vm = slot.machine_name();
+    slot.machine = Replica::new(&vm, slot.replica.record());
+    // The third site's copy is older than the failover: it starts again.
+    extend(slot, true);
+    tracing::info!(%vm, sequence, "failback done: the VM runs at the other site; this is its replica again");
+    Ok(())
+}
+
+/// A failback whose outcome was not known here (its server restarted, or the old primary's
+/// answer was lost): the old primary holds the final delta and may run the VM already, so it
+/// is settled as handed back. The old primary takes the VM over when it connects, if it has
+/// not yet. Returns whether there was one to settle.
+async fn settle_failback(slot: &Arc<Mutex<VmSlot>>) -> Result<bool> {
+    let (sequence, hosted) = {
+        let mut guard = lock(slot);
+        let handing_back = guard
+            .replica
+            .failover()
+            .and_then(|failover| failover.handing_back);
+        let Some(sequence) = handing_back else {
+            return Ok(false);
+        };
+        (sequence, guard.hosted.take())
+    };
+    // No VM to close: the failback itself is closing it; the old primary connects again.
+    let hosted = hosted.ok_or_else(|| Error::Replication {
+        peer: lock(slot).machine_name(),
+        problem: "the failback is finishing".into(),
+    })?;
+    tracing::warn!(
+        sequence,
+        "a failback was interrupted after its final delta: the VM runs at the other site, not here"
+    );
+    hosted.close().await?;
+    let slot = Arc::clone(slot);
+    let vm = lock(&slot).machine_name();
+    blocking(&vm, move || finish_failback(&mut lock(&slot), sequence)).await?;
+    Ok(true)
+}
+
 /// Makes a VM that failed over here run: tracked disks, NBD (for `Hosting::Here`), or tells
 /// the caller (`Hosting::Caller`). `fresh` starts tracking afresh.
 fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
@@ -1187,12 +1284,8 @@ fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
         // delta and may run the VM already. Run here too and both sites would; so this is its
         // replica again, and the old primary takes the VM over when it reconnects, if it has
         // not yet.
-        tracing::warn!(%vm, sequence, "a failback was interrupted after its final delta: the VM runs at the other site, not here; this is its replica again");
-        slot.replica.hand_back(sequence)?;
-        let record = slot.replica.record();
-        slot.machine = Replica::new(vm, record);
-        extend(slot, true);
-        return Ok(());
+        tracing::warn!(%vm, sequence, "a failback was interrupted after its final delta: the VM runs at the other site, not here");
+        return finish_failback(slot, sequence);
     }
     // The disks are the VM's now, no longer a replica to pass on; the onward primary lets go
     // of them before they are opened for the VM.
