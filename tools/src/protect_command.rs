@@ -406,6 +406,7 @@ impl Agent<'_> {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Some(handed) = taken.recv() => {
+                    blockrep::replica::crash_point("took-over-here");
                     eprintln!(
                         "blockrep: {} handed back at delta {}; it runs here again{}",
                         handed.vm,

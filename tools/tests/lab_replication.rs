@@ -464,11 +464,26 @@ impl Site {
         identity: &str,
         extra: &[&str],
     ) -> Daemon {
+        self.protect_command(namespace, replica, identity, extra, None)
+    }
+
+    /// `protect`; it kills itself at `crash_point` when one is given (logging elsewhere).
+    fn protect_command(
+        &self,
+        namespace: Option<&str>,
+        replica: &str,
+        identity: &str,
+        extra: &[&str],
+        crash_point: Option<&str>,
+    ) -> Daemon {
         let mut command = match namespace {
             Some(namespace) => Lab::exec(namespace, BLOCKREP),
             None => Command::new(BLOCKREP),
         };
         self.environment(&mut command);
+        if let Some(point) = crash_point {
+            command.env("BLOCKREP_CRASH_POINT", point);
+        }
         command.args([
             "protect",
             "--name",
@@ -487,7 +502,12 @@ impl Site {
             &format!("unix:{}", text(&self.nbd_socket())),
         ]);
         command.args(extra);
-        Daemon::spawn("blockrep protect", command, self.path("protect.log"))
+        let log = if crash_point.is_some() {
+            "protect-crashing.log"
+        } else {
+            "protect.log"
+        };
+        Daemon::spawn("blockrep protect", command, self.path(log))
     }
 
     /// The primary's answer in `blockrep status --json`, if a primary answers.
@@ -1233,20 +1253,26 @@ fn reverse_replication_after_an_unplanned_failover_ships_only_what_differs_then_
 }
 
 #[test]
-fn a_replica_server_killed_as_the_vm_is_handed_back_does_not_run_it_again() {
-    let test = "a_replica_server_killed_as_the_vm_is_handed_back_does_not_run_it_again";
+fn a_failback_killed_on_either_side_runs_the_vm_once_and_loses_nothing() {
+    let test = "a_failback_killed_on_either_side_runs_the_vm_once_and_loses_nothing";
     if !have_qemu(test) {
         return;
     }
-    // Before the first host is asked to take the VM over, and after it has.
-    for crash_point in ["failback-final-delta-recorded", "failback-taken-over"] {
-        killed_during_failback(crash_point);
+    // The replica server, before the first host is asked to take the VM over and after it
+    // has; then the first host, as it takes the VM over.
+    for (crash_point, server) in [
+        ("failback-final-delta-recorded", true),
+        ("failback-taken-over", true),
+        ("took-over-here", false),
+    ] {
+        killed_during_failback(crash_point, server);
     }
 }
 
-/// A failback whose replica server is killed at `crash_point`: once restarted, it is the VM's
-/// replica, the first host runs the VM, and nothing written at either site is lost.
-fn killed_during_failback(crash_point: &str) {
+/// A failback during which the replica server (`server`) or the first host is killed at
+/// `crash_point`: once restarted, the first host runs the VM, the server is its replica, and
+/// nothing written at either site is lost.
+fn killed_during_failback(crash_point: &str, server: bool) {
     let site = Site::new("64M");
     let nbd_directory = site.path("nbd-b");
     let options = [
@@ -1255,50 +1281,67 @@ fn killed_during_failback(crash_point: &str) {
         "--reverse-frequency",
         "1s",
     ];
-    let (mut crashing, address) = site.serve_command(
+    let (mut serve, address) = site.serve_command(
         None,
         "127.0.0.1:0",
-        "serve-crashing.log",
-        Some(crash_point),
+        "serve-first.log",
+        server.then_some(crash_point),
         &options,
     );
     let replica_nbd = nbd_directory.join("vm1.sock");
-    let mut protect = site.protect(None, &address, "pid");
-    site.wait_until_replicated(&[&crashing, &protect]);
+    let mut protect =
+        site.protect_command(None, &address, "pid", &[], (!server).then_some(crash_point));
+    site.wait_until_replicated(&[&serve, &protect]);
     site.nbd_io(&["write -P 0x61 0 2M"]);
-    site.wait_until_replicated(&[&crashing, &protect]);
+    site.wait_until_replicated(&[&serve, &protect]);
     // To the replica site and back: the VM writes there, then its first host takes it over,
-    // and the server dies before it has recorded that it gave the VM up.
-    planned_failover(&site, &[&crashing, &protect]);
-    wait_for_reverse(&site, &[&crashing, &protect]);
+    // and one side dies in the middle.
+    planned_failover(&site, &[&serve, &protect]);
+    wait_for_reverse(&site, &[&serve, &protect]);
     nbd_io_at(&replica_nbd, &["write -P 0x62 8M 1M"]);
-    let _ = site
+    let mut failback = site
         .blockrep()
         .args(["failover", "vm1", "--planned", "--reverse"])
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
         .unwrap();
+    let crashing = if server { &mut serve } else { &mut protect };
     let status = crashing.wait_exit(WAIT);
     assert_eq!(
         status.signal(),
         Some(libc::SIGKILL),
-        "the server was to die at {crash_point}, but: {status}\n{}",
+        "{crash_point}: the process was to die there, but: {status}\n{}",
         crashing.tail()
     );
-    // Restarted, it is the VM's replica: the first host runs the VM and replicates to it,
-    // instead of being told to be the replica of a VM the server would run too.
-    let (mut serve, _) = site.serve_command(None, &address, "serve.log", None, &options);
+    if server {
+        // Restarted, the server is the VM's replica: the first host runs the VM and
+        // replicates to it, instead of being told to be the replica of a VM the server
+        // would run too.
+        serve = site
+            .serve_command(None, &address, "serve.log", None, &options)
+            .0;
+    } else {
+        protect = site.protect(None, &address, "pid");
+    }
     site.wait_for_primary(
-        "the first host to run the VM, replicating to the restarted server",
+        "the first host to run the VM, replicating to the replica server",
         &[&serve, &protect],
         |status| status["state"] == "replicating" && status["connected"] == true,
     );
+    wait_for(
+        "the failback command to end",
+        WAIT,
+        || serve.tail(),
+        || failback.try_wait().unwrap(),
+    );
     assert!(
-        serve.log().contains("a failback was interrupted"),
-        "{}",
+        serve.log().contains("failback"),
+        "{crash_point}: {}",
         serve.tail()
     );
     let replica = site.replica_status().unwrap_or_default();
-    assert!(replica["failover"].is_null(), "{replica}");
+    assert!(replica["failover"].is_null(), "{crash_point}: {replica}");
     site.nbd_io(&["write -P 0x63 16M 1M"]);
     site.wait_until_replicated(&[&serve, &protect]);
     // Nothing written at either site was lost.

@@ -9,5 +9,7 @@ mod store;
 pub use bundle::apply_bundle;
 pub use copy::{ReplicaAccess, copy_point};
 pub use points::PointPolicy;
-pub(crate) use store::crash_point;
+/// For crash tests: the process kills itself at the point `BLOCKREP_CRASH_POINT` names.
+#[doc(hidden)]
+pub use store::crash_point;
 pub use store::{FailoverRecord, PointInfo, ReplicaStore, VmReplica, WallClock, fence_for};

@@ -1342,7 +1342,7 @@ impl VmReplica {
 
 /// Kills the process with SIGKILL at the named point when `BLOCKREP_CRASH_POINT` names it:
 /// how the crash tests stop a real server between two steps of a commit, exactly there.
-pub(crate) fn crash_point(name: &str) {
+pub fn crash_point(name: &str) {
     static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let chosen = CHOSEN.get_or_init(|| std::env::var("BLOCKREP_CRASH_POINT").ok());
     if chosen.as_deref() == Some(name) {
