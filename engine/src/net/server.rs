@@ -107,6 +107,8 @@ pub enum Hosting {
 struct Site {
     hosting: Hosting,
     events: Option<EventSender>,
+    /// Each VM's last report, for when its replica is busy.
+    last_reports: Mutex<HashMap<String, ReplicaReport>>,
 }
 
 impl Site {
@@ -450,8 +452,6 @@ pub struct ReplicaServer {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     next_connection: Arc<AtomicU64>,
-    /// Each VM's last report, for when its replica is busy.
-    last_reports: Mutex<HashMap<String, ReplicaReport>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -473,7 +473,11 @@ impl ReplicaServer {
         hosting: Hosting,
         events: Option<EventSender>,
     ) -> Result<ReplicaServer> {
-        let site = Arc::new(Site { hosting, events });
+        let site = Arc::new(Site {
+            hosting,
+            events,
+            last_reports: Mutex::default(),
+        });
         let vms: Vms = Arc::default();
         for vm in store.vms()? {
             open_slot(&store, &vms, &vm, &site).await?;
@@ -508,7 +512,6 @@ impl ReplicaServer {
             stop,
             task,
             next_connection,
-            last_reports: Mutex::default(),
         })
     }
 
@@ -520,7 +523,11 @@ impl ReplicaServer {
         hosting: Hosting,
         events: Option<EventSender>,
     ) -> Result<ReplicaServer> {
-        let site = Arc::new(Site { hosting, events });
+        let site = Arc::new(Site {
+            hosting,
+            events,
+            last_reports: Mutex::default(),
+        });
         let vms: Vms = Arc::default();
         for vm in store.vms()? {
             open_slot(&store, &vms, &vm, &site).await?;
@@ -534,7 +541,6 @@ impl ReplicaServer {
             stop,
             task: tokio::spawn(async {}),
             next_connection: Arc::new(AtomicU64::new(1)),
-            last_reports: Mutex::default(),
         })
     }
 
@@ -565,7 +571,7 @@ impl ReplicaServer {
             .iter()
             .map(|(vm, slot)| (vm.clone(), Arc::clone(slot)))
             .collect();
-        let mut last_reports = lock(&self.last_reports);
+        let mut last_reports = lock(&self.site.last_reports);
         let mut reports: Vec<ReplicaReport> = slots
             .into_iter()
             .map(|(vm, slot)| {
@@ -726,97 +732,14 @@ impl ReplicaServer {
     /// over; this server is its replica again. Returns the final delta's sequence.
     pub async fn planned_failover(&self, vm: &str, reverse: bool) -> Result<u64> {
         let slot = self.slot(vm)?;
-        // Shared by the hook that records the final delta and by the failure below, each under
-        // the VM's lock: a failback called off is never recorded afterwards.
-        let state = Arc::new(Mutex::new(Failback::default()));
-        let answer = {
-            let (slot, state) = (Arc::clone(&slot), Arc::clone(&state));
-            tokio::task::spawn_blocking(move || {
-                let mut guard = lock(&slot);
-                let vm = guard.machine_name();
-                let before_take_over = record_final_delta(guard.this.clone(), state);
-                let hosted = guard.hosted.as_mut().ok_or_else(|| Error::Replication {
-                    peer: vm.clone(),
-                    problem: "does not run at this site; a planned failover runs where the VM runs".into(),
-                })?;
-                // Refused before the writes stop when there is no one to hand over to.
-                if !hosted.reversing() {
-                    return Err(Error::Replication {
-                        peer: vm,
-                        problem: "not replicating back to the old primary: run `blockrep reverse` first, so the other site has the VM to take over".into(),
-                    });
-                }
-                hosted.stop_writes()?;
-                let asked = hosted.hand_over(reverse, before_take_over);
-                if asked.is_err() {
-                    hosted.resume_writes()?;
-                }
-                asked
-            })
+        // Run to its end even if the caller stops waiting: its writes resume, or it is handed
+        // back, either way.
+        tokio::spawn(fail_back(slot, vm.to_owned(), reverse))
             .await
             .map_err(|error| Error::Replication {
                 peer: vm.to_owned(),
                 problem: error.to_string(),
-            })??
-        };
-        let failure = match answer.await {
-            Ok(Ok(sequence)) => {
-                crate::replica::crash_point("failback-taken-over");
-                let hosted = lock(&slot).hosted.take();
-                if let Some(hosted) = hosted {
-                    hosted.close().await?;
-                }
-                return blocking(vm, move || {
-                    finish_failback(&mut lock(&slot), sequence)?;
-                    Ok(sequence)
-                })
-                .await;
-            }
-            Ok(Err(failure)) => failure,
-            Err(_) => HandoverFailure::Unknown("replication back stopped".into()),
-        };
-        blocking(vm, move || {
-            let mut guard = lock(&slot);
-            let mut state = lock(&state);
-            state.called_off = true;
-            let recorded = guard
-                .replica
-                .failover()
-                .and_then(|failover| failover.handing_back);
-            match (&failure, recorded) {
-                // The old primary connected meanwhile and the failback was settled.
-                (_, _) if guard.replica.failover().is_none() => {
-                    Ok(state.recorded.unwrap_or_default())
-                }
-                // Asked to take over, and no answer: it may run the VM. The writes stay
-                // stopped; the failback is settled when it connects again.
-                (HandoverFailure::Unknown(_), Some(_)) => Err(Error::Replication {
-                    peer: guard.machine_name(),
-                    problem: format!(
-                        "{failure}; the failback completes when the old primary connects again"
-                    ),
-                }),
-                _ => {
-                    // Not handed over: the VM goes on running here.
-                    if recorded.is_some() {
-                        guard.replica.set_handing_back(None).map_err(|error| {
-                            Error::Replication {
-                                peer: guard.machine_name(),
-                                problem: format!("{failure}; and the record of the failback cannot be removed, so the VM's writes stay stopped: {error}"),
-                            }
-                        })?;
-                    }
-                    if let Some(hosted) = guard.hosted.as_mut() {
-                        hosted.resume_writes()?;
-                    }
-                    Err(Error::Replication {
-                        peer: guard.machine_name(),
-                        problem: failure.to_string(),
-                    })
-                }
-            }
-        })
-        .await
+            })?
     }
 
     /// Cancels a failover not committed: its disks go, replication from the primary may
@@ -932,13 +855,11 @@ async fn serve_connection(
             // A resynchronization first: the hashes, then the session's hello once the peer
             // has compared (hashing both disks takes a while).
             let resync_deadline = match hash_request(&store, &vms, &site, &vm, &owner).await {
-                Ok((slot, applied)) => {
-                    let disk_bytes: u64 = lock(&slot)
-                        .replica
-                        .descriptions()
-                        .iter()
-                        .map(|disk| disk.virtual_size)
-                        .sum();
+                Ok(HashRequest {
+                    slot,
+                    applied,
+                    disk_bytes,
+                }) => {
                     let resync_deadline = resync_timeout(disk_bytes);
                     // The welcome first, so the primary hashes its disks while this side does.
                     let answered = tokio::time::timeout(resync_deadline, async {
@@ -1151,13 +1072,19 @@ async fn hash_request(
     site: &Arc<Site>,
     vm: &str,
     owner: &str,
-) -> std::result::Result<(Arc<Mutex<VmSlot>>, u64), String> {
+) -> std::result::Result<HashRequest, String> {
     let slot = open_slot(store, vms, vm, site)
         .await
         .map_err(|error| error.to_string())?;
-    let applied = {
+    let (applied, disk_bytes) = {
         let slot = lock(&slot);
-        match slot.machine.record().owner.as_deref() {
+        let disk_bytes = slot
+            .replica
+            .descriptions()
+            .iter()
+            .map(|disk| disk.virtual_size)
+            .sum();
+        let applied = match slot.machine.record().owner.as_deref() {
             None => 0,
             Some(known) if known != owner => {
                 return Err("this VM belongs to another primary".to_owned());
@@ -1168,9 +1095,22 @@ async fn hash_request(
                 ));
             }
             Some(_) => slot.replica.applied(),
-        }
+        };
+        (applied, disk_bytes)
     };
-    Ok((slot, applied))
+    Ok(HashRequest {
+        slot,
+        applied,
+        disk_bytes,
+    })
+}
+
+/// A comparison a primary may make: of this VM's replica, at delta `applied` (0 when it
+/// holds no copy), of `disk_bytes` in all.
+struct HashRequest {
+    slot: Arc<Mutex<VmSlot>>,
+    applied: u64,
+    disk_bytes: u64,
 }
 
 /// The block hashes of the replica's disks.
@@ -1186,6 +1126,103 @@ async fn replica_hashes(
     })
     .await
     .map_err(|error| error.to_string())?
+}
+
+/// A planned failover of a VM that runs here back to its old primary (see
+/// `ReplicaServer::planned_failover`).
+async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: bool) -> Result<u64> {
+    let vm = vm.as_str();
+    // Shared by the hook that records the final delta and by the failure below, each under
+    // the VM's lock: a failback called off is never recorded afterwards.
+    let state = Arc::new(Mutex::new(Failback::default()));
+    let answer = {
+        let (slot, state) = (Arc::clone(&slot), Arc::clone(&state));
+        tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&slot);
+            let vm = guard.machine_name();
+            let before_take_over = record_final_delta(guard.this.clone(), state);
+            let hosted = guard.hosted.as_mut().ok_or_else(|| Error::Replication {
+                peer: vm.clone(),
+                problem: "does not run at this site; a planned failover runs where the VM runs".into(),
+            })?;
+            // Refused before the writes stop when there is no one to hand over to.
+            if !hosted.reversing() {
+                return Err(Error::Replication {
+                    peer: vm,
+                    problem: "not replicating back to the old primary: run `blockrep reverse` first, so the other site has the VM to take over".into(),
+                });
+            }
+            hosted.stop_writes()?;
+            let asked = hosted.hand_over(reverse, before_take_over);
+            if asked.is_err() {
+                hosted.resume_writes()?;
+            }
+            asked
+        })
+        .await
+        .map_err(|error| Error::Replication {
+            peer: vm.to_owned(),
+            problem: error.to_string(),
+        })??
+    };
+    let failure = match answer.await {
+        Ok(Ok(sequence)) => {
+            crate::replica::crash_point("failback-taken-over");
+            let hosted = lock(&slot).hosted.take();
+            if let Some(hosted) = hosted {
+                hosted.close().await?;
+            }
+            return blocking(vm, move || {
+                finish_failback(&mut lock(&slot), sequence)?;
+                Ok(sequence)
+            })
+            .await;
+        }
+        Ok(Err(failure)) => failure,
+        Err(_) => HandoverFailure::Unknown("replication back stopped".into()),
+    };
+    blocking(vm, move || {
+        let mut guard = lock(&slot);
+        let mut state = lock(&state);
+        state.called_off = true;
+        let recorded = guard
+            .replica
+            .failover()
+            .and_then(|failover| failover.handing_back);
+        match (&failure, recorded) {
+            // The old primary connected meanwhile and the failback was settled.
+            (_, _) if guard.replica.failover().is_none() => {
+                Ok(state.recorded.unwrap_or_default())
+            }
+            // Asked to take over, and no answer: it may run the VM. The writes stay
+            // stopped; the failback is settled when it connects again.
+            (HandoverFailure::Unknown(_), Some(_)) => Err(Error::Replication {
+                peer: guard.machine_name(),
+                problem: format!(
+                    "{failure}; the failback completes when the old primary connects again"
+                ),
+            }),
+            _ => {
+                // Not handed over: the VM goes on running here.
+                if recorded.is_some() {
+                    guard.replica.set_handing_back(None).map_err(|error| {
+                        Error::Replication {
+                            peer: guard.machine_name(),
+                            problem: format!("{failure}; and the record of the failback cannot be removed, so the VM's writes stay stopped: {error}"),
+                        }
+                    })?;
+                }
+                if let Some(hosted) = guard.hosted.as_mut() {
+                    hosted.resume_writes()?;
+                }
+                Err(Error::Replication {
+                    peer: guard.machine_name(),
+                    problem: failure.to_string(),
+                })
+            }
+        }
+    })
+    .await
 }
 
 /// A failback in progress, as its final-delta hook and its failure path see it.
@@ -1425,6 +1462,11 @@ async fn open_slot(
             peer: "store".into(),
             problem: error.to_string(),
         })??;
+    }
+    if created {
+        // Status has figures for the VM even if it is busy the first time it is asked.
+        let report = report(vm.to_owned(), &lock(&slot));
+        lock(&site.last_reports).insert(vm.to_owned(), report);
     }
     Ok(slot)
 }
@@ -1755,6 +1797,7 @@ mod tests {
                     site: Arc::new(Site {
                         hosting: Hosting::Here(Box::default()),
                         events: None,
+                        last_reports: Mutex::default(),
                     }),
                     hosted: None,
                     extended: None,
@@ -1827,20 +1870,19 @@ mod tests {
         let server = ReplicaServer::without_listener(store, Hosting::Caller(taken_over), None)
             .await
             .unwrap();
-        let idle = server.reports();
-        assert_eq!(idle.len(), 1);
-        assert!(!idle[0].busy);
-        assert_eq!(idle[0].applied_sequence, 1);
-        // A long comparison holds the VM's slot.
+        // A long comparison holds the VM's slot, before status was ever asked.
         let slot = server.slot("vm1").unwrap();
         let held = lock(&slot);
         let busy = server.reports();
         assert!(busy[0].busy, "{busy:?}");
         assert_eq!(busy[0].vm, "vm1");
-        assert_eq!(busy[0].applied_sequence, 1, "the last figures read");
-        assert_eq!(busy[0].disks, idle[0].disks);
+        assert_eq!(busy[0].applied_sequence, 1, "the figures read when it was opened");
         drop(held);
-        assert!(!server.reports()[0].busy);
+        let idle = server.reports();
+        assert_eq!(idle.len(), 1);
+        assert!(!idle[0].busy);
+        assert_eq!(idle[0].applied_sequence, 1);
+        assert_eq!(busy[0].disks, idle[0].disks);
     }
 
     #[test]
