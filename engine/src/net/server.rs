@@ -1876,7 +1876,10 @@ mod tests {
         let busy = server.reports();
         assert!(busy[0].busy, "{busy:?}");
         assert_eq!(busy[0].vm, "vm1");
-        assert_eq!(busy[0].applied_sequence, 1, "the figures read when it was opened");
+        assert_eq!(
+            busy[0].applied_sequence, 1,
+            "the figures read when it was opened"
+        );
         drop(held);
         let idle = server.reports();
         assert_eq!(idle.len(), 1);
