@@ -944,6 +944,11 @@ fn print_replica(vm: &serde_json::Value) {
     if let Some(out) = vm["test_failover"].as_str() {
         println!("  test failover:       {out}");
     }
+    if let Some(sequence) = vm["failover"]["handing_back"].as_u64() {
+        println!(
+            "  failing back:        final delta {sequence} applied at the old primary; the VM's writes are stopped here"
+        );
+    }
     if vm["failover"].is_object() {
         let committed = vm["failover"]["committed"].as_bool() == Some(true);
         println!(
