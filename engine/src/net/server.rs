@@ -473,15 +473,7 @@ impl ReplicaServer {
         hosting: Hosting,
         events: Option<EventSender>,
     ) -> Result<ReplicaServer> {
-        let site = Arc::new(Site {
-            hosting,
-            events,
-            last_reports: Mutex::default(),
-        });
-        let vms: Vms = Arc::default();
-        for vm in store.vms()? {
-            open_slot(&store, &vms, &vm, &site).await?;
-        }
+        let (site, vms) = open_site(&store, hosting, events).await?;
         let allowed_count = allowed.len();
         let endpoint = quinn::Endpoint::server(server_config(identity, allowed)?, listen).map_err(
             |error| Error::Network {
@@ -523,15 +515,7 @@ impl ReplicaServer {
         hosting: Hosting,
         events: Option<EventSender>,
     ) -> Result<ReplicaServer> {
-        let site = Arc::new(Site {
-            hosting,
-            events,
-            last_reports: Mutex::default(),
-        });
-        let vms: Vms = Arc::default();
-        for vm in store.vms()? {
-            open_slot(&store, &vms, &vm, &site).await?;
-        }
+        let (site, vms) = open_site(&store, hosting, events).await?;
         let (stop, _) = watch::channel(false);
         Ok(ReplicaServer {
             address: None,
@@ -790,6 +774,25 @@ impl ReplicaServer {
             }
         }
     }
+}
+
+/// The site's shared state and its VMs, each opened (a commit that a crash interrupted is
+/// finished, a VM that runs here runs again).
+async fn open_site(
+    store: &ReplicaStore,
+    hosting: Hosting,
+    events: Option<EventSender>,
+) -> Result<(Arc<Site>, Vms)> {
+    let site = Arc::new(Site {
+        hosting,
+        events,
+        last_reports: Mutex::default(),
+    });
+    let vms: Vms = Arc::default();
+    for vm in store.vms()? {
+        open_slot(store, &vms, &vm, &site).await?;
+    }
+    Ok((site, vms))
 }
 
 async fn accept_loop(
