@@ -343,6 +343,8 @@ impl Agent<'_> {
                         }) => (connection, applied),
                         Ok(Greeting::Primary) => {
                             tracing::warn!("the other site expects this host as the primary");
+                            // The server of an earlier connection lets go of the store first.
+                            shut_down(&server).await;
                             let forget = (store.clone(), arguments.name.clone());
                             tokio::task::spawn_blocking(move || forget.0.forget(&forget.1))
                                 .await??;

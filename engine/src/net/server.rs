@@ -329,6 +329,9 @@ struct VmSlot {
     hosted: Option<HostedVm>,
     /// The replica is replicated onward to a third site.
     extended: Option<ExtendedVm>,
+    /// A failback (or the settling of one) runs: no other may start, and no connection
+    /// settles it meanwhile.
+    failback: Option<Arc<Mutex<Failback>>>,
     /// This slot, for the callbacks of what runs the VM here.
     this: std::sync::Weak<Mutex<VmSlot>>,
     totals: Totals,
@@ -933,7 +936,7 @@ async fn serve_connection(
     };
     // The old primary is back while a failback's outcome is open: it holds the final delta,
     // so the failback completes and it is welcomed as the primary.
-    if let Err(error) = settle_failback(&slot).await {
+    if let Err(error) = settle_failback(&slot, &owner).await {
         tracing::error!(%vm, %error, "cannot settle an interrupted failback");
         connection.close(4u32.into(), b"refused");
         return;
@@ -1143,7 +1146,17 @@ async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: bool) -> Resul
         tokio::task::spawn_blocking(move || {
             let mut guard = lock(&slot);
             let vm = guard.machine_name();
-            let before_take_over = record_final_delta(guard.this.clone(), state);
+            let open = guard
+                .replica
+                .failover()
+                .and_then(|failover| failover.handing_back);
+            if guard.failback.is_some() || open.is_some() {
+                return Err(Error::Replication {
+                    peer: vm,
+                    problem: "a failback is under way, or one's outcome is open (it is settled when the old primary connects, or when this server starts)".into(),
+                });
+            }
+            let before_take_over = record_final_delta(guard.this.clone(), Arc::clone(&state));
             let hosted = guard.hosted.as_mut().ok_or_else(|| Error::Replication {
                 peer: vm.clone(),
                 problem: "does not run at this site; a planned failover runs where the VM runs".into(),
@@ -1157,8 +1170,9 @@ async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: bool) -> Resul
             }
             hosted.stop_writes()?;
             let asked = hosted.hand_over(reverse, before_take_over);
-            if asked.is_err() {
-                hosted.resume_writes()?;
+            match &asked {
+                Ok(_) => guard.failback = Some(state),
+                Err(_) => hosted.resume_writes()?,
             }
             asked
         })
@@ -1172,11 +1186,17 @@ async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: bool) -> Resul
         Ok(Ok(sequence)) => {
             crate::replica::crash_point("failback-taken-over");
             let hosted = lock(&slot).hosted.take();
-            if let Some(hosted) = hosted {
-                hosted.close().await?;
-            }
+            let closed = match hosted {
+                Some(hosted) => hosted.close().await,
+                None => Ok(()),
+            };
             return blocking(vm, move || {
-                finish_failback(&mut lock(&slot), sequence)?;
+                let mut guard = lock(&slot);
+                guard.failback = None;
+                // Not closed (its disks still held): the record stays, and a restart of this
+                // server finishes the failback.
+                closed?;
+                finish_failback(&mut guard, sequence)?;
                 Ok(sequence)
             })
             .await;
@@ -1188,6 +1208,7 @@ async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: bool) -> Resul
         let mut guard = lock(&slot);
         let mut state = lock(&state);
         state.called_off = true;
+        guard.failback = None;
         let recorded = guard
             .replica
             .failover()
@@ -1199,7 +1220,7 @@ async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: bool) -> Resul
             }
             // Asked to take over, and no answer: it may run the VM. The writes stay
             // stopped; the failback is settled when it connects again.
-            (HandoverFailure::Unknown(_), Some(_)) => Err(Error::Replication {
+            (HandoverFailure::Unknown(_), Some(_)) if state.recorded.is_some() => Err(Error::Replication {
                 peer: guard.machine_name(),
                 problem: format!(
                     "{failure}; the failback completes when the old primary connects again"
@@ -1285,7 +1306,7 @@ fn finish_failback(slot: &mut VmSlot, sequence: u64) -> Result<()> {
 /// answer was lost): the old primary holds the final delta and may run the VM already, so it
 /// is settled as handed back. The old primary takes the VM over when it connects, if it has
 /// not yet. Returns whether there was one to settle.
-async fn settle_failback(slot: &Arc<Mutex<VmSlot>>) -> Result<bool> {
+async fn settle_failback(slot: &Arc<Mutex<VmSlot>>, owner: &str) -> Result<bool> {
     let (sequence, hosted) = {
         let mut guard = lock(slot);
         let handing_back = guard
@@ -1295,21 +1316,34 @@ async fn settle_failback(slot: &Arc<Mutex<VmSlot>>) -> Result<bool> {
         let Some(sequence) = handing_back else {
             return Ok(false);
         };
+        // A failback still running answers for itself (its primary sends the handover again
+        // on this connection); only the VM's owner settles one.
+        if guard.failback.is_some() || guard.machine.record().owner.as_deref() != Some(owner) {
+            return Ok(false);
+        }
+        guard.failback = Some(Arc::new(Mutex::new(Failback {
+            called_off: true,
+            recorded: Some(sequence),
+        })));
         (sequence, guard.hosted.take())
     };
-    // No VM to close: the failback itself is closing it; the old primary connects again.
-    let hosted = hosted.ok_or_else(|| Error::Replication {
-        peer: lock(slot).machine_name(),
-        problem: "the failback is finishing".into(),
-    })?;
     tracing::warn!(
         sequence,
         "a failback was interrupted after its final delta: the VM runs at the other site, not here"
     );
-    hosted.close().await?;
+    let closed = match hosted {
+        Some(hosted) => hosted.close().await,
+        None => Ok(()),
+    };
     let slot = Arc::clone(slot);
     let vm = lock(&slot).machine_name();
-    blocking(&vm, move || finish_failback(&mut lock(&slot), sequence)).await?;
+    blocking(&vm, move || {
+        let mut guard = lock(&slot);
+        guard.failback = None;
+        closed?;
+        finish_failback(&mut guard, sequence)
+    })
+    .await?;
     Ok(true)
 }
 
@@ -1443,6 +1477,7 @@ async fn open_slot(
                     site: Arc::clone(site),
                     hosted: None,
                     extended: None,
+                    failback: None,
                     this: this.clone(),
                     totals: Totals::default(),
                 })
@@ -1468,8 +1503,13 @@ async fn open_slot(
     }
     if created {
         // Status has figures for the VM even if it is busy the first time it is asked.
-        let report = report(vm.to_owned(), &lock(&slot));
-        lock(&site.last_reports).insert(vm.to_owned(), report);
+        let report = slot
+            .try_lock()
+            .ok()
+            .map(|guard| report(vm.to_owned(), &guard));
+        if let Some(report) = report {
+            lock(&site.last_reports).insert(vm.to_owned(), report);
+        }
     }
     Ok(slot)
 }
@@ -1804,6 +1844,7 @@ mod tests {
                     }),
                     hosted: None,
                     extended: None,
+                    failback: None,
                     this: this.clone(),
                     totals: Totals::default(),
                 })
