@@ -329,8 +329,7 @@ struct VmSlot {
     hosted: Option<HostedVm>,
     /// The replica is replicated onward to a third site.
     extended: Option<ExtendedVm>,
-    /// A failback (or the settling of one) runs: no other may start, and no connection
-    /// settles it meanwhile.
+    /// A failback runs: no other may start.
     failback: Option<Arc<Mutex<Failback>>>,
     /// This slot, for the callbacks of what runs the VM here.
     this: std::sync::Weak<Mutex<VmSlot>>,
@@ -1186,10 +1185,12 @@ async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: bool) -> Resul
         Ok(Ok(sequence)) => {
             crate::replica::crash_point("failback-taken-over");
             let hosted = lock(&slot).hosted.take();
-            let closed = match hosted {
-                Some(hosted) => hosted.close().await,
-                None => Ok(()),
+            let Some(hosted) = hosted else {
+                // The old primary's connection took the VM to close, and finishes it.
+                lock(&slot).failback = None;
+                return Ok(sequence);
             };
+            let closed = hosted.close().await;
             return blocking(vm, move || {
                 let mut guard = lock(&slot);
                 guard.failback = None;
@@ -1214,10 +1215,12 @@ async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: bool) -> Resul
             .failover()
             .and_then(|failover| failover.handing_back);
         match (&failure, recorded) {
-            // The old primary connected meanwhile and the failback was settled.
+            // The old primary connected meanwhile: the failback was settled, or is being
+            // settled (its connection took the VM to close).
             (_, _) if guard.replica.failover().is_none() => {
                 Ok(state.recorded.unwrap_or_default())
             }
+            (_, Some(sequence)) if guard.hosted.is_none() => Ok(sequence),
             // Asked to take over, and no answer: it may run the VM. The writes stay
             // stopped; the failback is settled when it connects again.
             (HandoverFailure::Unknown(_), Some(_)) if state.recorded.is_some() => Err(Error::Replication {
@@ -1316,30 +1319,32 @@ async fn settle_failback(slot: &Arc<Mutex<VmSlot>>, owner: &str) -> Result<bool>
         let Some(sequence) = handing_back else {
             return Ok(false);
         };
-        // A failback still running answers for itself (its primary sends the handover again
-        // on this connection); only the VM's owner settles one.
-        if guard.failback.is_some() || guard.machine.record().owner.as_deref() != Some(owner) {
+        // Only the VM's owner settles a failback; while the VM is being closed (by the
+        // failback itself, or another settling) the owner connects again.
+        if guard.machine.record().owner.as_deref() != Some(owner) {
             return Ok(false);
         }
-        guard.failback = Some(Arc::new(Mutex::new(Failback {
-            called_off: true,
-            recorded: Some(sequence),
-        })));
-        (sequence, guard.hosted.take())
+        let Some(hosted) = guard.hosted.take() else {
+            return Ok(false);
+        };
+        // A failback still waiting for its answer hears it from here: it is called off, and
+        // finds the VM handed back.
+        if let Some(running) = &guard.failback {
+            lock(running).called_off = true;
+        }
+        (sequence, hosted)
     };
     tracing::warn!(
         sequence,
         "a failback was interrupted after its final delta: the VM runs at the other site, not here"
     );
-    let closed = match hosted {
-        Some(hosted) => hosted.close().await,
-        None => Ok(()),
-    };
+    let closed = hosted.close().await;
     let slot = Arc::clone(slot);
     let vm = lock(&slot).machine_name();
     blocking(&vm, move || {
         let mut guard = lock(&slot);
-        guard.failback = None;
+        // Not closed (its disks still held): the record stays, and a restart of this server
+        // finishes the failback.
         closed?;
         finish_failback(&mut guard, sequence)
     })
