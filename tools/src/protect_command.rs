@@ -23,7 +23,7 @@ use blockrep::proto::{DiskDescription, Message, PROTOCOL_VERSION, PrimaryConfig}
 use blockrep::replica::{PointPolicy, ReplicaStore};
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,6 +106,35 @@ fn replica_root(arguments: &ProtectArguments) -> PathBuf {
     PathBuf::from(root)
 }
 
+/// Where this host records a planned failover to the other site once the other site holds its
+/// final delta (and may run the VM from then on): a host restarted with it serves the disks to
+/// no one before the other site says who runs the VM.
+fn handover_mark(arguments: &ProtectArguments) -> PathBuf {
+    let mut path = arguments.disks[0].clone().into_os_string();
+    path.push(".brhandover");
+    PathBuf::from(path)
+}
+
+/// Records, durably, a handover at final delta `sequence`.
+fn write_handover_mark(path: &Path, sequence: u64) -> std::io::Result<()> {
+    let temporary = path.with_extension("brhandover.new");
+    let mut file = std::fs::File::create(&temporary)?;
+    std::io::Write::write_all(&mut file, format!("{sequence}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    let directory = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty());
+    std::fs::File::open(directory.unwrap_or(Path::new(".")))?.sync_all()
+}
+
+fn remove_handover_mark(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
 /// The VM's disk descriptions, when this host keeps its replica (its store holds the VM).
 fn adopted_descriptions(
     arguments: &ProtectArguments,
@@ -147,6 +176,16 @@ impl Agent<'_> {
                 .await??,
             )
         };
+        // A handover to the other site may have happened: ask before serving the disks.
+        if handover_mark(arguments).exists() {
+            match self.after_handover(vm.descriptions()).await? {
+                Some(role) => {
+                    tokio::task::spawn_blocking(move || close_when_free(vm)).await??;
+                    return Ok(role);
+                }
+                None => remove_handover_mark(&handover_mark(arguments))?,
+            }
+        }
         let nbd = Arc::new(Mutex::new(start_nbd(arguments, &vm)?));
         let config = PrimaryConfig {
             vm: arguments.name.clone(),
@@ -202,6 +241,7 @@ impl Agent<'_> {
             let reverse_requested = Arc::clone(&reverse_requested);
             let vm = Arc::clone(&vm);
             let arguments_nbd = arguments.nbd.clone();
+            let mark = handover_mark(arguments);
             ControlSocket::bind(&self.control_path(), move |request| {
                 match serde_json::from_str::<AgentRequest>(request) {
                     Ok(AgentRequest::PlannedFailover { reverse }) => {
@@ -212,6 +252,7 @@ impl Agent<'_> {
                             &vm,
                             arguments_nbd.as_ref(),
                             reverse,
+                            &mark,
                         );
                     }
                     Ok(AgentRequest::Verify) => return verify(&commands),
@@ -291,6 +332,52 @@ impl Agent<'_> {
                 }
             }
         })
+    }
+
+    /// A handover to the other site was under way when this agent last ran: asks the other
+    /// site who runs the VM, waiting (with the disks served to no one) until it answers.
+    /// `None`: the VM runs here (the other site expects this host as its primary).
+    async fn after_handover(
+        &self,
+        descriptions: &[DiskDescription],
+    ) -> Result<Option<Role>, Failure> {
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            vm: self.arguments.name.clone(),
+            primary: hostname(),
+            disks: descriptions.to_vec(),
+        };
+        let mut stopped = self.stopped.clone();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let greeting = tokio::select! {
+                greeting = greet(&self.endpoint, self.replica, &hello) => greeting,
+                _ = stopped.changed() => return Ok(Some(Role::Done)),
+            };
+            match greeting {
+                Ok(Greeting::Primary) => return Ok(None),
+                Ok(Greeting::Replica {
+                    connection,
+                    applied,
+                }) => {
+                    return Ok(Some(Role::Replica {
+                        descriptions: descriptions.to_vec(),
+                        first: Some((connection, applied)),
+                    }));
+                }
+                Ok(Greeting::Refused {
+                    reason,
+                    retry: false,
+                }) => return Err(format!("the other site refused: {reason}").into()),
+                Ok(Greeting::Refused { reason, .. }) | Err(reason) => {
+                    eprintln!(
+                        "blockrep: a planned failover to the other site was under way; the disks are served to no one until it says who runs the VM ({reason})"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
     }
 
     /// Keeps this host's copy as the replica of the VM running at the other site, until it
@@ -482,6 +569,7 @@ fn planned_failover(
     vm: &Arc<ProtectedVm>,
     address: Option<&blockrep::nbd::NbdAddress>,
     reverse: bool,
+    mark: &Path,
 ) -> serde_json::Value {
     let server = nbd
         .lock()
@@ -493,10 +581,15 @@ fn planned_failover(
         return serde_json::json!({"error": format!("cannot stop the NBD export: {error}")});
     }
     let (done, answer) = oneshot::channel();
+    let recorded = mark.to_owned();
+    let before_take_over: blockrep::net::BeforeTakeOver = Arc::new(move |sequence| {
+        write_handover_mark(&recorded, sequence)
+            .map_err(|error| format!("cannot record the handover: {error}"))
+    });
     let outcome = match commands.send(PrimaryCommand::HandOver {
         reverse,
         done,
-        before_take_over: None,
+        before_take_over: Some(before_take_over),
     }) {
         Ok(()) => answer.blocking_recv().ok(),
         Err(_) => None,
@@ -511,6 +604,9 @@ fn planned_failover(
         }
         Some(Err(HandoverFailure::NotHandedOver(reason))) => {
             // Refused: the VM goes on running here.
+            if let Err(error) = remove_handover_mark(mark) {
+                return serde_json::json!({"error": format!("{reason}; and the record of the handover cannot be removed, so the disks stay unserved: {error}")});
+            }
             if let Some(address) = address {
                 match NbdServer::start(address, exports(vm)) {
                     Ok(server) => {

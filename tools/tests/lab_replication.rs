@@ -1362,6 +1362,76 @@ fn killed_during_failback(crash_point: &str, server: bool) {
     site.assert_replica_equals_primary();
 }
 
+#[test]
+fn a_first_host_restarted_after_handing_its_vm_over_serves_its_disks_to_no_one() {
+    let test = "a_first_host_restarted_after_handing_its_vm_over_serves_its_disks_to_no_one";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let nbd_directory = site.path("nbd-b");
+    let (mut serve, address) = site.serve_with(
+        "127.0.0.1:0",
+        &[
+            "--nbd-dir",
+            text(&nbd_directory),
+            "--reverse-frequency",
+            "1s",
+        ],
+    );
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_until_replicated(&[&serve, &protect]);
+    site.nbd_io(&["write -P 0x61 0 2M"]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    // Handed over without replication back: the agent ends, and its host keeps nothing
+    // running.
+    run_ok(site.blockrep().args(["failover", "vm1", "--planned"]));
+    let ended = protect.wait_exit(WAIT);
+    assert!(ended.success(), "{ended}\n{}", protect.tail());
+    nbd_io_at(&nbd_directory.join("vm1.sock"), &["write -P 0x62 8M 1M"]);
+    // Started again, it asks the other site before serving its disks, which would let a
+    // second copy of the VM write: it waits while the VM runs there.
+    let mut returning = site.protect(None, &address, "pid");
+    wait_for(
+        "the agent to wait for the other site",
+        WAIT,
+        || returning.tail(),
+        || returning.log().contains("served to no one").then_some(()),
+    );
+    assert!(
+        !returning.log().contains("disks served over NBD"),
+        "{}",
+        returning.tail()
+    );
+    // Once the VM replicates back, the host is its replica; a failback makes it the
+    // primary again, and everything written at both sites is there.
+    run_ok(site.blockrep().args(["reverse", "vm1"]));
+    wait_for_reverse(&site, &[&serve, &returning]);
+    planned_failover(&site, &[&serve, &returning]);
+    site.wait_for_primary(
+        "the VM to run on its first host again",
+        &[&serve, &returning],
+        |status| status["state"] == "replicating" && status["connected"] == true,
+    );
+    site.nbd_io(&["write -P 0x63 16M 1M"]);
+    site.wait_until_replicated(&[&serve, &returning]);
+    let home = std::fs::read(site.capture_through_nbd("home.raw")).unwrap();
+    for (range, byte) in [
+        (0..2 * MIB, 0x61u8),
+        (8 * MIB..9 * MIB, 0x62),
+        (16 * MIB..17 * MIB, 0x63),
+    ] {
+        let (start, end) = (range.start as usize, range.end as usize);
+        assert!(
+            home[start..end].iter().all(|&found| found == byte),
+            "{byte:#x} at {start} was lost"
+        );
+    }
+    returning.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}
+
 /// `blockrep failover vm1 --planned --reverse`, wherever the VM runs; both sites compared equal.
 fn planned_failover(site: &Site, daemons: &[&Daemon]) {
     let output = site
