@@ -176,8 +176,11 @@ impl Agent<'_> {
                 .await??,
             )
         };
-        // A handover to the other site may have happened: ask before serving the disks.
-        if handover_mark(arguments).exists() {
+        // A handover to the other site may have happened: ask before serving the disks
+        // (unless the other site has just handed the VM back).
+        if handed_back {
+            remove_handover_mark(&handover_mark(arguments))?;
+        } else if handover_mark(arguments).exists() {
             match self.after_handover(vm.descriptions()).await? {
                 Some(role) => {
                     tokio::task::spawn_blocking(move || close_when_free(vm)).await??;
@@ -368,12 +371,21 @@ impl Agent<'_> {
                 Ok(Greeting::Refused {
                     reason,
                     retry: false,
-                }) => return Err(format!("the other site refused: {reason}").into()),
+                }) => {
+                    return Err(format!(
+                        "the other site refused: {reason}. {} records a planned failover to it; if the VM does not run there, remove that file",
+                        handover_mark(self.arguments).display()
+                    )
+                    .into());
+                }
                 Ok(Greeting::Refused { reason, .. }) | Err(reason) => {
                     eprintln!(
                         "blockrep: a planned failover to the other site was under way; the disks are served to no one until it says who runs the VM ({reason})"
                     );
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = stopped.changed() => return Ok(Some(Role::Done)),
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
@@ -435,6 +447,8 @@ impl Agent<'_> {
                             let forget = (store.clone(), arguments.name.clone());
                             tokio::task::spawn_blocking(move || forget.0.forget(&forget.1))
                                 .await??;
+                            // The other site said so: no handover to it stands.
+                            remove_handover_mark(&handover_mark(arguments))?;
                             return Ok(Role::Primary {
                                 handed_back: false,
                                 suspended: false,
@@ -581,8 +595,17 @@ fn planned_failover(
         return serde_json::json!({"error": format!("cannot stop the NBD export: {error}")});
     }
     let (done, answer) = oneshot::channel();
+    // Shared by the hook and the refusal below: a handover called off is not recorded later.
+    let called_off = Arc::new(Mutex::new(false));
     let recorded = mark.to_owned();
+    let hook_called_off = Arc::clone(&called_off);
     let before_take_over: blockrep::net::BeforeTakeOver = Arc::new(move |sequence| {
+        let called_off = hook_called_off
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *called_off {
+            return Err("the planned failover was called off".into());
+        }
         write_handover_mark(&recorded, sequence)
             .map_err(|error| format!("cannot record the handover: {error}"))
     });
@@ -604,6 +627,10 @@ fn planned_failover(
         }
         Some(Err(HandoverFailure::NotHandedOver(reason))) => {
             // Refused: the VM goes on running here.
+            let mut called_off = called_off
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *called_off = true;
             if let Err(error) = remove_handover_mark(mark) {
                 return serde_json::json!({"error": format!("{reason}; and the record of the handover cannot be removed, so the disks stay unserved: {error}")});
             }
