@@ -1345,18 +1345,7 @@ fn killed_during_failback(crash_point: &str, server: bool) {
     site.nbd_io(&["write -P 0x63 16M 1M"]);
     site.wait_until_replicated(&[&serve, &protect]);
     // Nothing written at either site was lost.
-    let home = std::fs::read(site.capture_through_nbd("home.raw")).unwrap();
-    for (range, byte) in [
-        (0..2 * MIB, 0x61u8),
-        (8 * MIB..9 * MIB, 0x62),
-        (16 * MIB..17 * MIB, 0x63),
-    ] {
-        let (start, end) = (range.start as usize, range.end as usize);
-        assert!(
-            home[start..end].iter().all(|&found| found == byte),
-            "{crash_point}: {byte:#x} at {start} was lost"
-        );
-    }
+    site.assert_written_at_home(crash_point, WRITTEN_AT_BOTH_SITES);
     protect.stop();
     serve.stop();
     site.assert_replica_equals_primary();
@@ -1415,21 +1404,31 @@ fn a_first_host_restarted_after_handing_its_vm_over_serves_its_disks_to_no_one()
     );
     site.nbd_io(&["write -P 0x63 16M 1M"]);
     site.wait_until_replicated(&[&serve, &returning]);
-    let home = std::fs::read(site.capture_through_nbd("home.raw")).unwrap();
-    for (range, byte) in [
-        (0..2 * MIB, 0x61u8),
-        (8 * MIB..9 * MIB, 0x62),
-        (16 * MIB..17 * MIB, 0x63),
-    ] {
-        let (start, end) = (range.start as usize, range.end as usize);
-        assert!(
-            home[start..end].iter().all(|&found| found == byte),
-            "{byte:#x} at {start} was lost"
-        );
-    }
+    site.assert_written_at_home(test, WRITTEN_AT_BOTH_SITES);
     returning.stop();
     serve.stop();
     site.assert_replica_equals_primary();
+}
+
+/// What the failback tests write: at the first host, at the replica site, at the first host.
+const WRITTEN_AT_BOTH_SITES: &[(std::ops::Range<u64>, u8)] = &[
+    (0..2 * MIB, 0x61),
+    (8 * MIB..9 * MIB, 0x62),
+    (16 * MIB..17 * MIB, 0x63),
+];
+
+impl Site {
+    /// Asserts that the disk, as the first host's NBD clients read it, holds every write.
+    fn assert_written_at_home(&self, context: &str, written: &[(std::ops::Range<u64>, u8)]) {
+        let home = std::fs::read(self.capture_through_nbd("home.raw")).unwrap();
+        for (range, byte) in written {
+            let (start, end) = (range.start as usize, range.end as usize);
+            assert!(
+                home[start..end].iter().all(|found| found == byte),
+                "{context}: {byte:#x} at {start} was lost"
+            );
+        }
+    }
 }
 
 /// `blockrep failover vm1 --planned --reverse`, wherever the VM runs; both sites compared equal.
