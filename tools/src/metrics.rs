@@ -32,8 +32,12 @@ impl MetricsServer {
         let (stop, thread) = control::accept_until_stopped(
             "metrics",
             move || listener.accept(),
+            // One thread per scrape: a slow one (waiting on a busy daemon) holds up no other.
             move |(stream, _)| {
-                let _ = answer(stream, &control);
+                let control = control.clone();
+                std::thread::spawn(move || {
+                    let _ = answer(stream, &control);
+                });
             },
         )?;
         Ok(MetricsServer {
@@ -111,9 +115,9 @@ fn metric_name(field: &str) -> String {
 }
 
 /// The daemon's status as exposition text: per VM, every number of its status as a gauge
-/// `blockrep_ROLE_FIELD{vm="..."}` (counters of cycles and bytes as `_total` counters), its
-/// state and health as an info metric, health also as a number (0 normal, 1 warning, 2
-/// critical); per daemon, the VMs it serves and those connected.
+/// `blockrep_ROLE_FIELD{vm="..."}` (counters of cycles and bytes as `_total` counters); for a
+/// primary, its state and health as an info metric, health also as a number (0 normal, 1
+/// warning, 2 critical); per daemon, the VMs it serves and those connected.
 pub fn exposition(status: &serde_json::Value) -> String {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
@@ -179,6 +183,10 @@ pub fn exposition(status: &serde_json::Value) -> String {
                 "gauge",
                 format!("blockrep_{role}_health{{vm=\"{name}\"}} {level}"),
             );
+        }
+        // A replica server's VMs have neither: they are a primary's words.
+        if state.is_empty() && health.is_empty() {
+            continue;
         }
         sample(
             format!("blockrep_{role}_info"),
@@ -261,5 +269,24 @@ mod tests {
                 assert!(declared.contains(name), "{name} undeclared");
             }
         }
+    }
+
+    #[test]
+    fn a_replica_server_status_has_no_empty_info_series_but_says_busy() {
+        let status = serde_json::json!({
+            "role": "replica",
+            "vms": [{"vm": "vm1", "connected": true, "busy": true, "staged_bytes_total": 10}]
+        });
+        let text = exposition(&status);
+        assert!(!text.contains("blockrep_replica_info"), "{text}");
+        assert!(!text.contains("blockrep_replica_health"), "{text}");
+        assert!(
+            text.contains("blockrep_replica_busy{vm=\"vm1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("blockrep_replica_staged_bytes_total{vm=\"vm1\"} 10"),
+            "{text}"
+        );
     }
 }

@@ -1130,17 +1130,8 @@ fn reverse_replication_after_an_unplanned_failover_ships_only_what_differs_then_
         return;
     }
     let site = Site::new("64M");
-    let nbd_directory = site.path("nbd-b");
-    let (mut serve, address) = site.serve_with(
-        "127.0.0.1:0",
-        &[
-            "--nbd-dir",
-            text(&nbd_directory),
-            "--reverse-frequency",
-            "1s",
-        ],
-    );
-    let replica_nbd = nbd_directory.join("vm1.sock");
+    let (mut serve, address) = site.serve_hosting("127.0.0.1:0", "serve.log", None);
+    let replica_nbd = site.hosted_nbd();
     let mut protect = site.protect(None, &address, "pid");
     site.wait_until_replicated(&[&serve, &protect]);
     site.nbd_io(&["write -P 0x61 0 2M"]);
@@ -1225,28 +1216,20 @@ fn reverse_replication_after_an_unplanned_failover_ships_only_what_differs_then_
         |status| status["state"] == "replicating" && sequence(status) > 0,
     );
     site.wait_until_replicated(&[&serve, &returning]);
-    let home = site.capture_through_nbd("home.raw");
-    let home = std::fs::read(&home).unwrap();
     // Every write, at either site, at every step, whole: 16M..48M (but for the later write at
     // 30M) is what the old primary wrote and the unplanned failover dropped.
-    for (range, byte) in [
-        (0..2 * MIB, 0x61u8),
-        (4 * MIB..5 * MIB, 0x65),
-        (16 * MIB..30 * MIB, 0x00),
-        (30 * MIB..31 * MIB, 0x66),
-        (31 * MIB..48 * MIB, 0x00),
-        (56 * MIB..57 * MIB, 0x63),
-        (60 * MIB..61 * MIB, 0x64),
-    ] {
-        let (start, end) = (range.start as usize, range.end as usize);
-        if let Some(wrong) = home[start..end].iter().position(|&found| found != byte) {
-            panic!(
-                "byte {} after the round trip is {:#x}, not {byte:#x}",
-                start + wrong,
-                home[start + wrong]
-            );
-        }
-    }
+    site.assert_written_at_home(
+        "after the round trip",
+        &[
+            (0..2 * MIB, 0x61),
+            (4 * MIB..5 * MIB, 0x65),
+            (16 * MIB..30 * MIB, 0x00),
+            (30 * MIB..31 * MIB, 0x66),
+            (31 * MIB..48 * MIB, 0x00),
+            (56 * MIB..57 * MIB, 0x63),
+            (60 * MIB..61 * MIB, 0x64),
+        ],
+    );
     returning.stop();
     serve.stop();
     site.assert_replica_equals_primary();
@@ -1274,21 +1257,12 @@ fn a_failback_killed_on_either_side_runs_the_vm_once_and_loses_nothing() {
 /// nothing written at either site is lost.
 fn killed_during_failback(crash_point: &str, server: bool) {
     let site = Site::new("64M");
-    let nbd_directory = site.path("nbd-b");
-    let options = [
-        "--nbd-dir",
-        text(&nbd_directory),
-        "--reverse-frequency",
-        "1s",
-    ];
-    let (mut serve, address) = site.serve_command(
-        None,
+    let (mut serve, address) = site.serve_hosting(
         "127.0.0.1:0",
         "serve-first.log",
         server.then_some(crash_point),
-        &options,
     );
-    let replica_nbd = nbd_directory.join("vm1.sock");
+    let replica_nbd = site.hosted_nbd();
     let mut protect =
         site.protect_command(None, &address, "pid", &[], (!server).then_some(crash_point));
     site.wait_until_replicated(&[&serve, &protect]);
@@ -1318,9 +1292,7 @@ fn killed_during_failback(crash_point: &str, server: bool) {
         // Restarted, the server is the VM's replica: the first host runs the VM and
         // replicates to it, instead of being told to be the replica of a VM the server
         // would run too.
-        serve = site
-            .serve_command(None, &address, "serve.log", None, &options)
-            .0;
+        serve = site.serve_hosting(&address, "serve.log", None).0;
     } else {
         protect = site.protect(None, &address, "pid");
     }
@@ -1329,19 +1301,29 @@ fn killed_during_failback(crash_point: &str, server: bool) {
         &[&serve, &protect],
         |status| status["state"] == "replicating" && status["connected"] == true,
     );
-    wait_for(
+    // It may fail (its server died under it); what counts is how the sites end.
+    let ended = wait_for(
         "the failback command to end",
         WAIT,
         || serve.tail(),
         || failback.try_wait().unwrap(),
     );
     assert!(
-        serve.log().contains("failback"),
+        serve.log().contains("failback done"),
+        "{crash_point} (the failback command ended: {ended}): {}",
+        serve.tail()
+    );
+    assert!(
+        !serve.log().contains("cannot settle"),
         "{crash_point}: {}",
         serve.tail()
     );
-    let replica = site.replica_status().unwrap_or_default();
+    let replica = site.replica_status().expect("the replica server's status");
     assert!(replica["failover"].is_null(), "{crash_point}: {replica}");
+    assert!(
+        replica["applied_sequence"].as_u64() > Some(0),
+        "{crash_point}: {replica}"
+    );
     site.nbd_io(&["write -P 0x63 16M 1M"]);
     site.wait_until_replicated(&[&serve, &protect]);
     // Nothing written at either site was lost.
@@ -1358,16 +1340,7 @@ fn a_first_host_restarted_after_handing_its_vm_over_serves_its_disks_to_no_one()
         return;
     }
     let site = Site::new("64M");
-    let nbd_directory = site.path("nbd-b");
-    let (mut serve, address) = site.serve_with(
-        "127.0.0.1:0",
-        &[
-            "--nbd-dir",
-            text(&nbd_directory),
-            "--reverse-frequency",
-            "1s",
-        ],
-    );
+    let (mut serve, address) = site.serve_hosting("127.0.0.1:0", "serve.log", None);
     let mut protect = site.protect(None, &address, "pid");
     site.wait_until_replicated(&[&serve, &protect]);
     site.nbd_io(&["write -P 0x61 0 2M"]);
@@ -1377,7 +1350,7 @@ fn a_first_host_restarted_after_handing_its_vm_over_serves_its_disks_to_no_one()
     run_ok(site.blockrep().args(["failover", "vm1", "--planned"]));
     let ended = protect.wait_exit(WAIT);
     assert!(ended.success(), "{ended}\n{}", protect.tail());
-    nbd_io_at(&nbd_directory.join("vm1.sock"), &["write -P 0x62 8M 1M"]);
+    nbd_io_at(&site.hosted_nbd(), &["write -P 0x62 8M 1M"]);
     // Started again, it asks the other site before serving its disks, which would let a
     // second copy of the VM write: it waits while the VM runs there.
     let mut returning = site.protect(None, &address, "pid");
@@ -1387,6 +1360,8 @@ fn a_first_host_restarted_after_handing_its_vm_over_serves_its_disks_to_no_one()
         || returning.tail(),
         || returning.log().contains("served to no one").then_some(()),
     );
+    // Past a retry or two, still nothing served.
+    std::thread::sleep(Duration::from_secs(2));
     assert!(
         !returning.log().contains("disks served over NBD"),
         "{}",
@@ -1410,6 +1385,31 @@ fn a_first_host_restarted_after_handing_its_vm_over_serves_its_disks_to_no_one()
     site.assert_replica_equals_primary();
 }
 
+impl Site {
+    /// Where a VM that fails over to the replica server is served over NBD.
+    fn hosted_nbd(&self) -> PathBuf {
+        self.path("nbd-b").join("vm1.sock")
+    }
+
+    /// `blockrep serve` that runs the VMs failing over to it (over NBD, at `hosted_nbd`) and
+    /// replicates them back every second; it kills itself at `crash_point` when one is given.
+    fn serve_hosting(
+        &self,
+        listen: &str,
+        log: &str,
+        crash_point: Option<&str>,
+    ) -> (Daemon, String) {
+        let nbd_directory = self.path("nbd-b");
+        let options = [
+            "--nbd-dir",
+            text(&nbd_directory),
+            "--reverse-frequency",
+            "1s",
+        ];
+        self.serve_command(None, listen, log, crash_point, &options)
+    }
+}
+
 /// What the failback tests write: at the first host, at the replica site, at the first host.
 const WRITTEN_AT_BOTH_SITES: &[(std::ops::Range<u64>, u8)] = &[
     (0..2 * MIB, 0x61),
@@ -1423,10 +1423,13 @@ impl Site {
         let home = std::fs::read(self.capture_through_nbd("home.raw")).unwrap();
         for (range, byte) in written {
             let (start, end) = (range.start as usize, range.end as usize);
-            assert!(
-                home[start..end].iter().all(|found| found == byte),
-                "{context}: {byte:#x} at {start} was lost"
-            );
+            if let Some(wrong) = home[start..end].iter().position(|found| found != byte) {
+                panic!(
+                    "{context}: byte {} is {:#x}, not {byte:#x}",
+                    start + wrong,
+                    home[start + wrong]
+                );
+            }
         }
     }
 }
