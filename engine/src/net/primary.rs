@@ -621,9 +621,7 @@ pub async fn run_primary(
                     if let Some(done) = handover_done.take() {
                         let _ = done.send(Err(HandoverFailure::NotHandedOver(reason.clone())));
                     }
-                    resync_pending.store(true, Ordering::Relaxed);
-                    // A comparison asked for now is not ended by the welcome of one before.
-                    welcome_ends_resync = false;
+                    owe_resync(&resync_pending, &mut welcome_ends_resync);
                     if let Some(link) = link.take() {
                         link.connection.close(0u32.into(), b"resynchronizing");
                     }
@@ -631,9 +629,7 @@ pub async fn run_primary(
                 }
                 PrimaryAction::Resync { reason } => {
                     tracing::warn!(vm = %config.vm, %reason, "resynchronizing: comparing the disks on the next connection");
-                    resync_pending.store(true, Ordering::Relaxed);
-                    // A comparison asked for now is not ended by the welcome of one before.
-                    welcome_ends_resync = false;
+                    owe_resync(&resync_pending, &mut welcome_ends_resync);
                     if let Some(link) = link.take() {
                         link.connection.close(0u32.into(), b"resynchronizing");
                     }
@@ -761,9 +757,7 @@ pub async fn run_primary(
             command = command => match command {
                 PrimaryCommand::Resync => {
                     tracing::info!(vm = %config.vm, "resynchronization asked for: comparing the disks on the next connection");
-                    resync_pending.store(true, Ordering::Relaxed);
-                    // A comparison asked for now is not ended by the welcome of one before.
-                    welcome_ends_resync = false;
+                    owe_resync(&resync_pending, &mut welcome_ends_resync);
                     if let Some(link) = link.take() {
                         link.connection.close(0u32.into(), b"resynchronizing");
                         primary.connection_lost(Instant::now(), "resynchronizing");
@@ -817,33 +811,29 @@ pub async fn run_primary(
                     Event::Resynchronized(this, _) if this != generation => {
                         // A comparison of a connection given up on: the next one compares.
                     }
-                    Event::Resynchronized(_, None) => {
+                    Event::Resynchronized(_, summary) => {
                         resync_announced = false;
                         events::send(
                             listeners,
                             &config.vm,
-                            ReplicationEvent::ResyncFinished { summary: None },
+                            ReplicationEvent::ResyncFinished { summary },
                         );
-                        tracing::info!(vm = %config.vm, "the replica holds no copy to compare with: initial replication");
-                        resync_pending.store(false, Ordering::Relaxed);
-                    }
-                    Event::Resynchronized(_, Some(summary)) => {
-                        resync_announced = false;
-                        events::send(
-                            listeners,
-                            &config.vm,
-                            ReplicationEvent::ResyncFinished {
-                                summary: Some(summary),
-                            },
-                        );
-                        tracing::info!(vm = %config.vm, compared = summary.compared_bytes, differing = summary.differing_bytes, "resynchronization compared the disks; what differs ships with the next delta");
-                        // Owed until the replica welcomes this connection: a link lost in
-                        // between compares again (a seeded replica insists on it).
-                        welcome_ends_resync = true;
-                        primary.resynchronized();
-                        last_resync = Some(summary);
-                        if let Some(done) = &resync {
-                            done(summary);
+                        match summary {
+                            None => {
+                                tracing::info!(vm = %config.vm, "the replica holds no copy to compare with: initial replication");
+                                resync_pending.store(false, Ordering::Relaxed);
+                            }
+                            Some(summary) => {
+                                tracing::info!(vm = %config.vm, compared = summary.compared_bytes, differing = summary.differing_bytes, "resynchronization compared the disks; what differs ships with the next delta");
+                                // Owed until the replica welcomes this connection: a link lost in
+                                // between compares again (a seeded replica insists on it).
+                                welcome_ends_resync = true;
+                                primary.resynchronized();
+                                last_resync = Some(summary);
+                                if let Some(done) = &resync {
+                                    done(summary);
+                                }
+                            }
                         }
                     }
                     Event::Verified { sequence, outcome } => match outcome {
@@ -960,6 +950,13 @@ pub async fn run_primary(
 }
 
 /// The digests could not be computed: the failover cannot be confirmed.
+/// A comparison is owed from the next connection on; one that finished before is not ended by
+/// its welcome any more.
+fn owe_resync(pending: &std::sync::atomic::AtomicBool, welcome_ends_resync: &mut bool) {
+    pending.store(true, Ordering::Relaxed);
+    *welcome_ends_resync = false;
+}
+
 fn outcome_failed(primary: &mut Primary, reason: &str) {
     primary.handle_message(
         Instant::now(),

@@ -13,23 +13,16 @@
 
 use super::frame::{read_frame, write_message};
 use super::primary::ResyncSummary;
+use crate::Result;
 use crate::protect::ProtectedVm;
 use crate::proto::{Message, PROTOCOL_VERSION};
-use crate::resync::exchange::{self, Comparison, Step};
+use crate::resync::exchange::{self, Comparison, Step, failure};
 use crate::resync::{BlockHashes, Verification, random_seed};
-use crate::{Error, Result};
 use bytes::Bytes;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-
-fn failure(problem: impl Into<String>) -> Error {
-    Error::Replication {
-        peer: "resynchronization".into(),
-        problem: problem.into(),
-    }
-}
 
 /// How far a comparison is, for `blockrep status`.
 #[derive(Debug, Default)]

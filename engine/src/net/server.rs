@@ -1542,8 +1542,13 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
+/// [`blocking`] for work that answers nothing: a panic in it is logged.
 async fn run_blocking(work: impl FnOnce() + Send + 'static) {
-    if let Err(error) = tokio::task::spawn_blocking(work).await {
+    let done = blocking("replica work", move || {
+        work();
+        Ok(())
+    });
+    if let Err(error) = done.await {
         tracing::error!(%error, "replica work panicked");
     }
 }

@@ -17,7 +17,7 @@ use std::ops::Range;
 /// Blocks per `Hashes` message: 1 MiB of hashes, well under a frame's limit.
 const PIECE_BLOCKS: u64 = 1 << 16;
 
-fn failure(problem: impl Into<String>) -> Error {
+pub(crate) fn failure(problem: impl Into<String>) -> Error {
     Error::Replication {
         peer: "resynchronization".into(),
         problem: problem.into(),
