@@ -63,7 +63,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         window: 16,
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(2),
-        needs_initial: vm.needs_initial(),
+        tracking: vm.tracking().clone(),
         seed: blockrep::resync::random_seed()?,
         app_consistent_every: None,
     };

@@ -4,14 +4,15 @@
 //! chunks by index; it knows nothing of the network.
 //!
 //! Each disk's journal lives beside it (`IMAGE.brtrack`). A journal that is new, missing or
-//! cannot be trusted means the replica must be rebuilt: `needs_initial` says so.
+//! cannot be trusted, or a disk changed while it was not tracked, means the replica must be
+//! rebuilt or compared: `tracking` says so, and why.
 
 use crate::delta::{Compression, DeltaEncoder, DeltaHeader, Spool, chunk_pieces};
 use crate::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
 use crate::io::{
     FileStorage, Storage, StorageOptions, file_storage, remove_if_present, sync_directory,
 };
-use crate::proto::{CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription};
+use crate::proto::{CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription, Tracking};
 use crate::resync::BlockHashes;
 use crate::track::{
     Cut, DEFAULT_GRANULARITY, DEFAULT_REGION_SIZE, DirtyBitmap, Journal, JournalIdentity,
@@ -51,7 +52,7 @@ pub struct ProtectedVm {
     storage: StorageOptions,
     disks: Vec<Arc<ProtectedDisk>>,
     descriptions: Vec<DiskDescription>,
-    needs_initial: bool,
+    tracking: Tracking,
     compression: Compression,
     prepared: Mutex<Option<Arc<Prepared>>>,
     /// Held while cutting: whoever else writes the disks in steps that must not be split by a
@@ -69,18 +70,61 @@ impl std::fmt::Debug for ProtectedVm {
 }
 
 /// `IMAGE.brtrack.owed`: present while the replica has not caught up with a disk whose
-/// tracking could not vouch for it.
+/// tracking could not vouch for it. It holds why (empty for a disk newly protected).
 fn owed_path(image: &Path) -> PathBuf {
     let mut name = journal_path(image).into_os_string();
     name.push(".owed");
     PathBuf::from(name)
 }
 
-fn create_durably(path: &Path) -> Result<()> {
-    std::fs::File::create(path)
-        .and_then(|file| file.sync_all())
-        .map_err(|error| Error::file(&path.display().to_string(), "create", error))?;
+/// The most of a marker's reason that is read back: it is our own text, but a file all the same.
+const OWED_REASON_BYTES: u64 = 4096;
+
+/// Writes the marker that a copy or comparison is owed, durably, unless one is there already
+/// (its reason, from the run that found the loss, is kept).
+fn owe_copy(image: &Path, tracking: &Tracking) -> Result<()> {
+    let path = owed_path(image);
+    if path.exists() && !matches!(tracking, Tracking::Lost(_)) {
+        return Ok(());
+    }
+    let reason = match tracking {
+        Tracking::Lost(reason) => reason.as_str(),
+        Tracking::New | Tracking::Vouches => "",
+    };
+    let name = path.display().to_string();
+    std::fs::write(&path, reason)
+        .and_then(|()| std::fs::File::open(&path)?.sync_all())
+        .map_err(|error| Error::file(&name, "create", error))?;
     sync_directory(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// What a marker left by an earlier run says is owed: `None` when there is none.
+fn owed_copy(image: &Path) -> Result<Option<Tracking>> {
+    use std::io::Read;
+    let path = owed_path(image);
+    let mut reason = Vec::new();
+    match std::fs::File::open(&path) {
+        Ok(file) => file
+            .take(OWED_REASON_BYTES)
+            .read_to_end(&mut reason)
+            .map_err(|error| Error::file(&path.display().to_string(), "read", error))?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(Error::file(&path.display().to_string(), "open", error)),
+    };
+    Ok(Some(if reason.is_empty() {
+        Tracking::New
+    } else {
+        Tracking::Lost(String::from_utf8_lossy(&reason).into_owned())
+    }))
+}
+
+/// The stronger of two reasons a copy is owed: a loss is reported over a new disk.
+fn worse(first: Tracking, second: Tracking) -> Tracking {
+    match (first, second) {
+        (Tracking::Lost(reason), _) | (_, Tracking::Lost(reason)) => Tracking::Lost(reason),
+        (Tracking::New, _) | (_, Tracking::New) => Tracking::New,
+        (Tracking::Vouches, Tracking::Vouches) => Tracking::Vouches,
+    }
 }
 
 /// Starts tracking afresh for disks that have just become a VM's own (a failover made them
@@ -114,7 +158,7 @@ impl ProtectedVm {
     /// let disk = directory.path().join("vm1.raw");
     /// std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap(); // a 4 MiB raw disk
     /// let vm = ProtectedVm::open(&[disk], &StorageOptions::default(), Compression::Lz4)?;
-    /// assert!(vm.needs_initial(), "a new journal cannot vouch for any replica");
+    /// assert!(vm.tracking().owes_copy(), "a new journal cannot vouch for any replica");
     ///
     /// // The guest's writes go through the tracked disk.
     /// vm.disks()[0].write_at(&[7u8; 8192], 1 << 20)?;
@@ -133,19 +177,23 @@ impl ProtectedVm {
     ) -> Result<Self> {
         let mut disks = Vec::new();
         let mut descriptions = Vec::new();
-        let mut needs_initial = false;
+        let mut tracking = Tracking::Vouches;
         for path in paths {
-            let (disk, description, fresh) = open_disk(path, storage)?;
-            // A marker left by an earlier run that never caught up counts as lost tracking.
-            needs_initial |= fresh || owed_path(path).exists();
+            let (disk, description, found) = open_disk(path, storage)?;
+            // A marker left by an earlier run that never caught up still stands.
+            let owed = owed_copy(path)?.unwrap_or_default();
+            tracking = worse(tracking, worse(owed, found));
             disks.push(Arc::new(disk));
             descriptions.push(description);
         }
-        if needs_initial {
+        if let Tracking::Lost(reason) = &tracking {
+            tracing::warn!(disks = ?paths, %reason, "resynchronization required");
+        }
+        if tracking.owes_copy() {
             // Until the replica has caught up (an initial replication or a comparison), a
             // journal that survives a stop or a crash must not vouch for it.
             for path in paths {
-                create_durably(&owed_path(path))?;
+                owe_copy(path, &tracking)?;
             }
         }
         Ok(ProtectedVm {
@@ -153,7 +201,7 @@ impl ProtectedVm {
             storage: storage.clone(),
             disks,
             descriptions,
-            needs_initial,
+            tracking,
             compression,
             prepared: Mutex::new(None),
             gate: None,
@@ -179,9 +227,10 @@ impl ProtectedVm {
         Ok(())
     }
 
-    /// True when tracking cannot vouch for the replica (a new or lost journal).
-    pub fn needs_initial(&self) -> bool {
-        self.needs_initial
+    /// Whether tracking vouches for the replica, and if not why (a disk newly protected, a
+    /// journal lost, a disk changed while it was not tracked).
+    pub fn tracking(&self) -> &Tracking {
+        &self.tracking
     }
 
     pub fn disks(&self) -> &[Arc<ProtectedDisk>] {
@@ -581,22 +630,26 @@ struct Reopened {
     identity: JournalIdentity,
 }
 
-/// Reopens a disk's journal. `None` when there is none, or when its content cannot be trusted
-/// (tracking is lost and starts afresh); an error when the journal cannot be read (a full or
-/// failing disk), so that a journal that may be intact is not thrown away.
+/// Reopens a disk's journal. `Err(Tracking)` when there is none (`New`) or when it cannot
+/// vouch for the disk (`Lost`, with why: damaged, or the disk changed while not tracked); an
+/// error when the journal cannot be read (a full or failing disk), so that a journal that may
+/// be intact is not thrown away.
 fn reopen_journal(
     journal_path: &Path,
     journal_name: &str,
     storage: &StorageOptions,
+    image: &dyn BlockImage,
     disk_id: uuid::Uuid,
-    virtual_size: u64,
-) -> Result<Option<Reopened>> {
+) -> Result<std::result::Result<Reopened, Tracking>> {
     let file = match FileStorage::open(journal_path, true) {
         Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Err(Tracking::New));
+        }
         Err(error) => return Err(Error::file(journal_name, "open journal", error)),
     };
     let storage = storage.layered(Box::new(file));
+    let found = image.content_stamp()?;
     let opened = Journal::stored_identity(&storage, journal_name).and_then(|stored| {
         // A raw image has no id of its own: the journal keeps the one it was given.
         let identity = JournalIdentity {
@@ -605,10 +658,10 @@ fn reopen_journal(
             } else {
                 disk_id
             },
-            virtual_size,
+            virtual_size: image.virtual_size(),
             ..stored
         };
-        let (journal, recovered) = Journal::open(storage, journal_name, identity)?;
+        let (journal, recovered) = Journal::open(storage, journal_name, identity, &found)?;
         Ok(Reopened {
             journal,
             recovered,
@@ -616,36 +669,36 @@ fn reopen_journal(
         })
     });
     match opened {
-        Ok(opened) => Ok(Some(opened)),
-        Err(error @ Error::TrackingLost { .. }) => {
-            tracing::warn!(%error, "starting tracking afresh: the replica will be rebuilt by an initial replication");
-            Ok(None)
-        }
+        Ok(opened) => Ok(Ok(opened)),
+        Err(Error::TrackingLost { reason, .. }) => Ok(Err(Tracking::Lost(reason))),
         Err(error) => Err(error),
     }
 }
 
 /// Opens one disk with its journal: continuing tracking when the journal holds, starting
-/// afresh (and asking for an initial replication) when it is new or lost.
+/// afresh when it is new or cannot vouch for the disk, and saying which.
 fn open_disk(
     path: &Path,
     storage: &StorageOptions,
-) -> Result<(ProtectedDisk, DiskDescription, bool)> {
+) -> Result<(ProtectedDisk, DiskDescription, Tracking)> {
     let (image, disk_id, logical_sector) = open_image(path, storage)?;
     let journal_path = journal_path(path);
     let journal_name = journal_path.display().to_string();
     let virtual_size = image.virtual_size();
-    let reopened = reopen_journal(&journal_path, &journal_name, storage, disk_id, virtual_size)?;
-    let (journal, recovered, identity, fresh) = match reopened {
-        Some(Reopened {
+    let reopened = reopen_journal(&journal_path, &journal_name, storage, &*image, disk_id)?;
+    let (journal, recovered, identity, tracking) = match reopened {
+        Ok(Reopened {
             journal,
             recovered,
             identity,
-        }) => (journal, recovered, identity, false),
-        None => {
-            if journal_path.exists() {
-                tracing::warn!(journal = %journal_name, "tracking lost: resynchronization required; replacing the journal");
+        }) => (journal, recovered, identity, Tracking::Vouches),
+        Err(tracking) => {
+            if let Tracking::Lost(reason) = &tracking {
+                tracing::warn!(journal = %journal_name, %reason, "tracking lost: resynchronization required; replacing the journal");
             }
+            // The marker is durable before the journal that could not vouch is replaced: a
+            // crash in between must not leave a fresh journal that vouches for nothing.
+            owe_copy(path, &tracking)?;
             let identity = JournalIdentity {
                 disk_id: if disk_id.is_nil() {
                     raw_disk_id(path)
@@ -673,7 +726,7 @@ fn open_disk(
                 next_generation: 1,
                 after_crash: false,
             };
-            (journal, recovered, identity, true)
+            (journal, recovered, identity, tracking)
         }
     };
     let description = DiskDescription {
@@ -682,5 +735,5 @@ fn open_disk(
         logical_sector,
     };
     let disk = TrackedDisk::with_journal(image, journal, recovered)?;
-    Ok((disk, description, fresh))
+    Ok((disk, description, tracking))
 }

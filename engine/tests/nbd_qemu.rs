@@ -12,7 +12,7 @@ use blockrep::image::{Access, RawImage};
 use blockrep::io::{FileStorage, MemoryStorage};
 use blockrep::nbd::{ExportedDisk, NbdAddress, NbdError, NbdServer};
 use blockrep::track::{DEFAULT_GRANULARITY, TrackedDisk};
-use common::pattern;
+use common::{have_qemu, pattern, run_ok};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -25,43 +25,6 @@ const MIB: u64 = 1 << 20;
 
 type FileDisk = TrackedDisk<RawImage<FileStorage>>;
 type MemoryDisk = TrackedDisk<RawImage<MemoryStorage>>;
-
-/// True when qemu-io, qemu-img and qemu-nbd are installed; otherwise says why the test skips
-/// (and fails under CI, where the test script installs them).
-fn have_qemu(test: &str) -> bool {
-    for tool in ["qemu-io", "qemu-img", "qemu-nbd"] {
-        let present = Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|output| output.status.success());
-        if !present {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: {tool} missing under CI"
-            );
-            eprintln!("SKIPPED {test}: {tool} is not installed (apt-get install qemu-utils)");
-            return false;
-        }
-    }
-    true
-}
-
-fn run_ok(program: &str, arguments: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(arguments)
-        .output()
-        .unwrap_or_else(|error| panic!("run {program}: {error}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "{program} {arguments:?} failed: {text}"
-    );
-    text
-}
 
 /// Runs qemu-io on `uri` with `commands`; qemu-io fails when a command or a pattern check fails.
 fn qemu_io(uri: &str, commands: &[&str]) -> String {

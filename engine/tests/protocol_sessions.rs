@@ -4,7 +4,7 @@
 
 use blockrep::proto::{
     ConnectionId, DeltaId, DeltaKind, DiskDescription, Fence, Message, Primary, PrimaryAction,
-    PrimaryConfig, Replica, ReplicaAction, ReplicaVmRecord, ReplicationState,
+    PrimaryConfig, Replica, ReplicaAction, ReplicaVmRecord, ReplicationState, Tracking,
 };
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -34,7 +34,7 @@ fn config() -> PrimaryConfig {
         window: 3,
         reconnect_min: Duration::from_secs(1),
         reconnect_max: Duration::from_secs(8),
-        needs_initial: true,
+        tracking: Tracking::New,
         seed: 42,
         app_consistent_every: None,
     }
@@ -715,4 +715,43 @@ fn a_replica_stopped_by_a_failed_commit_takes_deltas_again_once_reopened() {
             _ => None,
         });
     assert_eq!(welcome, Some((3, None)));
+}
+
+#[test]
+fn lost_tracking_is_shown_as_critical_with_its_reason_until_a_comparison_or_copy_catches_up() {
+    let reason =
+        "vm1.vhdx: the disk was written by another program while blockrep did not track it";
+    let lost = PrimaryConfig {
+        tracking: Tracking::Lost(reason.into()),
+        ..config()
+    };
+    let now = Instant::now();
+    let mut primary = Primary::new(lost.clone(), now);
+    let status = primary.status(now);
+    assert_eq!(status.state, ReplicationState::ResynchronizationRequired);
+    assert_eq!(status.health, blockrep::proto::Health::Critical);
+    let shown = status.last_error.unwrap_or_default();
+    assert!(
+        shown.contains("resynchronization required") && shown.contains(reason),
+        "{shown}"
+    );
+    // The driver's comparison by hash found and marked every difference.
+    primary.resynchronized();
+    let status = primary.status(now);
+    assert_ne!(status.state, ReplicationState::ResynchronizationRequired);
+    assert!(status.last_error.is_none(), "{:?}", status.last_error);
+
+    // A disk newly protected is an initial replication, not an alarm.
+    let new = Primary::new(config(), now).status(now);
+    assert_eq!(new.state, ReplicationState::InitialReplication);
+    assert!(new.last_error.is_none());
+
+    // Without a comparison the initial replication catches up instead.
+    let mut world = World::new(vec![1, 2, 3]);
+    world.primary = Primary::new(lost, world.now);
+    world.run_actions();
+    world.settle();
+    world.check();
+    let status = world.primary.status(world.now);
+    assert_eq!(status.state, ReplicationState::Replicating, "{status:?}");
 }

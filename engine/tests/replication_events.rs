@@ -59,7 +59,7 @@ impl Primary {
                 window: 16,
                 reconnect_min: Duration::from_millis(100),
                 reconnect_max: Duration::from_secs(1),
-                needs_initial: vm.needs_initial(),
+                tracking: vm.tracking().clone(),
                 seed: 11,
                 app_consistent_every: None,
             },
@@ -255,7 +255,7 @@ async fn the_replica_server_tells_each_delta_applied_and_each_failover_step() {
     assert!(
         steps[expected.len()..]
             .iter()
-            .all(|step| matches!(step, ReplicationEvent::ResyncStarted)),
+            .all(|step| matches!(step, ReplicationEvent::ResyncStarted { .. })),
         "{steps:?}"
     );
     // The primary told its cycles, up to the point the VM failed over at (a delta acknowledged

@@ -30,7 +30,7 @@ fn config(vm: &ProtectedVm, frequency: Duration) -> PrimaryConfig {
         window: 16,
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
-        needs_initial: vm.needs_initial(),
+        tracking: vm.tracking().clone(),
         seed: 7,
         app_consistent_every: None,
     }
@@ -100,7 +100,7 @@ async fn a_disk_written_during_replication_arrives_whole_on_the_replica() {
         )
         .unwrap(),
     );
-    assert!(vm.needs_initial());
+    assert!(vm.tracking().owes_copy());
     let report = SharedReport::default();
     let (stop, stopped) = watch::channel(false);
     let mut options = PrimaryOptions::new(

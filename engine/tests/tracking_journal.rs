@@ -4,7 +4,7 @@
 mod common;
 
 use blockrep::Error;
-use blockrep::image::{Access, RawImage};
+use blockrep::image::{Access, BlockImage, ContentStamp, RawImage};
 use blockrep::io::{MemoryStorage, Storage};
 use blockrep::track::{Journal, JournalIdentity, TrackedDisk};
 use common::pattern;
@@ -57,6 +57,7 @@ fn reopen(
         Box::new(journal_storage.clone()) as Box<dyn Storage>,
         "journal",
         identity(),
+        &image(disk).content_stamp()?,
     )?;
     let after_crash = recovered.after_crash;
     Ok((
@@ -221,6 +222,7 @@ fn a_missing_damaged_or_foreign_journal_means_tracking_lost() {
         Box::new(MemoryStorage::from_bytes(good)) as Box<dyn Storage>,
         "journal",
         other,
+        &ContentStamp::Unknown,
     );
     let message = result.map(|_| ()).unwrap_err().to_string();
     assert!(
@@ -238,6 +240,7 @@ fn the_image_size_must_match_the_journal() {
         Box::new(journal_storage) as Box<dyn Storage>,
         "journal",
         identity(),
+        &ContentStamp::Unknown,
     )
     .unwrap();
     let result = TrackedDisk::with_journal(image(&small), journal, recovered);
@@ -284,7 +287,7 @@ fn a_journal_the_disk_fails_to_read_is_an_error_and_a_short_one_is_lost() {
             failing_from,
         };
         let stored = Journal::stored_identity(&failing, "journal");
-        let opened = Journal::open(failing, "journal", identity());
+        let opened = Journal::open(failing, "journal", identity(), &ContentStamp::Unknown);
         let error = opened.map(|_| ()).unwrap_err();
         assert!(
             !matches!(error, Error::TrackingLost { .. }),
@@ -297,11 +300,169 @@ fn a_journal_the_disk_fails_to_read_is_an_error_and_a_short_one_is_lost() {
     }
     // A journal cut short has lost its content.
     let short = good[..good.len() - 4096].to_vec();
-    let error = Journal::open(MemoryStorage::from_bytes(short), "journal", identity())
-        .map(|_| ())
-        .unwrap_err();
+    let error = Journal::open(
+        MemoryStorage::from_bytes(short),
+        "journal",
+        identity(),
+        &ContentStamp::Unknown,
+    )
+    .map(|_| ())
+    .unwrap_err();
     assert!(
         matches!(&error, Error::TrackingLost { reason, .. } if reason.contains("truncated")),
         "{error}"
     );
+}
+
+fn open_with(journal: &Arc<MemoryStorage>, found: ContentStamp) -> Result<bool, Error> {
+    Journal::open(
+        Box::new(journal.clone()) as Box<dyn Storage>,
+        "journal",
+        identity(),
+        &found,
+    )
+    .map(|(_, recovered)| recovered.after_crash)
+}
+
+fn file_stamp(inode: u64, modified: i64) -> ContentStamp {
+    ContentStamp::File(blockrep::io::FileStamp {
+        device: 7,
+        inode,
+        size: SIZE,
+        modified: (modified, 5),
+        changed: (modified, 5),
+    })
+}
+
+#[test]
+fn a_disk_whose_stamp_moved_while_untracked_is_not_vouched_for() {
+    let journal = Arc::new(MemoryStorage::new());
+    let created = Journal::create(
+        Box::new(journal.clone()) as Box<dyn Storage>,
+        "journal",
+        identity(),
+    )
+    .unwrap();
+    let dirty = blockrep::track::DirtyBitmap::new(SIZE.div_ceil(GRANULARITY));
+    let closed_with = ContentStamp::DataWrite(Uuid::from_u128(1));
+    created.close(&dirty, 1, closed_with).unwrap();
+    let clean = journal.to_bytes();
+
+    // The same DataWriteGuid: nobody wrote the disk in between.
+    assert!(!open_with(&journal, closed_with).unwrap());
+    // Another writer stamped a new one before its first write (qemu-io does), or an older
+    // copy of the disk (an older GUID) was put back.
+    let journal = Arc::new(MemoryStorage::from_bytes(clean.clone()));
+    let error = open_with(&journal, ContentStamp::DataWrite(Uuid::from_u128(2))).unwrap_err();
+    assert!(
+        matches!(&error, Error::TrackingLost { reason, .. } if reason.contains("DataWriteGuid") && reason.contains("another program")),
+        "{error}"
+    );
+    // A raw file in its place is not the disk tracked.
+    let journal = Arc::new(MemoryStorage::from_bytes(clean));
+    let error = open_with(&journal, file_stamp(1, 1)).unwrap_err();
+    assert!(
+        matches!(&error, Error::TrackingLost { reason, .. } if reason.contains("not the one tracked")),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_raw_disk_is_compared_by_times_after_a_clean_stop_and_by_identity_after_a_crash() {
+    let journal = Arc::new(MemoryStorage::new());
+    let created = Journal::create(
+        Box::new(journal.clone()) as Box<dyn Storage>,
+        "journal",
+        identity(),
+    )
+    .unwrap();
+    let dirty = blockrep::track::DirtyBitmap::new(SIZE.div_ceil(GRANULARITY));
+    created.close(&dirty, 1, file_stamp(10, 100)).unwrap();
+    let clean = journal.to_bytes();
+    // Written since (its times moved): lost, even though it is the same file.
+    let written = Arc::new(MemoryStorage::from_bytes(clean.clone()));
+    let error = open_with(&written, file_stamp(10, 101)).unwrap_err();
+    assert!(error.to_string().contains("modified 100."), "{error}");
+
+    // Opened again as it was: tracking goes on, and the session records the file as it is.
+    let (reopened, _) = Journal::open(
+        Box::new(journal.clone()) as Box<dyn Storage>,
+        "journal",
+        identity(),
+        &file_stamp(10, 100),
+    )
+    .unwrap();
+    reopened.record_stamp(file_stamp(10, 100)).unwrap();
+    drop(reopened); // a crash: the journal stays active
+    // blockrep's own writes before the crash moved the times: still vouched for...
+    let crashed = journal.to_bytes();
+    assert!(
+        open_with(
+            &Arc::new(MemoryStorage::from_bytes(crashed.clone())),
+            file_stamp(10, 150)
+        )
+        .unwrap()
+    );
+    // ...but another file in its place (a restored copy has another inode) is not.
+    let error = open_with(
+        &Arc::new(MemoryStorage::from_bytes(crashed)),
+        file_stamp(11, 100),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("inode 10"), "{error}");
+}
+
+#[test]
+fn a_version_1_journal_cannot_vouch_for_a_disk_it_has_no_stamp_of() {
+    let journal = Arc::new(MemoryStorage::new());
+    let created = Journal::create(
+        Box::new(journal.clone()) as Box<dyn Storage>,
+        "journal",
+        identity(),
+    )
+    .unwrap();
+    created
+        .close(
+            &blockrep::track::DirtyBitmap::new(SIZE.div_ceil(GRANULARITY)),
+            1,
+            ContentStamp::Unknown,
+        )
+        .unwrap();
+    // The header as version 1 wrote it: the same fields, version 1, no stamp.
+    let mut bytes = journal.to_bytes();
+    bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+    let checksum = crc32c::crc32c(&bytes[..4092]);
+    bytes[4092..4096].copy_from_slice(&checksum.to_le_bytes());
+    let error = open_with(
+        &Arc::new(MemoryStorage::from_bytes(bytes)),
+        ContentStamp::Unknown,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&error, Error::TrackingLost { reason, .. } if reason.contains("version 1")),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_crafted_journal_header_is_refused_not_divided_by() {
+    let (_, journal_storage, tracked) = start();
+    drop(tracked.close().unwrap());
+    for (at, value, named) in [
+        (40, 0u32, "granularity 0"),
+        (40, 3000, "granularity 3000"),
+        (44, 0, "region size 0"),
+        (44, 4096, "region size 4096"),
+    ] {
+        let mut bytes = journal_storage.to_bytes();
+        bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let checksum = crc32c::crc32c(&bytes[..4092]);
+        bytes[4092..4096].copy_from_slice(&checksum.to_le_bytes());
+        let storage = MemoryStorage::from_bytes(bytes);
+        let error = Journal::stored_identity(&storage, "journal").unwrap_err();
+        assert!(
+            matches!(&error, Error::TrackingLost { reason, .. } if reason.contains(named)),
+            "{error}"
+        );
+    }
 }

@@ -103,9 +103,12 @@ fn journal_changes(
         virtual_size: image.virtual_size(),
         ..stored
     };
-    let (journal, recovered) = Journal::open(storage, &name, identity)?;
+    // A disk changed since tracking last saw it is refused here: its journal no longer says
+    // what changed.
+    let stamp = image.content_stamp()?;
+    let (journal, recovered) = Journal::open(storage, &name, identity, &stamp)?;
     let generation = recovered.next_generation - 1;
-    journal.close(&recovered.dirty, generation)?;
+    journal.close(&recovered.dirty, generation, stamp)?;
     Ok(Cut {
         generation,
         granularity: identity.granularity,

@@ -19,7 +19,7 @@ use blockrep::net::{
     close_when_free, exports, greet, load_certificate, peer_fingerprint, run_primary,
 };
 use blockrep::protect::ProtectedVm;
-use blockrep::proto::{DiskDescription, Message, PROTOCOL_VERSION, PrimaryConfig};
+use blockrep::proto::{DiskDescription, Message, PROTOCOL_VERSION, PrimaryConfig, Tracking};
 use blockrep::replica::{PointPolicy, ReplicaStore};
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -199,7 +199,11 @@ impl Agent<'_> {
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             // Handed back: both sites compared equal, whatever tracking says.
-            needs_initial: vm.needs_initial() && !handed_back,
+            tracking: if handed_back {
+                Tracking::Vouches
+            } else {
+                vm.tracking().clone()
+            },
             seed: rand_seed(),
             app_consistent_every: arguments
                 .consistency_hook
@@ -232,7 +236,7 @@ impl Agent<'_> {
         // first; a replica with no copy yet gets an initial replication instead.
         options.resync = match arguments.initial {
             InitialMode::Full => false,
-            InitialMode::Auto => vm.needs_initial() && !handed_back,
+            InitialMode::Auto => vm.tracking().owes_copy() && !handed_back,
             InitialMode::Existing => !handed_back,
         }
         .then(|| Arc::new(|_| {}) as blockrep::net::ResyncDone);

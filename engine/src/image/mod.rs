@@ -45,6 +45,65 @@ pub trait BlockImage: Send + Sync {
     /// Hints that `length` bytes at virtual `offset` will be read soon (readahead). Only a hint:
     /// the default does nothing.
     fn will_need(&self, _offset: u64, _length: u64) {}
+
+    /// What tells whether the image changed since it was last seen, without reading it.
+    fn content_stamp(&self) -> Result<ContentStamp> {
+        Ok(ContentStamp::Unknown)
+    }
+
+    /// Makes the change a first write would make to the image's stamp now (a VHDX writer
+    /// stamps a new DataWriteGuid), so that the stamp then holds until the image is closed.
+    fn begin_writes(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What changes whenever an image's content may have changed, read without reading the disk:
+/// a VHDX image's DataWriteGuid (MS-VHDX: a conforming writer changes it before its first
+/// user-visible write after opening), or a raw image file's identity and times. Recorded when
+/// blockrep stops using a disk and compared when it starts again, it shows a disk written,
+/// reverted or replaced by another program in between (docs/formats/journal.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentStamp {
+    /// Nothing to compare: a store with no file under it (the simulator's memory).
+    Unknown,
+    DataWrite(uuid::Uuid),
+    File(crate::io::FileStamp),
+}
+
+impl ContentStamp {
+    /// Why the disk as `found` now may hold other content than when this stamp was recorded,
+    /// or `None` when it cannot. After a crash (`times_moved`) a raw image's times may have
+    /// moved with blockrep's own last writes, so only its identity and size are compared.
+    pub fn changed_since(&self, found: &ContentStamp, times_moved: bool) -> Option<String> {
+        match (self, found) {
+            (ContentStamp::File(recorded), ContentStamp::File(now))
+                if times_moved && recorded.same_file(now) =>
+            {
+                None
+            }
+            (recorded, now) if recorded == now => None,
+            (ContentStamp::DataWrite(recorded), ContentStamp::DataWrite(now)) => Some(format!(
+                "the disk was written by another program while blockrep did not track it, or replaced by another copy (its DataWriteGuid was {recorded}, it is {now})"
+            )),
+            (ContentStamp::File(recorded), ContentStamp::File(now)) => Some(format!(
+                "the disk was written by another program while blockrep did not track it, or replaced by another copy (it was {recorded}; it is {now})"
+            )),
+            (recorded, now) => Some(format!(
+                "the disk is not the one tracked (recorded {}, found {})",
+                recorded.kind(),
+                now.kind()
+            )),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ContentStamp::Unknown => "no stamp",
+            ContentStamp::DataWrite(_) => "a VHDX DataWriteGuid",
+            ContentStamp::File(_) => "a raw file's identity",
+        }
+    }
 }
 
 impl<I: BlockImage + ?Sized> BlockImage for Box<I> {
@@ -68,6 +127,12 @@ impl<I: BlockImage + ?Sized> BlockImage for Box<I> {
     }
     fn will_need(&self, offset: u64, length: u64) {
         (**self).will_need(offset, length)
+    }
+    fn content_stamp(&self) -> Result<ContentStamp> {
+        (**self).content_stamp()
+    }
+    fn begin_writes(&mut self) -> Result<()> {
+        (**self).begin_writes()
     }
 }
 

@@ -72,6 +72,14 @@ impl<S: Storage> BlockImage for RawImage<S> {
             .map_err(|source| Error::io(&self.name, "write", offset, source))
     }
 
+    fn content_stamp(&self) -> Result<super::ContentStamp> {
+        let stamp = self
+            .storage
+            .file_stamp()
+            .map_err(|source| Error::file(&self.name, "stat", source))?;
+        Ok(stamp.map_or(super::ContentStamp::Unknown, super::ContentStamp::File))
+    }
+
     fn zero_range(&mut self, offset: u64, length: u64) -> Result<()> {
         self.require_writable()?;
         check_range(&self.name, offset, length, self.virtual_size)?;

@@ -96,6 +96,10 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset)
     }
 
+    fn file_stamp(&self) -> io::Result<Option<super::FileStamp>> {
+        super::FileStamp::of(&self.file).map(Some)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
     }

@@ -166,6 +166,61 @@ pub trait Storage: Send + Sync {
             .filter(|range| !range.is_empty())
             .collect())
     }
+
+    /// The identity and times of the file under the store, when there is one (a store in
+    /// memory has none): what tells a raw image changed or replaced by another program.
+    fn file_stamp(&self) -> io::Result<Option<FileStamp>> {
+        Ok(None)
+    }
+}
+
+/// A file's identity and times, as `fstat` gives them. Any write through any handle moves the
+/// modification and change times; a copy put in the file's place has another inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    pub device: u64,
+    pub inode: u64,
+    pub size: u64,
+    /// Seconds and nanoseconds since the Unix epoch.
+    pub modified: (i64, u32),
+    pub changed: (i64, u32),
+}
+
+impl FileStamp {
+    /// The stamp of an open file.
+    pub fn of(file: &File) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = file.metadata()?;
+        // Nanoseconds are below 10^9, so they fit in a u32.
+        Ok(FileStamp {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            size: metadata.size(),
+            modified: (metadata.mtime(), metadata.mtime_nsec() as u32),
+            changed: (metadata.ctime(), metadata.ctime_nsec() as u32),
+        })
+    }
+
+    /// The same file (not a copy put in its place) at the same size; times aside.
+    pub fn same_file(&self, other: &FileStamp) -> bool {
+        (self.device, self.inode, self.size) == (other.device, other.inode, other.size)
+    }
+}
+
+impl std::fmt::Display for FileStamp {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "inode {} on device {:#x}, {} bytes, modified {}.{:09}, changed {}.{:09}",
+            self.inode,
+            self.device,
+            self.size,
+            self.modified.0,
+            self.modified.1,
+            self.changed.0,
+            self.changed.1
+        )
+    }
 }
 
 /// Smart pointers to a store are stores: `Box<dyn Storage>` for a store chosen at run time,
@@ -199,6 +254,9 @@ macro_rules! forward_storage {
             }
             fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
                 (**self).data_ranges()
+            }
+            fn file_stamp(&self) -> io::Result<Option<FileStamp>> {
+                (**self).file_stamp()
             }
         }
     };

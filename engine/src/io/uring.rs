@@ -342,6 +342,10 @@ impl UringStorage {
 }
 
 impl Storage for UringStorage {
+    fn file_stamp(&self) -> io::Result<Option<super::FileStamp>> {
+        self.file.file_stamp()
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut ring = self.lock();
         Self::check_failure(&ring)?;

@@ -35,8 +35,12 @@ pub enum ReplicationEvent {
         from: Option<Health>,
         to: Health,
     },
-    /// A comparison by hash began (tracking could not vouch for the replica).
-    ResyncStarted,
+    /// A comparison by hash began: tracking could not vouch for the replica, for `reason` when
+    /// it was lost (a damaged journal, a disk changed while it was not tracked), or the
+    /// operator asked for one, or the replica holds a copy of a disk newly protected.
+    ResyncStarted {
+        reason: Option<String>,
+    },
     /// The comparison ended: what it compared and found differing (shipped with the next
     /// delta), or `None` when the replica held no copy (an initial replication follows).
     ResyncFinished {

@@ -69,7 +69,7 @@ impl ExtendedVm {
             window: 32,
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
-            needs_initial: vm.needs_initial(),
+            tracking: vm.tracking().clone(),
             seed: crate::resync::random_seed().unwrap_or(0xe7e7),
             app_consistent_every: None,
         };

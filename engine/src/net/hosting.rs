@@ -12,7 +12,7 @@ use crate::delta::Compression;
 use crate::io::StorageOptions;
 use crate::nbd::{ExportedDisk, NbdAddress, NbdServer};
 use crate::protect::{ProtectedVm, forget_tracking};
-use crate::proto::PrimaryConfig;
+use crate::proto::{PrimaryConfig, Tracking};
 use crate::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -130,7 +130,7 @@ impl HostedVm {
             window: 32,
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(5),
-            needs_initial: false,
+            tracking: Tracking::Vouches,
             seed: crate::resync::random_seed().unwrap_or(0x5eed),
             app_consistent_every: None,
         };

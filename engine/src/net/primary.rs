@@ -12,7 +12,7 @@ use crate::delta::DeltaEncoder;
 use crate::protect::ProtectedVm;
 use crate::proto::{
     DeltaId, Message, Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, ReplicationState,
-    chunk_frame_prefix,
+    Tracking, chunk_frame_prefix,
 };
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
@@ -407,7 +407,7 @@ impl Pacer {
 ///         window: 16,
 ///         reconnect_min: Duration::from_millis(100),
 ///         reconnect_max: Duration::from_secs(1),
-///         needs_initial: vm.needs_initial(),
+///         tracking: vm.tracking().clone(),
 ///         seed: 1,
 ///         app_consistent_every: None,
 ///     };
@@ -521,7 +521,15 @@ pub async fn run_primary(
                     generation += 1;
                     if resync_pending.load(Ordering::Relaxed) && !resync_announced {
                         resync_announced = true;
-                        events::send(listeners, &config.vm, ReplicationEvent::ResyncStarted);
+                        let reason = match &config.tracking {
+                            Tracking::Lost(reason) => Some(reason.clone()),
+                            Tracking::New | Tracking::Vouches => None,
+                        };
+                        events::send(
+                            listeners,
+                            &config.vm,
+                            ReplicationEvent::ResyncStarted { reason },
+                        );
                     }
                     let task = ConnectTask {
                         dialer: dialer.clone(),

@@ -408,7 +408,7 @@ type Vms = Arc<Mutex<HashMap<String, Arc<Mutex<VmSlot>>>>>;
 /// #           window: 16,
 /// #           reconnect_min: Duration::from_millis(100),
 /// #           reconnect_max: Duration::from_secs(1),
-/// #           needs_initial: vm.needs_initial(),
+/// #           tracking: vm.tracking().clone(),
 /// #           seed: 1,
 /// #           app_consistent_every: None,
 /// #       },

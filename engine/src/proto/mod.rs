@@ -16,5 +16,7 @@ pub(crate) use message::{
     decode_frame_header,
 };
 pub use message::{DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION, Staged};
-pub use primary::{Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, ReplicationState};
+pub use primary::{
+    Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, ReplicationState, Tracking,
+};
 pub use replica::{ConnectionId, Fence, Replica, ReplicaAction, ReplicaVmRecord};

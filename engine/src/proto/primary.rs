@@ -27,14 +27,36 @@ pub struct PrimaryConfig {
     /// The first wait before reconnecting; it doubles up to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
-    /// True when the replica's copy cannot be trusted to match tracking (a new or lost
-    /// journal): the first delta is then an initial replication, whatever the replica holds.
-    pub needs_initial: bool,
+    /// Whether tracking vouches for the replica's copy. When it does not, the first delta is
+    /// an initial replication (unless the driver compared the disks by hash first).
+    pub tracking: Tracking,
     /// Mixed into the numbers that identify cuts; a driver draws it at random.
     pub seed: u64,
     /// How often a cut is made application-consistent (the driver runs a consistency hook
     /// around it); never when `None`.
     pub app_consistent_every: Option<Duration>,
+}
+
+/// Whether change tracking can vouch that the replica's copy plus the changes it tracked is
+/// the primary's disks.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Tracking {
+    /// It can: the changes since the replica's last applied delta are all tracked.
+    #[default]
+    Vouches,
+    /// A disk newly protected: the replica gets its first copy (or is compared by hash, when
+    /// it already holds one).
+    New,
+    /// It cannot (a journal lost or damaged, a disk changed while it was not tracked): a
+    /// resynchronization is required, and status says why (health critical) until it is done.
+    Lost(String),
+}
+
+impl Tracking {
+    /// Whether the replica needs a copy or a comparison before tracking's deltas mean anything.
+    pub fn owes_copy(&self) -> bool {
+        *self != Tracking::Vouches
+    }
 }
 
 /// What the driver must do next.
@@ -185,7 +207,7 @@ pub struct Primary {
     backoff: Duration,
     /// The replica's last applied sequence, once it said.
     applied: Option<u64>,
-    needs_initial: bool,
+    tracking: Tracking,
     /// A cut asked of the driver and not yet ready.
     cutting: Option<(DeltaId, DeltaKind, Instant)>,
     in_flight: Option<InFlight>,
@@ -222,7 +244,7 @@ impl Primary {
             link: Link::Down { retry_at: now },
             backoff: config.reconnect_min,
             applied: None,
-            needs_initial: config.needs_initial,
+            tracking: config.tracking.clone(),
             cutting: None,
             in_flight: None,
             next_cut_at: now,
@@ -497,7 +519,7 @@ impl Primary {
             self.pump();
         } else if self.cutting.is_none()
             && (applied == 0
-                || self.needs_initial
+                || self.tracking.owes_copy()
                 || self.cut_overdue
                 || self.handover == Some(Handover::Requested))
         {
@@ -557,7 +579,7 @@ impl Primary {
     /// A comparison by hash marked every block that differs from the replica as changed: the
     /// replica's copy plus the next delta is the disks, whatever tracking said before.
     pub fn resynchronized(&mut self) {
-        self.needs_initial = false;
+        self.tracking = Tracking::Vouches;
         // What differs ships at once, not a cycle later.
         self.cut_overdue = true;
     }
@@ -592,7 +614,7 @@ impl Primary {
             );
         }
         if self.applied == Some(0)
-            || self.needs_initial
+            || self.tracking.owes_copy()
             || self.in_flight_kind() == Some(DeltaKind::Initial)
         {
             return Err("initial replication has not completed".into());
@@ -662,10 +684,12 @@ impl Primary {
             } else {
                 ReplicationState::Error
             }
+        } else if matches!(self.tracking, Tracking::Lost(_)) {
+            ReplicationState::ResynchronizationRequired
         } else if self.suspended {
             ReplicationState::Suspended
         } else if self.applied.unwrap_or(0) == 0
-            || self.needs_initial
+            || self.tracking.owes_copy()
             || self.in_flight_kind() == Some(DeltaKind::Initial)
         {
             ReplicationState::InitialReplication
@@ -681,7 +705,7 @@ impl Primary {
         let (count, total, maximum) = self.delta_sizes;
         PrimaryStatus {
             state,
-            health: if self.failed.is_some() {
+            health: if self.failed.is_some() || matches!(self.tracking, Tracking::Lost(_)) {
                 Health::Critical
             } else {
                 self.cycles.health(
@@ -705,7 +729,14 @@ impl Primary {
                 .latency_total
                 .checked_div(count.max(1) as u32)
                 .unwrap_or_default(),
-            last_error: self.failed.clone().or_else(|| self.last_error.clone()),
+            last_error: self
+                .failed
+                .clone()
+                .or_else(|| match &self.tracking {
+                    Tracking::Lost(reason) => Some(format!("resynchronization required: {reason}")),
+                    _ => None,
+                })
+                .or_else(|| self.last_error.clone()),
             applied_sequence: self.applied.unwrap_or(0),
             last_delta_bytes: self.last_delta.map_or(0, |(bytes, _)| bytes),
             last_delta_latency: self
@@ -741,7 +772,7 @@ impl Primary {
             sequence: applied + 1,
             cut: mix(self.config.seed ^ self.cuts),
         };
-        let kind = if applied == 0 || self.needs_initial {
+        let kind = if applied == 0 || self.tracking.owes_copy() {
             DeltaKind::Initial
         } else {
             DeltaKind::Changes
@@ -818,7 +849,7 @@ impl Primary {
             return;
         };
         if in_flight.kind == DeltaKind::Initial {
-            self.needs_initial = false;
+            self.tracking = Tracking::Vouches;
         } else {
             self.cycles.record(now, true);
         }

@@ -3,15 +3,24 @@
 //! first write to each coarse region in a generation is preceded by a durable mark of that
 //! region (a modified-region table). After a crash, the stored bitmap plus every region marked
 //! since the last acknowledged generation count as changed: a bounded superset, never a miss.
-//! A journal that is missing, damaged or about another disk is reported, never trusted.
+//! A journal that is missing, damaged or about another disk is reported, never trusted, and so
+//! is one whose disk's content stamp (a VHDX DataWriteGuid, a raw file's identity and times)
+//! moved while blockrep was not tracking it: another program wrote the disk, or an older copy
+//! was put in its place.
 
 use super::DirtyBitmap;
-use crate::io::Storage;
+use crate::image::ContentStamp;
+use crate::io::{FileStamp, Storage};
 use crate::{Error, Result};
 use std::sync::Mutex;
 use uuid::Uuid;
 
-const JOURNAL_VERSION: u16 = 1;
+const JOURNAL_VERSION: u16 = 2;
+/// Where the disk's content stamp sits in the header page: its kind, then its fields.
+const STAMP_OFFSET: usize = 80;
+const STAMP_NONE: u32 = 0;
+const STAMP_DATA_WRITE: u32 = 1;
+const STAMP_FILE: u32 = 2;
 const MAGIC: &[u8; 8] = b"BRTRACK\n";
 const PAGE: u64 = 4096;
 const ENTRIES_PER_PAGE: u64 = 511;
@@ -30,6 +39,27 @@ pub struct JournalIdentity {
 }
 
 impl JournalIdentity {
+    /// Why this tracking setup is impossible, if it is: every size below is divided by these,
+    /// and a journal's header is read from a file that may be damaged or crafted.
+    fn problem(&self) -> Option<String> {
+        if !self.granularity.is_power_of_two() || !(4096..=64 << 20).contains(&self.granularity) {
+            return Some(format!(
+                "granularity {} is not a power of two from 4 KiB to 64 MiB",
+                self.granularity
+            ));
+        }
+        if !self.region_size.is_power_of_two()
+            || self.region_size < self.granularity
+            || self.region_size > u64::from(u32::MAX)
+        {
+            return Some(format!(
+                "region size {} is not a power of two from the granularity to 2 GiB",
+                self.region_size
+            ));
+        }
+        None
+    }
+
     fn blocks(&self) -> u64 {
         self.virtual_size.div_ceil(self.granularity)
     }
@@ -53,6 +83,9 @@ struct State {
     regions: Vec<u64>,
     generation: u64,
     acknowledged: u64,
+    /// The disk's stamp: as this session found and left it while active, as it was closed
+    /// when clean.
+    stamp: ContentStamp,
 }
 
 /// An open journal. All methods make their change durable before returning.
@@ -105,13 +138,10 @@ fn read_failed(name: &str, offset: u64, error: std::io::Error) -> Error {
 impl<S: Storage> Journal<S> {
     /// Starts a new journal (after a full copy: nothing is dirty), replacing any content.
     pub fn create(storage: S, name: &str, identity: JournalIdentity) -> Result<Self> {
-        if identity.region_size < identity.granularity || !identity.region_size.is_power_of_two() {
+        if let Some(reason) = identity.problem() {
             return Err(Error::InvalidArgument {
-                what: "journal region size",
-                reason: format!(
-                    "{} is not a power of two at least the granularity",
-                    identity.region_size
-                ),
+                what: "journal identity",
+                reason,
             });
         }
         let io = |action| move |source| Error::file(name, action, source);
@@ -127,6 +157,7 @@ impl<S: Storage> Journal<S> {
                 regions: vec![0; identity.regions() as usize],
                 generation: 1,
                 acknowledged: 0,
+                stamp: ContentStamp::Unknown,
             }),
         };
         for page in 0..identity.region_pages() {
@@ -138,9 +169,16 @@ impl<S: Storage> Journal<S> {
     }
 
     /// Opens an existing journal for `identity` and recovers what must count as changed.
-    /// Content that cannot be trusted is `Error::TrackingLost`; a storage that fails is an
-    /// I/O error (tracking is not given up for a disk that is full or failing).
-    pub fn open(storage: S, name: &str, identity: JournalIdentity) -> Result<(Self, Recovered)> {
+    /// `found` is the disk's content stamp now, before anything writes it: a disk whose stamp
+    /// moved while it was not tracked is not vouched for. Content that cannot be trusted is
+    /// `Error::TrackingLost`; a storage that fails is an I/O error (tracking is not given up
+    /// for a disk that is full or failing).
+    pub fn open(
+        storage: S,
+        name: &str,
+        identity: JournalIdentity,
+        found: &ContentStamp,
+    ) -> Result<(Self, Recovered)> {
         let read = |offset: u64, length: u64| -> Result<Vec<u8>> {
             let mut bytes = vec![0u8; length as usize];
             storage
@@ -162,6 +200,12 @@ impl<S: Storage> Journal<S> {
             return Err(lost(name, "journal header checksum mismatch"));
         }
         let version = u16::from_le_bytes([header[8], header[9]]);
+        if version == 1 {
+            return Err(lost(
+                name,
+                "journal version 1 records no stamp of the disk, so a change made while blockrep was stopped cannot be ruled out",
+            ));
+        }
         if version != JOURNAL_VERSION {
             return Err(lost(
                 name,
@@ -177,6 +221,9 @@ impl<S: Storage> Journal<S> {
             granularity: u64::from(u32_at(&header, 40)),
             region_size: u64::from(u32_at(&header, 44)),
         };
+        if let Some(problem) = stored.problem() {
+            return Err(lost(name, format!("journal header: {problem}")));
+        }
         if stored != identity {
             return Err(lost(
                 name,
@@ -198,6 +245,10 @@ impl<S: Storage> Journal<S> {
             STATE_ACTIVE => false,
             other => return Err(lost(name, format!("journal state {other} is unknown"))),
         };
+        let recorded = decode_stamp(&header).map_err(|reason| lost(name, reason))?;
+        if let Some(change) = recorded.changed_since(found, !clean) {
+            return Err(lost(name, change));
+        }
         let generation = u64_at(&header, 48);
         let acknowledged = u64_at(&header, 56);
         let mut regions = Vec::with_capacity(identity.regions() as usize);
@@ -247,6 +298,7 @@ impl<S: Storage> Journal<S> {
                 regions,
                 generation: next_generation,
                 acknowledged,
+                stamp: recorded,
             }),
         };
         // From here until a clean close, a crash must be assumed.
@@ -266,6 +318,17 @@ impl<S: Storage> Journal<S> {
         self.identity
     }
 
+    /// Records the disk's stamp as this session leaves it (after its first write, or after
+    /// `BlockImage::begin_writes`): after a crash, the disk must still show it.
+    pub fn record_stamp(&self, stamp: ContentStamp) -> Result<()> {
+        let mut state = self.lock();
+        state.stamp = stamp;
+        let bitmap_checksum = self.stored_bitmap_checksum()?;
+        self.write_header(&state, STATE_ACTIVE, bitmap_checksum)?;
+        drop(state);
+        self.flush()
+    }
+
     /// The granularity and region size a journal was made with, for callers that know only the
     /// disk; `open` then checks everything against the disk.
     pub fn stored_identity(storage: &S, name: &str) -> Result<JournalIdentity> {
@@ -279,12 +342,16 @@ impl<S: Storage> Journal<S> {
                 "not a blockrep tracking journal, or its header is damaged",
             ));
         }
-        Ok(JournalIdentity {
+        let stored = JournalIdentity {
             disk_id: Uuid::from_bytes(header[16..32].try_into().unwrap_or_default()),
             virtual_size: u64_at(&header, 32),
             granularity: u64::from(u32_at(&header, 40)),
             region_size: u64::from(u32_at(&header, 44)),
-        })
+        };
+        match stored.problem() {
+            Some(problem) => Err(lost(name, format!("journal header: {problem}"))),
+            None => Ok(stored),
+        }
     }
 
     /// Durably marks the regions covering `offset..offset + length` as modified in
@@ -327,8 +394,9 @@ impl<S: Storage> Journal<S> {
         self.flush()
     }
 
-    /// Clean shutdown: stores `dirty` (every change not yet acknowledged) and the generation.
-    pub fn close(self, dirty: &DirtyBitmap, generation: u64) -> Result<()> {
+    /// Clean shutdown: stores `dirty` (every change not yet acknowledged), the generation, and
+    /// the disk's stamp as blockrep leaves it (flushed), which the next open compares.
+    pub fn close(self, dirty: &DirtyBitmap, generation: u64, stamp: ContentStamp) -> Result<()> {
         let bytes = dirty.to_bytes();
         self.storage
             .write_at(&bytes, self.identity.bitmap_offset())
@@ -343,6 +411,7 @@ impl<S: Storage> Journal<S> {
         self.flush()?;
         let mut state = self.lock();
         state.generation = state.generation.max(generation);
+        state.stamp = stamp;
         self.write_header(&state, STATE_CLEAN, crc32c::crc32c(&bytes))?;
         drop(state);
         self.flush()
@@ -381,6 +450,7 @@ impl<S: Storage> Journal<S> {
         page[56..64].copy_from_slice(&state.acknowledged.to_le_bytes());
         page[64..72].copy_from_slice(&self.identity.bitmap_length().to_le_bytes());
         page[72..76].copy_from_slice(&bitmap_checksum.to_le_bytes());
+        encode_stamp(&state.stamp, &mut page[STAMP_OFFSET..]);
         let checksum = crc32c::crc32c(&page[..4092]);
         page[4092..].copy_from_slice(&checksum.to_le_bytes());
         self.storage
@@ -401,6 +471,48 @@ impl<S: Storage> Journal<S> {
         self.storage
             .write_at(&bytes, offset)
             .map_err(|source| Error::io(&self.name, "write journal region page", offset, source))
+    }
+}
+
+/// Kind at 0, then a GUID (16 bytes), or a file's device, inode and size (8 bytes each) and
+/// its modification and change times (8 bytes of seconds, 4 of nanoseconds, each).
+fn encode_stamp(stamp: &ContentStamp, bytes: &mut [u8]) {
+    match stamp {
+        ContentStamp::Unknown => bytes[..4].copy_from_slice(&STAMP_NONE.to_le_bytes()),
+        ContentStamp::DataWrite(guid) => {
+            bytes[..4].copy_from_slice(&STAMP_DATA_WRITE.to_le_bytes());
+            bytes[4..20].copy_from_slice(guid.as_bytes());
+        }
+        ContentStamp::File(file) => {
+            bytes[..4].copy_from_slice(&STAMP_FILE.to_le_bytes());
+            bytes[4..12].copy_from_slice(&file.device.to_le_bytes());
+            bytes[12..20].copy_from_slice(&file.inode.to_le_bytes());
+            bytes[20..28].copy_from_slice(&file.size.to_le_bytes());
+            bytes[28..36].copy_from_slice(&file.modified.0.to_le_bytes());
+            bytes[36..40].copy_from_slice(&file.modified.1.to_le_bytes());
+            bytes[40..48].copy_from_slice(&file.changed.0.to_le_bytes());
+            bytes[48..52].copy_from_slice(&file.changed.1.to_le_bytes());
+        }
+    }
+}
+
+fn decode_stamp(header: &[u8]) -> std::result::Result<ContentStamp, String> {
+    let at = STAMP_OFFSET;
+    match u32_at(header, at) {
+        STAMP_NONE => Ok(ContentStamp::Unknown),
+        STAMP_DATA_WRITE => Ok(ContentStamp::DataWrite(Uuid::from_bytes(
+            header[at + 4..at + 20].try_into().unwrap_or_default(),
+        ))),
+        STAMP_FILE => Ok(ContentStamp::File(FileStamp {
+            device: u64_at(header, at + 4),
+            inode: u64_at(header, at + 12),
+            size: u64_at(header, at + 20),
+            modified: (u64_at(header, at + 28) as i64, u32_at(header, at + 36)),
+            changed: (u64_at(header, at + 40) as i64, u32_at(header, at + 48)),
+        })),
+        other => Err(format!(
+            "journal records a disk stamp of unknown kind {other}"
+        )),
     }
 }
 

@@ -121,9 +121,10 @@ impl<I: BlockImage> TrackedDisk<I> {
     }
 
     /// Tracks `image` with `journal`, continuing from what opening (or creating) it recovered.
-    /// The journal's granularity is the disk's.
+    /// The journal's granularity is the disk's. The image's stamp is moved now, before any
+    /// write, and recorded in the journal, so that after a crash the disk must still show it.
     pub fn with_journal(
-        image: I,
+        mut image: I,
         journal: Journal<Box<dyn Storage>>,
         recovered: Recovered,
     ) -> Result<Self> {
@@ -138,6 +139,8 @@ impl<I: BlockImage> TrackedDisk<I> {
                 ),
             });
         }
+        image.begin_writes()?;
+        journal.record_stamp(image.content_stamp()?)?;
         Self::resume(
             image,
             identity.granularity,
@@ -225,7 +228,7 @@ impl<I: BlockImage> TrackedDisk<I> {
             for (_, bitmap) in unpoisoned(self.unacknowledged.into_inner()) {
                 current.bitmap.merge(&bitmap);
             }
-            journal.close(&current.bitmap, current.number)?;
+            journal.close(&current.bitmap, current.number, image.content_stamp()?)?;
         }
         Ok(image)
     }

@@ -4,6 +4,7 @@
 use blockrep::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use blockrep::image::{Access, BlockImage, VhdxImage};
 use blockrep::io::MemoryStorage;
+use std::process::Command;
 use std::sync::Arc;
 
 pub type SharedMemory = Arc<MemoryStorage>;
@@ -46,4 +47,41 @@ pub fn pattern(seed: u64, length: usize) -> Vec<u8> {
             (state >> 24) as u8
         })
         .collect()
+}
+
+/// True when qemu-io, qemu-img and qemu-nbd are installed; otherwise says why the test skips
+/// (and fails under CI, where the test script installs them).
+pub fn have_qemu(test: &str) -> bool {
+    for tool in ["qemu-io", "qemu-img", "qemu-nbd"] {
+        let present = Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if !present {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{test}: {tool} missing under CI"
+            );
+            eprintln!("SKIPPED {test}: {tool} is not installed (apt-get install qemu-utils)");
+            return false;
+        }
+    }
+    true
+}
+
+pub fn run_ok(program: &str, arguments: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(arguments)
+        .output()
+        .unwrap_or_else(|error| panic!("run {program}: {error}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "{program} {arguments:?} failed: {text}"
+    );
+    text
 }

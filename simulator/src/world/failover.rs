@@ -343,7 +343,7 @@ impl World {
                 format!("planned failover at delta {sequence}: {problem}"),
             );
         }
-        let mut machine = self.new_primary(vm, &protected, false);
+        let mut machine = self.new_primary(vm, &protected, blockrep::proto::Tracking::Vouches);
         machine.stop();
         self.sides += 1;
         let side = self.sides;

@@ -25,7 +25,7 @@ use blockrep::io::{FileStorage, StorageOptions};
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::{
     ConnectionId, DeltaId, DeltaKind, Health, Message, Primary, PrimaryAction, PrimaryConfig,
-    Replica, ReplicaAction,
+    Replica, ReplicaAction, Tracking,
 };
 use blockrep::replica::{PointPolicy, ReplicaStore, VmReplica, WallClock};
 use std::collections::BTreeMap;
@@ -540,7 +540,7 @@ impl World {
                 model.found_on_disk(page, &bytes, durable);
             }
         }
-        let mut machine = self.new_primary(vm, &protected, protected.needs_initial());
+        let mut machine = self.new_primary(vm, &protected, protected.tracking().clone());
         if !self.vms[vm].replicating {
             machine.stop();
         }
@@ -570,7 +570,7 @@ impl World {
         Ok(())
     }
 
-    fn new_primary(&mut self, vm: usize, protected: &ProtectedVm, needs_initial: bool) -> Primary {
+    fn new_primary(&mut self, vm: usize, protected: &ProtectedVm, tracking: Tracking) -> Primary {
         let runtime = &self.vms[vm];
         let config = PrimaryConfig {
             vm: runtime.spec.name.clone(),
@@ -580,7 +580,7 @@ impl World {
             window: 32,
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
-            needs_initial,
+            tracking,
             seed: self.random.draw(),
             app_consistent_every: None,
         };
@@ -593,7 +593,7 @@ impl World {
         let Some(primary) = self.vms[vm].primary.take() else {
             return;
         };
-        let machine = self.new_primary(vm, &primary.vm, false);
+        let machine = self.new_primary(vm, &primary.vm, Tracking::Vouches);
         self.sides += 1;
         let side = self.sides;
         self.vms[vm].replicating = true;

@@ -349,6 +349,14 @@ impl<S: Storage> BlockImage for VhdxImage<S> {
         self.geometry.virtual_size
     }
 
+    fn content_stamp(&self) -> Result<super::ContentStamp> {
+        Ok(super::ContentStamp::DataWrite(self.header.data_write_guid))
+    }
+
+    fn begin_writes(&mut self) -> Result<()> {
+        self.begin_writing()
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(
             &self.name,
