@@ -155,3 +155,36 @@ fn a_raw_disk_written_or_replaced_while_unprotected_requires_a_resynchronization
     let reason = lost_reason(&disk);
     assert!(reason.contains("inode"), "{reason}");
 }
+
+#[test]
+fn a_lost_journal_is_owed_a_resynchronization_even_when_another_disk_fails_to_open() {
+    let directory = tempfile::tempdir().unwrap();
+    let first = directory.path().join("vm1.raw");
+    let second = directory.path().join("vm1-data.raw");
+    for disk in [&first, &second] {
+        std::fs::write(disk, vec![0u8; SIZE as usize]).unwrap();
+    }
+    let both = [first.clone(), second.clone()];
+    let vm = ProtectedVm::open(&both, &StorageOptions::default(), Compression::Lz4).unwrap();
+    vm.caught_up().unwrap();
+    vm.close().unwrap();
+
+    // The first disk's journal is damaged, and the second disk cannot be opened this time.
+    let journal = directory.path().join("vm1.raw.brtrack");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&journal, bytes).unwrap();
+    let hidden = directory.path().join("hidden.raw");
+    std::fs::rename(&second, &hidden).unwrap();
+    assert!(ProtectedVm::open(&both, &StorageOptions::default(), Compression::Lz4).is_err());
+
+    // The damaged journal was replaced by a fresh one; the loss must not go with it.
+    std::fs::rename(&hidden, &second).unwrap();
+    let vm = ProtectedVm::open(&both, &StorageOptions::default(), Compression::Lz4).unwrap();
+    assert!(
+        matches!(vm.tracking(), Tracking::Lost(reason) if reason.contains("damaged")),
+        "{:?}",
+        vm.tracking()
+    );
+    vm.close().unwrap();
+}
