@@ -41,6 +41,11 @@ pub enum Error {
     /// A delta file is damaged, truncated, of an unknown version, or does not fit its target.
     #[error("{name}: {problem}")]
     Delta { name: String, problem: String },
+    /// Another process (or another user in this one) holds the file: one owner at a time.
+    #[error(
+        "{name}: in use by {holder}; stop it first (one blockrep at a time may use a disk, its journal or a replica store)"
+    )]
+    InUse { name: String, holder: String },
     /// Change tracking cannot be trusted; only a comparison of both sides can recover.
     #[error("{name}: tracking lost: resynchronization required ({reason})")]
     TrackingLost { name: String, reason: String },

@@ -10,7 +10,7 @@
 use crate::delta::{Compression, DeltaEncoder, DeltaHeader, Spool, chunk_pieces};
 use crate::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
 use crate::io::{
-    FileStorage, Storage, StorageOptions, file_storage, remove_if_present, sync_directory,
+    FileLock, FileStorage, Storage, StorageOptions, file_storage, remove_if_present, sync_directory,
 };
 use crate::proto::{CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription, Tracking};
 use crate::resync::BlockHashes;
@@ -58,6 +58,9 @@ pub struct ProtectedVm {
     /// Held while cutting: whoever else writes the disks in steps that must not be split by a
     /// cut (a replica applying a delta) holds it around each step.
     gate: Option<Arc<Mutex<()>>>,
+    /// Every image and journal, locked for this VM alone until it is closed: a second
+    /// `protect` of the same disk would track it twice and each would ship half.
+    _locks: Vec<FileLock>,
 }
 
 impl std::fmt::Debug for ProtectedVm {
@@ -178,8 +181,21 @@ impl ProtectedVm {
         let mut disks = Vec::new();
         let mut descriptions = Vec::new();
         let mut tracking = Tracking::Vouches;
+        // Every disk is ours before any journal or marker is touched.
+        let mut locks = paths
+            .iter()
+            .map(|path| FileLock::open(path))
+            .collect::<Result<Vec<_>>>()?;
         for path in paths {
+            let journal = journal_path(path);
+            let journal_locked = journal.exists();
+            if journal_locked {
+                locks.push(FileLock::open(&journal)?);
+            }
             let (disk, description, found) = open_disk(path, storage)?;
+            if !journal_locked {
+                locks.push(FileLock::open(&journal)?);
+            }
             // A marker left by an earlier run that never caught up still stands.
             let owed = owed_copy(path)?.unwrap_or_default();
             tracking = worse(tracking, worse(owed, found));
@@ -205,6 +221,7 @@ impl ProtectedVm {
             compression,
             prepared: Mutex::new(None),
             gate: None,
+            _locks: locks,
         })
     }
 

@@ -97,6 +97,8 @@ fn journal_changes(
         Box::new(FileStorage::open(journal_path, true).map_err(|error| {
             format!("{name}: tracking lost: resynchronization required (journal missing: {error})")
         })?);
+    // A running `protect` holds the journal: reading and closing it under it would undo it.
+    let _lock = blockrep::io::FileLock::open(journal_path)?;
     let stored = Journal::stored_identity(&storage, &name)?;
     let identity = JournalIdentity {
         disk_id,

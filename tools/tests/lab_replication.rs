@@ -2136,3 +2136,103 @@ fn metrics_endpoints_give_what_status_gives_as_prometheus_text() {
     protect.stop();
     serve.stop();
 }
+
+/// The files in the site's directory (logs and sockets aside), to show a refused command
+/// created nothing.
+fn site_files(site: &Site) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(site.path(""))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".log") && !name.ends_with(".sock"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Runs a command that must be refused; gives what it printed.
+fn run_refused(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !output.status.success(),
+        "{command:?} was not refused: {text}"
+    );
+    text
+}
+
+/// One owner per disk and per store: a second `protect` of a disk that another one serves, a
+/// second `serve` on a store in use, and qemu-io writing the disk under blockrep are refused,
+/// the holder named, nothing created; the first daemons go on and the replica stays equal.
+#[test]
+fn a_second_user_of_a_disk_or_a_store_is_refused_with_the_holder_named() {
+    let test = "a_second_user_of_a_disk_or_a_store_is_refused_with_the_holder_named";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let (mut serve, address) = site.serve(None, "127.0.0.1:0", "serve.log", None);
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_until_replicated(&[&serve, &protect]);
+    site.nbd_io(&["write -P 0x71 0 1M"]);
+    let before = site_files(&site);
+
+    let second = run_refused(site.blockrep().args([
+        "protect",
+        "--name",
+        "vm1b",
+        "--disk",
+        text(&site.disk()),
+        "--replica",
+        &address,
+        "--identity",
+        text(&site.path("pid")),
+        "--trust",
+        text(&site.path("rid").join("identity.crt")),
+        "--nbd",
+        &format!("unix:{}", text(&site.path("vm1b.sock"))),
+    ]));
+    let holder = format!("in use by process {}", protect.child.id());
+    assert!(
+        second.contains(&holder) && second.contains("protect"),
+        "{second}"
+    );
+
+    let other_server = run_refused(site.blockrep().args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        text(&site.store()),
+        "--identity",
+        text(&site.path("rid")),
+        "--allow",
+        text(&site.path("pid").join("identity.crt")),
+    ]));
+    let holder = format!("in use by process {}", serve.child.id());
+    assert!(
+        other_server.contains("replica store") && other_server.contains(&holder),
+        "{other_server}"
+    );
+
+    // qemu sees the lock too: a write under blockrep would never be tracked.
+    let qemu = run_refused(Command::new("qemu-io").args([
+        "-f",
+        "vhdx",
+        "-c",
+        "write -P 0x72 0 4k",
+        text(&site.disk()),
+    ]));
+    assert!(qemu.contains("lock"), "{qemu}");
+    assert_eq!(site_files(&site), before, "a refused command left files");
+
+    site.nbd_io(&["write -P 0x73 8M 1M"]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}

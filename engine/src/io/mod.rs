@@ -7,10 +7,12 @@
 //! returned. A crash may keep any subset of the writes made since the last flush.
 
 mod file;
+mod lock;
 mod memory;
 mod uring;
 
 pub use file::FileStorage;
+pub use lock::FileLock;
 pub use memory::MemoryStorage;
 pub use uring::{UringOptions, UringStorage};
 

@@ -16,7 +16,7 @@ use crate::delta::{DeltaHeader, HEADER_SIZE};
 use crate::delta::{verify_delta, write_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use crate::image::{Access, BlockImage, RawImage, VhdxImage};
-use crate::io::{Storage, StorageOptions, file_storage, sync_directory};
+use crate::io::{FileLock, Storage, StorageOptions, file_storage, sync_directory};
 use crate::protect::{ProtectedDisk, SharedDisk};
 use crate::proto::{DeltaId, DeltaKind, DiskDescription, Fence, ReplicaVmRecord};
 use crate::{Error, Result};
@@ -161,6 +161,9 @@ pub struct ReplicaStore {
     storage: StorageOptions,
     policy: PointPolicy,
     clock: WallClock,
+    /// The store's directory, locked by this store and its clones: two servers on one store
+    /// would apply and commit over each other.
+    _lock: Arc<FileLock>,
 }
 
 impl ReplicaStore {
@@ -186,15 +189,18 @@ impl ReplicaStore {
         Self::with_policy(root, storage, PointPolicy::default())
     }
 
-    /// Opens the store, keeping recovery points by `policy`.
+    /// Opens the store, keeping recovery points by `policy`. The store is this process's
+    /// alone until the last clone is dropped: another user is refused, named.
     pub fn with_policy(root: &Path, storage: StorageOptions, policy: PointPolicy) -> Result<Self> {
-        std::fs::create_dir_all(root)
-            .map_err(|error| Error::file(&root.display().to_string(), "create store", error))?;
+        let name = root.display().to_string();
+        std::fs::create_dir_all(root).map_err(|error| Error::file(&name, "create store", error))?;
+        let lock = FileLock::directory(root, &format!("replica store {name}"))?;
         Ok(ReplicaStore {
             root: root.to_owned(),
             storage,
             policy,
             clock: WallClock::system(),
+            _lock: Arc::new(lock),
         })
     }
 
