@@ -157,6 +157,7 @@ fn test_failover(
                 existing.display()
             )));
         }
+        slot.replica.settle_commit()?;
         let latest = slot.replica.applied();
         let target = point.unwrap_or(latest);
         if latest == 0 {
@@ -185,12 +186,17 @@ fn test_failover(
         point: copy.point,
         disks: copy.disks.clone(),
     };
-    copy.run(slot, done, |slot| {
-        for index in 0..disks {
-            let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
-        }
-        let _ = slot.replica.set_test_failover(None);
-    })
+    copy.run(
+        slot,
+        |_| Ok(()),
+        done,
+        |slot| {
+            for index in 0..disks {
+                let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
+            }
+            let _ = slot.replica.set_test_failover(None);
+        },
+    )
 }
 
 /// A copy of a recovery point, taken with the VM's undo pinned.
@@ -203,17 +209,20 @@ struct Copy<'a> {
 }
 
 impl Copy<'_> {
-    /// Makes the copy, unpins, and tells `done` of it; on failure runs `undo` instead (each
-    /// under the VM's lock, so the event is in order with the VM's other steps).
+    /// Makes the copy, unpins, records it made (`record`) and tells `done` of it; on failure
+    /// runs `undo` instead (each under the VM's lock, so the event is in order with the VM's
+    /// other steps).
     fn run(
         self,
         slot: &Mutex<VmSlot>,
+        record: impl FnOnce(&mut VmReplica) -> Result<()>,
         done: impl FnOnce(&TestCopy) -> ReplicationEvent,
         undo: impl FnOnce(&mut VmSlot),
     ) -> Result<TestCopy> {
         let copied = copy_point(slot, self.pinned_at, self.target, self.disks, self.out);
         let mut guard = lock(slot);
         guard.replica.unpin();
+        let copied = copied.and_then(|paths| record(&mut guard.replica).map(|()| paths));
         match copied {
             Ok(paths) => {
                 let copy = TestCopy {
@@ -255,6 +264,7 @@ fn unplanned_failover(
                 "the primary is still connected and replicating: failing over now would leave two primaries (split brain). Stop the primary (a primary that died is noticed within 10 s), or add --force".into(),
             ));
         }
+        guard.replica.settle_commit()?;
         let latest = guard.replica.applied();
         if latest == 0 {
             return Err(refuse("initial replication has not completed".into()));
@@ -283,7 +293,7 @@ fn unplanned_failover(
         out: &out,
     };
     let done = |copy: &TestCopy| ReplicationEvent::FailedOver { point: copy.point };
-    copy.run(slot, done, |slot| {
+    copy.run(slot, VmReplica::failover_copied, done, |slot| {
         let _ = slot.replica.cancel_failover();
         slot.machine.fence(None);
         drive(slot);
@@ -916,11 +926,12 @@ async fn serve_connection(
         connection.close(3u32.into(), b"expected hello");
         return;
     };
-    tracing::info!(peer = %remote, %primary, %owner, %vm, "primary connected");
+    // The names are the peer's, not yet checked: logged escaped.
+    tracing::info!(peer = %remote, primary = ?primary, %owner, vm = ?vm, "primary connected");
     let slot = match open_slot(&store, &vms, &vm, &site).await {
         Ok(slot) => slot,
         Err(error) => {
-            tracing::error!(%vm, %error, "cannot open the VM's replica");
+            tracing::error!(vm = ?vm, %error, "cannot open the VM's replica");
             let refusal = Message::Refused {
                 reason: format!("{vm}: {error}"),
                 retry: false,

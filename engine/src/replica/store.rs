@@ -109,6 +109,10 @@ pub struct FailoverRecord {
     /// this set must not run the VM again: it becomes the replica, at this sequence.
     #[serde(default)]
     pub handing_back: Option<u64>,
+    /// An unplanned failover's disks are complete and durable (their copy finished). Until
+    /// then they may be half written, or still being written: they cannot be committed.
+    #[serde(default)]
+    pub copied: bool,
 }
 
 impl FailoverRecord {
@@ -496,6 +500,10 @@ impl VmReplica {
                 error,
             )
         })?;
+        // The VM's directory is a name in the store's: durable before anything in it counts.
+        if let Some(store) = self.directory.parent() {
+            sync_directory(store)?;
+        }
         for disk in &disks {
             check_disk(disk)?;
         }
@@ -764,6 +772,9 @@ impl VmReplica {
 
     /// Records (or clears) the VM's test failover copy.
     pub(crate) fn set_test_failover(&mut self, out: Option<PathBuf>) -> Result<()> {
+        if out.is_some() {
+            self.refuse_pending_commit()?;
+        }
         let mut catalogue = self.catalogue()?.clone();
         catalogue.test_failover = out;
         self.write_catalogue(catalogue)
@@ -784,6 +795,7 @@ impl VmReplica {
     /// Records an unplanned failover to `point` (its disks being made in
     /// `failover_directory`): from now on the primary is refused.
     pub fn begin_failover(&mut self, point: u64) -> Result<()> {
+        self.refuse_pending_commit()?;
         let mut catalogue = self.catalogue()?.clone();
         catalogue.failover = Some(FailoverRecord {
             point,
@@ -792,8 +804,53 @@ impl VmReplica {
             reverse: false,
             resync: true,
             handing_back: None,
+            copied: false,
         });
         self.write_catalogue(catalogue)
+    }
+
+    /// The unplanned failover's disks are made: durable (each was flushed when closed; their
+    /// names are flushed now) and recorded complete, so that they may be committed.
+    pub fn failover_copied(&mut self) -> Result<()> {
+        sync_directory(&self.failover_directory())?;
+        sync_directory(&self.directory)?;
+        let mut catalogue = self.catalogue()?.clone();
+        match &mut catalogue.failover {
+            Some(failover) if !failover.committed => failover.copied = true,
+            _ => return Err(self.refusal("has no failover being made".into())),
+        }
+        self.write_catalogue(catalogue)
+    }
+
+    /// Finishes a commit that failed after it was recorded (a full disk, an I/O error left
+    /// delta N half applied, "committing N" in the catalogue): a failover must start from a
+    /// whole delta, never copy half of one or carry the record into a VM that runs here.
+    /// Refused, with why, when it still cannot be finished.
+    pub fn settle_commit(&mut self) -> Result<()> {
+        let Some((delta, kind)) = self.catalogue()?.committing else {
+            return Ok(());
+        };
+        tracing::info!(vm = %self.vm, %delta, "finishing a commit that failed before a failover");
+        self.staging = None;
+        let finished = match kind {
+            DeltaKind::Initial => self.finish_initial(delta),
+            DeltaKind::Changes => self.finish_changes(delta),
+        };
+        finished.map_err(|error| {
+            self.refusal(format!(
+                "{delta} failed to commit and still cannot be finished ({error}); free space or mend the disk, then try again"
+            ))
+        })
+    }
+
+    /// Refuses a failover step while a commit that failed is still recorded.
+    fn refuse_pending_commit(&self) -> Result<()> {
+        match self.catalogue()?.committing {
+            Some((delta, _)) => Err(self.refusal(format!(
+                "{delta} failed to commit and is not finished: settle it first (`settle_commit`)"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Drops a failover that was not committed: its disks go, replication may resume.
@@ -821,6 +878,11 @@ impl VmReplica {
         };
         if failover.committed {
             return Err(self.refusal("the failover is already committed".into()));
+        }
+        if !failover.copied {
+            return Err(self.refusal(
+                "the failover's disks are still being made, or their copy was interrupted: wait for it, or cancel (`blockrep failover VM --cancel`) and fail over again".into(),
+            ));
         }
         self.disks.clear();
         let catalogue = self.catalogue()?.clone();
@@ -864,6 +926,7 @@ impl VmReplica {
                 reverse,
                 resync: false,
                 handing_back: None,
+                copied: false,
             },
         )
     }
@@ -871,6 +934,7 @@ impl VmReplica {
     /// Records that the VM runs here (`failover`, committed): its recovery points go, since
     /// the VM writes the disks from now on.
     fn run_here(&mut self, mut catalogue: Catalogue, failover: FailoverRecord) -> Result<()> {
+        self.refuse_pending_commit()?;
         let dropped: Vec<String> = catalogue
             .points
             .drain(..)
@@ -939,6 +1003,24 @@ impl VmReplica {
     }
 
     fn recover(&mut self) -> Result<()> {
+        let Some(catalogue) = &self.catalogue else {
+            return Ok(());
+        };
+        if let Some((delta, _)) = catalogue.committing
+            && catalogue
+                .failover
+                .as_ref()
+                .is_some_and(FailoverRecord::active)
+        {
+            // Carried into a VM that runs here by an older version: redoing it would write an
+            // old delta over the running VM's disks.
+            tracing::warn!(vm = %self.vm, %delta, "dropping an unfinished commit recorded before the VM ran here");
+            let mut catalogue = catalogue.clone();
+            catalogue.committing = None;
+            self.write_catalogue(catalogue)?;
+            self.discard_staging();
+            return Ok(());
+        }
         let Some(catalogue) = &self.catalogue else {
             return Ok(());
         };
@@ -1773,5 +1855,76 @@ mod tests {
         for name in ["", "..", "a/b", ".hidden", "x y"] {
             assert!(store.open_vm(name).is_err(), "{name:?} accepted");
         }
+    }
+
+    /// Stages delta 2 (0x44 at 8 KiB on disk 1) and records its commit, as a commit that then
+    /// failed to apply (a full disk) leaves the replica: "committing 2", half of it applied.
+    fn failed_commit(replica: &mut VmReplica) {
+        replica.start_staging(delta(2), DeltaKind::Changes).unwrap();
+        replica
+            .stage_chunk(delta(2), 1, &chunk(&disks()[1], 2, 8192, &[0x44; 8192]))
+            .unwrap();
+        if let Some(Staging::Changes { file, .. }) = replica.staging.take() {
+            file.flush().unwrap();
+        }
+        replica
+            .mark_committing(Some((delta(2), DeltaKind::Changes)), false)
+            .unwrap();
+        replica.open_disks().unwrap();
+        replica.disks[1].write_at(&[0x44; 4096], 8192).unwrap();
+    }
+
+    #[test]
+    fn a_failed_commit_is_finished_before_a_failover_and_never_carried_into_one() {
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        failed_commit(&mut replica);
+        // Neither failover may start from half a delta.
+        let refused = replica.begin_failover(1).unwrap_err().to_string();
+        assert!(refused.contains("failed to commit"), "{refused}");
+        let refused = replica
+            .set_test_failover(Some(PathBuf::from("/nonexistent")))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("failed to commit"), "{refused}");
+        // Rolled forward, the failover starts from the whole delta, with no record of it.
+        replica.settle_commit().unwrap();
+        assert_eq!(replica.applied(), 2);
+        assert_eq!(read(&mut replica, 1, 8192, 8192), vec![0x44; 8192]);
+        replica.begin_failover(2).unwrap();
+        assert!(replica.catalogue().unwrap().committing.is_none());
+        // A restart finds nothing to redo.
+        drop(replica);
+        let reopened = store.open_vm("vm1").unwrap();
+        assert!(reopened.catalogue().unwrap().committing.is_none());
+    }
+
+    #[test]
+    fn a_failover_whose_copy_did_not_finish_cannot_be_committed() {
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        replica.begin_failover(1).unwrap();
+        // A copy that is still running, or that a killed daemon left half made.
+        let out = replica.failover_directory();
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("disk-0.vhdx"), b"half a disk").unwrap();
+        let refused = replica.commit_failover().unwrap_err().to_string();
+        assert!(refused.contains("still being made"), "{refused}");
+        // The replica disks are untouched; the record survives a restart.
+        assert_eq!(read(&mut replica, 0, 1 << 20, 65536), vec![0x11; 65536]);
+        drop(replica);
+        let mut reopened = store.open_vm("vm1").unwrap();
+        assert!(reopened.commit_failover().is_err());
+        // Made completely, it commits.
+        reopened.cancel_failover().unwrap();
+        reopened.begin_failover(1).unwrap();
+        let pinned_at = reopened.pin();
+        let out = reopened.failover_directory();
+        crate::replica::copy_point(&mut |step| step(&mut reopened), pinned_at, 1, 2, &out).unwrap();
+        reopened.unpin();
+        reopened.failover_copied().unwrap();
+        let disks = reopened.commit_failover().unwrap();
+        assert_eq!(disks.len(), 2);
+        assert_eq!(read(&mut reopened, 0, 1 << 20, 65536), vec![0x11; 65536]);
     }
 }

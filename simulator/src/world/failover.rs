@@ -75,8 +75,9 @@ impl World {
             .map(|point| (now - point).as_secs_f64());
         let storage = self.storage_options(target);
         let slot = self.slot(target, vm)?;
-        let point = slot.replica.applied();
         let step = |error: blockrep::Error| error.to_string();
+        slot.replica.settle_commit().map_err(step)?;
+        let point = slot.replica.applied();
         slot.replica.begin_failover(point).map_err(step)?;
         slot.machine
             .fence(slot.replica.failover().as_ref().map(fence_for));
@@ -93,6 +94,7 @@ impl World {
         );
         slot.replica.unpin();
         copied.map_err(step)?;
+        slot.replica.failover_copied().map_err(step)?;
         let paths = slot.replica.commit_failover().map_err(step)?;
         slot.machine
             .fence(slot.replica.failover().as_ref().map(fence_for));
