@@ -376,6 +376,7 @@ fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
             fenced: None,
             handed_over: None,
             seeded: false,
+            reinitialize: false,
         },
     );
     replica.hello(7, "fingerprint-a", 1, config().disks);
@@ -418,6 +419,7 @@ fn another_primary_or_other_disks_are_refused_for_good() {
         fenced: None,
         handed_over: None,
         seeded: false,
+        reinitialize: false,
     };
     let refusals = |owner: &str, disks: Vec<DiskDescription>| {
         let mut replica = Replica::new("vm1", record.clone());
@@ -547,6 +549,7 @@ fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
         fenced: None,
         handed_over: None,
         seeded: false,
+        reinitialize: false,
     };
     let mut replica = Replica::new("vm1", record);
     let refusals = |replica: &mut Replica| {
@@ -754,4 +757,71 @@ fn lost_tracking_is_shown_as_critical_with_its_reason_until_a_comparison_or_copy
     world.check();
     let status = world.primary.status(world.now);
     assert_eq!(status.state, ReplicationState::Replicating, "{status:?}");
+}
+
+#[test]
+fn a_primary_alone_cannot_replace_a_replica_and_its_points_with_an_initial_replication() {
+    let record = ReplicaVmRecord {
+        disks: Some(config().disks),
+        applied: 3,
+        owner: Some("fingerprint-a".into()),
+        fenced: None,
+        handed_over: None,
+        seeded: false,
+        reinitialize: false,
+    };
+    let initial = |replica: &mut Replica, connection: ConnectionId| {
+        replica.hello(connection, "fingerprint-a", 1, config().disks);
+        replica.handle_message(
+            connection,
+            Message::DeltaBegin {
+                delta: DeltaId {
+                    sequence: 4,
+                    cut: 1,
+                },
+                kind: DeltaKind::Initial,
+                chunks: 1,
+                recovery_point: true,
+                app_consistent: false,
+            },
+        );
+        std::iter::from_fn(|| replica.poll_action()).collect::<Vec<_>>()
+    };
+    let mut replica = Replica::new("vm1", record);
+    let actions = initial(&mut replica, 7);
+    let refusal = actions
+        .iter()
+        .find_map(|action| match action {
+            ReplicaAction::Send {
+                message: Message::Refused { reason, retry },
+                ..
+            } => Some((reason.clone(), *retry)),
+            _ => None,
+        })
+        .expect("refused");
+    assert!(!refusal.1, "retrying cannot help: {}", refusal.0);
+    assert!(
+        refusal.0.contains("blockrep reinitialize vm1"),
+        "{}",
+        refusal.0
+    );
+    assert!(
+        !actions
+            .iter()
+            .any(|action| matches!(action, ReplicaAction::StartStaging { .. })),
+        "{actions:?}"
+    );
+    // With the replica host's consent it is staged.
+    replica.allow_reinitialize();
+    let actions = initial(&mut replica, 8);
+    assert!(
+        actions.iter().any(|action| matches!(
+            action,
+            ReplicaAction::StartStaging {
+                kind: DeltaKind::Initial,
+                ..
+            }
+        )),
+        "{actions:?}"
+    );
 }

@@ -136,6 +136,11 @@ enum Command {
     /// Replicate a VM that failed over to this site back to its old primary (start its
     /// `blockrep protect` again there): only the blocks that differ are shipped.
     Reverse { vm: String },
+    /// On the replica host: allow the VM's primary to replace its replica with a new initial
+    /// replication (`protect --initial full`), dropping every recovery point. Without this a
+    /// primary's initial replication of a replica that holds deltas is refused, so that a
+    /// compromised primary cannot erase the points.
+    Reinitialize { vm: String },
     /// Recovery plans: fail groups of VMs over in order, with scripts and manual steps before
     /// and after each group (docs/plans.md).
     #[command(subcommand)]
@@ -201,6 +206,7 @@ fn main() -> ExitCode {
         Command::Serve(arguments) => replication_command::serve(arguments),
         Command::Protect(arguments) => protect_command::protect(arguments),
         Command::Reverse { vm } => replication_command::reverse(&vm),
+        Command::Reinitialize { vm } => replication_command::reinitialize(&vm),
         Command::Resync { vm } => replication_command::resync(&vm),
         Command::Seed {
             store,

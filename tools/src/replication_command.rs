@@ -391,6 +391,9 @@ enum ReplicaRequest {
     Reverse {
         vm: String,
     },
+    Reinitialize {
+        vm: String,
+    },
 }
 
 fn answer_replica_request(
@@ -422,6 +425,9 @@ fn answer_replica_request(
                 |sequence| serde_json::json!({"vm": vm, "sequence": sequence, "reverse": reverse}),
             )
         }
+        ReplicaRequest::Reinitialize { vm } => runtime
+            .block_on(server.allow_reinitialize(&vm))
+            .map(|()| serde_json::json!({"vm": vm})),
         ReplicaRequest::Reverse { vm } => runtime
             .block_on(server.reverse(&vm))
             .map(|()| serde_json::json!({"vm": vm})),
@@ -648,6 +654,16 @@ pub fn planned_failover_command(vm: &str, reverse: bool) -> Outcome {
         } else {
             ""
         }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blockrep reinitialize VM`, on the replica host: the primary's next initial replication
+/// may replace the replica and drop its recovery points.
+pub fn reinitialize(vm: &str) -> Outcome {
+    ask_replica_servers(vm, &ReplicaRequest::Reinitialize { vm: vm.to_owned() })?;
+    println!(
+        "{vm}: the next initial replication from its primary may replace the replica; its recovery points go when it commits"
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -61,8 +61,10 @@ fn every_command_of_the_operations_guide_runs() {
     let deadline = Instant::now() + Duration::from_secs(300);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
+            // Killed, it fails below with what it printed and the daemons' logs.
+            eprintln!("the guide's commands did not finish within 5 minutes");
             let _ = child.kill();
-            panic!("the guide's commands did not finish within 5 minutes");
+            break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -723,6 +723,20 @@ impl ReplicaServer {
         .await
     }
 
+    /// The replica host's operator allows the next initial replication from the VM's primary
+    /// to replace its replica, dropping the recovery points: a primary alone never may.
+    pub async fn allow_reinitialize(&self, vm: &str) -> Result<()> {
+        let slot = self.slot(vm)?;
+        blocking(vm, move || {
+            let mut guard = lock(&slot);
+            guard.replica.allow_reinitialize()?;
+            guard.machine.allow_reinitialize();
+            tracing::warn!(vm = %guard.replica.vm(), "the next initial replication may replace the replica and its recovery points");
+            Ok(())
+        })
+        .await
+    }
+
     /// Planned failover of a VM that runs here back to the old primary (failback): its writes
     /// stop (NBD clients are told), the final delta ships, the other side compares and takes
     /// over; this server is its replica again. Returns the final delta's sequence.

@@ -91,6 +91,9 @@ pub struct ReplicaVmRecord {
     /// The copy was seeded by hand (from a copy or a backup): the primary must compare by
     /// hash before replicating, and its disks' ids are taken from its first hello.
     pub seeded: bool,
+    /// The replica host's operator allowed the next initial replication to replace a replica
+    /// that holds deltas (and drop its recovery points). A primary alone never may.
+    pub reinitialize: bool,
 }
 
 /// Why a replica takes nothing from its primary.
@@ -436,6 +439,24 @@ impl Replica {
                 .push_back(ReplicaAction::Close { connection, reason });
             return;
         }
+        if kind == DeltaKind::Initial && self.record.applied > 0 && !self.record.reinitialize {
+            // Recovery points are what is left when the primary itself is compromised: a
+            // primary alone cannot throw them away.
+            let reason = format!(
+                "{}: the replica holds delta {} and its recovery points; an initial replication would replace them. The replica host's operator must allow it first (`blockrep reinitialize {}`), or the primary compares instead (`--initial auto`)",
+                self.vm, self.record.applied, self.vm
+            );
+            self.send(
+                connection,
+                Message::Refused {
+                    reason: reason.clone(),
+                    retry: false,
+                },
+            );
+            self.actions
+                .push_back(ReplicaAction::Close { connection, reason });
+            return;
+        }
         if kind == DeltaKind::Changes && self.record.applied == 0 {
             return self.violation(
                 connection,
@@ -610,6 +631,11 @@ impl Replica {
     /// The driver reopened the VM's replica after a failed commit, which finished or rolled
     /// back the interrupted commit from what was durable: deltas are taken again from
     /// `record`'s applied sequence, and nothing staged before counts.
+    /// The replica host's operator allowed an initial replication to replace the replica.
+    pub fn allow_reinitialize(&mut self) {
+        self.record.reinitialize = true;
+    }
+
     pub fn recovered(&mut self, record: ReplicaVmRecord) {
         self.failed = None;
         self.staging = None;

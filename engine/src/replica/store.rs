@@ -85,6 +85,10 @@ struct Catalogue {
     /// disks' ids taken from the primary's first hello.
     #[serde(default)]
     seeded: bool,
+    /// The operator allowed the next initial replication to replace this replica
+    /// (`blockrep reinitialize`); it is cleared when one commits.
+    #[serde(default)]
+    reinitialize: bool,
 }
 
 /// A failover of the VM to the replica site.
@@ -467,6 +471,7 @@ impl VmReplica {
                     .filter(|failover| failover.planned)
                     .map(|failover| failover.point),
                 seeded: catalogue.seeded,
+                reinitialize: catalogue.reinitialize,
             },
             None => ReplicaVmRecord::default(),
         }
@@ -522,6 +527,7 @@ impl VmReplica {
             failover: None,
             external_disks: None,
             seeded: false,
+            reinitialize: false,
         })
     }
 
@@ -777,6 +783,14 @@ impl VmReplica {
         }
         let mut catalogue = self.catalogue()?.clone();
         catalogue.test_failover = out;
+        self.write_catalogue(catalogue)
+    }
+
+    /// The operator allows the next initial replication from the primary to replace this
+    /// replica, dropping its recovery points (`blockrep reinitialize`).
+    pub fn allow_reinitialize(&mut self) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.reinitialize = true;
         self.write_catalogue(catalogue)
     }
 
@@ -1215,6 +1229,7 @@ impl VmReplica {
             DeltaKind::Initial => {
                 // The disks were replaced whole: no undo leads back from them.
                 unneeded.extend(catalogue.points.drain(..).flat_map(|point| point.undo));
+                catalogue.reinitialize = false;
             }
             DeltaKind::Changes => {
                 let undo = undo_name(delta.sequence);
@@ -1926,5 +1941,24 @@ mod tests {
         let disks = reopened.commit_failover().unwrap();
         assert_eq!(disks.len(), 2);
         assert_eq!(read(&mut reopened, 0, 1 << 20, 65536), vec![0x11; 65536]);
+    }
+
+    #[test]
+    fn consent_to_reinitialize_lasts_until_an_initial_replication_commits() {
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        assert!(!replica.record().reinitialize);
+        replica.allow_reinitialize().unwrap();
+        assert!(
+            store.open_vm("vm1").unwrap().record().reinitialize,
+            "durable"
+        );
+        replica.start_staging(delta(2), DeltaKind::Initial).unwrap();
+        replica
+            .stage_chunk(delta(2), 0, &chunk(&disks()[0], 2, 0, &[0x12; 4096]))
+            .unwrap();
+        replica.commit(delta(2), DeltaKind::Initial, false).unwrap();
+        assert!(!replica.record().reinitialize, "used once");
+        assert!(!store.open_vm("vm1").unwrap().record().reinitialize);
     }
 }
