@@ -377,6 +377,7 @@ fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
             handed_over: None,
             seeded: false,
             reinitialize: false,
+            compare_required: None,
         },
     );
     replica.hello(7, "fingerprint-a", 1, config().disks);
@@ -420,6 +421,7 @@ fn another_primary_or_other_disks_are_refused_for_good() {
         handed_over: None,
         seeded: false,
         reinitialize: false,
+        compare_required: None,
     };
     let refusals = |owner: &str, disks: Vec<DiskDescription>| {
         let mut replica = Replica::new("vm1", record.clone());
@@ -550,6 +552,7 @@ fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
         handed_over: None,
         seeded: false,
         reinitialize: false,
+        compare_required: None,
     };
     let mut replica = Replica::new("vm1", record);
     let refusals = |replica: &mut Replica| {
@@ -769,6 +772,7 @@ fn a_primary_alone_cannot_replace_a_replica_and_its_points_with_an_initial_repli
         handed_over: None,
         seeded: false,
         reinitialize: false,
+        compare_required: None,
     };
     let initial = |replica: &mut Replica, connection: ConnectionId| {
         replica.hello(connection, "fingerprint-a", 1, config().disks);

@@ -2236,3 +2236,52 @@ fn a_second_user_of_a_disk_or_a_store_is_refused_with_the_holder_named() {
     serve.stop();
     site.assert_replica_equals_primary();
 }
+
+/// A replica disk written by another program while the server was stopped is found at the
+/// server's start (its DataWriteGuid moved): the primary is made to compare by hash, the
+/// difference ships, and the replica ends equal to the primary.
+#[test]
+fn a_replica_disk_changed_outside_blockrep_is_repaired_by_a_comparison() {
+    let test = "a_replica_disk_changed_outside_blockrep_is_repaired_by_a_comparison";
+    if !have_qemu(test) {
+        return;
+    }
+    let site = Site::new("64M");
+    let (mut serve, address) = site.serve(None, "127.0.0.1:0", "serve.log", None);
+    let mut protect = site.protect(None, &address, "pid");
+    site.wait_until_replicated(&[&serve, &protect]);
+    site.nbd_io(&["write -P 0x41 0 2M"]);
+    site.wait_until_replicated(&[&serve, &protect]);
+    serve.stop();
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "vhdx",
+        "-c",
+        "write -P 0x5a 1M 64k",
+        text(&site.replica_disk()),
+    ]));
+    let (mut serve, _) = site.serve(None, &address, "serve-again.log", None);
+    let status = site.wait_for_primary(
+        "the primary to compare and ship the difference",
+        &[&serve, &protect],
+        |status| {
+            status["resync"]["differing_bytes"]
+                .as_u64()
+                .is_some_and(|bytes| bytes > 0)
+        },
+    );
+    assert_eq!(
+        status["resync"]["differing_bytes"].as_u64(),
+        Some(64 << 10),
+        "only the block written outside differs: {status}"
+    );
+    assert!(
+        serve.log().contains("changed outside blockrep"),
+        "{}",
+        serve.tail()
+    );
+    site.wait_until_replicated(&[&serve, &protect]);
+    protect.stop();
+    serve.stop();
+    site.assert_replica_equals_primary();
+}

@@ -63,7 +63,8 @@ pub trait BlockImage: Send + Sync {
 /// user-visible write after opening), or a raw image file's identity and times. Recorded when
 /// blockrep stops using a disk and compared when it starts again, it shows a disk written,
 /// reverted or replaced by another program in between (docs/formats/journal.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ContentStamp {
     /// Nothing to compare: a store with no file under it (the simulator's memory).
     Unknown,

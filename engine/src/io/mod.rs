@@ -178,7 +178,7 @@ pub trait Storage: Send + Sync {
 
 /// A file's identity and times, as `fstat` gives them. Any write through any handle moves the
 /// modification and change times; a copy put in the file's place has another inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileStamp {
     pub device: u64,
     pub inode: u64,

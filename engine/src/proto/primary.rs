@@ -415,6 +415,14 @@ impl Primary {
                 self.actions
                     .push_back(PrimaryAction::HandoverRefused { reason });
             }
+            Message::Refused { reason, retry }
+                if retry && reason.contains("resynchronization required") =>
+            {
+                // The replica's copy changed outside blockrep: compare, then go on.
+                self.last_error = Some(format!("the replica refused: {reason}"));
+                self.link_down(now);
+                self.actions.push_back(PrimaryAction::Resync { reason });
+            }
             Message::Refused { reason, retry } => {
                 self.last_error = Some(format!("the replica refused: {reason}"));
                 if retry {

@@ -24,8 +24,9 @@ pub enum ReplicaAction {
         disks: Vec<DiskDescription>,
         owner: String,
     },
-    /// A seeded copy was compared by its primary: record the primary's disk ids and that the
-    /// copy is an ordinary replica from now on.
+    /// A copy that had to be compared (seeded by hand, or changed outside blockrep) was
+    /// compared by its primary: record the primary's disk ids and that the copy is an
+    /// ordinary replica from now on.
     AdoptSeed { disks: Vec<DiskDescription> },
     /// Set up staging for a delta, dropping whatever was staged of another one. An initial
     /// delta is staged into new, empty disks; changes into a staging file.
@@ -94,6 +95,9 @@ pub struct ReplicaVmRecord {
     /// The replica host's operator allowed the next initial replication to replace a replica
     /// that holds deltas (and drop its recovery points). A primary alone never may.
     pub reinitialize: bool,
+    /// Why the replica's disks may differ from what it applied (changed outside blockrep):
+    /// the primary must compare by hash before anything more is applied.
+    pub compare_required: Option<String>,
 }
 
 /// Why a replica takes nothing from its primary.
@@ -203,6 +207,22 @@ impl Replica {
             );
         }
         let compared = self.compared_on == Some(connection);
+        if let Some(reason) = self.record.compare_required.clone() {
+            if !compared {
+                // The primary compares on its next connection, then says hello on it.
+                return refuse(
+                    self,
+                    format!("{}: {reason}: resynchronization required", self.vm),
+                    true,
+                );
+            }
+            if self.record.disks.as_ref() == Some(&disks) {
+                self.record.compare_required = None;
+                self.actions.push_back(ReplicaAction::AdoptSeed {
+                    disks: disks.clone(),
+                });
+            }
+        }
         if self.record.seeded {
             if !compared {
                 return refuse(

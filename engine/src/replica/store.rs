@@ -15,7 +15,7 @@ use super::points::{PointPolicy, RecoveryPoint, record_applied, undo_chain};
 use crate::delta::{DeltaHeader, HEADER_SIZE};
 use crate::delta::{verify_delta, write_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
-use crate::image::{Access, BlockImage, RawImage, VhdxImage};
+use crate::image::{Access, BlockImage, ContentStamp, RawImage, VhdxImage};
 use crate::io::{FileLock, Storage, StorageOptions, file_storage, sync_directory};
 use crate::protect::{ProtectedDisk, SharedDisk};
 use crate::proto::{DeltaId, DeltaKind, DiskDescription, Fence, ReplicaVmRecord};
@@ -89,6 +89,14 @@ struct Catalogue {
     /// (`blockrep reinitialize`); it is cleared when one commits.
     #[serde(default)]
     reinitialize: bool,
+    /// Each disk's content stamp as this store last left it (docs/formats/replica.md): a disk
+    /// whose stamp moved was written or replaced outside blockrep.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    stamps: Vec<ContentStamp>,
+    /// Why the disks may differ from what was applied (changed outside blockrep): the
+    /// primary must compare by hash before anything more is applied. Cleared once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    compare_required: Option<String>,
 }
 
 /// A failover of the VM to the replica site.
@@ -264,7 +272,9 @@ impl ReplicaStore {
             gate: Arc::default(),
             detached: false,
         };
+        let changed = replica.changed_outside()?;
         replica.recover()?;
+        replica.stamp_disks(changed)?;
         Ok(replica)
     }
 }
@@ -472,6 +482,7 @@ impl VmReplica {
                     .map(|failover| failover.point),
                 seeded: catalogue.seeded,
                 reinitialize: catalogue.reinitialize,
+                compare_required: catalogue.compare_required.clone(),
             },
             None => ReplicaVmRecord::default(),
         }
@@ -528,15 +539,19 @@ impl VmReplica {
             external_disks: None,
             seeded: false,
             reinitialize: false,
+            stamps: Vec::new(),
+            compare_required: None,
         })
     }
 
-    /// A seeded copy was compared by its primary: its disks carry the primary's ids from now
-    /// on, and it is an ordinary replica.
+    /// A copy that had to be compared (seeded by hand, or changed outside blockrep) was
+    /// compared by its primary: its disks carry the primary's ids from now on, and it is an
+    /// ordinary replica.
     pub fn adopt_seed(&mut self, disks: Vec<DiskDescription>) -> Result<()> {
         let mut catalogue = self.catalogue()?.clone();
         catalogue.disks = disks;
         catalogue.seeded = false;
+        catalogue.compare_required = None;
         self.write_catalogue(catalogue)
     }
 
@@ -646,6 +661,7 @@ impl VmReplica {
             ) if staged == delta => {
                 file.flush()?;
                 drop(file);
+                self.refuse_changed_disks()?;
                 if self.policy.keep > 0 || self.pinned > 0 {
                     // What the delta overwrites, kept before the commit point: a redo after a
                     // crash must not take half-applied blocks for the old ones.
@@ -1016,6 +1032,106 @@ impl VmReplica {
         self.create_disk(path, &description)
     }
 
+    /// Why a replica disk differs from how this store left it, if one does: another program
+    /// wrote it, or a copy was put in its place. Compared before anything writes the disks.
+    /// A disk an interrupted initial replication replaces whole, the disks a VM that runs here
+    /// writes, and disks applied through onward tracking (their journal watches them) are not
+    /// compared.
+    fn changed_outside(&mut self) -> Result<Option<String>> {
+        let Some(catalogue) = &self.catalogue else {
+            return Ok(None);
+        };
+        let initial_interrupted = matches!(catalogue.committing, Some((_, DeltaKind::Initial)));
+        if catalogue.stamps.is_empty()
+            || initial_interrupted
+            || self.tracked.is_some()
+            || catalogue
+                .failover
+                .as_ref()
+                .is_some_and(FailoverRecord::active)
+        {
+            return Ok(None);
+        }
+        // After a crash in the middle of an apply, a raw disk's times moved with its writes.
+        let times_moved = catalogue.committing.is_some();
+        let recorded = catalogue.stamps.clone();
+        self.open_disks()?;
+        for (index, (disk, recorded)) in self.disks.iter().zip(&recorded).enumerate() {
+            if let Some(change) = recorded.changed_since(&disk.content_stamp()?, times_moved) {
+                let path = self.disk_path(index);
+                return Ok(Some(format!("replica disk {}: {change}", path.display())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records each disk's stamp as this session leaves it (a VHDX gets its new GUID now, not
+    /// at the first write), and `changed` (why the disks must be compared) until they are.
+    fn stamp_disks(&mut self, changed: Option<String>) -> Result<()> {
+        let Some(catalogue) = &self.catalogue else {
+            return Ok(());
+        };
+        if self.tracked.is_some()
+            || catalogue.applied == 0
+            || catalogue
+                .failover
+                .as_ref()
+                .is_some_and(FailoverRecord::active)
+        {
+            return Ok(());
+        }
+        if let Some(reason) = &changed {
+            tracing::warn!(vm = %self.vm, %reason, "a replica disk changed outside blockrep: the primary must compare before more is applied");
+        }
+        self.open_disks()?;
+        for disk in &mut self.disks {
+            disk.begin_writes()?;
+        }
+        let stamps = self.current_stamps()?;
+        if changed.is_none() && self.catalogue()?.stamps == stamps {
+            return Ok(());
+        }
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.stamps = stamps;
+        if changed.is_some() {
+            catalogue.compare_required = changed;
+        }
+        self.write_catalogue(catalogue)
+    }
+
+    /// The open disks' stamps, in order.
+    fn current_stamps(&self) -> Result<Vec<ContentStamp>> {
+        self.disks.iter().map(|disk| disk.content_stamp()).collect()
+    }
+
+    /// Refuses to apply over a disk changed outside blockrep since the last commit (checked
+    /// before each apply, while the disks stay open): the change is recorded, so that the
+    /// primary compares before anything more is applied.
+    fn refuse_changed_disks(&mut self) -> Result<()> {
+        let recorded = self.catalogue()?.stamps.clone();
+        if recorded.is_empty() || self.tracked.is_some() {
+            return Ok(());
+        }
+        self.open_disks()?;
+        let mut change = None;
+        for (index, (disk, recorded)) in self.disks.iter().zip(&recorded).enumerate() {
+            if let Some(found) = recorded.changed_since(&disk.content_stamp()?, false) {
+                change = Some(format!(
+                    "replica disk {}: {found}",
+                    self.disk_path(index).display()
+                ));
+                break;
+            }
+        }
+        let Some(change) = change else {
+            return Ok(());
+        };
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.compare_required = Some(change.clone());
+        self.write_catalogue(catalogue)?;
+        Err(self.refusal(format!("{change}: resynchronization required")))
+    }
+
     fn recover(&mut self) -> Result<()> {
         let Some(catalogue) = &self.catalogue else {
             return Ok(());
@@ -1093,7 +1209,8 @@ impl VmReplica {
         }
         sync_directory(&self.directory)?;
         self.mark_applied(delta, DeltaKind::Initial)?;
-        self.open_disks()
+        self.open_disks()?;
+        self.stamp_disks(None)
     }
 
     /// Applies the stage file to the disks, flushes them, then records the delta applied.
@@ -1230,6 +1347,8 @@ impl VmReplica {
                 // The disks were replaced whole: no undo leads back from them.
                 unneeded.extend(catalogue.points.drain(..).flat_map(|point| point.undo));
                 catalogue.reinitialize = false;
+                // New disks, whole: nothing outside blockrep changed them.
+                catalogue.compare_required = None;
             }
             DeltaKind::Changes => {
                 let undo = undo_name(delta.sequence);
@@ -1272,6 +1391,10 @@ impl VmReplica {
             kind == DeltaKind::Changes && catalogue.committing_app_consistent;
         catalogue.committing = None;
         catalogue.committing_app_consistent = false;
+        if kind == DeltaKind::Changes && self.tracked.is_none() && !self.disks.is_empty() {
+            // A raw disk's times moved with this delta's writes: recorded with it.
+            catalogue.stamps = self.current_stamps()?;
+        }
         self.write_catalogue(catalogue)?;
         self.delete_undo(unneeded);
         Ok(())
@@ -1960,5 +2083,71 @@ mod tests {
         replica.commit(delta(2), DeltaKind::Initial, false).unwrap();
         assert!(!replica.record().reinitialize, "used once");
         assert!(!store.open_vm("vm1").unwrap().record().reinitialize);
+    }
+
+    /// Writes `disk-0.vhdx` of vm1 as another conforming VHDX writer would (qemu-io does the
+    /// same): a new DataWriteGuid, then the data.
+    fn write_outside(directory: &Path, byte: u8) {
+        let path = directory.join("vm1").join("disk-0.vhdx");
+        let storage = crate::io::FileStorage::open(&path, true).unwrap();
+        let mut image = VhdxImage::open(storage, "outside", Access::ReadWrite).unwrap();
+        image.write_at(&[byte; 4096], 0).unwrap();
+        image.close().unwrap();
+    }
+
+    #[test]
+    fn a_replica_disk_written_outside_blockrep_must_be_compared_before_more_is_applied() {
+        let (directory, store) = replicated();
+        let replica = store.open_vm("vm1").unwrap();
+        assert_eq!(replica.record().compare_required, None);
+        assert_eq!(replica.catalogue().unwrap().stamps.len(), 2, "recorded");
+        drop(replica);
+        write_outside(directory.path(), 0x99);
+        let replica = store.open_vm("vm1").unwrap();
+        let reason = replica.record().compare_required.unwrap_or_default();
+        assert!(
+            reason.contains("disk-0.vhdx") && reason.contains("DataWriteGuid"),
+            "{reason}"
+        );
+        drop(replica);
+        // It outlives a restart until the primary compared.
+        let mut replica = store.open_vm("vm1").unwrap();
+        assert!(replica.record().compare_required.is_some());
+        replica.adopt_seed(disks()).unwrap();
+        drop(replica);
+        assert_eq!(
+            store.open_vm("vm1").unwrap().record().compare_required,
+            None
+        );
+    }
+
+    #[test]
+    fn a_replica_disk_written_outside_while_open_is_refused_before_the_next_apply() {
+        let (directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        replica.start_staging(delta(2), DeltaKind::Changes).unwrap();
+        replica
+            .stage_chunk(delta(2), 0, &chunk(&disks()[0], 2, 1 << 20, &[0x33; 4096]))
+            .unwrap();
+        write_outside(directory.path(), 0x98);
+        let refused = replica
+            .commit(delta(2), DeltaKind::Changes, false)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("resynchronization required"), "{refused}");
+        assert_eq!(
+            replica.applied(),
+            1,
+            "nothing applied over the changed disk"
+        );
+        drop(replica);
+        assert!(
+            store
+                .open_vm("vm1")
+                .unwrap()
+                .record()
+                .compare_required
+                .is_some()
+        );
     }
 }

@@ -350,7 +350,21 @@ impl<S: Storage> BlockImage for VhdxImage<S> {
     }
 
     fn content_stamp(&self) -> Result<super::ContentStamp> {
-        Ok(super::ContentStamp::DataWrite(self.header.data_write_guid))
+        // Read from the file, not from memory: another writer's new GUID shows even while
+        // this image is open.
+        let mut slots = [
+            vec![0u8; format::HEADER_SIZE],
+            vec![0u8; format::HEADER_SIZE],
+        ];
+        for (bytes, offset) in slots.iter_mut().zip(format::HEADER_OFFSETS) {
+            self.storage
+                .read_at(bytes, offset)
+                .map_err(self.io_error("read header", offset))?;
+        }
+        let decoded = [Header::decode(&slots[0]), Header::decode(&slots[1])];
+        let (_, header) = header::current_header(&decoded[0], &decoded[1], &slots[0], &slots[1])
+            .map_err(|problem| Error::corrupt(&self.name, problem))?;
+        Ok(super::ContentStamp::DataWrite(header.data_write_guid))
     }
 
     fn begin_writes(&mut self) -> Result<()> {
