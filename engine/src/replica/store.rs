@@ -242,6 +242,16 @@ impl ReplicaStore {
     /// Opens a VM's replica (finishing a commit a crash interrupted), or an empty one for a VM
     /// not seen before; nothing is written for it until `prepare`.
     pub fn open_vm(&self, vm: &str) -> Result<VmReplica> {
+        self.open_vm_tracked(vm, None)
+    }
+
+    /// The same, applying through `tracking`'s disks (and cut gate) from the start, the
+    /// recovery of an interrupted commit included.
+    fn open_vm_tracked(
+        &self,
+        vm: &str,
+        tracking: Option<(Vec<Arc<ProtectedDisk>>, Arc<Mutex<()>>)>,
+    ) -> Result<VmReplica> {
         check_vm_name(vm)?;
         let directory = self.root.join(vm);
         let catalogue_path = directory.join(CATALOGUE);
@@ -272,6 +282,10 @@ impl ReplicaStore {
             gate: Arc::default(),
             detached: false,
         };
+        if let Some((disks, gate)) = tracking {
+            replica.tracked = Some(disks);
+            replica.gate = gate;
+        }
         let changed = replica.changed_outside()?;
         replica.recover()?;
         replica.stamp_disks(changed)?;
@@ -293,10 +307,22 @@ impl ReplicaStore {
         if machine.failure().is_none() {
             return Ok(false);
         }
-        replica.release_disks();
-        *replica = self.open_vm(&replica.vm)?;
+        self.reopen(replica)?;
         machine.recovered(replica.record());
         Ok(true)
+    }
+
+    /// Opens `replica` again from what is durable (finishing or rolling back an interrupted
+    /// commit). Replicated onward, its disks stay tracked through it: the redone commit and
+    /// every later delta must reach the third site, and cuts still fall between applies.
+    fn reopen(&self, replica: &mut VmReplica) -> Result<()> {
+        replica.release_disks();
+        let tracking = replica
+            .tracked
+            .clone()
+            .map(|disks| (disks, replica.apply_gate()));
+        *replica = self.open_vm_tracked(&replica.vm, tracking)?;
+        Ok(())
     }
 
     /// Makes existing disk files (a primary's own, at `paths`) the replica of `vm` for reverse
@@ -1903,7 +1929,8 @@ mod tests {
     #[test]
     fn a_point_whose_deltas_rewrote_one_block_keeps_it_once_after_compaction() {
         let (directory, _) = replicated();
-        let store = store_keeping(directory.path(), 24, std::time::Duration::from_millis(300));
+        // An interval well above an apply's time on a loaded machine.
+        let store = store_keeping(directory.path(), 24, std::time::Duration::from_millis(1000));
         let mut replica = store.open_vm("vm1").unwrap();
         let at_one = at_point(&mut replica, 1);
         let random = |seed: u8| -> Vec<u8> {
@@ -1921,7 +1948,7 @@ mod tests {
         for sequence in 2..=4 {
             apply_change(&mut replica, sequence, 0, 2 << 20, &random(sequence as u8));
             if sequence == 3 {
-                std::thread::sleep(std::time::Duration::from_millis(350));
+                std::thread::sleep(std::time::Duration::from_millis(1050));
             }
         }
         let before = replica
@@ -2148,6 +2175,59 @@ mod tests {
                 .record()
                 .compare_required
                 .is_some()
+        );
+    }
+
+    #[test]
+    fn a_replica_replicated_onward_stays_tracked_when_reopened_after_a_failed_commit() {
+        use crate::delta::Compression;
+        use crate::protect::ProtectedVm;
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        replica.release_disks();
+        let onward = ProtectedVm::open(
+            &replica.disk_paths(),
+            &StorageOptions::default(),
+            Compression::Lz4,
+        )
+        .unwrap()
+        .with_gate(replica.apply_gate());
+        replica.track_with(onward.disks().to_vec());
+        let gate = replica.apply_gate();
+        let shipped = DeltaId {
+            sequence: 1,
+            cut: 7,
+        };
+        onward.prepare(shipped, DeltaKind::Changes).unwrap();
+        onward.acknowledge(shipped).unwrap();
+        assert!(onward.pending_extents()[1].is_empty());
+        // Delta 2's commit fails half applied; the server reopens the replica.
+        failed_commit(&mut replica);
+        onward
+            .prepare(
+                DeltaId {
+                    sequence: 2,
+                    cut: 8,
+                },
+                DeltaKind::Changes,
+            )
+            .unwrap();
+        onward
+            .acknowledge(DeltaId {
+                sequence: 2,
+                cut: 8,
+            })
+            .unwrap();
+        store.reopen(&mut replica).unwrap();
+        assert_eq!(replica.applied(), 2);
+        assert!(replica.tracked.is_some(), "onward tracking was dropped");
+        assert!(
+            !onward.pending_extents()[1].is_empty(),
+            "the redone commit bypassed onward tracking"
+        );
+        assert!(
+            Arc::ptr_eq(&gate, &replica.apply_gate()),
+            "the onward cuts no longer wait for the applies"
         );
     }
 }
