@@ -33,6 +33,9 @@ const CATALOGUE_VERSION: u32 = 1;
 /// A replica disk as the store opens it.
 pub(crate) type Disk = VhdxImage<Box<dyn Storage>>;
 
+/// Disks tracked for onward replication, and the gate their cuts wait for.
+type OnwardTracking = (Vec<Arc<ProtectedDisk>>, Arc<Mutex<()>>);
+
 /// A replica disk as the store applies to it: its own VHDX, or an adopted disk of any format.
 type OpenDisk = Box<dyn BlockImage>;
 
@@ -250,7 +253,7 @@ impl ReplicaStore {
     fn open_vm_tracked(
         &self,
         vm: &str,
-        tracking: Option<(Vec<Arc<ProtectedDisk>>, Arc<Mutex<()>>)>,
+        tracking: Option<OnwardTracking>,
     ) -> Result<VmReplica> {
         check_vm_name(vm)?;
         let directory = self.root.join(vm);
