@@ -139,6 +139,20 @@ pub fn forget_tracking(paths: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// Removes what a first protection of `paths` wrote beside them (each journal and owed
+/// marker), when it ended before the replica held anything: a refused first start leaves the
+/// disks as it found them. Tracking that was new vouched for nothing, so nothing is lost.
+pub fn remove_new_tracking(paths: &[PathBuf]) -> Result<()> {
+    for path in paths {
+        remove_if_present(&journal_path(path))?;
+        remove_if_present(&owed_path(path))?;
+        if let Some(directory) = path.parent() {
+            sync_directory(directory)?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn journal_path(image: &Path) -> PathBuf {
     let mut name = image.as_os_str().to_owned();
     name.push(".brtrack");

@@ -49,6 +49,17 @@ enum Role {
 }
 
 pub fn protect(arguments: ProtectArguments) -> Result<ExitCode, Failure> {
+    // Checked before anything is opened or written: a second agent of this name would find
+    // its disks held anyway, but its journals must not be touched first.
+    let control = agent_socket(&arguments.name);
+    if std::os::unix::net::UnixStream::connect(&control).is_ok() {
+        return Err(format!(
+            "{}: another `blockrep protect` of this name runs (it answers at {}); stop it first",
+            arguments.name,
+            control.display()
+        )
+        .into());
+    }
     let identity = Identity::load(&arguments.identity)?;
     let trusted = load_certificate(&arguments.trust)?;
     let replica = arguments
@@ -286,7 +297,13 @@ impl Agent<'_> {
         };
         let progress = (std::io::stderr().is_terminal() && !handed_back)
             .then(|| show_progress(Arc::clone(&report)));
-        let outcome = run_primary(Arc::clone(&vm), options, report, self.stopped.clone()).await;
+        let outcome = run_primary(
+            Arc::clone(&vm),
+            options,
+            Arc::clone(&report),
+            self.stopped.clone(),
+        )
+        .await;
         if let Some((bar, stop)) = progress {
             let _ = stop.send(());
             bar.finish_and_clear();
@@ -300,7 +317,18 @@ impl Agent<'_> {
             server.shutdown()?;
         }
         let descriptions = vm.descriptions().to_vec();
+        let first_start = *vm.tracking() == Tracking::New;
         let closed = tokio::task::spawn_blocking(move || close_when_free(vm)).await?;
+        let nothing_applied = report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|entry| entry.status.applied_sequence == 0);
+        if outcome.is_err() && first_start && nothing_applied && closed.is_ok() {
+            // Refused before the replica held anything (an unknown certificate, say): leave no
+            // journal or marker behind.
+            blockrep::protect::remove_new_tracking(&arguments.disks)?;
+        }
         let ending = outcome?;
         closed?;
         Ok(match ending {

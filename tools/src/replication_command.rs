@@ -259,6 +259,10 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
         keep: arguments.recovery_points,
         interval: arguments.recovery_point_interval,
     };
+    // Checked before the store is made: a taken port must leave nothing behind.
+    if let Err(error) = std::net::UdpSocket::bind(arguments.listen) {
+        return Err(format!("--listen {}: cannot listen: {error}", arguments.listen).into());
+    }
     let store = ReplicaStore::with_policy(&arguments.store, arguments.io.options(), policy)?;
     runtime()?.block_on(async move {
         let mut stopped = stop_on_signals()?;

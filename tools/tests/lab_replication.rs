@@ -820,6 +820,14 @@ fn a_primary_with_an_unknown_certificate_is_refused_for_good() {
         .filter(|path| path.is_dir())
         .collect();
     assert!(vms.is_empty(), "the store holds {vms:?}");
+    // A first start refused leaves the disk as it found it: no journal, no marker.
+    let beside: Vec<String> = std::fs::read_dir(site.path(""))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("disk.vhdx."))
+        .collect();
+    assert!(beside.is_empty(), "left beside the disk: {beside:?}");
     assert!(serve.poll().is_none(), "{}", serve.tail());
     serve.stop();
 }
@@ -2228,6 +2236,46 @@ fn a_second_user_of_a_disk_or_a_store_is_refused_with_the_holder_named() {
         text(&site.disk()),
     ]));
     assert!(qemu.contains("lock"), "{qemu}");
+
+    // The same name again, for another disk: refused before that disk is touched.
+    let other = site.path("other.vhdx");
+    run_ok(Command::new("qemu-img").args(["create", "-f", "vhdx", text(&other), "16M"]));
+    let before = site_files(&site);
+    let same_name = run_refused(site.blockrep().args([
+        "protect",
+        "--name",
+        "vm1",
+        "--disk",
+        text(&other),
+        "--replica",
+        &address,
+        "--identity",
+        text(&site.path("pid")),
+        "--trust",
+        text(&site.path("rid").join("identity.crt")),
+        "--nbd",
+        &format!("unix:{}", text(&site.path("vm1b.sock"))),
+    ]));
+    assert!(
+        same_name.contains("another `blockrep protect` of this name"),
+        "{same_name}"
+    );
+
+    // A server whose port is taken makes no store.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let no_port = run_refused(site.blockrep().args([
+        "serve",
+        "--listen",
+        &port,
+        "--store",
+        text(&site.path("new-store")),
+        "--identity",
+        text(&site.path("rid")),
+        "--allow",
+        text(&site.path("pid").join("identity.crt")),
+    ]));
+    assert!(no_port.contains("cannot listen"), "{no_port}");
     assert_eq!(site_files(&site), before, "a refused command left files");
 
     site.nbd_io(&["write -P 0x73 8M 1M"]);

@@ -250,11 +250,7 @@ impl ReplicaStore {
 
     /// The same, applying through `tracking`'s disks (and cut gate) from the start, the
     /// recovery of an interrupted commit included.
-    fn open_vm_tracked(
-        &self,
-        vm: &str,
-        tracking: Option<OnwardTracking>,
-    ) -> Result<VmReplica> {
+    fn open_vm_tracked(&self, vm: &str, tracking: Option<OnwardTracking>) -> Result<VmReplica> {
         check_vm_name(vm)?;
         let directory = self.root.join(vm);
         let catalogue_path = directory.join(CATALOGUE);
