@@ -1,14 +1,17 @@
 //! The `blockrep` command.
 
 mod config_file;
+mod connection_limit;
 mod control;
 mod delta_command;
 mod image_command;
 mod metrics;
 mod output_file;
+mod peer;
 mod plan;
 mod protect_command;
 mod replication_command;
+mod run_directory;
 mod sim_command;
 
 use clap::{Parser, Subcommand};
