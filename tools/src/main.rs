@@ -98,7 +98,8 @@ enum Command {
         /// The point: an id from `blockrep points`, latest, or latest-app-consistent.
         #[arg(long, value_name = "ID|latest|latest-app-consistent")]
         point: Option<String>,
-        /// With --test: where the copy's disks go (a new or empty directory).
+        /// With --test: where the copy's disks go (a new or empty directory); the replica
+        /// server makes it only where you could make it yourself.
         #[arg(long)]
         out: Option<PathBuf>,
         /// With --test: remove the VM's test failover copy.
