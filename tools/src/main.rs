@@ -1,14 +1,17 @@
 //! The `blockrep` command.
 
 mod config_file;
+mod connection_limit;
 mod control;
 mod delta_command;
 mod image_command;
 mod metrics;
 mod output_file;
+mod peer;
 mod plan;
 mod protect_command;
 mod replication_command;
+mod run_directory;
 mod sim_command;
 
 use clap::{Parser, Subcommand};
@@ -95,7 +98,8 @@ enum Command {
         /// The point: an id from `blockrep points`, latest, or latest-app-consistent.
         #[arg(long, value_name = "ID|latest|latest-app-consistent")]
         point: Option<String>,
-        /// With --test: where the copy's disks go (a new or empty directory).
+        /// With --test: where the copy's disks go (a new or empty directory); the replica
+        /// server makes it only where you could make it yourself.
         #[arg(long)]
         out: Option<PathBuf>,
         /// With --test: remove the VM's test failover copy.

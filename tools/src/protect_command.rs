@@ -68,12 +68,15 @@ pub fn protect(arguments: ProtectArguments) -> Result<ExitCode, Failure> {
         .map_err(|error| format!("--replica {}: {error}", arguments.replica))?
         .next()
         .ok_or_else(|| format!("--replica {}: no address", arguments.replica))?;
-    // One endpoint for the agent's life, whatever role it plays: each scrape asks its socket.
-    let _metrics = arguments
-        .metrics
-        .map(|address| crate::metrics::MetricsServer::bind(address, &agent_socket(&arguments.name)))
-        .transpose()?;
     runtime()?.block_on(async move {
+        // One endpoint for the agent's life, whatever role it plays: each scrape asks its
+        // socket. It is served on this runtime.
+        let _metrics = arguments
+            .metrics
+            .map(|address| {
+                crate::metrics::MetricsServer::bind(address, &agent_socket(&arguments.name))
+            })
+            .transpose()?;
         let stopped = stop_on_signals()?;
         let endpoint = client_endpoint(&identity, trusted, replica)?;
         let agent = Agent {

@@ -1,6 +1,7 @@
 //! `blockrep identity`, `serve`, `protect` and `status`: replication between two hosts.
 
 use crate::control::{ControlSocket, query_all, run_directory};
+use crate::peer::{Peer, check_may_create};
 use blockrep::io::{IoEngine, StorageOptions};
 use blockrep::nbd::NbdAddress;
 use blockrep::net::{
@@ -303,9 +304,9 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
         let control = {
             let server = Arc::clone(&server);
             let runtime = tokio::runtime::Handle::current();
-            ControlSocket::bind(&control_path, move |request| {
+            ControlSocket::bind_for_peers(&control_path, move |request, requester| {
                 match serde_json::from_str::<ReplicaRequest>(request) {
-                    Ok(request) => answer_replica_request(&server, &runtime, request),
+                    Ok(request) => answer_replica_request(&server, &runtime, request, requester),
                     Err(_) => serde_json::json!({"role": "replica", "listen": address.to_string(), "vms": server.reports()}),
                 }
             })?
@@ -404,14 +405,27 @@ fn answer_replica_request(
     server: &ReplicaServer,
     runtime: &tokio::runtime::Handle,
     request: ReplicaRequest,
+    requester: &Peer,
 ) -> serde_json::Value {
     let outcome = match request {
         ReplicaRequest::Points { vm } => server
             .points(&vm)
             .map(|points| serde_json::json!({"vm": vm, "points": points})),
-        ReplicaRequest::TestFailover { vm, point, out } => runtime
-            .block_on(server.test_failover(&vm, point, &out))
-            .map(|copy| serde_json::json!(copy)),
+        // The server makes the copy with its own rights, which may be root's: it makes it only
+        // where the requester could have made it with theirs. (The socket answers only root and
+        // the server's own user, so today this refuses nothing the kernel would allow them;
+        // it keeps a root server from being a way to write anywhere whatever the socket
+        // admits.) The copy's directory is named by the requester, as the operations guide
+        // shows, rather than confined under the store: a test copy goes where the operator
+        // boots it from.
+        ReplicaRequest::TestFailover { vm, point, out } => {
+            if let Err(refused) = check_may_create(&out, requester) {
+                return serde_json::json!({"error": format!("{vm}: test failover --out {refused}")});
+            }
+            runtime
+                .block_on(server.test_failover(&vm, point, &out))
+                .map(|copy| serde_json::json!(copy))
+        }
         ReplicaRequest::CleanupTestFailover { vm } => runtime
             .block_on(server.cleanup_test_failover(&vm))
             .map(|out| serde_json::json!({"vm": vm, "removed": out})),
@@ -839,7 +853,7 @@ pub fn verify(vm: &str, json: bool) -> Outcome {
 
 pub fn status(json: bool) -> Outcome {
     let directory = run_directory();
-    let answers = query_all(&directory);
+    let answers = query_all(&directory)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&answers)?);
         return Ok(ExitCode::SUCCESS);
@@ -1027,6 +1041,9 @@ mod tests {
     #[test]
     fn a_failover_request_goes_to_the_named_server_only() {
         let directory = tempfile::tempdir().unwrap();
+        // A run directory is private to its user, as a daemon makes it.
+        let private = std::os::unix::fs::PermissionsExt::from_mode(0o700);
+        std::fs::set_permissions(directory.path(), private).unwrap();
         let named = directory.path().join("serve-1.sock");
         let _server = ControlSocket::bind(&named, |request| {
             serde_json::json!({"ok": serde_json::from_str::<serde_json::Value>(request).unwrap()})

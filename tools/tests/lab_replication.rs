@@ -328,7 +328,10 @@ impl Site {
         let site = Site {
             directory: tempfile::tempdir().unwrap(),
         };
-        std::fs::create_dir(site.run_directory()).unwrap();
+        // Private, as blockrep requires of a run directory.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(site.run_directory())
+            .unwrap();
         for (name, directory) in [("replica", "rid"), ("primary", "pid"), ("stranger", "sid")] {
             let out = site.path(directory);
             run_ok(site.blockrep().args([

@@ -102,6 +102,9 @@ fn the_example_plan_in_the_docs_is_valid() {
 fn an_unplanned_run_without_replica_servers_reports_each_vm_and_still_runs_post_scripts() {
     let directory = tempfile::tempdir().unwrap();
     let run_directory = tempfile::tempdir().unwrap();
+    // Private, as blockrep requires of a run directory.
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o700);
+    std::fs::set_permissions(run_directory.path(), private).unwrap();
     let plan = directory.path().join("lab.toml");
     std::fs::write(&plan, TWO_GROUPS).unwrap();
     let output = blockrep(

@@ -19,6 +19,11 @@ impl Sites {
     pub(crate) fn new(blockrep: PathBuf, directory: PathBuf) -> Outcome<Sites> {
         let run_directory = directory.join("run");
         std::fs::create_dir_all(&run_directory)?;
+        // blockrep refuses a run directory others could write in.
+        std::fs::set_permissions(
+            &run_directory,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         Ok(Sites {
             blockrep,
             directory,
