@@ -2239,6 +2239,7 @@ fn a_second_user_of_a_disk_or_a_store_is_refused_with_the_holder_named() {
         text(&site.disk()),
     ]));
     assert!(qemu.contains("lock"), "{qemu}");
+    assert_eq!(site_files(&site), before, "a refused command left files");
 
     // The same name again, for another disk: refused before that disk is touched.
     let other = site.path("other.vhdx");
