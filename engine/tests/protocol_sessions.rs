@@ -829,3 +829,45 @@ fn a_primary_alone_cannot_replace_a_replica_and_its_points_with_an_initial_repli
         "{actions:?}"
     );
 }
+
+#[test]
+fn chunks_before_their_begin_are_held_up_to_a_bound_in_bytes_not_only_in_count() {
+    let record = ReplicaVmRecord {
+        disks: Some(config().disks),
+        applied: 1,
+        owner: Some("fingerprint-a".into()),
+        fenced: None,
+        handed_over: None,
+        seeded: false,
+        reinitialize: false,
+        compare_required: None,
+    };
+    let mut replica = Replica::new("vm1", record);
+    replica.hello(7, "fingerprint-a", 1, config().disks);
+    while replica.poll_action().is_some() {}
+    let delta = DeltaId {
+        sequence: 2,
+        cut: 5,
+    };
+    // Frames of 2 MiB (a hostile primary's; ours are near 1 MiB), none begun.
+    let mut closed_at = None;
+    for index in 0..30u32 {
+        replica.handle_message(
+            7,
+            Message::Chunk {
+                delta,
+                index,
+                disk: 0,
+                payload: Bytes::from(vec![0u8; 2 << 20]),
+            },
+        );
+        let closed = std::iter::from_fn(|| replica.poll_action())
+            .any(|action| matches!(action, ReplicaAction::Close { .. }));
+        if closed {
+            closed_at = Some(index);
+            break;
+        }
+    }
+    // 40 MiB held at most: the 21st is refused, long before the count of 64.
+    assert_eq!(closed_at, Some(20));
+}

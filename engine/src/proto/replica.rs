@@ -124,9 +124,12 @@ pub struct Replica {
     compared_on: Option<ConnectionId>,
 }
 
-/// Early chunks held at most (each under 1.1 MiB): the primary's window of 32 bounds what can
-/// arrive before the begin, so this is never reached by a primary that follows the protocol.
+/// Early chunks held at most, in count and in bytes: a chunk is under 1.1 MiB and the
+/// primary's window of 32 bounds what can arrive before the begin, so a primary that follows
+/// the protocol never reaches either; a frame may be 8 MiB, so the count alone would let a
+/// hostile one park 512 MiB per VM.
 const EARLY_LIMIT: usize = 64;
+const EARLY_BYTES_LIMIT: usize = 40 << 20;
 
 impl Replica {
     pub fn new(vm: &str, record: ReplicaVmRecord) -> Self {
@@ -345,6 +348,7 @@ impl Replica {
                     if delta.sequence == self.record.applied + 1
                         && self.committing.is_none()
                         && self.early.len() < EARLY_LIMIT
+                        && self.early_bytes() + payload.len() <= EARLY_BYTES_LIMIT
                     {
                         self.early.push((delta, index, disk, payload));
                         return;
@@ -651,6 +655,13 @@ impl Replica {
     /// The driver reopened the VM's replica after a failed commit, which finished or rolled
     /// back the interrupted commit from what was durable: deltas are taken again from
     /// `record`'s applied sequence, and nothing staged before counts.
+    fn early_bytes(&self) -> usize {
+        self.early
+            .iter()
+            .map(|(_, _, _, payload)| payload.len())
+            .sum()
+    }
+
     /// The replica host's operator allowed an initial replication to replace the replica.
     pub fn allow_reinitialize(&mut self) {
         self.record.reinitialize = true;

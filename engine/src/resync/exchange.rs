@@ -190,25 +190,41 @@ pub fn group_digests(hashes: &[BlockHashes]) -> Vec<Message> {
         .collect()
 }
 
-/// The replica's answer to `HashRanges`: the block hashes asked for, in pieces, then
-/// `HashesDone`.
-pub fn block_hashes(hashes: &[BlockHashes], ranges: &[(u16, Range<u64>)]) -> Result<Vec<Message>> {
-    let mut messages = Vec::new();
+/// The replica's answer to `HashRanges`: the block hashes asked for, in pieces made as they
+/// are sent (never all at once), then `HashesDone`. The ranges must be as a primary asks them:
+/// each non-empty and inside its disk, in order of disk and block, none overlapping, so that the
+/// answer holds each hash at most once; anything else is refused, saying what was wrong.
+pub fn block_hashes<'a>(
+    hashes: &'a [BlockHashes],
+    ranges: &'a [(u16, Range<u64>)],
+) -> Result<impl Iterator<Item = Message> + 'a> {
+    let mut previous: Option<(u16, u64)> = None;
     for (disk, blocks) in ranges {
         let set = hashes
             .get(usize::from(*disk))
             .ok_or_else(|| failure(format!("hashes of disk {disk}, which is not there")))?;
-        let blocks = blocks.start.min(set.blocks().end)..blocks.end.min(set.blocks().end);
-        let mut start = blocks.start;
-        while start < blocks.end {
-            let end = (start + PIECE_BLOCKS).min(blocks.end);
-            messages.push(Message::Hashes {
-                disk: *disk,
-                payload: Bytes::from(set.encode(start..end)),
-            });
-            start = end;
+        if blocks.start >= blocks.end || blocks.end > set.blocks().end {
+            return Err(failure(format!(
+                "hashes of blocks {blocks:?} of disk {disk}, which has blocks {:?}",
+                set.blocks()
+            )));
         }
+        if previous
+            .is_some_and(|(last_disk, last_end)| (*disk, blocks.start) < (last_disk, last_end))
+        {
+            return Err(failure(format!(
+                "hash ranges out of order or overlapping at blocks {blocks:?} of disk {disk}"
+            )));
+        }
+        previous = Some((*disk, blocks.end));
     }
-    messages.push(Message::HashesDone);
-    Ok(messages)
+    let pieces = ranges.iter().flat_map(move |(disk, blocks)| {
+        let set = &hashes[usize::from(*disk)];
+        let starts = (blocks.start..blocks.end).step_by(PIECE_BLOCKS as usize);
+        starts.map(move |start| Message::Hashes {
+            disk: *disk,
+            payload: Bytes::from(set.encode(start..(start + PIECE_BLOCKS).min(blocks.end))),
+        })
+    });
+    Ok(pieces.chain(std::iter::once(Message::HashesDone)))
 }

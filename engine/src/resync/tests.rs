@@ -371,7 +371,7 @@ fn exchange(ours: Vec<u8>, theirs: Vec<u8>, short: bool) -> Result<Vec<Range<u64
     let Step::Send(Message::HashRanges { ranges }) = step else {
         panic!("no hash ranges asked for: {step:?}");
     };
-    let mut answers = exchange::block_hashes(&theirs, &ranges)?;
+    let mut answers: Vec<Message> = exchange::block_hashes(&theirs, &ranges)?.collect();
     if short {
         answers.retain(|message| matches!(message, Message::HashesDone));
     }
@@ -394,4 +394,25 @@ fn the_exchange_finds_the_differing_block_and_refuses_a_replica_that_stops_short
     );
     let error = exchange(ours, theirs, true).unwrap_err().to_string();
     assert!(error.contains("of the"), "{error}");
+}
+
+#[test]
+fn a_hash_request_that_repeats_overlaps_or_overreaches_is_refused_before_any_answer() {
+    use crate::resync::exchange;
+    let hashes = [hashes_of(&raw(pattern(3, 8 * HASH_BLOCK as usize)))];
+    let answered = |ranges: &[(u16, Range<u64>)]| {
+        exchange::block_hashes(&hashes, ranges).map(|pieces| pieces.count())
+    };
+    // As a primary asks: in order, apart; one piece each here, then the end.
+    assert_eq!(answered(&[(0, 0..2), (0, 4..8)]).unwrap(), 3);
+    for (ranges, named) in [
+        (vec![(0, 0..8), (0, 0..8)], "overlapping"),
+        (vec![(0, 4..8), (0, 0..2)], "out of order"),
+        (vec![(0, 0..9)], "which has blocks"),
+        (vec![(0, 3..3)], "which has blocks"),
+        (vec![(1, 0..1)], "disk 1, which is not there"),
+    ] {
+        let error = answered(&ranges).unwrap_err().to_string();
+        assert!(error.contains(named), "{ranges:?}: {error}");
+    }
 }

@@ -142,12 +142,13 @@ impl World {
                     return true;
                 };
                 let hashes = slot.hashes.take().unwrap_or_default();
-                exchange::block_hashes(&hashes, ranges).unwrap_or_else(|error| {
-                    vec![Message::Refused {
+                match exchange::block_hashes(&hashes, ranges) {
+                    Ok(pieces) => pieces.collect(),
+                    Err(error) => vec![Message::Refused {
                         reason: error.to_string(),
                         retry: true,
-                    }]
-                })
+                    }],
+                }
             }
             _ => return false,
         };
