@@ -9,7 +9,7 @@ use blockrep::net::{
     client_endpoint, load_certificate,
 };
 use blockrep::proto::ReplicationState;
-use blockrep::replica::{PointPolicy, ReplicaStore};
+use blockrep::replica::{Limits, PointPolicy, ReplicaStore};
 use blockrep::units::{format_size, parse_duration, parse_rate};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -58,6 +58,15 @@ pub struct ServeArguments {
     /// At most one recovery point is kept per interval.
     #[arg(long, value_parser = duration_argument, default_value = "1h")]
     recovery_point_interval: Duration,
+    /// VMs one primary may replicate here; a new VM past it is refused, naming this flag.
+    #[arg(long, value_name = "COUNT", default_value_t = Limits::default().vms_per_primary)]
+    max_vms_per_primary: usize,
+    /// Disks one VM may have.
+    #[arg(long, value_name = "COUNT", default_value_t = Limits::default().disks_per_vm)]
+    max_disks_per_vm: usize,
+    /// The virtual size of all the disks of all the VMs of one primary, together: 256T, 10T.
+    #[arg(long, value_name = "SIZE", value_parser = size_argument, default_value = "256T")]
+    max_bytes_per_primary: u64,
     /// Serve the disks of each VM that fails over here over NBD, at DIR/VM.sock, so the VM
     /// (or qemu) writes through change tracking.
     #[arg(long, value_name = "DIR")]
@@ -202,6 +211,10 @@ fn duration_argument(text: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|error| error.to_string())
 }
 
+fn size_argument(text: &str) -> Result<u64, String> {
+    blockrep::units::parse_size(text).map_err(|error| error.to_string())
+}
+
 fn rate_argument(text: &str) -> Result<u64, String> {
     parse_rate(text).map_err(|error| error.to_string())
 }
@@ -264,7 +277,13 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
     if let Err(error) = std::net::UdpSocket::bind(arguments.listen) {
         return Err(format!("--listen {}: cannot listen: {error}", arguments.listen).into());
     }
-    let store = ReplicaStore::with_policy(&arguments.store, arguments.io.options(), policy)?;
+    let limits = Limits {
+        vms_per_primary: arguments.max_vms_per_primary,
+        disks_per_vm: arguments.max_disks_per_vm,
+        bytes_per_primary: arguments.max_bytes_per_primary,
+    };
+    let store = ReplicaStore::with_policy(&arguments.store, arguments.io.options(), policy)?
+        .with_limits(limits);
     runtime()?.block_on(async move {
         let mut stopped = stop_on_signals()?;
         let extend = match &arguments.extend_to {

@@ -942,7 +942,15 @@ async fn serve_connection(
     };
     // The names are the peer's, not yet checked: logged escaped.
     tracing::info!(peer = %remote, primary = ?primary, %owner, vm = ?vm, "primary connected");
-    let slot = match open_slot(&store, &vms, &vm, &site).await {
+    let admitted = {
+        let (store, owner, vm, disks) = (store.clone(), owner.clone(), vm.clone(), disks.clone());
+        blocking(&vm.clone(), move || store.admit(&owner, &vm, &disks)).await
+    };
+    let opened = match admitted {
+        Ok(()) => open_slot(&store, &vms, &vm, &site).await,
+        Err(error) => Err(error),
+    };
+    let slot = match opened {
         Ok(slot) => slot,
         Err(error) => {
             tracing::error!(vm = ?vm, %error, "cannot open the VM's replica");

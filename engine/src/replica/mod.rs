@@ -3,11 +3,13 @@
 
 mod bundle;
 mod copy;
+mod limits;
 mod points;
 mod store;
 
 pub use bundle::apply_bundle;
 pub use copy::{ReplicaAccess, copy_point};
+pub use limits::Limits;
 pub use points::PointPolicy;
 /// For crash tests: the process kills itself at the point `BLOCKREP_CRASH_POINT` names.
 #[doc(hidden)]

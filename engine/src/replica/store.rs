@@ -180,6 +180,7 @@ pub struct ReplicaStore {
     storage: StorageOptions,
     policy: PointPolicy,
     clock: WallClock,
+    limits: super::Limits,
     /// The store's directory, locked by this store and its clones: two servers on one store
     /// would apply and commit over each other.
     _lock: Arc<FileLock>,
@@ -219,6 +220,7 @@ impl ReplicaStore {
             storage,
             policy,
             clock: WallClock::system(),
+            limits: super::Limits::default(),
             _lock: Arc::new(lock),
         })
     }
@@ -227,6 +229,45 @@ impl ReplicaStore {
     pub fn with_clock(mut self, clock: WallClock) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// Takes at most `limits` from each primary.
+    pub fn with_limits(mut self, limits: super::Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Whether `owner` may replicate `vm` with `disks` here: a VM the store holds already
+    /// (its disks are checked against it by the protocol), or a new one within the owner's
+    /// limits. Checked before anything is made for the VM.
+    pub fn admit(&self, owner: &str, vm: &str, disks: &[DiskDescription]) -> Result<()> {
+        check_vm_name(vm)?;
+        if self.root.join(vm).join(CATALOGUE).exists() {
+            return Ok(());
+        }
+        let mut usage = super::limits::Usage::default();
+        for other in self.vms()? {
+            let path = self.root.join(&other).join(CATALOGUE);
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let catalogue = parse_catalogue(&path, &bytes)?;
+            if catalogue.owner == owner {
+                usage.vms += 1;
+                usage.bytes += catalogue
+                    .disks
+                    .iter()
+                    .map(|disk| disk.virtual_size)
+                    .sum::<u64>();
+            }
+        }
+        match self.limits.refusal(usage, disks) {
+            Some(reason) => Err(Error::InvalidArgument {
+                what: "new VM",
+                reason,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The VMs that have a catalogue in the store.
@@ -2228,5 +2269,35 @@ mod tests {
             Arc::ptr_eq(&gate, &replica.apply_gate()),
             "the onward cuts no longer wait for the applies"
         );
+    }
+
+    #[test]
+    fn a_primary_is_held_to_its_limits_of_vms_disks_and_bytes_and_the_refusal_names_them() {
+        let (directory, _) = replicated();
+        let limits = super::super::Limits {
+            vms_per_primary: 2,
+            disks_per_vm: 2,
+            bytes_per_primary: SIZE * 3,
+        };
+        let store = ReplicaStore::open(directory.path(), StorageOptions::default())
+            .unwrap()
+            .with_limits(limits);
+        let refused = |vm: &str, disks: &[DiskDescription]| {
+            store
+                .admit("sha256:owner", vm, disks)
+                .unwrap_err()
+                .to_string()
+        };
+        // vm1 is held already (1.5 disks' worth): it is always admitted.
+        store.admit("sha256:owner", "vm1", &disks()).unwrap();
+        let three = [disks()[0], disks()[0], disks()[0]];
+        assert!(refused("vm2", &three).contains("--max-disks-per-vm"));
+        assert!(refused("vm2", &[disks()[0], disks()[0]]).contains("--max-bytes-per-primary"));
+        store.admit("sha256:owner", "vm2", &[disks()[0]]).unwrap();
+        // Another primary has its own allowance.
+        store.admit("sha256:other", "vm3", &three[..2]).unwrap();
+        let mut vm2 = store.open_vm("vm2").unwrap();
+        vm2.prepare(vec![disks()[1]], "sha256:owner").unwrap();
+        assert!(refused("vm4", &[disks()[1]]).contains("--max-vms-per-primary"));
     }
 }
