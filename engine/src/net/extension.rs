@@ -50,6 +50,8 @@ impl ExtendedVm {
         fresh: bool,
     ) -> Result<ExtendedVm> {
         replica.release_disks();
+        // Opening them tracked stamps the disks anew: the store's stamps go first.
+        replica.forget_stamps()?;
         let paths = replica.disk_paths();
         if fresh {
             for path in &paths {
@@ -60,7 +62,7 @@ impl ExtendedVm {
             ProtectedVm::open(&paths, &options.storage, Compression::Lz4)?
                 .with_gate(replica.apply_gate()),
         );
-        replica.track_with(vm.disks().to_vec());
+        replica.track_with(vm.disks().to_vec())?;
         let config = PrimaryConfig {
             vm: name.to_owned(),
             primary: options.host_name.clone(),

@@ -1037,6 +1037,8 @@ impl VmReplica {
             .flat_map(|point| point.undo)
             .collect();
         catalogue.failover = Some(failover);
+        // The VM writes the disks from now on.
+        catalogue.stamps.clear();
         self.write_catalogue(catalogue)?;
         self.delete_undo(dropped);
         Ok(())
@@ -1541,9 +1543,24 @@ impl VmReplica {
 
     /// Applies through `disks` (the same files, tracked by whoever replicates them onward)
     /// from now on, instead of opening the files itself.
-    pub(crate) fn track_with(&mut self, disks: Vec<Arc<ProtectedDisk>>) {
+    pub(crate) fn track_with(&mut self, disks: Vec<Arc<ProtectedDisk>>) -> Result<()> {
         self.disks.clear();
         self.tracked = Some(disks);
+        self.forget_stamps()
+    }
+
+    /// Another writer takes the disks (onward tracking, which stamps them anew; the VM running
+    /// here): the stamps recorded no longer describe them, and are taken again once this store
+    /// is their only writer (at the next commit or open).
+    pub(crate) fn forget_stamps(&mut self) -> Result<()> {
+        match &self.catalogue {
+            Some(catalogue) if !catalogue.stamps.is_empty() => {
+                let mut catalogue = catalogue.clone();
+                catalogue.stamps.clear();
+                self.write_catalogue(catalogue)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Stops applying through tracked disks.
@@ -2232,7 +2249,7 @@ mod tests {
         )
         .unwrap()
         .with_gate(replica.apply_gate());
-        replica.track_with(onward.disks().to_vec());
+        replica.track_with(onward.disks().to_vec()).unwrap();
         let gate = replica.apply_gate();
         let shipped = DeltaId {
             sequence: 1,

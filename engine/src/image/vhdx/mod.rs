@@ -181,6 +181,19 @@ impl<S: Storage> VhdxImage<S> {
         })
     }
 
+    /// Where in the file virtual byte `offset` is stored, or `None` when its block is not
+    /// (it reads as zeros): for tools that inspect or repair images, as `qemu-img map` would.
+    pub fn file_offset(&self, offset: u64) -> Result<Option<u64>> {
+        check_range(&self.name, offset, 1, self.geometry.virtual_size)?;
+        let Some((block, inside, _)) = self.geometry.pieces(offset, 1).next() else {
+            return Ok(None);
+        };
+        Ok(self
+            .block_state(block)?
+            .stored_at()
+            .map(|file_offset| file_offset + inside))
+    }
+
     pub fn info(&self) -> VhdxInfo {
         let allocated_blocks = (0..self.geometry.block_count)
             .filter(|&block| {
