@@ -606,6 +606,10 @@ impl BlockImage for SharedDisk {
     fn allocated_ranges(&self) -> Result<Vec<Range<u64>>> {
         self.0.image().allocated_ranges()
     }
+
+    fn content_stamp(&self) -> Result<crate::image::ContentStamp> {
+        self.0.image().content_stamp()
+    }
 }
 
 /// Opens a disk image for writing: VHDX or raw, by its extension, else by its first bytes

@@ -55,10 +55,14 @@ fn lost_reason(disk: &Path) -> String {
 }
 
 fn vhdx(directory: &Path) -> PathBuf {
-    let path = directory.join("vm1.vhdx");
+    vhdx_named(directory, "vm1.vhdx")
+}
+
+fn vhdx_named(directory: &Path, name: &str) -> PathBuf {
+    let path = directory.join(name);
     VhdxImage::create(
         FileStorage::create_new(&path).unwrap(),
-        "vm1.vhdx",
+        name,
         &VhdxCreateOptions::dynamic(SIZE),
     )
     .unwrap();
@@ -160,26 +164,35 @@ fn a_raw_disk_written_or_replaced_while_unprotected_requires_a_resynchronization
 fn a_lost_journal_is_owed_a_resynchronization_even_when_another_disk_fails_to_open() {
     let directory = tempfile::tempdir().unwrap();
     let first = directory.path().join("vm1.raw");
-    let second = directory.path().join("vm1-data.raw");
-    for disk in [&first, &second] {
-        std::fs::write(disk, vec![0u8; SIZE as usize]).unwrap();
-    }
+    std::fs::write(&first, vec![0u8; SIZE as usize]).unwrap();
+    let second = vhdx_named(directory.path(), "vm1-data.vhdx");
     let both = [first.clone(), second.clone()];
     let vm = ProtectedVm::open(&both, &StorageOptions::default(), Compression::Lz4).unwrap();
     vm.caught_up().unwrap();
     vm.close().unwrap();
 
-    // The first disk's journal is damaged, and the second disk cannot be opened this time.
+    // The first disk's journal is damaged, and the second disk cannot be opened this time: it
+    // is there (and lockable) but is no image blockrep can open, so the first disk's journal
+    // is handled before the second fails.
     let journal = directory.path().join("vm1.raw.brtrack");
     let mut bytes = std::fs::read(&journal).unwrap();
     bytes[100] ^= 1;
     std::fs::write(&journal, bytes).unwrap();
-    let hidden = directory.path().join("hidden.raw");
-    std::fs::rename(&second, &hidden).unwrap();
-    assert!(ProtectedVm::open(&both, &StorageOptions::default(), Compression::Lz4).is_err());
+    let good = std::fs::read(&second).unwrap();
+    let mut broken = b"vhdxfile".to_vec();
+    broken.resize(4096, 0);
+    std::fs::write(&second, broken).unwrap();
+    let error = ProtectedVm::open(&both, &StorageOptions::default(), Compression::Lz4)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("vm1-data.vhdx"), "{error}");
+    assert!(
+        directory.path().join("vm1.raw.brtrack").exists(),
+        "the first disk's journal was not reached: {error}"
+    );
 
     // The damaged journal was replaced by a fresh one; the loss must not go with it.
-    std::fs::rename(&hidden, &second).unwrap();
+    std::fs::write(&second, good).unwrap();
     let vm = ProtectedVm::open(&both, &StorageOptions::default(), Compression::Lz4).unwrap();
     assert!(
         matches!(vm.tracking(), Tracking::Lost(reason) if reason.contains("damaged")),
@@ -187,4 +200,31 @@ fn a_lost_journal_is_owed_a_resynchronization_even_when_another_disk_fails_to_op
         vm.tracking()
     );
     vm.close().unwrap();
+}
+
+#[test]
+fn a_vhdx_written_during_a_session_by_a_writer_that_ignores_the_lock_is_not_vouched_for() {
+    let test =
+        "a_vhdx_written_during_a_session_by_a_writer_that_ignores_the_lock_is_not_vouched_for";
+    if !have_qemu(test) {
+        return;
+    }
+    let directory = tempfile::tempdir().unwrap();
+    let disk = vhdx(directory.path());
+    protect_and_stop(&disk);
+    let vm = open(&disk);
+    vm.disks()[0].write_at(&[3u8; 4096], 0).unwrap();
+    // qemu told not to lock writes under blockrep, which holds the disk.
+    let options = format!(
+        "driver=vhdx,file.driver=file,file.filename={},file.locking=off",
+        disk.display()
+    );
+    run_ok(
+        "qemu-io",
+        &["--image-opts", &options, "-c", "write -P 0x66 2M 64k"],
+    );
+    vm.caught_up().unwrap();
+    vm.close().unwrap();
+    let reason = lost_reason(&disk);
+    assert!(reason.contains("no stamp"), "{reason}");
 }

@@ -90,6 +90,9 @@ impl ContentStamp {
             (ContentStamp::File(recorded), ContentStamp::File(now)) => Some(format!(
                 "the disk was written by another program while blockrep did not track it, or replaced by another copy (it was {recorded}; it is {now})"
             )),
+            (ContentStamp::Unknown, _) => Some(
+                "no stamp of the disk was recorded when blockrep last let it go (another program wrote it during that session, or blockrep stopped before it recorded one)".into(),
+            ),
             (recorded, now) => Some(format!(
                 "the disk is not the one tracked (recorded {}, found {})",
                 recorded.kind(),

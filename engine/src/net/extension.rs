@@ -3,7 +3,7 @@
 //! through the tracked disks), and each onward cut waits for the apply in progress, so it is
 //! always a state the primary shipped, never half of one.
 
-use super::primary::{PrimaryOptions, PrimaryReport, Route, SharedReport, run_primary};
+use super::primary::{PrimaryOptions, PrimaryReport, ResyncDone, Route, SharedReport, run_primary};
 use crate::Result;
 use crate::delta::Compression;
 use crate::io::{StorageOptions, remove_if_present};
@@ -63,6 +63,7 @@ impl ExtendedVm {
                 .with_gate(replica.apply_gate()),
         );
         replica.track_with(vm.disks().to_vec())?;
+        let vm_tracking_owes_copy = vm.tracking().owes_copy();
         let config = PrimaryConfig {
             vm: name.to_owned(),
             primary: options.host_name.clone(),
@@ -87,6 +88,12 @@ impl ExtendedVm {
         );
         primary_options.streams = options.streams;
         primary_options.source_changes = Some(applied);
+        // Onward tracking that cannot vouch (a new or lost journal) compares with the third
+        // site first: an initial replication over its copy would be refused there, and would
+        // cost its recovery points.
+        if vm_tracking_owes_copy {
+            primary_options.resync = Some(Arc::new(|_| {}) as ResyncDone);
+        }
         let vm_name = name.to_owned();
         let target = options.target;
         let task_report = Arc::clone(&report);

@@ -122,6 +122,10 @@ impl HostedVm {
         let (commands, command_receiver) = mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(false);
         let report = SharedReport::default();
+        // Disks newly made the VM's are the other site's copy, compared as the failover says
+        // (`resync`); a loss found when they were opened (written while not tracked, a damaged
+        // journal) is compared whatever it says.
+        let lost = matches!(self.vm.tracking(), Tracking::Lost(_));
         let config = PrimaryConfig {
             vm: self.name.clone(),
             primary: options.host_name.clone(),
@@ -130,7 +134,11 @@ impl HostedVm {
             window: 32,
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(5),
-            tracking: Tracking::Vouches,
+            tracking: if lost {
+                self.vm.tracking().clone()
+            } else {
+                Tracking::Vouches
+            },
             seed: crate::resync::random_seed().unwrap_or(0x5eed),
             app_consistent_every: None,
         };
@@ -143,7 +151,7 @@ impl HostedVm {
         );
         primary_options.streams = options.streams;
         primary_options.commands = Some(command_receiver);
-        primary_options.resync = resync;
+        primary_options.resync = resync.or_else(|| lost.then(|| Arc::new(|_| {}) as ResyncDone));
         primary_options.events = events;
         let task = runtime.spawn(run_primary(
             Arc::clone(&self.vm),

@@ -564,6 +564,14 @@ impl Replica {
             return;
         }
         self.committing = None;
+        // The operator's consent to replace the replica serves one initial replication.
+        if self
+            .staging
+            .as_ref()
+            .is_some_and(|staging| staging.kind == DeltaKind::Initial)
+        {
+            self.record.reinitialize = false;
+        }
         self.staging = None;
         self.record.applied = delta.sequence;
         if let Some(connection) = self.connection {

@@ -630,6 +630,15 @@ impl VmReplica {
                 "an adopted disk takes changes only, never an initial replication".into(),
             ));
         }
+        // The protocol refuses it first; the store, which would drop the points, checks too.
+        if kind == DeltaKind::Initial
+            && self.catalogue()?.applied > 0
+            && !self.catalogue()?.reinitialize
+        {
+            return Err(self.refusal(
+                "an initial replication would replace the replica and its recovery points: the replica host's operator must allow it first (`blockrep reinitialize`)".into(),
+            ));
+        }
         self.staging = Some(match kind {
             DeltaKind::Initial => {
                 let mut disks = Vec::with_capacity(descriptions.len());
@@ -1084,6 +1093,8 @@ impl VmReplica {
     pub fn hand_back(&mut self, sequence: u64) -> Result<()> {
         let mut catalogue = self.catalogue()?.clone();
         catalogue.failover = None;
+        // The VM wrote the disks: their stamps are taken again at the next commit or open.
+        catalogue.stamps.clear();
         catalogue.applied = sequence;
         catalogue.applied_at = self.clock.now();
         catalogue.applied_app_consistent = false;
@@ -1112,7 +1123,6 @@ impl VmReplica {
         let initial_interrupted = matches!(catalogue.committing, Some((_, DeltaKind::Initial)));
         if catalogue.stamps.is_empty()
             || initial_interrupted
-            || self.tracked.is_some()
             || catalogue
                 .failover
                 .as_ref()
@@ -1133,14 +1143,14 @@ impl VmReplica {
         Ok(None)
     }
 
-    /// Records each disk's stamp as this session leaves it (a VHDX gets its new GUID now, not
-    /// at the first write), and `changed` (why the disks must be compared) until they are.
+    /// Records each disk's stamp as it is now, and `changed` (why the disks must be compared)
+    /// until they are. The stamps are not moved here: onward tracking, when it opens the disks,
+    /// checks them against its own journal first.
     fn stamp_disks(&mut self, changed: Option<String>) -> Result<()> {
         let Some(catalogue) = &self.catalogue else {
             return Ok(());
         };
-        if self.tracked.is_some()
-            || catalogue.applied == 0
+        if catalogue.applied == 0
             || catalogue
                 .failover
                 .as_ref()
@@ -1152,9 +1162,6 @@ impl VmReplica {
             tracing::warn!(vm = %self.vm, %reason, "a replica disk changed outside blockrep: the primary must compare before more is applied");
         }
         self.open_disks()?;
-        for disk in &mut self.disks {
-            disk.begin_writes()?;
-        }
         let stamps = self.current_stamps()?;
         if changed.is_none() && self.catalogue()?.stamps == stamps {
             return Ok(());
@@ -1177,7 +1184,7 @@ impl VmReplica {
     /// primary compares before anything more is applied.
     fn refuse_changed_disks(&mut self) -> Result<()> {
         let recorded = self.catalogue()?.stamps.clone();
-        if recorded.is_empty() || self.tracked.is_some() {
+        if recorded.is_empty() {
             return Ok(());
         }
         self.open_disks()?;
@@ -1459,8 +1466,9 @@ impl VmReplica {
             kind == DeltaKind::Changes && catalogue.committing_app_consistent;
         catalogue.committing = None;
         catalogue.committing_app_consistent = false;
-        if kind == DeltaKind::Changes && self.tracked.is_none() && !self.disks.is_empty() {
-            // A raw disk's times moved with this delta's writes: recorded with it.
+        if kind == DeltaKind::Changes && !self.disks.is_empty() {
+            // A disk's first write of a session moves its stamp, a raw disk's every write:
+            // recorded with the delta.
             catalogue.stamps = self.current_stamps()?;
         }
         self.write_catalogue(catalogue)?;
@@ -1546,12 +1554,13 @@ impl VmReplica {
     pub(crate) fn track_with(&mut self, disks: Vec<Arc<ProtectedDisk>>) -> Result<()> {
         self.disks.clear();
         self.tracked = Some(disks);
-        self.forget_stamps()
+        // Onward tracking stamped them anew as it opened them.
+        self.stamp_disks(None)
     }
 
-    /// Another writer takes the disks (onward tracking, which stamps them anew; the VM running
-    /// here): the stamps recorded no longer describe them, and are taken again once this store
-    /// is their only writer (at the next commit or open).
+    /// Another writer takes the disks (onward tracking about to open them, which stamps them
+    /// anew; the VM running here): the stamps recorded no longer describe them, and are taken
+    /// again once this store writes them again (at its next commit or open).
     pub(crate) fn forget_stamps(&mut self) -> Result<()> {
         match &self.catalogue {
             Some(catalogue) if !catalogue.stamps.is_empty() => {
@@ -2167,6 +2176,12 @@ mod tests {
         replica.commit(delta(2), DeltaKind::Initial, false).unwrap();
         assert!(!replica.record().reinitialize, "used once");
         assert!(!store.open_vm("vm1").unwrap().record().reinitialize);
+        // A second one, without consent, is refused by the store too.
+        let refused = replica
+            .start_staging(delta(3), DeltaKind::Initial)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("blockrep reinitialize"), "{refused}");
     }
 
     /// Writes `disk-0.vhdx` of vm1 as another conforming VHDX writer would (qemu-io does the

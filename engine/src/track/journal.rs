@@ -411,7 +411,20 @@ impl<S: Storage> Journal<S> {
         self.flush()?;
         let mut state = self.lock();
         state.generation = state.generation.max(generation);
-        state.stamp = stamp;
+        // This session's stamp moved under it: a writer that ignored the lock (qemu with
+        // locking off) wrote the disk meanwhile. Recorded as no stamp, so nothing vouches for
+        // the disk at the next open.
+        state.stamp = match (&state.stamp, &stamp) {
+            (ContentStamp::DataWrite(session), ContentStamp::DataWrite(now)) if session != now => {
+                tracing::warn!(journal = %self.name, "the disk's DataWriteGuid moved during this session: another program wrote it");
+                ContentStamp::Unknown
+            }
+            (ContentStamp::File(session), ContentStamp::File(now)) if !session.same_file(now) => {
+                tracing::warn!(journal = %self.name, "the disk was replaced during this session");
+                ContentStamp::Unknown
+            }
+            _ => stamp,
+        };
         self.write_header(&state, STATE_CLEAN, crc32c::crc32c(&bytes))?;
         drop(state);
         self.flush()
