@@ -871,3 +871,35 @@ fn chunks_before_their_begin_are_held_up_to_a_bound_in_bytes_not_only_in_count()
     // 40 MiB held at most: the 21st is refused, long before the count of 64.
     assert_eq!(closed_at, Some(20));
 }
+
+#[test]
+fn a_replica_that_keeps_asking_for_comparisons_stops_replication_instead_of_looping() {
+    let now = Instant::now();
+    let mut primary = Primary::new(config(), now);
+    let refusal = || Message::Refused {
+        reason: "vm1: replica disk disk-0.vhdx: changed: resynchronization required".into(),
+        retry: true,
+    };
+    let mut actions = Vec::new();
+    for _ in 0..3 {
+        primary.handle_message(now, refusal());
+        actions.extend(std::iter::from_fn(|| primary.poll_action()));
+    }
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|action| matches!(action, PrimaryAction::Resync { .. }))
+            .count(),
+        3,
+        "{actions:?}"
+    );
+    primary.handle_message(now, refusal());
+    let last: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+    assert!(
+        last.iter().any(|action| matches!(
+            action,
+            PrimaryAction::Failed { reason } if reason.contains("4 times in a row")
+        )),
+        "{last:?}"
+    );
+}

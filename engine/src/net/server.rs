@@ -158,6 +158,11 @@ fn test_failover(
             )));
         }
         slot.replica.settle_commit()?;
+        if let Some(reason) = slot.replica.compare_required() {
+            return Err(refuse(format!(
+                "the replica's disks changed outside blockrep and are not yet compared with the primary ({reason}): a copy of them is not the primary's"
+            )));
+        }
         let latest = slot.replica.applied();
         let target = point.unwrap_or(latest);
         if latest == 0 {
@@ -181,6 +186,7 @@ fn test_failover(
         target,
         disks,
         out,
+        attempt: None,
     };
     let done = |copy: &TestCopy| ReplicationEvent::TestFailoverCreated {
         point: copy.point,
@@ -206,6 +212,8 @@ struct Copy<'a> {
     target: u64,
     disks: usize,
     out: &'a Path,
+    /// The unplanned failover the copy is for: it stops when that one is cancelled.
+    attempt: Option<u64>,
 }
 
 impl Copy<'_> {
@@ -219,7 +227,14 @@ impl Copy<'_> {
         done: impl FnOnce(&TestCopy) -> ReplicationEvent,
         undo: impl FnOnce(&mut VmSlot),
     ) -> Result<TestCopy> {
-        let copied = copy_point(slot, self.pinned_at, self.target, self.disks, self.out);
+        let copied = copy_point(
+            slot,
+            self.pinned_at,
+            self.target,
+            self.disks,
+            self.out,
+            self.attempt,
+        );
         let mut guard = lock(slot);
         guard.replica.unpin();
         let copied = copied.and_then(|paths| record(&mut guard.replica).map(|()| paths));
@@ -251,7 +266,7 @@ fn unplanned_failover(
         peer: vm.to_owned(),
         problem,
     };
-    let (pinned_at, target, disks, out) = {
+    let (pinned_at, target, disks, out, attempt) = {
         let mut guard = lock(slot);
         if let Some(failover) = guard.replica.failover() {
             return Err(refuse(format!(
@@ -265,6 +280,13 @@ fn unplanned_failover(
             ));
         }
         guard.replica.settle_commit()?;
+        if let Some(reason) = guard.replica.compare_required()
+            && !force
+        {
+            return Err(refuse(format!(
+                "the replica's disks changed outside blockrep and are not yet compared with the primary ({reason}); fail over to them as they are with --force"
+            )));
+        }
         let latest = guard.replica.applied();
         if latest == 0 {
             return Err(refuse("initial replication has not completed".into()));
@@ -275,14 +297,20 @@ fn unplanned_failover(
                 "no recovery point {target} (see `blockrep points {vm}`)"
             )));
         }
-        guard.replica.begin_failover(target)?;
+        let attempt = guard.replica.begin_failover(target)?;
         let fence = guard.replica.failover().as_ref().map(fence_for);
         guard.machine.fence(fence);
         drive(&mut guard);
         let out = guard.replica.failover_directory();
         let _ = std::fs::remove_dir_all(&out);
         let pinned_at = guard.replica.pin();
-        (pinned_at, target, guard.replica.descriptions().len(), out)
+        (
+            pinned_at,
+            target,
+            guard.replica.descriptions().len(),
+            out,
+            attempt,
+        )
     };
     tracing::warn!(%vm, point = target, "unplanned failover: replication from the primary is fenced off");
     let copy = Copy {
@@ -291,12 +319,18 @@ fn unplanned_failover(
         target,
         disks,
         out: &out,
+        attempt: Some(attempt),
     };
     let done = |copy: &TestCopy| ReplicationEvent::FailedOver { point: copy.point };
-    copy.run(slot, VmReplica::failover_copied, done, |slot| {
-        let _ = slot.replica.cancel_failover();
-        slot.machine.fence(None);
-        drive(slot);
+    let record = move |replica: &mut VmReplica| replica.failover_copied(attempt);
+    copy.run(slot, record, done, move |slot| {
+        // Only this attempt's failover is called off: one cancelled meanwhile, and perhaps
+        // begun again, is not this copy's to undo.
+        if slot.replica.failover_attempt_stands(attempt) {
+            let _ = slot.replica.cancel_failover();
+            slot.machine.fence(None);
+            drive(slot);
+        }
     })
 }
 
@@ -308,9 +342,21 @@ fn copy_point(
     target: u64,
     disks: usize,
     out: &Path,
+    attempt: Option<u64>,
 ) -> Result<Vec<PathBuf>> {
     crate::replica::copy_point(
-        &mut |step| step(&mut lock(slot).replica),
+        &mut |step| {
+            let mut guard = lock(slot);
+            if let Some(attempt) = attempt
+                && !guard.replica.failover_attempt_stands(attempt)
+            {
+                return Err(Error::Replication {
+                    peer: guard.replica.vm().to_owned(),
+                    problem: "the failover was cancelled while its disks were being made".into(),
+                });
+            }
+            step(&mut guard.replica)
+        },
         pinned_at,
         target,
         disks,

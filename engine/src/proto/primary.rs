@@ -236,7 +236,15 @@ pub struct Primary {
     /// Cut only when the source changed since the last cut (`follow_source`): whether it has.
     source_changed: Option<bool>,
     handed_over: bool,
+    /// Refusals that asked for a comparison since the replica last welcomed this primary.
+    resync_refusals: u32,
 }
+
+/// Comparisons in a row that a replica may ask for without welcoming the primary after any:
+/// past it, asking again is taken as a replica that cannot be satisfied (a disk it cannot
+/// open, or a hostile peer), and replication stops saying so rather than reading both whole
+/// disks again and again.
+const RESYNC_REFUSALS_LIMIT: u32 = 3;
 
 impl Primary {
     pub fn new(config: PrimaryConfig, now: Instant) -> Self {
@@ -266,6 +274,7 @@ impl Primary {
             handover_reverse: false,
             source_changed: None,
             handed_over: false,
+            resync_refusals: 0,
             config,
         }
     }
@@ -419,6 +428,13 @@ impl Primary {
                 if retry && reason.contains("resynchronization required") =>
             {
                 // The replica's copy changed outside blockrep: compare, then go on.
+                self.resync_refusals += 1;
+                if self.resync_refusals > RESYNC_REFUSALS_LIMIT {
+                    return self.fail(format!(
+                        "the replica asked for a comparison {} times in a row without taking the compared copy: {reason}",
+                        self.resync_refusals
+                    ));
+                }
                 self.last_error = Some(format!("the replica refused: {reason}"));
                 self.link_down(now);
                 self.actions.push_back(PrimaryAction::Resync { reason });
@@ -464,6 +480,7 @@ impl Primary {
     }
 
     fn welcome(&mut self, now: Instant, applied: u64, staged: Option<super::message::Staged>) {
+        self.resync_refusals = 0;
         if let Some(known) = self.applied
             && applied < known
             && applied > 0

@@ -128,6 +128,10 @@ pub struct FailoverRecord {
     /// then they may be half written, or still being written: they cannot be committed.
     #[serde(default)]
     pub copied: bool,
+    /// Which attempt at an unplanned failover this is: a copy made for one that was cancelled
+    /// (and perhaps begun again) must neither go on writing nor count as this one's.
+    #[serde(default)]
+    pub attempt: u64,
 }
 
 impl FailoverRecord {
@@ -898,9 +902,11 @@ impl VmReplica {
     }
 
     /// Records an unplanned failover to `point` (its disks being made in
-    /// `failover_directory`): from now on the primary is refused.
-    pub fn begin_failover(&mut self, point: u64) -> Result<()> {
+    /// `failover_directory`): from now on the primary is refused. Returns the attempt the copy
+    /// is made for (see [`VmReplica::failover_copied`]).
+    pub fn begin_failover(&mut self, point: u64) -> Result<u64> {
         self.refuse_pending_commit()?;
+        let attempt = crate::resync::random_seed()?;
         let mut catalogue = self.catalogue()?.clone();
         catalogue.failover = Some(FailoverRecord {
             point,
@@ -910,19 +916,40 @@ impl VmReplica {
             resync: true,
             handing_back: None,
             copied: false,
+            attempt,
         });
-        self.write_catalogue(catalogue)
+        self.write_catalogue(catalogue)?;
+        Ok(attempt)
+    }
+
+    /// Why the replica's disks may differ from what it applied (changed outside blockrep, not
+    /// yet compared with the primary), if they may.
+    pub fn compare_required(&self) -> Option<&str> {
+        self.catalogue
+            .as_ref()
+            .and_then(|catalogue| catalogue.compare_required.as_deref())
+    }
+
+    /// Whether `attempt` is the unplanned failover under way (not cancelled, not committed):
+    /// a copy made for it may go on.
+    pub fn failover_attempt_stands(&self, attempt: u64) -> bool {
+        self.failover()
+            .is_some_and(|failover| !failover.committed && failover.attempt == attempt)
     }
 
     /// The unplanned failover's disks are made: durable (each was flushed when closed; their
     /// names are flushed now) and recorded complete, so that they may be committed.
-    pub fn failover_copied(&mut self) -> Result<()> {
+    pub fn failover_copied(&mut self, attempt: u64) -> Result<()> {
+        if !self.failover_attempt_stands(attempt) {
+            return Err(
+                self.refusal("the failover this copy was made for was cancelled or is done".into())
+            );
+        }
         sync_directory(&self.failover_directory())?;
         sync_directory(&self.directory)?;
         let mut catalogue = self.catalogue()?.clone();
-        match &mut catalogue.failover {
-            Some(failover) if !failover.committed => failover.copied = true,
-            _ => return Err(self.refusal("has no failover being made".into())),
+        if let Some(failover) = &mut catalogue.failover {
+            failover.copied = true;
         }
         self.write_catalogue(catalogue)
     }
@@ -1032,6 +1059,7 @@ impl VmReplica {
                 resync: false,
                 handing_back: None,
                 copied: false,
+                attempt: 0,
             },
         )
     }
@@ -1168,10 +1196,14 @@ impl VmReplica {
         }
         let mut catalogue = self.catalogue()?.clone();
         catalogue.stamps = stamps;
+        let mut dropped = Vec::new();
         if changed.is_some() {
             catalogue.compare_required = changed;
+            dropped = untrusted_points(&mut catalogue, &self.vm);
         }
-        self.write_catalogue(catalogue)
+        self.write_catalogue(catalogue)?;
+        self.delete_undo(dropped);
+        Ok(())
     }
 
     /// The open disks' stamps, in order.
@@ -1203,7 +1235,9 @@ impl VmReplica {
         };
         let mut catalogue = self.catalogue()?.clone();
         catalogue.compare_required = Some(change.clone());
+        let dropped = untrusted_points(&mut catalogue, &self.vm);
         self.write_catalogue(catalogue)?;
+        self.delete_undo(dropped);
         Err(self.refusal(format!("{change}: resynchronization required")))
     }
 
@@ -1710,6 +1744,20 @@ fn undo_name(sequence: u64) -> String {
     format!("undo-{sequence}.bundle")
 }
 
+/// A disk changed outside blockrep: every recovery point would be rebuilt from its undo over
+/// the foreign bytes, which no undo holds the old contents of, so none is what it says it is.
+/// They are dropped (their undo files named for deletion), loudly.
+fn untrusted_points(catalogue: &mut Catalogue, vm: &str) -> Vec<String> {
+    if !catalogue.points.is_empty() {
+        tracing::warn!(%vm, points = catalogue.points.len(), "recovery points dropped: a replica disk changed outside blockrep, and they would rebuild that change");
+    }
+    catalogue
+        .points
+        .drain(..)
+        .flat_map(|point| point.undo)
+        .collect()
+}
+
 fn check_disk(disk: &DiskDescription) -> Result<()> {
     let sector = u64::from(disk.logical_sector);
     if disk.virtual_size == 0
@@ -2148,12 +2196,16 @@ mod tests {
         assert!(reopened.commit_failover().is_err());
         // Made completely, it commits.
         reopened.cancel_failover().unwrap();
-        reopened.begin_failover(1).unwrap();
+        let attempt = reopened.begin_failover(1).unwrap();
         let pinned_at = reopened.pin();
         let out = reopened.failover_directory();
         crate::replica::copy_point(&mut |step| step(&mut reopened), pinned_at, 1, 2, &out).unwrap();
         reopened.unpin();
-        reopened.failover_copied().unwrap();
+        assert!(
+            reopened.failover_copied(attempt + 1).is_err(),
+            "another attempt's copy"
+        );
+        reopened.failover_copied(attempt).unwrap();
         let disks = reopened.commit_failover().unwrap();
         assert_eq!(disks.len(), 2);
         assert_eq!(read(&mut reopened, 0, 1 << 20, 65536), vec![0x11; 65536]);
@@ -2331,5 +2383,26 @@ mod tests {
         let mut vm2 = store.open_vm("vm2").unwrap();
         vm2.prepare(vec![disks()[1]], "sha256:owner").unwrap();
         assert!(refused("vm4", &[disks()[1]]).contains("--max-vms-per-primary"));
+    }
+
+    #[test]
+    fn recovery_points_are_dropped_when_a_replica_disk_changed_outside_blockrep() {
+        let (directory, _) = replicated();
+        let store = store_keeping(directory.path(), 24, std::time::Duration::ZERO);
+        let mut replica = store.open_vm("vm1").unwrap();
+        apply_change(&mut replica, 2, 0, 2 << 20, &[0x21; 4096]);
+        apply_change(&mut replica, 3, 0, 2 << 20, &[0x31; 4096]);
+        assert!(replica.points().len() > 1, "{:?}", replica.points());
+        drop(replica);
+        write_outside(directory.path(), 0x97);
+        let replica = store.open_vm("vm1").unwrap();
+        assert!(replica.record().compare_required.is_some());
+        assert_eq!(replica.points().len(), 1, "only the latest is left");
+        let undo = std::fs::read_dir(directory.path().join("vm1"))
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with("undo-"))
+            .count();
+        assert_eq!(undo, 0, "their undo files went too");
     }
 }

@@ -78,7 +78,7 @@ impl World {
         let step = |error: blockrep::Error| error.to_string();
         slot.replica.settle_commit().map_err(step)?;
         let point = slot.replica.applied();
-        slot.replica.begin_failover(point).map_err(step)?;
+        let attempt = slot.replica.begin_failover(point).map_err(step)?;
         slot.machine
             .fence(slot.replica.failover().as_ref().map(fence_for));
         let out = slot.replica.failover_directory();
@@ -94,7 +94,7 @@ impl World {
         );
         slot.replica.unpin();
         copied.map_err(step)?;
-        slot.replica.failover_copied().map_err(step)?;
+        slot.replica.failover_copied(attempt).map_err(step)?;
         let paths = slot.replica.commit_failover().map_err(step)?;
         slot.machine
             .fence(slot.replica.failover().as_ref().map(fence_for));
