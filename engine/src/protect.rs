@@ -258,6 +258,16 @@ impl ProtectedVm {
         Ok(())
     }
 
+    /// The last delta the replica confirmed holding these disks' changes, as every journal
+    /// says (the least of them); `None` before any.
+    pub fn acknowledged_delta(&self) -> Option<u64> {
+        self.disks
+            .iter()
+            .map(|disk| disk.acknowledged_delta().unwrap_or(0))
+            .min()
+            .filter(|&delta| delta > 0)
+    }
+
     /// Whether tracking vouches for the replica, and if not why (a disk newly protected, a
     /// journal lost, a disk changed while it was not tracked).
     pub fn tracking(&self) -> &Tracking {
@@ -361,9 +371,18 @@ impl ProtectedVm {
         let Some(prepared) = prepared else {
             return Ok(());
         };
-        if let Source::Spooled { generations, .. } = &prepared.source {
-            for (disk, generation) in self.disks.iter().zip(generations) {
-                disk.acknowledge(*generation)?;
+        match &prepared.source {
+            Source::Spooled { generations, .. } => {
+                for (disk, generation) in self.disks.iter().zip(generations) {
+                    disk.acknowledge_delta(*generation, delta.sequence)?;
+                }
+            }
+            // An initial replication forgets no changes (the changes delta after it ships
+            // them), but the replica holds its sequence.
+            Source::Live(_) => {
+                for disk in &self.disks {
+                    disk.acknowledge_delta(0, delta.sequence)?;
+                }
             }
         }
         if let Source::Spooled { spool, .. } = &prepared.source {

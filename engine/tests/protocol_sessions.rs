@@ -903,3 +903,48 @@ fn a_replica_that_keeps_asking_for_comparisons_stops_replication_instead_of_loop
         "{last:?}"
     );
 }
+
+#[test]
+fn a_replica_ahead_of_what_the_disks_journals_confirmed_is_compared_first() {
+    let welcome = |applied| Message::Welcome {
+        version: blockrep::proto::PROTOCOL_VERSION,
+        applied,
+        staged: None,
+    };
+    let connected = |primary: &mut Primary, now| {
+        primary.handle_timeout(now);
+        std::iter::from_fn(|| primary.poll_action()).for_each(drop);
+        primary.connected(now);
+        std::iter::from_fn(|| primary.poll_action()).for_each(drop);
+    };
+    let now = Instant::now();
+    let vouching = PrimaryConfig {
+        tracking: Tracking::Vouches,
+        ..config()
+    };
+    // The journals say delta 7; the replica holds 9: the disks went back.
+    let mut primary = Primary::new(vouching.clone(), now);
+    primary.remember_acknowledged(Some(7));
+    connected(&mut primary, now);
+    primary.handle_message(now, welcome(9));
+    let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+    assert!(
+        actions.iter().any(|action| matches!(
+            action,
+            PrimaryAction::Resync { reason } if reason.contains("went back")
+        )),
+        "{actions:?}"
+    );
+    // One delta ahead is the delta in flight when the primary stopped: normal.
+    let mut primary = Primary::new(vouching, now);
+    primary.remember_acknowledged(Some(8));
+    connected(&mut primary, now);
+    primary.handle_message(now, welcome(9));
+    let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+    assert!(
+        !actions
+            .iter()
+            .any(|action| matches!(action, PrimaryAction::Resync { .. })),
+        "{actions:?}"
+    );
+}

@@ -228,3 +228,30 @@ fn a_vhdx_written_during_a_session_by_a_writer_that_ignores_the_lock_is_not_vouc
     let reason = lost_reason(&disk);
     assert!(reason.contains("no stamp"), "{reason}");
 }
+
+#[test]
+fn the_journals_remember_the_last_delta_the_replica_confirmed_across_a_stop() {
+    use blockrep::proto::{DeltaId, DeltaKind};
+    let directory = tempfile::tempdir().unwrap();
+    let disk = directory.path().join("vm1.raw");
+    std::fs::write(&disk, vec![0u8; SIZE as usize]).unwrap();
+    let vm = open(&disk);
+    assert_eq!(vm.acknowledged_delta(), None, "a new journal knows none");
+    let initial = DeltaId {
+        sequence: 1,
+        cut: 1,
+    };
+    vm.prepare(initial, DeltaKind::Initial).unwrap();
+    vm.acknowledge(initial).unwrap();
+    assert_eq!(vm.acknowledged_delta(), Some(1));
+    vm.disks()[0].write_at(&[5u8; 4096], 0).unwrap();
+    let changes = DeltaId {
+        sequence: 2,
+        cut: 2,
+    };
+    vm.prepare(changes, DeltaKind::Changes).unwrap();
+    vm.acknowledge(changes).unwrap();
+    vm.caught_up().unwrap();
+    vm.close().unwrap();
+    assert_eq!(open(&disk).acknowledged_delta(), Some(2));
+}

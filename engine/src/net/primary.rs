@@ -498,6 +498,7 @@ pub async fn run_primary(
     let mut ending = Ending::Stopped;
     let (events, mut inbox) = mpsc::unbounded_channel();
     let mut primary = Primary::new(config.clone(), Instant::now());
+    primary.remember_acknowledged(vm.acknowledged_delta());
     if source_changes.is_some() {
         primary.follow_source();
     }

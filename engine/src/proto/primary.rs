@@ -238,6 +238,9 @@ pub struct Primary {
     handed_over: bool,
     /// Refusals that asked for a comparison since the replica last welcomed this primary.
     resync_refusals: u32,
+    /// The last delta the disks' journals say the replica confirmed, until the replica's
+    /// first welcome has been checked against it.
+    journal_acknowledged: Option<u64>,
 }
 
 /// Comparisons in a row that a replica may ask for without welcoming the primary after any:
@@ -275,8 +278,17 @@ impl Primary {
             source_changed: None,
             handed_over: false,
             resync_refusals: 0,
+            journal_acknowledged: None,
             config,
         }
+    }
+
+    /// The last delta the disks' journals say the replica confirmed (`ProtectedVm::
+    /// acknowledged_delta`): a replica that holds deltas past the next one holds changes these
+    /// disks no longer have (they went back: a volume snapshot rolled back with its journal),
+    /// and is compared by hash before anything more ships.
+    pub fn remember_acknowledged(&mut self, delta: Option<u64>) {
+        self.journal_acknowledged = delta;
     }
 
     /// The next action for the driver, in order.
@@ -481,6 +493,19 @@ impl Primary {
 
     fn welcome(&mut self, now: Instant, applied: u64, staged: Option<super::message::Staged>) {
         self.resync_refusals = 0;
+        if let Some(acknowledged) = self.journal_acknowledged.take()
+            && applied > acknowledged + 1
+            && self.applied.is_none()
+            && !self.tracking.owes_copy()
+        {
+            self.link_down(now);
+            self.actions.push_back(PrimaryAction::Resync {
+                reason: format!(
+                    "the replica holds delta {applied}, but these disks' tracking was confirmed only up to delta {acknowledged}: the disks went back (a snapshot rolled back?): resynchronization required"
+                ),
+            });
+            return;
+        }
         if let Some(known) = self.applied
             && applied < known
             && applied > 0

@@ -21,6 +21,8 @@ const STAMP_OFFSET: usize = 80;
 const STAMP_NONE: u32 = 0;
 const STAMP_DATA_WRITE: u32 = 1;
 const STAMP_FILE: u32 = 2;
+/// Where the last delta sequence the replica confirmed sits in the header page.
+const DELTA_OFFSET: usize = 136;
 const MAGIC: &[u8; 8] = b"BRTRACK\n";
 const PAGE: u64 = 4096;
 const ENTRIES_PER_PAGE: u64 = 511;
@@ -86,6 +88,8 @@ struct State {
     /// The disk's stamp: as this session found and left it while active, as it was closed
     /// when clean.
     stamp: ContentStamp,
+    /// The last delta the replica confirmed applying with these changes (0: none yet).
+    acknowledged_delta: u64,
 }
 
 /// An open journal. All methods make their change durable before returning.
@@ -158,6 +162,7 @@ impl<S: Storage> Journal<S> {
                 generation: 1,
                 acknowledged: 0,
                 stamp: ContentStamp::Unknown,
+                acknowledged_delta: 0,
             }),
         };
         for page in 0..identity.region_pages() {
@@ -299,6 +304,7 @@ impl<S: Storage> Journal<S> {
                 generation: next_generation,
                 acknowledged,
                 stamp: recorded,
+                acknowledged_delta: u64_at(&header, DELTA_OFFSET),
             }),
         };
         // From here until a clean close, a crash must be assumed.
@@ -384,11 +390,19 @@ impl<S: Storage> Journal<S> {
         self.flush()
     }
 
+    /// The last delta the replica confirmed applying with these changes (0: none yet). A
+    /// replica that holds deltas past the next one holds changes these disks never made: they
+    /// went back (a volume snapshot rolled back with its journal, say).
+    pub(crate) fn acknowledged_delta(&self) -> u64 {
+        self.lock().acknowledged_delta
+    }
+
     /// Records that every generation up to `generation` is safely on the replica, so their
-    /// region marks no longer count after a crash.
-    pub(crate) fn acknowledge(&self, generation: u64) -> Result<()> {
+    /// region marks no longer count after a crash, and that it holds delta `delta`.
+    pub(crate) fn acknowledge(&self, generation: u64, delta: u64) -> Result<()> {
         let mut state = self.lock();
         state.acknowledged = state.acknowledged.max(generation);
+        state.acknowledged_delta = state.acknowledged_delta.max(delta);
         let bitmap_checksum = self.stored_bitmap_checksum()?;
         self.write_header(&state, STATE_ACTIVE, bitmap_checksum)?;
         self.flush()
@@ -464,6 +478,8 @@ impl<S: Storage> Journal<S> {
         page[64..72].copy_from_slice(&self.identity.bitmap_length().to_le_bytes());
         page[72..76].copy_from_slice(&bitmap_checksum.to_le_bytes());
         encode_stamp(&state.stamp, &mut page[STAMP_OFFSET..]);
+        page[DELTA_OFFSET..DELTA_OFFSET + 8]
+            .copy_from_slice(&state.acknowledged_delta.to_le_bytes());
         let checksum = crc32c::crc32c(&page[..4092]);
         page[4092..].copy_from_slice(&checksum.to_le_bytes());
         self.storage

@@ -211,11 +211,21 @@ impl<I: BlockImage> TrackedDisk<I> {
     /// Records that the replica holds every generation up to `generation`: their changes no
     /// longer need to survive a crash.
     pub fn acknowledge(&self, generation: u64) -> Result<()> {
+        self.acknowledge_delta(generation, 0)
+    }
+
+    /// The same, recording too that the replica holds delta `delta`.
+    pub fn acknowledge_delta(&self, generation: u64, delta: u64) -> Result<()> {
         unpoisoned(self.unacknowledged.lock()).retain(|(cut, _)| *cut > generation);
         match &self.journal {
-            Some(journal) => journal.acknowledge(generation),
+            Some(journal) => journal.acknowledge(generation, delta),
             None => Ok(()),
         }
+    }
+
+    /// The last delta the replica confirmed holding these changes, when a journal says.
+    pub fn acknowledged_delta(&self) -> Option<u64> {
+        self.journal.as_ref().map(Journal::acknowledged_delta)
     }
 
     /// Clean shutdown: flushes the image and stores every change not yet acknowledged in the

@@ -584,7 +584,9 @@ impl World {
             seed: self.random.draw(),
             app_consistent_every: None,
         };
-        Primary::new(config, self.agenda.instant())
+        let mut primary = Primary::new(config, self.agenda.instant());
+        primary.remember_acknowledged(protected.acknowledged_delta());
+        primary
     }
 
     /// Starts replicating a VM that runs at its replica's old site back to it (the replica
