@@ -316,6 +316,7 @@ impl ReplicaStore {
             storage: self.storage.clone(),
             catalogue,
             disks: Vec::new(),
+            disk_locks: Vec::new(),
             staging: None,
             policy: self.policy,
             clock: self.clock.clone(),
@@ -507,6 +508,10 @@ pub struct VmReplica {
     storage: StorageOptions,
     catalogue: Option<Catalogue>,
     disks: Vec<OpenDisk>,
+    /// The disk files this store opened, locked while they are open: qemu refuses to write
+    /// them, and a second server cannot (onward tracking and a VM running here lock them
+    /// themselves, after the store let go).
+    disk_locks: Vec<FileLock>,
     staging: Option<Staging>,
     policy: PointPolicy,
     clock: WallClock,
@@ -722,7 +727,7 @@ impl VmReplica {
                 for disk in disks {
                     disk.close()?;
                 }
-                self.disks.clear();
+                self.close_disks();
                 if self.tracked.take().is_some() {
                     self.detached = true;
                 }
@@ -1016,7 +1021,7 @@ impl VmReplica {
                 "the failover's disks are still being made, or their copy was interrupted: wait for it, or cancel (`blockrep failover VM --cancel`) and fail over again".into(),
             ));
         }
-        self.disks.clear();
+        self.close_disks();
         let catalogue = self.catalogue()?.clone();
         for index in 0..catalogue.disks.len() {
             let from = self.failover_directory().join(format!("disk-{index}.vhdx"));
@@ -1553,11 +1558,22 @@ impl VmReplica {
                 .collect();
             return Ok(());
         }
+        // All or none: a disk that fails to open leaves none open.
+        let mut disks = Vec::new();
+        let mut locks = Vec::new();
         for path in self.disk_paths() {
-            let (image, _, _) = crate::protect::open_image(&path, &self.storage)?;
-            self.disks.push(image);
+            locks.push(FileLock::open(&path)?);
+            disks.push(crate::protect::open_image(&path, &self.storage)?.0);
         }
+        self.disks = disks;
+        self.disk_locks = locks;
         Ok(())
+    }
+
+    /// Closes the open disks and lets go of their locks.
+    fn close_disks(&mut self) {
+        self.disks.clear();
+        self.disk_locks.clear();
     }
 
     /// Every disk's block hashes under `seed`.
@@ -1580,13 +1596,13 @@ impl VmReplica {
 
     /// Closes the open disks (so that another part of the process may open them).
     pub fn release_disks(&mut self) {
-        self.disks.clear();
+        self.close_disks();
     }
 
     /// Applies through `disks` (the same files, tracked by whoever replicates them onward)
     /// from now on, instead of opening the files itself.
     pub(crate) fn track_with(&mut self, disks: Vec<Arc<ProtectedDisk>>) -> Result<()> {
-        self.disks.clear();
+        self.close_disks();
         self.tracked = Some(disks);
         // Onward tracking stamped them anew as it opened them.
         self.stamp_disks(None)
@@ -1608,7 +1624,7 @@ impl VmReplica {
 
     /// Stops applying through tracked disks.
     pub(crate) fn untrack(&mut self) {
-        self.disks.clear();
+        self.close_disks();
         self.tracked = None;
     }
 
@@ -1863,6 +1879,7 @@ mod tests {
             .stage_chunk(delta(2), 0, &chunk(&disks()[0], 2, 1 << 20, &[0x33; 4096]))
             .unwrap();
         replica.commit(delta(2), DeltaKind::Changes, false).unwrap();
+        drop(replica);
         let reopened = &mut store.open_vm("vm1").unwrap();
         assert_eq!(reopened.applied(), 2);
         assert_eq!(read(reopened, 0, 1 << 20, 4096), vec![0x33; 4096]);
@@ -2217,6 +2234,8 @@ mod tests {
         let mut replica = store.open_vm("vm1").unwrap();
         assert!(!replica.record().reinitialize);
         replica.allow_reinitialize().unwrap();
+        // Another open of the VM (as after a restart) needs the disks let go of first.
+        replica.release_disks();
         assert!(
             store.open_vm("vm1").unwrap().record().reinitialize,
             "durable"
@@ -2227,6 +2246,7 @@ mod tests {
             .unwrap();
         replica.commit(delta(2), DeltaKind::Initial, false).unwrap();
         assert!(!replica.record().reinitialize, "used once");
+        replica.release_disks();
         assert!(!store.open_vm("vm1").unwrap().record().reinitialize);
         // A second one, without consent, is refused by the store too.
         let refused = replica
@@ -2404,5 +2424,16 @@ mod tests {
             .filter(|entry| entry.file_name().to_string_lossy().starts_with("undo-"))
             .count();
         assert_eq!(undo, 0, "their undo files went too");
+    }
+
+    #[test]
+    fn the_replica_disks_are_locked_while_the_store_holds_them_open() {
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        let disk = replica.disk_paths()[0].clone();
+        let refused = FileLock::open(&disk).unwrap_err();
+        assert!(matches!(refused, Error::InUse { .. }), "{refused}");
+        replica.release_disks();
+        FileLock::open(&disk).expect("let go with the disks");
     }
 }
