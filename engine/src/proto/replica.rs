@@ -452,16 +452,7 @@ impl Replica {
                 "{}: {delta} does not follow the last applied delta {} (gap): resynchronization required",
                 self.vm, self.record.applied
             );
-            self.send(
-                connection,
-                Message::Refused {
-                    reason: reason.clone(),
-                    retry: false,
-                },
-            );
-            self.actions
-                .push_back(ReplicaAction::Close { connection, reason });
-            return;
+            return self.refuse_for_good(connection, reason);
         }
         if kind == DeltaKind::Initial && self.record.applied > 0 && !self.record.reinitialize {
             // Recovery points are what is left when the primary itself is compromised: a
@@ -470,16 +461,7 @@ impl Replica {
                 "{}: the replica holds delta {} and its recovery points; an initial replication would replace them. The replica host's operator must allow it first (`blockrep reinitialize {}`), or the primary compares instead (`--initial auto`)",
                 self.vm, self.record.applied, self.vm
             );
-            self.send(
-                connection,
-                Message::Refused {
-                    reason: reason.clone(),
-                    retry: false,
-                },
-            );
-            self.actions
-                .push_back(ReplicaAction::Close { connection, reason });
-            return;
+            return self.refuse_for_good(connection, reason);
         }
         if kind == DeltaKind::Changes && self.record.applied == 0 {
             return self.violation(
@@ -722,6 +704,19 @@ impl Replica {
             connection,
             message,
         });
+    }
+
+    /// Tells the primary why it is refused (retrying will not help) and closes its connection.
+    fn refuse_for_good(&mut self, connection: ConnectionId, reason: String) {
+        self.send(
+            connection,
+            Message::Refused {
+                reason: reason.clone(),
+                retry: false,
+            },
+        );
+        self.actions
+            .push_back(ReplicaAction::Close { connection, reason });
     }
 
     fn violation(&mut self, connection: ConnectionId, reason: String) {
