@@ -282,9 +282,20 @@ fn samples(status: &serde_json::Value) -> BTreeMap<String, Samples> {
         let mut labels = by_vm();
         labels.push(("state".into(), state.into()));
         labels.push(("health".into(), health.into()));
+        // Why a resynchronization is required, named where alerts see it; one value a VM at a
+        // time, cut short so that a long reason cannot bloat a scrape.
+        if state == "resynchronization_required" {
+            let reason: String = vm["last_error"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(REASON_LABEL_CHARACTERS)
+                .collect();
+            labels.push(("reason".into(), reason));
+        }
         sample(
             format!("blockrep_{role}_info"),
-            "each VM, with its state and health as labels",
+            "each VM, with its state and health as labels (and the reason, when a resynchronization is required)",
             false,
             labels,
             1.0,
@@ -307,10 +318,14 @@ fn samples(status: &serde_json::Value) -> BTreeMap<String, Samples> {
     families
 }
 
+/// The most of a reason an info metric's label carries.
+const REASON_LABEL_CHARACTERS: usize = 200;
+
 /// The daemon's status as exposition text: per VM, every number of its status as a gauge
 /// `blockrep_ROLE_FIELD{vm="..."}` (counters of cycles and bytes as `_total` counters); for a
-/// primary, its state and health as an info metric, health also as a number (0 normal, 1
-/// warning, 2 critical); per daemon, the VMs it serves and those connected.
+/// primary, its state and health as an info metric (with the reason when a resynchronization
+/// is required), health also as a number (0 normal, 1 warning, 2 critical); per daemon, the
+/// VMs it serves and those connected.
 pub fn exposition(status: &serde_json::Value) -> String {
     let mut registry = Registry::default();
     for (name, family) in samples(status) {

@@ -55,6 +55,29 @@ fn a_primary_status_becomes_labelled_gauges_and_counters() {
 }
 
 #[test]
+fn a_resynchronization_required_is_labelled_with_its_reason() {
+    let status = serde_json::json!({
+        "role": "primary",
+        "vms": [{
+            "vm": "vm1",
+            "state": "resynchronization_required",
+            "health": "critical",
+            "last_error": "resynchronization required: vm1.vhdx: the disk was written by another program",
+        }]
+    });
+    let text = exposition(&status);
+    let info = text
+        .lines()
+        .find(|line| line.starts_with("blockrep_primary_info{"))
+        .unwrap_or_default();
+    assert!(
+        info.contains("health=\"critical\"")
+            && info.contains("reason=\"resynchronization required: vm1.vhdx: the disk was written by another program\""),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_replica_server_status_has_no_empty_info_series_but_says_busy() {
     let status = serde_json::json!({
         "role": "replica",
