@@ -987,6 +987,11 @@ fn print_replica(vm: &serde_json::Value) {
             staging.get(2).and_then(|value| value.as_u64()).unwrap_or(0)
         );
     }
+    if let Some(reason) = vm["compare_required"].as_str() {
+        println!(
+            "  resynchronization required: {reason} (the primary compares on its next connection)"
+        );
+    }
     for disk in vm["disks"].as_array().into_iter().flatten() {
         println!("  disk:                {}", disk.as_str().unwrap_or("?"));
     }

@@ -44,6 +44,9 @@ pub struct ReplicaReport {
     /// The delta being staged: sequence, chunks staged, chunks in all.
     pub staging: Option<(u64, u64, u32)>,
     pub error: Option<String>,
+    /// Why the replica's disks may differ from what it applied (changed outside blockrep),
+    /// until its primary has compared them.
+    pub compare_required: Option<String>,
     pub disks: Vec<String>,
     /// Recovery points kept besides the latest state.
     pub recovery_points: usize,
@@ -76,6 +79,7 @@ fn report(vm: String, slot: &VmSlot) -> ReplicaReport {
             .staging()
             .map(|(delta, staged, total)| (delta.sequence, staged, total)),
         error: slot.machine.failure().map(str::to_owned),
+        compare_required: slot.replica.compare_required().map(str::to_owned),
         disks: slot
             .replica
             .disk_paths()
