@@ -948,3 +948,98 @@ fn a_replica_ahead_of_what_the_disks_journals_confirmed_is_compared_first() {
         "{actions:?}"
     );
 }
+
+#[test]
+fn a_chunk_the_store_cannot_take_is_retried_not_called_a_violation() {
+    let record = ReplicaVmRecord {
+        disks: Some(config().disks),
+        applied: 1,
+        owner: Some("fingerprint-a".into()),
+        fenced: None,
+        handed_over: None,
+        seeded: false,
+        reinitialize: false,
+        compare_required: None,
+    };
+    let delta = DeltaId {
+        sequence: 2,
+        cut: 5,
+    };
+    let full = blockrep::Error::Io {
+        name: "store/vm1/stage".into(),
+        action: "write",
+        offset: Some(0),
+        source: std::io::Error::from_raw_os_error(28),
+    };
+    let mut replica = Replica::new("vm1", record);
+    replica.hello(7, "fingerprint-a", 1, config().disks);
+    std::iter::from_fn(|| replica.poll_action()).for_each(drop);
+    replica.chunk_not_staged(delta, 0, &full);
+    let actions: Vec<_> = std::iter::from_fn(|| replica.poll_action()).collect();
+    let refusal = actions.iter().find_map(|action| match action {
+        ReplicaAction::Send {
+            message: Message::Refused { reason, retry },
+            ..
+        } => Some((reason.clone(), *retry)),
+        _ => None,
+    });
+    let (reason, retry) = refusal.unwrap_or_else(|| panic!("not told: {actions:?}"));
+    assert!(retry, "a full store is worth retrying: {reason}");
+    assert!(
+        reason.contains("cannot stage") && !reason.contains("violation"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_primary_the_replica_keeps_refusing_turns_critical_though_it_is_welcomed_each_time() {
+    let start = Instant::now();
+    let mut primary = Primary::new(
+        PrimaryConfig {
+            tracking: Tracking::Vouches,
+            ..config()
+        },
+        start,
+    );
+    let welcome = || Message::Welcome {
+        version: blockrep::proto::PROTOCOL_VERSION,
+        applied: 1,
+        staged: None,
+    };
+    let mut now = start;
+    for _ in 0..6 {
+        now += FREQUENCY;
+        primary.handle_timeout(now);
+        std::iter::from_fn(|| primary.poll_action()).for_each(drop);
+        primary.connected(now);
+        primary.handle_message(now, welcome());
+        primary.handle_message(
+            now,
+            Message::Refused {
+                reason: "vm1: the replica cannot stage delta 2: no space left on device".into(),
+                retry: true,
+            },
+        );
+        // As the driver does: the connection closes for the reason the machine gives.
+        let reason = std::iter::from_fn(|| primary.poll_action())
+            .find_map(|action| match action {
+                PrimaryAction::Disconnect { reason } => Some(reason),
+                _ => None,
+            })
+            .expect("disconnected");
+        primary.connection_lost(now, &reason);
+    }
+    let status = primary.status(now);
+    assert_eq!(
+        status.health,
+        blockrep::proto::Health::Critical,
+        "{status:?}"
+    );
+    assert!(
+        status
+            .last_error
+            .unwrap_or_default()
+            .contains("no space left"),
+        "the reason is named"
+    );
+}

@@ -1696,7 +1696,7 @@ fn drive(slot: &mut VmSlot) {
                 }
                 Err(error) => {
                     tracing::warn!(%delta, index, %error, "refused a chunk");
-                    slot.machine.chunk_refused(delta, index, &error.to_string());
+                    slot.machine.chunk_not_staged(delta, index, &error);
                 }
             },
             ReplicaAction::Commit {

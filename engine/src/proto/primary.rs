@@ -238,6 +238,9 @@ pub struct Primary {
     handed_over: bool,
     /// Refusals that asked for a comparison since the replica last welcomed this primary.
     resync_refusals: u32,
+    /// Since when the replica has refused what this primary sends (its store full, a fence),
+    /// until a delta is applied again: a welcome after a refusal is not being able to send.
+    refused_since: Option<Instant>,
     /// The last delta the disks' journals say the replica confirmed, until the replica's
     /// first welcome has been checked against it.
     journal_acknowledged: Option<u64>,
@@ -278,6 +281,7 @@ impl Primary {
             source_changed: None,
             handed_over: false,
             resync_refusals: 0,
+            refused_since: None,
             journal_acknowledged: None,
             config,
         }
@@ -406,7 +410,7 @@ impl Primary {
                     ));
                 }
                 self.link = Link::Up;
-                self.cannot_send_since = None;
+                self.cannot_send_since = self.refused_since;
                 self.backoff = self.config.reconnect_min;
                 self.last_error = None;
                 self.welcome(now, applied, staged);
@@ -453,6 +457,7 @@ impl Primary {
             }
             Message::Refused { reason, retry } => {
                 self.last_error = Some(format!("the replica refused: {reason}"));
+                self.refused_since.get_or_insert(now);
                 if retry {
                     self.actions.push_back(PrimaryAction::Disconnect {
                         reason: format!("the replica refused: {reason}"),
@@ -898,6 +903,8 @@ impl Primary {
         let Some(in_flight) = self.in_flight.take() else {
             return;
         };
+        self.refused_since = None;
+        self.cannot_send_since = None;
         if in_flight.kind == DeltaKind::Initial {
             self.tracking = Tracking::Vouches;
         } else {

@@ -31,7 +31,7 @@ pub enum ReplicaAction {
     /// Set up staging for a delta, dropping whatever was staged of another one. An initial
     /// delta is staged into new, empty disks; changes into a staging file.
     StartStaging { delta: DeltaId, kind: DeltaKind },
-    /// Stage one chunk (verify it first), then call `chunk_staged` or `chunk_refused`.
+    /// Stage one chunk (verify it first), then call `chunk_staged` or `chunk_not_staged`.
     StageChunk {
         delta: DeltaId,
         index: u32,
@@ -527,16 +527,42 @@ impl Replica {
     /// The driver refused a chunk (its checksums failed, or it does not fit the disk). The
     /// primary is told to send it again on a new connection.
     pub fn chunk_refused(&mut self, delta: DeltaId, index: u32, reason: &str) {
+        self.forget_request(delta, index);
+        if let Some(connection) = self.connection {
+            self.violation(connection, format!("chunk {index} of {delta}: {reason}"));
+        }
+    }
+
+    /// Staging failed with `error`: a chunk that does not verify is the primary's fault (a
+    /// protocol violation); storage that fails (a full store, an I/O error) is this side's,
+    /// and the primary is told so and retries, the delta resumed from what is staged.
+    pub fn chunk_not_staged(&mut self, delta: DeltaId, index: u32, error: &crate::Error) {
+        if !matches!(error, crate::Error::Io { .. }) {
+            return self.chunk_refused(delta, index, &error.to_string());
+        }
+        self.forget_request(delta, index);
+        if let Some(connection) = self.connection.take() {
+            let reason = format!("{}: the replica cannot stage {delta}: {error}", self.vm);
+            self.send(
+                connection,
+                Message::Refused {
+                    reason: reason.clone(),
+                    retry: true,
+                },
+            );
+            self.actions
+                .push_back(ReplicaAction::Close { connection, reason });
+        }
+    }
+
+    /// Forgets that chunk `index` was handed to the driver, so that a resend is staged.
+    fn forget_request(&mut self, delta: DeltaId, index: u32) {
         if let Some(staging) = self
             .staging
             .as_mut()
             .filter(|staging| staging.delta == delta)
         {
-            // Forget the request so a resend is staged.
             staging.requested.remove(index);
-        }
-        if let Some(connection) = self.connection {
-            self.violation(connection, format!("chunk {index} of {delta}: {reason}"));
         }
     }
 

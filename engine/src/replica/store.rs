@@ -746,6 +746,11 @@ impl VmReplica {
                 file.flush()?;
                 drop(file);
                 self.refuse_changed_disks()?;
+                // The apply's first write moves a disk's stamp: moved now, so that the commit
+                // point records it and a redo after a failure finds the disks as recorded.
+                for disk in &mut self.disks {
+                    disk.begin_writes()?;
+                }
                 if self.policy.keep > 0 || self.pinned > 0 {
                     // What the delta overwrites, kept before the commit point: a redo after a
                     // crash must not take half-applied blocks for the old ones.
@@ -1448,6 +1453,10 @@ impl VmReplica {
         let mut catalogue = self.catalogue()?.clone();
         catalogue.committing = committing;
         catalogue.committing_app_consistent = app_consistent;
+        if committing.is_some_and(|(_, kind)| kind == DeltaKind::Changes) && !self.disks.is_empty()
+        {
+            catalogue.stamps = self.current_stamps()?;
+        }
         self.write_catalogue(catalogue)
     }
 

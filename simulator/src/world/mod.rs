@@ -1379,7 +1379,7 @@ impl World {
                     slot.staged_bytes += payload.len() as u64;
                     slot.machine.chunk_staged(delta, index);
                 }
-                Err(error) => slot.machine.chunk_refused(delta, index, &error.to_string()),
+                Err(error) => slot.machine.chunk_not_staged(delta, index, &error),
             },
             ReplicaAction::Commit {
                 delta,
