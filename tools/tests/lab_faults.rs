@@ -408,6 +408,46 @@ impl Soak {
         }
     }
 
+    /// The replica's latest point as a test failover copies it (checked by `qemu-img check`),
+    /// the copy cleaned up after.
+    fn latest_point(&self) -> Vec<u8> {
+        let copy = self.site.path("point.out");
+        run_ok(
+            self.site
+                .blockrep()
+                .args(["failover", "vm1", "--test", "--out", text(&copy)]),
+        );
+        let disk = copy.join("disk-0.vhdx");
+        run_ok(Command::new("qemu-img").args(["check", text(&disk)]));
+        let raw = self.site.path("point.raw");
+        let _ = std::fs::remove_file(&raw);
+        run_ok(Command::new("qemu-img").args(["convert", "-O", "raw", text(&disk), text(&raw)]));
+        run_ok(
+            self.site
+                .blockrep()
+                .args(["failover", "vm1", "--test", "--cleanup"]),
+        );
+        std::fs::read(&raw).unwrap()
+    }
+
+    /// With the VM at home: once everything written is acknowledged, the replica's latest
+    /// point holds every write.
+    fn assert_replica_holds_every_write(&self, context: &str) {
+        self.site.wait_until_replicated(&self.daemons());
+        let point = self.latest_point();
+        let differing: Vec<usize> = (0..point.len() / MIB as usize)
+            .filter(|mib| {
+                let range = mib * MIB as usize..(mib + 1) * MIB as usize;
+                point[range.clone()] != self.expected[range]
+            })
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{context}: everything acknowledged, the replica differs from the primary in MiB {differing:?}\n{}",
+            self.context()
+        );
+    }
+
     /// SIGKILLs both daemons, the second `gap` milliseconds after the first, in `order`.
     fn kill_both(&mut self, serve_first: bool, gap: u64) {
         let (first, second) = if serve_first {
@@ -484,19 +524,7 @@ fn killed_during_replication(soak: &mut Soak, rng: &mut Rng, round: u64, tally: 
     let serve_first = rng.below(2) == 0;
     soak.kill_both(serve_first, rng.below(300));
     soak.start_serve();
-    let copy = soak.site.path(&format!("round-{round}.out"));
-    let _ = std::fs::remove_dir_all(&copy);
-    run_ok(
-        soak.site
-            .blockrep()
-            .args(["failover", "vm1", "--test", "--out", text(&copy)]),
-    );
-    let disk = copy.join("disk-0.vhdx");
-    run_ok(Command::new("qemu-img").args(["check", text(&disk)]));
-    let raw = soak.site.path("point.raw");
-    let _ = std::fs::remove_file(&raw);
-    run_ok(Command::new("qemu-img").args(["convert", "-O", "raw", text(&disk), text(&raw)]));
-    let point = std::fs::read(&raw).unwrap();
+    let point = soak.latest_point();
     let context = format!(
         "round {round}: killed {} first, {acknowledged} acknowledged, the write in {holding} or later",
         if serve_first { "serve" } else { "protect" }
@@ -516,11 +544,6 @@ fn killed_during_replication(soak: &mut Soak, rng: &mut Rng, round: u64, tally: 
             soak.context()
         );
     }
-    run_ok(
-        soak.site
-            .blockrep()
-            .args(["failover", "vm1", "--test", "--cleanup"]),
-    );
     soak.start_protect();
     soak.wait_until_settled(&context);
     soak.assert_vm_holds_every_write(&context);
@@ -605,6 +628,9 @@ fn both_daemons_killed_at_random_moments_leave_the_replica_at_the_last_acknowled
             killed_during_replication(&mut soak, &mut rng, round, &mut tally);
         } else {
             killed_during_a_failover(&mut soak, &mut rng, round, &mut tally);
+        }
+        if soak.at_home {
+            soak.assert_replica_holds_every_write(&format!("after round {round}"));
         }
         eprintln!(
             "{test}: round {round} done; the VM runs {}",
