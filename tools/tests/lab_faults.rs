@@ -9,7 +9,7 @@
 //! a test starts is killed and waited for, every mount undone and every namespace deleted, also
 //! when the test fails.
 //!
-//! The kill test runs `BLOCKREP_SOAK_ROUNDS` rounds (12 by default) from `BLOCKREP_SOAK_SEED`
+//! The kill test runs `BLOCKREP_SOAK_ROUNDS` rounds (10 by default) from `BLOCKREP_SOAK_SEED`
 //! (by default one taken from the clock, printed so a failing run can be replayed).
 
 mod common;
@@ -598,7 +598,7 @@ fn both_daemons_killed_at_random_moments_leave_the_replica_at_the_last_acknowled
     if !have_qemu(test) {
         return;
     }
-    let rounds = env_number("BLOCKREP_SOAK_ROUNDS", 12);
+    let rounds = env_number("BLOCKREP_SOAK_ROUNDS", 10);
     let seed = env_number(
         "BLOCKREP_SOAK_SEED",
         std::time::SystemTime::now()
