@@ -23,3 +23,5 @@ pub fn have_qemu(test: &str) -> bool {
     }
     present
 }
+
+pub mod lab;
