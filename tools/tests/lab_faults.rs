@@ -135,13 +135,9 @@ fn replica_as_raw(site: &Site, name: &str) -> PathBuf {
 /// is freed replication resumes from where it stopped, with no new initial replication, and
 /// the replica ends equal to the primary. `left` is what the store keeps free when the delta
 /// comes: less than its stage (the store fills while staging) or enough for the stage but not
-/// for applying it.
-///
-/// `known_bugs` also checks what fails today (see docs/benchmarks.md, "Full disks and kills"):
-/// health critical after the interval's grace (the staging case never gets there: each
-/// reconnection's welcome counts as able to send), a full store not called a protocol
-/// violation, and no comparison by hash after a failed apply.
-fn store_fills_during_a_delta(test: &str, subnet: u8, left: u64, known_bugs: bool) {
+/// for applying it. Also checked: health critical after the interval's grace, a full store not
+/// called a protocol violation, and no comparison by hash after a failed apply.
+fn store_fills_during_a_delta(test: &str, subnet: u8, left: u64) {
     if !have_qemu(test) {
         return;
     }
@@ -187,7 +183,7 @@ fn store_fills_during_a_delta(test: &str, subnet: u8, left: u64, known_bugs: boo
             human.contains("No space left on device").then_some(())
         },
     );
-    if known_bugs {
+    {
         // Unable to send for longer than the interval (a minute at least): critical.
         wait_for(
             "health critical while the store is full",
@@ -218,7 +214,7 @@ fn store_fills_during_a_delta(test: &str, subnet: u8, left: u64, known_bugs: boo
     let replica = site.replica_status().expect("the replica server's status");
     eprintln!("{test}: the replica's status with the store full: {replica}");
     assert_eq!(sequence(&replica), held_at, "{replica}");
-    if known_bugs {
+    {
         wait_for(
             "the replica's status to name the full store",
             WAIT,
@@ -249,7 +245,7 @@ fn store_fills_during_a_delta(test: &str, subnet: u8, left: u64, known_bugs: boo
         "a second initial replication after the store was freed:\n{}",
         protect.tail()
     );
-    if known_bugs {
+    {
         assert!(
             resumed["resync"].is_null() && !log.contains("resynchronization compared"),
             "the disks were compared by hash after the store was freed: {resumed}\n{}",
@@ -261,29 +257,15 @@ fn store_fills_during_a_delta(test: &str, subnet: u8, left: u64, known_bugs: boo
 }
 
 #[test]
-fn a_store_that_fills_while_staging_a_delta_pauses_replication_until_space_is_freed() {
-    let test = "a_store_that_fills_while_staging_a_delta_pauses_replication_until_space_is_freed";
-    store_fills_during_a_delta(test, 11, 6 * MIB, false);
-}
-
-#[test]
-fn a_store_that_fills_while_applying_a_delta_pauses_replication_until_space_is_freed() {
-    let test = "a_store_that_fills_while_applying_a_delta_pauses_replication_until_space_is_freed";
-    store_fills_during_a_delta(test, 12, 24 * MIB, false);
-}
-
-#[test]
-#[ignore = "fails today: a store full while staging is a 'protocol violation' and never critical"]
 fn a_store_full_while_staging_is_named_on_both_sides_and_critical_after_the_interval() {
     let test = "a_store_full_while_staging_is_named_on_both_sides_and_critical_after_the_interval";
-    store_fills_during_a_delta(test, 13, 6 * MIB, true);
+    store_fills_during_a_delta(test, 13, 6 * MIB);
 }
 
 #[test]
-#[ignore = "fails today: after a failed apply the disks are compared by hash, a resynchronization"]
 fn a_store_full_while_applying_is_critical_and_resumes_without_a_comparison() {
     let test = "a_store_full_while_applying_is_critical_and_resumes_without_a_comparison";
-    store_fills_during_a_delta(test, 14, 24 * MIB, true);
+    store_fills_during_a_delta(test, 14, 24 * MIB);
 }
 
 /// A small seeded generator (xorshift64*): the kill test's moments and writes replay from

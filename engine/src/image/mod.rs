@@ -56,6 +56,13 @@ pub trait BlockImage: Send + Sync {
     fn begin_writes(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// What [`BlockImage::content_stamp`] will say once `begin_writes` has run, known before:
+    /// a caller records it first, so that a failure in between cannot leave the image with a
+    /// stamp nobody recorded.
+    fn stamp_after_begin_writes(&self) -> Result<ContentStamp> {
+        self.content_stamp()
+    }
 }
 
 /// What changes whenever an image's content may have changed, read without reading the disk:
@@ -137,6 +144,9 @@ impl<I: BlockImage + ?Sized> BlockImage for Box<I> {
     }
     fn begin_writes(&mut self) -> Result<()> {
         (**self).begin_writes()
+    }
+    fn stamp_after_begin_writes(&self) -> Result<ContentStamp> {
+        (**self).stamp_after_begin_writes()
     }
 }
 

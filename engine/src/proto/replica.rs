@@ -541,6 +541,9 @@ impl Replica {
             return self.chunk_refused(delta, index, &error.to_string());
         }
         self.forget_request(delta, index);
+        // Shown in the replica's status until its replica is reopened (at the primary's next
+        // hello), as a failed commit is.
+        self.failed = Some(format!("staging {delta} failed: {error}"));
         if let Some(connection) = self.connection.take() {
             let reason = format!("{}: the replica cannot stage {delta}: {error}", self.vm);
             self.send(

@@ -746,11 +746,6 @@ impl VmReplica {
                 file.flush()?;
                 drop(file);
                 self.refuse_changed_disks()?;
-                // The apply's first write moves a disk's stamp: moved now, so that the commit
-                // point records it and a redo after a failure finds the disks as recorded.
-                for disk in &mut self.disks {
-                    disk.begin_writes()?;
-                }
                 if self.policy.keep > 0 || self.pinned > 0 {
                     // What the delta overwrites, kept before the commit point: a redo after a
                     // crash must not take half-applied blocks for the old ones.
@@ -1280,6 +1275,12 @@ impl VmReplica {
             }
             Some((delta, DeltaKind::Changes)) => {
                 tracing::info!(vm = %self.vm, %delta, "redoing a commit interrupted by a crash");
+                // The redo's first write moves the disks' stamps, as the first try's did: the
+                // move is recorded first, so that a redo that fails too (the store still full)
+                // is not taken for a change made outside blockrep.
+                let app_consistent = catalogue.committing_app_consistent;
+                self.open_disks()?;
+                self.mark_committing(Some((delta, DeltaKind::Changes)), app_consistent)?;
                 self.finish_changes(delta)?;
             }
             None => self.discard_staging(),
@@ -1335,6 +1336,10 @@ impl VmReplica {
     /// Applies the stage file to the disks, flushes them, then records the delta applied.
     fn finish_changes(&mut self, delta: DeltaId) -> Result<()> {
         self.open_disks()?;
+        // As `mark_committing` recorded them.
+        for disk in &mut self.disks {
+            disk.begin_writes()?;
+        }
         let stage = self.directory.join(STAGE);
         {
             let gate = Arc::clone(&self.gate);
@@ -1455,7 +1460,14 @@ impl VmReplica {
         catalogue.committing_app_consistent = app_consistent;
         if committing.is_some_and(|(_, kind)| kind == DeltaKind::Changes) && !self.disks.is_empty()
         {
-            catalogue.stamps = self.current_stamps()?;
+            // The stamps the apply's first write leaves (it moves them: `finish_changes`),
+            // recorded with the commit point, before they move: a redo after a failure or a
+            // crash then finds the disks as recorded.
+            catalogue.stamps = self
+                .disks
+                .iter()
+                .map(|disk| disk.stamp_after_begin_writes())
+                .collect::<Result<_>>()?;
         }
         self.write_catalogue(catalogue)
     }

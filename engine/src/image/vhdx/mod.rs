@@ -81,6 +81,9 @@ pub struct VhdxImage<S: Storage> {
     next_free: u64,
     /// Whether this session has already stamped the header with new write GUIDs.
     writing: bool,
+    /// The DataWriteGuid this session stamps at its first change, drawn up front so that a
+    /// caller can record it before the change (`BlockImage::stamp_after_begin_writes`).
+    next_data_write_guid: Uuid,
     /// A log applied in memory (read-only open of an image that needs replay).
     replay: Option<Replay>,
     stored_size: u64,
@@ -130,6 +133,7 @@ impl<S: Storage> VhdxImage<S> {
             unpublished: BTreeSet::new(),
             next_free: 0,
             writing: false,
+            next_data_write_guid: Uuid::new_v4(),
             replay: inspection.replay,
             stored_size: inspection.stored_size,
             storage,
@@ -287,7 +291,7 @@ impl<S: Storage> VhdxImage<S> {
         let header = Header {
             sequence: self.header.sequence + 1,
             file_write_guid: Uuid::new_v4(),
-            data_write_guid: Uuid::new_v4(),
+            data_write_guid: self.next_data_write_guid,
             log_guid: Uuid::nil(),
             ..self.header.clone()
         };
@@ -382,6 +386,13 @@ impl<S: Storage> BlockImage for VhdxImage<S> {
 
     fn begin_writes(&mut self) -> Result<()> {
         self.begin_writing()
+    }
+
+    fn stamp_after_begin_writes(&self) -> Result<super::ContentStamp> {
+        if self.writing {
+            return self.content_stamp();
+        }
+        Ok(super::ContentStamp::DataWrite(self.next_data_write_guid))
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
