@@ -40,6 +40,16 @@ fn config() -> PrimaryConfig {
     }
 }
 
+/// vm1 as a replica holds it from "fingerprint-a", at delta `applied`, nothing else recorded.
+fn replicated_from_a(applied: u64) -> ReplicaVmRecord {
+    ReplicaVmRecord {
+        disks: Some(config().disks),
+        applied,
+        owner: Some("fingerprint-a".into()),
+        ..ReplicaVmRecord::default()
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Step {
     ToReplica,
@@ -367,19 +377,7 @@ proptest! {
 
 #[test]
 fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
-    let mut replica = Replica::new(
-        "vm1",
-        ReplicaVmRecord {
-            disks: Some(config().disks),
-            applied: 5,
-            owner: Some("fingerprint-a".into()),
-            fenced: None,
-            handed_over: None,
-            seeded: false,
-            reinitialize: false,
-            compare_required: None,
-        },
-    );
+    let mut replica = Replica::new("vm1", replicated_from_a(5));
     replica.hello(7, "fingerprint-a", 1, config().disks);
     replica.handle_message(
         7,
@@ -413,16 +411,7 @@ fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
 
 #[test]
 fn another_primary_or_other_disks_are_refused_for_good() {
-    let record = ReplicaVmRecord {
-        disks: Some(config().disks),
-        applied: 1,
-        owner: Some("fingerprint-a".into()),
-        fenced: None,
-        handed_over: None,
-        seeded: false,
-        reinitialize: false,
-        compare_required: None,
-    };
+    let record = replicated_from_a(1);
     let refusals = |owner: &str, disks: Vec<DiskDescription>| {
         let mut replica = Replica::new("vm1", record.clone());
         replica.hello(1, owner, 1, disks);
@@ -544,16 +533,7 @@ fn a_primary_following_its_source_cuts_only_after_the_source_changed() {
 
 #[test]
 fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
-    let record = ReplicaVmRecord {
-        disks: Some(config().disks),
-        applied: 3,
-        owner: Some("fingerprint-a".into()),
-        fenced: None,
-        handed_over: None,
-        seeded: false,
-        reinitialize: false,
-        compare_required: None,
-    };
+    let record = replicated_from_a(3);
     let mut replica = Replica::new("vm1", record);
     let refusals = |replica: &mut Replica| {
         std::iter::from_fn(|| replica.poll_action())
@@ -648,12 +628,7 @@ proptest! {
 
 #[test]
 fn a_replica_stopped_by_a_failed_commit_takes_deltas_again_once_reopened() {
-    let record = ReplicaVmRecord {
-        disks: Some(config().disks),
-        applied: 3,
-        owner: Some("fingerprint-a".into()),
-        ..ReplicaVmRecord::default()
-    };
+    let record = replicated_from_a(3);
     let mut replica = Replica::new("vm1", record.clone());
     let answers =
         |replica: &mut Replica| std::iter::from_fn(|| replica.poll_action()).collect::<Vec<_>>();
@@ -764,16 +739,7 @@ fn lost_tracking_is_shown_as_critical_with_its_reason_until_a_comparison_or_copy
 
 #[test]
 fn a_primary_alone_cannot_replace_a_replica_and_its_points_with_an_initial_replication() {
-    let record = ReplicaVmRecord {
-        disks: Some(config().disks),
-        applied: 3,
-        owner: Some("fingerprint-a".into()),
-        fenced: None,
-        handed_over: None,
-        seeded: false,
-        reinitialize: false,
-        compare_required: None,
-    };
+    let record = replicated_from_a(3);
     let initial = |replica: &mut Replica, connection: ConnectionId| {
         replica.hello(connection, "fingerprint-a", 1, config().disks);
         replica.handle_message(
@@ -832,16 +798,7 @@ fn a_primary_alone_cannot_replace_a_replica_and_its_points_with_an_initial_repli
 
 #[test]
 fn chunks_before_their_begin_are_held_up_to_a_bound_in_bytes_not_only_in_count() {
-    let record = ReplicaVmRecord {
-        disks: Some(config().disks),
-        applied: 1,
-        owner: Some("fingerprint-a".into()),
-        fenced: None,
-        handed_over: None,
-        seeded: false,
-        reinitialize: false,
-        compare_required: None,
-    };
+    let record = replicated_from_a(1);
     let mut replica = Replica::new("vm1", record);
     replica.hello(7, "fingerprint-a", 1, config().disks);
     while replica.poll_action().is_some() {}
@@ -951,16 +908,7 @@ fn a_replica_ahead_of_what_the_disks_journals_confirmed_is_compared_first() {
 
 #[test]
 fn a_chunk_the_store_cannot_take_is_retried_not_called_a_violation() {
-    let record = ReplicaVmRecord {
-        disks: Some(config().disks),
-        applied: 1,
-        owner: Some("fingerprint-a".into()),
-        fenced: None,
-        handed_over: None,
-        seeded: false,
-        reinitialize: false,
-        compare_required: None,
-    };
+    let record = replicated_from_a(1);
     let delta = DeltaId {
         sequence: 2,
         cut: 5,
