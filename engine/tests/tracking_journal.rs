@@ -334,8 +334,8 @@ fn file_stamp(inode: u64, modified: i64) -> ContentStamp {
     })
 }
 
-#[test]
-fn a_disk_whose_stamp_moved_while_untracked_is_not_vouched_for() {
+/// A journal created, then closed cleanly with the disk's stamp `closed_with`.
+fn closed_journal(closed_with: ContentStamp) -> Arc<MemoryStorage> {
     let journal = Arc::new(MemoryStorage::new());
     let created = Journal::create(
         Box::new(journal.clone()) as Box<dyn Storage>,
@@ -344,8 +344,14 @@ fn a_disk_whose_stamp_moved_while_untracked_is_not_vouched_for() {
     )
     .unwrap();
     let dirty = blockrep::track::DirtyBitmap::new(SIZE.div_ceil(GRANULARITY));
-    let closed_with = ContentStamp::DataWrite(Uuid::from_u128(1));
     created.close(&dirty, 1, closed_with).unwrap();
+    journal
+}
+
+#[test]
+fn a_disk_whose_stamp_moved_while_untracked_is_not_vouched_for() {
+    let closed_with = ContentStamp::DataWrite(Uuid::from_u128(1));
+    let journal = closed_journal(closed_with);
     let clean = journal.to_bytes();
 
     // The same DataWriteGuid: nobody wrote the disk in between.
@@ -369,15 +375,7 @@ fn a_disk_whose_stamp_moved_while_untracked_is_not_vouched_for() {
 
 #[test]
 fn a_raw_disk_is_compared_by_times_after_a_clean_stop_and_by_identity_after_a_crash() {
-    let journal = Arc::new(MemoryStorage::new());
-    let created = Journal::create(
-        Box::new(journal.clone()) as Box<dyn Storage>,
-        "journal",
-        identity(),
-    )
-    .unwrap();
-    let dirty = blockrep::track::DirtyBitmap::new(SIZE.div_ceil(GRANULARITY));
-    created.close(&dirty, 1, file_stamp(10, 100)).unwrap();
+    let journal = closed_journal(file_stamp(10, 100));
     let clean = journal.to_bytes();
     // Written since (its times moved): lost, even though it is the same file.
     let written = Arc::new(MemoryStorage::from_bytes(clean.clone()));
@@ -414,20 +412,7 @@ fn a_raw_disk_is_compared_by_times_after_a_clean_stop_and_by_identity_after_a_cr
 
 #[test]
 fn a_version_1_journal_cannot_vouch_for_a_disk_it_has_no_stamp_of() {
-    let journal = Arc::new(MemoryStorage::new());
-    let created = Journal::create(
-        Box::new(journal.clone()) as Box<dyn Storage>,
-        "journal",
-        identity(),
-    )
-    .unwrap();
-    created
-        .close(
-            &blockrep::track::DirtyBitmap::new(SIZE.div_ceil(GRANULARITY)),
-            1,
-            ContentStamp::Unknown,
-        )
-        .unwrap();
+    let journal = closed_journal(ContentStamp::Unknown);
     // The header as version 1 wrote it: the same fields, version 1, no stamp.
     let mut bytes = journal.to_bytes();
     bytes[8..10].copy_from_slice(&1u16.to_le_bytes());

@@ -367,15 +367,7 @@ impl Soak {
     fn assert_vm_holds_every_write(&self, context: &str) {
         let raw = self.site.path("vm.raw");
         let _ = std::fs::remove_file(&raw);
-        run_ok(Command::new("qemu-img").args([
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &format!("nbd+unix:///?socket={}", text(&self.vm_socket())),
-            text(&raw),
-        ]));
+        capture_export(&self.vm_socket(), &raw);
         let found = std::fs::read(&raw).unwrap();
         if let Some(wrong) = (0..found.len()).find(|&at| found[at] != self.expected[at]) {
             panic!(

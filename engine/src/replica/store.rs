@@ -1990,6 +1990,15 @@ mod tests {
     }
 
     /// The store at `root`, keeping `keep` points at most one per `interval`.
+    /// How many undo files vm1's directory holds.
+    fn undo_files(root: &Path) -> usize {
+        std::fs::read_dir(root.join("vm1"))
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with("undo-"))
+            .count()
+    }
+
     fn store_keeping(root: &Path, keep: usize, interval: std::time::Duration) -> ReplicaStore {
         let policy = PointPolicy { keep, interval };
         ReplicaStore::with_policy(root, StorageOptions::default(), policy).unwrap()
@@ -2123,11 +2132,7 @@ mod tests {
             at_point(&mut replica, 1) == at_one,
             "point 1 changed by compaction"
         );
-        let files = std::fs::read_dir(directory.path().join("vm1"))
-            .unwrap()
-            .flatten()
-            .filter(|entry| entry.file_name().to_string_lossy().starts_with("undo-"))
-            .count();
+        let files = undo_files(directory.path());
         assert_eq!(files, 2, "the compacted files were not removed");
     }
 
@@ -2439,11 +2444,7 @@ mod tests {
         let replica = store.open_vm("vm1").unwrap();
         assert!(replica.record().compare_required.is_some());
         assert_eq!(replica.points().len(), 1, "only the latest is left");
-        let undo = std::fs::read_dir(directory.path().join("vm1"))
-            .unwrap()
-            .flatten()
-            .filter(|entry| entry.file_name().to_string_lossy().starts_with("undo-"))
-            .count();
+        let undo = undo_files(directory.path());
         assert_eq!(undo, 0, "their undo files went too");
     }
 

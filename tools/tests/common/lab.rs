@@ -406,14 +406,7 @@ impl Site {
         crash_point: Option<&str>,
         extra: &[&str],
     ) -> (Daemon, String) {
-        let mut command = match namespace {
-            Some(namespace) => Lab::exec(namespace, BLOCKREP),
-            None => Command::new(BLOCKREP),
-        };
-        self.environment(&mut command);
-        if let Some(point) = crash_point {
-            command.env("BLOCKREP_CRASH_POINT", point);
-        }
+        let mut command = self.daemon_command(namespace, crash_point);
         command.args([
             "serve",
             "--listen",
@@ -470,14 +463,7 @@ impl Site {
         extra: &[&str],
         crash_point: Option<&str>,
     ) -> Daemon {
-        let mut command = match namespace {
-            Some(namespace) => Lab::exec(namespace, BLOCKREP),
-            None => Command::new(BLOCKREP),
-        };
-        self.environment(&mut command);
-        if let Some(point) = crash_point {
-            command.env("BLOCKREP_CRASH_POINT", point);
-        }
+        let mut command = self.daemon_command(namespace, crash_point);
         command.args([
             "protect",
             "--name",
@@ -685,18 +671,24 @@ pub fn lab_hosts(
     Some((lab, site, serve, protect))
 }
 impl Site {
+    /// `blockrep`, in `namespace` when given, with this site's environment; it kills itself
+    /// at `crash_point` when one is given.
+    fn daemon_command(&self, namespace: Option<&str>, crash_point: Option<&str>) -> Command {
+        let mut command = match namespace {
+            Some(namespace) => Lab::exec(namespace, BLOCKREP),
+            None => Command::new(BLOCKREP),
+        };
+        self.environment(&mut command);
+        if let Some(point) = crash_point {
+            command.env("BLOCKREP_CRASH_POINT", point);
+        }
+        command
+    }
+
     /// The primary's disk as its NBD clients see it now, saved as a raw file.
     pub fn capture_through_nbd(&self, name: &str) -> PathBuf {
         let path = self.path(name);
-        run_ok(Command::new("qemu-img").args([
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &format!("nbd+unix:///?socket={}", text(&self.nbd_socket())),
-            text(&path),
-        ]));
+        capture_export(&self.nbd_socket(), &path);
         path
     }
 
@@ -862,4 +854,17 @@ pub fn wait_until_equal(site: &Site, daemons: &[&Daemon]) {
             (std::fs::read(&ours).ok()? == std::fs::read(&theirs).ok()?).then_some(())
         },
     );
+}
+
+/// Saves the disk exported at NBD `socket`, as its clients read it now, as the raw file `path`.
+pub fn capture_export(socket: &Path, path: &Path) {
+    run_ok(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &format!("nbd+unix:///?socket={}", text(socket)),
+        text(path),
+    ]));
 }
