@@ -145,6 +145,11 @@ enum Command {
     /// primary's initial replication of a replica that holds deltas is refused, so that a
     /// compromised primary cannot erase the points.
     Reinitialize { vm: String },
+    /// On the replica host: allow the next planned failover of the VM to this site
+    /// (`failover --planned` where it runs), which drops the replica's recovery points. Without
+    /// this a planned failover to a replica that keeps points is refused, so that a
+    /// compromised primary cannot erase them by handing the VM over.
+    AllowHandover { vm: String },
     /// Recovery plans: fail groups of VMs over in order, with scripts and manual steps before
     /// and after each group (docs/plans.md).
     #[command(subcommand)]
@@ -211,6 +216,7 @@ fn main() -> ExitCode {
         Command::Protect(arguments) => protect_command::protect(arguments),
         Command::Reverse { vm } => replication_command::reverse(&vm),
         Command::Reinitialize { vm } => replication_command::reinitialize(&vm),
+        Command::AllowHandover { vm } => replication_command::allow_handover(&vm),
         Command::Resync { vm } => replication_command::resync(&vm),
         Command::Seed {
             store,

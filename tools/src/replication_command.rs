@@ -418,6 +418,9 @@ enum ReplicaRequest {
     Reinitialize {
         vm: String,
     },
+    AllowHandover {
+        vm: String,
+    },
 }
 
 fn answer_replica_request(
@@ -464,6 +467,9 @@ fn answer_replica_request(
         }
         ReplicaRequest::Reinitialize { vm } => runtime
             .block_on(server.allow_reinitialize(&vm))
+            .map(|()| serde_json::json!({"vm": vm})),
+        ReplicaRequest::AllowHandover { vm } => runtime
+            .block_on(server.allow_handover(&vm))
             .map(|()| serde_json::json!({"vm": vm})),
         ReplicaRequest::Reverse { vm } => runtime
             .block_on(server.reverse(&vm))
@@ -668,7 +674,12 @@ pub fn planned_failover(vm: &str, reverse: bool) -> Result<serde_json::Value, St
             return Ok(answer["ok"].clone());
         }
         if let Some(error) = answer["error"].as_str() {
-            return Err(format!("{vm}: {error}"));
+            // A refusal from the replica already names the VM.
+            return Err(if error.starts_with(&format!("{vm}: ")) {
+                error.to_owned()
+            } else {
+                format!("{vm}: {error}")
+            });
         }
     }
     ask_replica_servers(
@@ -701,6 +712,16 @@ pub fn reinitialize(vm: &str) -> Outcome {
     ask_replica_servers(vm, &ReplicaRequest::Reinitialize { vm: vm.to_owned() })?;
     println!(
         "{vm}: the next initial replication from its primary may replace the replica; its recovery points go when it commits"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blockrep allow-handover VM`, on the replica host: the next planned failover of the VM to
+/// this site may take it over, dropping its recovery points.
+pub fn allow_handover(vm: &str) -> Outcome {
+    ask_replica_servers(vm, &ReplicaRequest::AllowHandover { vm: vm.to_owned() })?;
+    println!(
+        "{vm}: the next planned failover to this site may take the VM over; its recovery points go when it does"
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -10,7 +10,9 @@
 //! when the test fails.
 //!
 //! The kill test runs `BLOCKREP_SOAK_ROUNDS` rounds (10 by default) from `BLOCKREP_SOAK_SEED`
-//! (by default one taken from the clock, printed so a failing run can be replayed).
+//! (by default one taken from the clock, printed so a failing run can be replayed). With
+//! `BLOCKREP_KEEP_FAILED_LABS` set, a failed test's files (the daemons' logs, store and disks)
+//! are kept and their directory printed.
 
 mod common;
 
@@ -529,6 +531,7 @@ fn killed_during_replication(soak: &mut Soak, rng: &mut Rng, round: u64, tally: 
 fn killed_during_a_failover(soak: &mut Soak, rng: &mut Rng, round: u64, tally: &mut Tally) {
     let from_home = soak.at_home;
     soak.write(rng, "round.bin");
+    allow_handover(&soak.site);
     let mut failover = soak
         .site
         .blockrep()

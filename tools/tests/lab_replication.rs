@@ -627,6 +627,7 @@ fn a_first_host_restarted_after_handing_its_vm_over_serves_its_disks_to_no_one()
     site.wait_until_replicated(&[&serve, &protect]);
     // Handed over without replication back: the agent ends, and its host keeps nothing
     // running.
+    allow_handover(&site);
     run_ok(site.blockrep().args(["failover", "vm1", "--planned"]));
     let ended = protect.wait_exit(WAIT);
     assert!(ended.success(), "{ended}\n{}", protect.tail());
@@ -865,6 +866,7 @@ timeout = "10s"
 "#,
     )
     .unwrap();
+    allow_handover(&site);
     let planned = site
         .blockrep()
         .args(["plan", "run", text(&plan), "--planned", "--json"])

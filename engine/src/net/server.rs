@@ -787,6 +787,19 @@ impl ReplicaServer {
         .await
     }
 
+    /// The replica host's operator allows the next planned failover of `vm` to this site,
+    /// which drops its recovery points (`blockrep allow-handover`).
+    pub async fn allow_handover(&self, vm: &str) -> Result<()> {
+        let slot = self.slot(vm)?;
+        blocking(vm, move || {
+            let mut guard = lock(&slot);
+            guard.replica.allow_handover()?;
+            tracing::warn!(vm = %guard.replica.vm(), "the next planned failover to this site may drop the recovery points");
+            Ok(())
+        })
+        .await
+    }
+
     /// Planned failover of a VM that runs here back to the old primary (failback): its writes
     /// stop (NBD clients are told), the final delta ships, the other side compares and takes
     /// over; this server is its replica again. Returns the final delta's sequence.
@@ -1805,6 +1818,8 @@ fn verify_handover(
     digests: &[u128],
     reverse: bool,
 ) -> std::result::Result<(), String> {
+    // Refused before hashing when it could not be taken anyway.
+    slot.replica.check_take_over(sequence).map_err(problem)?;
     let ours = slot
         .replica
         .digests(seed)
@@ -1821,11 +1836,17 @@ fn verify_handover(
             "disk {disk} differs from the primary's after delta {sequence}: the failover is refused (run `blockrep verify` to see where)"
         ));
     }
-    slot.replica
-        .take_over(sequence, reverse)
-        .map_err(|error| error.to_string())?;
+    slot.replica.take_over(sequence, reverse).map_err(problem)?;
     slot.replica.release_disks();
     Ok(())
+}
+
+/// What a refusal says, without the VM's name (the replica machine adds it).
+fn problem(error: Error) -> String {
+    match error {
+        Error::Replication { problem, .. } => problem,
+        other => other.to_string(),
+    }
 }
 
 fn close_all(slot: &mut VmSlot, reason: &str) {

@@ -92,6 +92,10 @@ struct Catalogue {
     /// (`blockrep reinitialize`); it is cleared when one commits.
     #[serde(default)]
     reinitialize: bool,
+    /// The operator allowed the next planned failover to this site (`blockrep
+    /// allow-handover`), which drops the recovery points; it is cleared when one takes over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    handover: bool,
     /// Each disk's content stamp as this store last left it (docs/formats/replica.md): a disk
     /// whose stamp moved was written or replaced outside blockrep.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -614,6 +618,7 @@ impl VmReplica {
             external_disks: None,
             seeded: false,
             reinitialize: false,
+            handover: false,
             stamps: Vec::new(),
             compare_required: None,
         })
@@ -894,6 +899,43 @@ impl VmReplica {
         self.write_catalogue(catalogue)
     }
 
+    /// The operator allows the next planned failover to this site, which drops the recovery
+    /// points (`blockrep allow-handover`).
+    pub fn allow_handover(&mut self) -> Result<()> {
+        let mut catalogue = self.catalogue()?.clone();
+        if catalogue.failover.is_some() {
+            // A consent given now would wait for a handover long after this one ends.
+            return Err(self.refusal(
+                "has failed over to this site: a planned failover from here hands it back, with no points to lose".into(),
+            ));
+        }
+        catalogue.handover = true;
+        self.write_catalogue(catalogue)
+    }
+
+    /// Whether a primary's planned failover at `sequence` may take the VM over here: the
+    /// replica must be at that delta, and the recovery points (which the VM running here
+    /// would make useless) go only with the operator's consent, so that a primary alone can
+    /// never erase them.
+    pub fn check_take_over(&self, sequence: u64) -> Result<()> {
+        let catalogue = self.catalogue()?;
+        if catalogue.applied != sequence {
+            return Err(self.refusal(format!(
+                "handed over at delta {sequence}, but delta {} is applied here",
+                catalogue.applied
+            )));
+        }
+        let points = catalogue.points.len();
+        if points > 0 && !catalogue.handover {
+            return Err(self.refusal(format!(
+                "a planned failover to this site drops the replica's {points} recovery point{}: the replica host's operator must allow it first (`blockrep allow-handover {}`)",
+                if points == 1 { "" } else { "s" },
+                self.vm
+            )));
+        }
+        Ok(())
+    }
+
     /// The failover of the VM to this site, if there is one.
     pub fn failover(&self) -> Option<FailoverRecord> {
         self.catalogue
@@ -1045,15 +1087,12 @@ impl VmReplica {
     }
 
     /// A planned failover handed the VM over at delta `sequence` (the disks compared equal):
-    /// it runs here now. The recovery points go: the VM writes the disks from now on.
+    /// it runs here now. The recovery points go (the VM writes the disks from now on), so the
+    /// operator's consent is required when there are any (`check_take_over`); it is used up.
     pub fn take_over(&mut self, sequence: u64, reverse: bool) -> Result<()> {
-        let catalogue = self.catalogue()?.clone();
-        if catalogue.applied != sequence {
-            return Err(self.refusal(format!(
-                "handed over at delta {sequence}, but delta {} is applied here",
-                catalogue.applied
-            )));
-        }
+        self.check_take_over(sequence)?;
+        let mut catalogue = self.catalogue()?.clone();
+        catalogue.handover = false;
         self.run_here(
             catalogue,
             FailoverRecord {
@@ -2280,6 +2319,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(refused.contains("blockrep reinitialize"), "{refused}");
+    }
+
+    #[test]
+    fn a_handover_drops_points_only_with_the_operators_consent_used_once() {
+        let (_directory, store) = replicated();
+        let mut replica = store.open_vm("vm1").unwrap();
+        replica.start_staging(delta(2), DeltaKind::Changes).unwrap();
+        replica
+            .stage_chunk(delta(2), 0, &chunk(&disks()[0], 2, 0, &[0x12; 4096]))
+            .unwrap();
+        replica.commit(delta(2), DeltaKind::Changes, false).unwrap();
+        let older = |replica: &VmReplica| replica.points().len() - 1;
+        assert_eq!(older(&replica), 1, "state 1 is a point");
+        // The primary alone cannot hand over: the point stays.
+        let refused = replica.take_over(2, false).unwrap_err().to_string();
+        assert!(refused.contains("blockrep allow-handover vm1"), "{refused}");
+        assert!(refused.contains("1 recovery point"), "{refused}");
+        assert_eq!(older(&replica), 1);
+        assert!(replica.failover().is_none());
+        replica.allow_handover().unwrap();
+        replica.release_disks();
+        let mut replica = store.open_vm("vm1").unwrap();
+        // Consent does not excuse a handover at another delta.
+        assert!(replica.take_over(1, false).is_err());
+        replica.take_over(2, false).unwrap();
+        assert_eq!(older(&replica), 0);
+        assert!(replica.failover().unwrap().planned);
+        // Used up, and not given while the VM runs here.
+        let refused = replica.allow_handover().unwrap_err().to_string();
+        assert!(refused.contains("failed over to this site"), "{refused}");
     }
 
     /// Writes `disk-0.vhdx` of vm1 as another conforming VHDX writer would (qemu-io does the

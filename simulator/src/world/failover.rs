@@ -267,6 +267,21 @@ impl World {
             self.planned_failed(vm, "not replicating".into());
             return;
         }
+        // A scenario's planned failover stands for the operators of both sites: the replica
+        // site's consents to losing its recovery points (`blockrep allow-handover`).
+        for host in &mut self.hosts {
+            // The site the VM runs at is handing it back, and has no consent to give.
+            let replica = host
+                .slots
+                .get_mut(&vm)
+                .filter(|slot| slot.replica.failover().is_none());
+            if let Some(slot) = replica
+                && let Err(error) = slot.replica.allow_handover()
+            {
+                self.planned_failed(vm, error.to_string());
+                return;
+            }
+        }
         self.write_guest(vm);
         let instant = self.agenda.instant();
         let runtime = &mut self.vms[vm];

@@ -310,7 +310,18 @@ impl Drop for Lab {
 /// One test's files: identities, the primary's disk, the replica's store, the run directory
 /// for status sockets, and the NBD socket.
 pub struct Site {
-    pub directory: tempfile::TempDir,
+    directory: tempfile::TempDir,
+}
+
+impl Drop for Site {
+    /// A failed test's files (daemon logs, stores, disks) stay for reading when
+    /// `BLOCKREP_KEEP_FAILED_LABS` is set; otherwise they go with the test.
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("BLOCKREP_KEEP_FAILED_LABS").is_some() {
+            let kept = std::mem::replace(&mut self.directory, tempfile::tempdir().unwrap()).keep();
+            eprintln!("the failed test's files are kept in {}", kept.display());
+        }
+    }
 }
 
 impl Site {
@@ -770,8 +781,26 @@ impl Site {
         }
     }
 }
-/// `blockrep failover vm1 --planned --reverse`, wherever the VM runs; both sites compared equal.
+/// `blockrep allow-handover vm1` on the replica site: its operator consents to the next
+/// planned failover there (which drops its recovery points). Refused, and not needed, while
+/// the VM runs at the replica site.
+pub fn allow_handover(site: &Site) {
+    let output = site
+        .blockrep()
+        .args(["allow-handover", "vm1"])
+        .output()
+        .unwrap();
+    let refusal = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() || refusal.contains("has failed over to this site"),
+        "allow-handover failed: {refusal}"
+    );
+}
+
+/// `blockrep failover vm1 --planned --reverse`, wherever the VM runs (consented to at the
+/// replica site); both sites compared equal.
 pub fn planned_failover(site: &Site, daemons: &[&Daemon]) {
+    allow_handover(site);
     let output = site
         .blockrep()
         .args(["failover", "vm1", "--planned", "--reverse"])
