@@ -10,8 +10,8 @@ use super::hosting::{HostedVm, HostingOptions};
 use super::identity::Identity;
 use super::primary::{BeforeTakeOver, HandoverFailure, PrimaryReport, ResyncDone};
 use super::tls::server_config;
-use crate::proto::{ConnectionId, Message, Replica, ReplicaAction};
-use crate::replica::{PointInfo, ReplicaStore, VmReplica, fence_for};
+use crate::proto::{ConnectionId, DeltaId, DeltaKind, Message, Replica};
+use crate::replica::{PointCopy, PointInfo, ReplicaSite, ReplicaStore, SiteEffect, VmReplica};
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
@@ -149,115 +149,12 @@ fn test_failover(
     point: Option<u64>,
     out: &Path,
 ) -> Result<TestCopy> {
-    let refuse = |problem: String| Error::Replication {
-        peer: vm.to_owned(),
-        problem,
-    };
-    let (pinned_at, target, disks) = {
-        let mut slot = lock(slot);
-        if let Some(existing) = slot.replica.test_failover() {
-            return Err(refuse(format!(
-                "a test failover exists at {}; remove it first with `blockrep failover {vm} --test --cleanup`",
-                existing.display()
-            )));
-        }
-        slot.replica.settle_commit()?;
-        if let Some(reason) = slot.replica.compare_required() {
-            return Err(refuse(format!(
-                "the replica's disks changed outside blockrep and are not yet compared with the primary ({reason}): a copy of them is not the primary's"
-            )));
-        }
-        let latest = slot.replica.applied();
-        let target = point.unwrap_or(latest);
-        if latest == 0 {
-            return Err(refuse("initial replication has not completed".into()));
-        }
-        if target != latest && !slot.replica.points().iter().any(|kept| kept.id == target) {
-            return Err(refuse(format!(
-                "no recovery point {target} (see `blockrep points {vm}`)"
-            )));
-        }
-        if std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some()) {
-            return Err(refuse(format!("{} is not empty", out.display())));
-        }
-        slot.replica.set_test_failover(Some(out.to_owned()))?;
-        let pinned_at = slot.replica.pin();
-        (pinned_at, target, slot.replica.descriptions().len())
-    };
-    let copy = Copy {
-        vm,
-        pinned_at,
-        target,
-        disks,
-        out,
-        attempt: None,
-    };
+    let copy = lock(slot).replica_site().begin_test_failover(point, out)?;
     let done = |copy: &TestCopy| ReplicationEvent::TestFailoverCreated {
         point: copy.point,
         disks: copy.disks.clone(),
     };
-    copy.run(
-        slot,
-        |_| Ok(()),
-        done,
-        |slot| {
-            for index in 0..disks {
-                let _ = std::fs::remove_file(out.join(format!("disk-{index}.vhdx")));
-            }
-            let _ = slot.replica.set_test_failover(None);
-        },
-    )
-}
-
-/// A copy of a recovery point, taken with the VM's undo pinned.
-struct Copy<'a> {
-    vm: &'a str,
-    pinned_at: u64,
-    target: u64,
-    disks: usize,
-    out: &'a Path,
-    /// The unplanned failover the copy is for: it stops when that one is cancelled.
-    attempt: Option<u64>,
-}
-
-impl Copy<'_> {
-    /// Makes the copy, unpins, records it made (`record`) and tells `done` of it; on failure
-    /// runs `undo` instead (each under the VM's lock, so the event is in order with the VM's
-    /// other steps).
-    fn run(
-        self,
-        slot: &Mutex<VmSlot>,
-        record: impl FnOnce(&mut VmReplica) -> Result<()>,
-        done: impl FnOnce(&TestCopy) -> ReplicationEvent,
-        undo: impl FnOnce(&mut VmSlot),
-    ) -> Result<TestCopy> {
-        let copied = copy_point(
-            slot,
-            self.pinned_at,
-            self.target,
-            self.disks,
-            self.out,
-            self.attempt,
-        );
-        let mut guard = lock(slot);
-        guard.replica.unpin();
-        let copied = copied.and_then(|paths| record(&mut guard.replica).map(|()| paths));
-        match copied {
-            Ok(paths) => {
-                let copy = TestCopy {
-                    vm: self.vm.to_owned(),
-                    point: self.target,
-                    disks: paths,
-                };
-                guard.site.send(self.vm, done(&copy));
-                Ok(copy)
-            }
-            Err(error) => {
-                undo(&mut guard);
-                Err(error)
-            }
-        }
-    }
+    make_copy(slot, vm, copy, done)
 }
 
 fn unplanned_failover(
@@ -266,106 +163,47 @@ fn unplanned_failover(
     point: Option<u64>,
     force: bool,
 ) -> Result<TestCopy> {
-    let refuse = |problem: String| Error::Replication {
-        peer: vm.to_owned(),
-        problem,
-    };
-    let (pinned_at, target, disks, out, attempt) = {
+    let copy = {
         let mut guard = lock(slot);
-        if let Some(failover) = guard.replica.failover() {
-            return Err(refuse(format!(
-                "already failed over to point {}; commit or cancel that first",
-                failover.point
-            )));
-        }
-        if guard.machine.connection().is_some() && !force {
-            return Err(refuse(
-                "the primary is still connected and replicating: failing over now would leave two primaries (split brain). Stop the primary (a primary that died is noticed within 10 s), or add --force".into(),
-            ));
-        }
-        guard.replica.settle_commit()?;
-        if let Some(reason) = guard.replica.compare_required()
-            && !force
-        {
-            return Err(refuse(format!(
-                "the replica's disks changed outside blockrep and are not yet compared with the primary ({reason}); fail over to them as they are with --force"
-            )));
-        }
-        let latest = guard.replica.applied();
-        if latest == 0 {
-            return Err(refuse("initial replication has not completed".into()));
-        }
-        let target = point.unwrap_or(latest);
-        if target != latest && !guard.replica.points().iter().any(|kept| kept.id == target) {
-            return Err(refuse(format!(
-                "no recovery point {target} (see `blockrep points {vm}`)"
-            )));
-        }
-        let attempt = guard.replica.begin_failover(target)?;
-        let fence = guard.replica.failover().as_ref().map(fence_for);
-        guard.machine.fence(fence);
+        let copy = guard
+            .replica_site()
+            .begin_unplanned_failover(point, force)?;
         drive(&mut guard);
-        let out = guard.replica.failover_directory();
-        let _ = std::fs::remove_dir_all(&out);
-        let pinned_at = guard.replica.pin();
-        (
-            pinned_at,
-            target,
-            guard.replica.descriptions().len(),
-            out,
-            attempt,
-        )
+        copy
     };
-    tracing::warn!(%vm, point = target, "unplanned failover: replication from the primary is fenced off");
-    let copy = Copy {
-        vm,
-        pinned_at,
-        target,
-        disks,
-        out: &out,
-        attempt: Some(attempt),
-    };
-    let done = |copy: &TestCopy| ReplicationEvent::FailedOver { point: copy.point };
-    let record = move |replica: &mut VmReplica| replica.failover_copied(attempt);
-    copy.run(slot, record, done, move |slot| {
-        // Only this attempt's failover is called off: one cancelled meanwhile, and perhaps
-        // begun again, is not this copy's to undo.
-        if slot.replica.failover_attempt_stands(attempt) {
-            let _ = slot.replica.cancel_failover();
-            slot.machine.fence(None);
-            drive(slot);
-        }
+    tracing::warn!(%vm, point = copy.target, "unplanned failover: replication from the primary is fenced off");
+    make_copy(slot, vm, copy, |copy| ReplicationEvent::FailedOver {
+        point: copy.point,
     })
 }
 
-/// Copies the latest disks into `out`, then undoes back to `target`, taking the VM's lock for
-/// each piece so that commits go on between them.
-fn copy_point(
+/// Copies the point `copy` names, taking the VM's lock for each piece so that commits go on
+/// between them, then ends it and tells `done` of it (under the VM's lock, so the event is in
+/// order with the VM's other steps).
+fn make_copy(
     slot: &Mutex<VmSlot>,
-    pinned_at: u64,
-    target: u64,
-    disks: usize,
-    out: &Path,
-    attempt: Option<u64>,
-) -> Result<Vec<PathBuf>> {
-    crate::replica::copy_point(
-        &mut |step| {
-            let mut guard = lock(slot);
-            if let Some(attempt) = attempt
-                && !guard.replica.failover_attempt_stands(attempt)
-            {
-                return Err(Error::Replication {
-                    peer: guard.replica.vm().to_owned(),
-                    problem: "the failover was cancelled while its disks were being made".into(),
-                });
-            }
-            step(&mut guard.replica)
-        },
-        pinned_at,
-        target,
-        disks,
-        out,
-    )
+    vm: &str,
+    copy: PointCopy,
+    done: impl FnOnce(&TestCopy) -> ReplicationEvent,
+) -> Result<TestCopy> {
+    let made = crate::replica::copy_point(
+        &mut |piece| lock(slot).replica_site().copy_piece(&copy, piece),
+        copy.pinned_at,
+        copy.target,
+        copy.disks,
+        &copy.out,
+    );
+    let mut guard = lock(slot);
+    let target = copy.target;
+    let ended = guard.replica_site().end_copy(copy, made);
+    drive(&mut guard);
+    let made = TestCopy {
+        vm: vm.to_owned(),
+        point: target,
+        disks: ended?,
+    };
+    guard.site.send(vm, done(&made));
+    Ok(made)
 }
 
 /// A primary's connection, as its VM's slot holds it.
@@ -407,6 +245,11 @@ struct Totals {
 impl VmSlot {
     fn machine_name(&self) -> String {
         self.replica.vm().to_owned()
+    }
+
+    /// The VM's machine and store, for a step that decides with both.
+    fn replica_site(&mut self) -> ReplicaSite<'_> {
+        ReplicaSite::new(&mut self.machine, &mut self.replica)
     }
 }
 
@@ -735,11 +578,8 @@ impl ReplicaServer {
         }
         blocking(vm, move || {
             let mut guard = lock(&slot);
-            let disks = guard.replica.commit_failover()?;
-            let failover = guard.replica.failover();
-            guard.machine.fence(failover.as_ref().map(fence_for));
+            let (disks, point) = guard.replica_site().commit_failover()?;
             drive(&mut guard);
-            let point = failover.map_or(0, |failover| failover.point);
             let name = guard.machine_name();
             guard
                 .site
@@ -821,8 +661,7 @@ impl ReplicaServer {
         let slot = self.slot(vm)?;
         blocking(vm, move || {
             let mut slot = lock(&slot);
-            slot.replica.cancel_failover()?;
-            slot.machine.fence(None);
+            slot.replica_site().cancel_failover()?;
             drive(&mut slot);
             slot.site
                 .send(slot.replica.vm(), ReplicationEvent::FailoverCancelled);
@@ -1668,185 +1507,123 @@ fn recover_after_failure(store: &ReplicaStore, slot: &mut VmSlot) {
 
 /// Carries out what the machine asks until it asks nothing more.
 fn drive(slot: &mut VmSlot) {
-    while let Some(action) = slot.machine.poll_action() {
-        match action {
-            ReplicaAction::Send {
+    while let Some(effect) = slot.replica_site().poll_effect() {
+        match effect {
+            SiteEffect::Send {
                 connection,
                 message,
-            } => {
-                if let Some(peer) = slot.connections.get(&connection) {
-                    let _ = peer.outgoing.send(message);
-                }
+            } => send(slot, connection, message),
+            SiteEffect::Close { connection, reason } => close(slot, connection, reason),
+            SiteEffect::Staged { bytes } => slot.totals.staged_bytes += bytes,
+            SiteEffect::StoreFailed { step, reason } => {
+                tracing::error!(%reason, "{step} failed");
+                close_all(slot, &reason);
             }
-            ReplicaAction::PrepareDisks { disks, owner } => {
-                if let Err(error) = slot.replica.prepare(disks, &owner) {
-                    tracing::error!(%error, "cannot record the new VM");
-                    close_all(slot, &error.to_string());
-                }
-            }
-            ReplicaAction::AdoptSeed { disks } => {
-                if let Err(error) = slot.replica.adopt_seed(disks) {
-                    tracing::error!(%error, "cannot record the seeded replica's disks");
-                    close_all(slot, &error.to_string());
-                }
-            }
-            ReplicaAction::StartStaging { delta, kind } => {
-                tracing::debug!(%delta, ?kind, "staging");
-                if let Err(error) = slot.replica.start_staging(delta, kind) {
-                    tracing::error!(%delta, %error, "cannot stage");
-                    close_all(slot, &error.to_string());
-                }
-            }
-            ReplicaAction::StageChunk {
-                delta,
-                index,
-                disk,
-                payload,
-            } => match slot.replica.stage_chunk(delta, disk, &payload) {
-                Ok(()) => {
-                    slot.totals.staged_bytes += payload.len() as u64;
-                    slot.machine.chunk_staged(delta, index);
-                }
-                Err(error) => {
-                    tracing::warn!(%delta, index, %error, "refused a chunk");
-                    slot.machine.chunk_not_staged(delta, index, &error);
-                }
-            },
-            ReplicaAction::Commit {
+            SiteEffect::Apply {
                 delta,
                 kind,
                 app_consistent,
-            } => {
-                let started = std::time::Instant::now();
-                match slot.replica.commit(delta, kind, app_consistent) {
-                    Ok(()) => {
-                        let apply_time = started.elapsed();
-                        slot.totals.applied_deltas += 1;
-                        slot.totals.apply_seconds += apply_time.as_secs_f64();
-                        tracing::info!(%delta, ?kind, seconds = apply_time.as_secs_f64(), "applied");
-                        slot.site.send(
-                            slot.replica.vm(),
-                            ReplicationEvent::DeltaApplied {
-                                sequence: delta.sequence,
-                                apply_time,
-                            },
-                        );
-                        slot.machine.committed(delta);
-                        if let Some(extended) = &slot.extended {
-                            extended.source_changed();
-                        }
-                        let replaced = slot.replica.take_detached();
-                        if replaced {
-                            // New disk files: onward replication starts again from them.
-                            slot.extended = None;
-                        }
-                        extend(slot, replaced);
-                    }
-                    Err(error) => {
-                        tracing::error!(%delta, %error, "applying failed");
-                        slot.machine.commit_failed(delta, &error.to_string());
-                    }
-                }
-            }
-            ReplicaAction::VerifyHandover {
+            } => apply(slot, delta, kind, app_consistent),
+            SiteEffect::VerifyHandover {
                 connection,
                 sequence,
                 seed,
                 digests,
                 reverse,
-            } => {
-                let vm = slot.machine_name();
-                // Confirmed only once the VM runs here: a primary told too early would leave
-                // it running nowhere.
-                let outcome =
-                    verify_handover(slot, sequence, seed, &digests, reverse).and_then(|()| {
-                        match host(slot, &vm, true) {
-                            Ok(()) => Ok(()),
-                            Err(error) => {
-                                let _ = slot.replica.hand_back(sequence);
-                                Err(format!("cannot run the VM at this site: {error}"))
-                            }
-                        }
-                    });
-                match &outcome {
-                    Ok(()) => {
-                        tracing::info!(%vm, sequence, reverse, "planned failover: the disks equal the primary's; the VM runs here now");
-                        slot.site.send(
-                            &vm,
-                            ReplicationEvent::HandoverAccepted { sequence, reverse },
-                        );
-                    }
-                    Err(reason) => {
-                        tracing::error!(%vm, %reason, "refused a planned failover");
-                        slot.site.send(
-                            &vm,
-                            ReplicationEvent::HandoverRefused {
-                                reason: reason.clone(),
-                            },
-                        );
-                    }
-                }
-                slot.machine
-                    .handover_verified(connection, sequence, outcome);
-            }
-            ReplicaAction::Close { connection, reason } => {
-                if let Some(peer) = slot.connections.remove(&connection) {
-                    tracing::info!(%reason, "closing a connection");
-                    // What is queued (a refusal, say) is delivered before the close.
-                    let Peer {
-                        connection,
-                        outgoing,
-                        writer,
-                    } = peer;
-                    drop(outgoing);
-                    drop(slot.runtime.spawn(async move {
-                        let _ = writer.await;
-                        connection.close(0u32.into(), reason.as_bytes());
-                    }));
-                }
-            }
+            } => take_over(slot, connection, sequence, seed, &digests, reverse),
         }
     }
 }
 
-/// Compares this replica's disks with the digests a primary handing over sent, and takes the
-/// VM over when they match.
-fn verify_handover(
+fn send(slot: &VmSlot, connection: ConnectionId, message: Message) {
+    if let Some(peer) = slot.connections.get(&connection) {
+        let _ = peer.outgoing.send(message);
+    }
+}
+
+fn close(slot: &mut VmSlot, connection: ConnectionId, reason: String) {
+    if let Some(peer) = slot.connections.remove(&connection) {
+        tracing::info!(%reason, "closing a connection");
+        // What is queued (a refusal, say) is delivered before the close.
+        let Peer {
+            connection,
+            outgoing,
+            writer,
+        } = peer;
+        drop(outgoing);
+        drop(slot.runtime.spawn(async move {
+            let _ = writer.await;
+            connection.close(0u32.into(), reason.as_bytes());
+        }));
+    }
+}
+
+fn apply(slot: &mut VmSlot, delta: DeltaId, kind: DeltaKind, app_consistent: bool) {
+    let started = std::time::Instant::now();
+    if let Err(error) = slot.replica_site().apply(delta, kind, app_consistent) {
+        tracing::error!(%delta, %error, "applying failed");
+        return;
+    }
+    let apply_time = started.elapsed();
+    slot.totals.applied_deltas += 1;
+    slot.totals.apply_seconds += apply_time.as_secs_f64();
+    tracing::info!(%delta, ?kind, seconds = apply_time.as_secs_f64(), "applied");
+    slot.site.send(
+        slot.replica.vm(),
+        ReplicationEvent::DeltaApplied {
+            sequence: delta.sequence,
+            apply_time,
+        },
+    );
+    if let Some(extended) = &slot.extended {
+        extended.source_changed();
+    }
+    let replaced = slot.replica.take_detached();
+    if replaced {
+        // New disk files: onward replication starts again from them.
+        slot.extended = None;
+    }
+    extend(slot, replaced);
+}
+
+/// A planned failover: the VM is taken over and run here when the disks compare equal; the
+/// primary is told only once it runs (told too early, it would leave the VM running nowhere).
+fn take_over(
     slot: &mut VmSlot,
+    connection: ConnectionId,
     sequence: u64,
     seed: u64,
     digests: &[u128],
     reverse: bool,
-) -> std::result::Result<(), String> {
-    // Refused before hashing when it could not be taken anyway.
-    slot.replica.check_take_over(sequence).map_err(problem)?;
-    let ours = slot
-        .replica
-        .digests(seed)
-        .map_err(|error| format!("cannot hash the replica's disks: {error}"))?;
-    if ours.len() != digests.len() {
-        return Err(format!(
-            "the primary compared {} disks, the replica has {}",
-            digests.len(),
-            ours.len()
-        ));
+) {
+    let vm = slot.machine_name();
+    let outcome = slot
+        .replica_site()
+        .verify_handover(sequence, seed, digests, reverse)
+        .and_then(|()| {
+            host(slot, &vm, true)
+                .map_err(|error| slot.replica_site().not_hosted(sequence, &error.to_string()))
+        });
+    match &outcome {
+        Ok(()) => {
+            tracing::info!(%vm, sequence, reverse, "planned failover: the disks equal the primary's; the VM runs here now");
+            slot.site.send(
+                &vm,
+                ReplicationEvent::HandoverAccepted { sequence, reverse },
+            );
+        }
+        Err(reason) => {
+            tracing::error!(%vm, %reason, "refused a planned failover");
+            slot.site.send(
+                &vm,
+                ReplicationEvent::HandoverRefused {
+                    reason: reason.clone(),
+                },
+            );
+        }
     }
-    if let Some(disk) = (0..ours.len()).find(|&disk| ours[disk] != digests[disk]) {
-        return Err(format!(
-            "disk {disk} differs from the primary's after delta {sequence}: the failover is refused (run `blockrep verify` to see where)"
-        ));
-    }
-    slot.replica.take_over(sequence, reverse).map_err(problem)?;
-    slot.replica.release_disks();
-    Ok(())
-}
-
-/// What a refusal says, without the VM's name (the replica machine adds it).
-fn problem(error: Error) -> String {
-    match error {
-        Error::Replication { problem, .. } => problem,
-        other => other.to_string(),
-    }
+    slot.replica_site()
+        .handover_verified(connection, sequence, outcome);
 }
 
 fn close_all(slot: &mut VmSlot, reason: &str) {

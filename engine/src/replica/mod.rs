@@ -5,12 +5,14 @@ mod bundle;
 mod copy;
 mod limits;
 mod points;
+mod site;
 mod store;
 
 pub use bundle::apply_bundle;
 pub use copy::{ReplicaAccess, copy_point};
 pub use limits::Limits;
 pub use points::PointPolicy;
+pub use site::{CopyPurpose, PointCopy, ReplicaSite, SiteEffect};
 /// For crash tests: the process kills itself at the point `BLOCKREP_CRASH_POINT` names.
 #[doc(hidden)]
 pub use store::crash_point;

@@ -9,7 +9,7 @@ use super::World;
 use crate::content::{PAGE, Versions, first_difference};
 use crate::report::FailoverReport;
 use blockrep::image::{Access, ImageFormat, open_path};
-use blockrep::replica::{copy_point, fence_for};
+use blockrep::replica::copy_point;
 use std::path::PathBuf;
 
 /// What a failover point should hold.
@@ -76,28 +76,21 @@ impl World {
         let storage = self.storage_options(target);
         let slot = self.slot(target, vm)?;
         let step = |error: blockrep::Error| error.to_string();
-        slot.replica.settle_commit().map_err(step)?;
-        let point = slot.replica.applied();
-        let attempt = slot.replica.begin_failover(point).map_err(step)?;
-        slot.machine
-            .fence(slot.replica.failover().as_ref().map(fence_for));
-        let out = slot.replica.failover_directory();
-        let _ = std::fs::remove_dir_all(&out);
-        let pinned_at = slot.replica.pin();
-        let disks = slot.replica.descriptions().len();
-        let copied = copy_point(
-            &mut |step| step(&mut slot.replica),
-            pinned_at,
-            point,
-            disks,
-            &out,
+        let mut site = slot.replica_site();
+        // The VM was stopped above, as Site Recovery shuts a reachable primary down before it
+        // fails over; the replica may not have heard its primary leave yet, and is not waited
+        // for (as with `--force`).
+        let copy = site.begin_unplanned_failover(None, true).map_err(step)?;
+        let point = copy.target;
+        let made = copy_point(
+            &mut |piece| site.copy_piece(&copy, piece),
+            copy.pinned_at,
+            copy.target,
+            copy.disks,
+            &copy.out,
         );
-        slot.replica.unpin();
-        copied.map_err(step)?;
-        slot.replica.failover_copied(attempt).map_err(step)?;
-        let paths = slot.replica.commit_failover().map_err(step)?;
-        slot.machine
-            .fence(slot.replica.failover().as_ref().map(fence_for));
+        site.end_copy(copy, made).map_err(step)?;
+        let (paths, _) = site.commit_failover().map_err(step)?;
         // The disks are the VM's now: the store lets go of them before the VM opens them.
         slot.replica.release_disks();
         self.drive_replica(target, vm);
@@ -327,25 +320,15 @@ impl World {
             .slots
             .get_mut(&vm)
             .ok_or("no replica here")?;
-        let ours = slot
-            .replica
-            .digests(seed)
-            .map_err(|error| error.to_string())?;
-        if ours != digests {
-            return Err("the disks differ from the primary's".into());
-        }
-        slot.replica
-            .take_over(sequence, reverse)
-            .map_err(|error| error.to_string())?;
-        slot.replica.release_disks();
+        slot.replica_site()
+            .verify_handover(sequence, seed, digests, reverse)?;
         let paths = slot.replica.disk_paths();
         let opened = blockrep::protect::forget_tracking(&paths)
             .and_then(|()| blockrep::protect::ProtectedVm::open(&paths, &storage, compression));
         let protected = match opened {
             Ok(protected) => protected,
             Err(error) => {
-                let _ = slot.replica.hand_back(sequence);
-                return Err(format!("cannot run the VM at this site: {error}"));
+                return Err(slot.replica_site().not_hosted(sequence, &error.to_string()));
             }
         };
         // A planned failover loses nothing: the disks hold all the guest wrote.

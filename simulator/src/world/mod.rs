@@ -25,9 +25,9 @@ use blockrep::io::{FileStorage, StorageOptions};
 use blockrep::protect::ProtectedVm;
 use blockrep::proto::{
     ConnectionId, DeltaId, DeltaKind, Health, Message, Primary, PrimaryAction, PrimaryConfig,
-    Replica, ReplicaAction, Tracking,
+    Replica, Tracking,
 };
-use blockrep::replica::{PointPolicy, ReplicaStore, VmReplica, WallClock};
+use blockrep::replica::{PointPolicy, ReplicaStore, SiteEffect, VmReplica, WallClock};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -206,6 +206,13 @@ struct Slot {
     staged_bytes: u64,
     /// Its block hashes for the comparison in progress, until the primary asks for pieces.
     hashes: Option<Vec<blockrep::resync::BlockHashes>>,
+}
+
+impl Slot {
+    /// The VM's machine and store, for a step that decides with both.
+    fn replica_site(&mut self) -> blockrep::replica::ReplicaSite<'_> {
+        blockrep::replica::ReplicaSite::new(&mut self.machine, &mut self.replica)
+    }
 }
 
 struct PrimarySide {
@@ -1326,11 +1333,11 @@ impl World {
             let Some(slot) = self.hosts[host].slots.get_mut(&vm) else {
                 return;
             };
-            let Some(action) = slot.machine.poll_action() else {
+            let Some(effect) = slot.replica_site().poll_effect() else {
                 return;
             };
-            self.trace.action(vm, 100 + replica_action_code(&action));
-            self.replica_action(host, vm, action);
+            self.trace.action(vm, 100 + site_effect_code(&effect));
+            self.site_effect(host, vm, effect);
             if !self.hosts[host].up || self.hosts[host].disks.struck() {
                 self.crash_host(host, "lost power during an operation");
                 return;
@@ -1338,56 +1345,29 @@ impl World {
         }
     }
 
-    fn replica_action(&mut self, host: usize, vm: usize, action: ReplicaAction) {
+    fn site_effect(&mut self, host: usize, vm: usize, effect: SiteEffect) {
         let incarnation = self.hosts[host].incarnation;
         let Some(slot) = self.hosts[host].slots.get_mut(&vm) else {
             return;
         };
-        match action {
-            ReplicaAction::Send {
+        match effect {
+            SiteEffect::Send {
                 connection,
                 message,
             } => self.send(connection, message, Way::ToPrimary),
-            ReplicaAction::PrepareDisks { disks, owner } => {
-                if let Err(error) = slot.replica.prepare(disks, &owner) {
-                    let reason = error.to_string();
-                    self.close_all(host, vm, &reason);
-                    self.lost_host_io(host, &reason);
-                }
+            SiteEffect::Close { connection, reason } => self.close(connection, &reason, true),
+            SiteEffect::Staged { bytes } => slot.staged_bytes += bytes,
+            SiteEffect::StoreFailed { reason, .. } => {
+                self.close_all(host, vm, &reason);
+                self.lost_host_io(host, &reason);
             }
-            ReplicaAction::AdoptSeed { disks } => {
-                if let Err(error) = slot.replica.adopt_seed(disks) {
-                    let reason = error.to_string();
-                    self.close_all(host, vm, &reason);
-                }
-            }
-            ReplicaAction::StartStaging { delta, kind } => {
-                slot.staged_bytes = 0;
-                if let Err(error) = slot.replica.start_staging(delta, kind) {
-                    let reason = error.to_string();
-                    self.close_all(host, vm, &reason);
-                    self.lost_host_io(host, &reason);
-                }
-            }
-            ReplicaAction::StageChunk {
-                delta,
-                index,
-                disk,
-                payload,
-            } => match slot.replica.stage_chunk(delta, disk, &payload) {
-                Ok(()) => {
-                    slot.staged_bytes += payload.len() as u64;
-                    slot.machine.chunk_staged(delta, index);
-                }
-                Err(error) => slot.machine.chunk_not_staged(delta, index, &error),
-            },
-            ReplicaAction::Commit {
+            SiteEffect::Apply {
                 delta,
                 kind,
                 app_consistent,
             } => {
                 // Applying takes the disk's time; the commit itself happens when it is done.
-                let bytes = slot.staged_bytes as f64 * 2.0;
+                let bytes = std::mem::take(&mut slot.staged_bytes) as f64 * 2.0;
                 let delay = COMMIT_FLOOR + Duration::from_secs_f64(bytes / DISK_BYTES_PER_SECOND);
                 self.agenda.add_after(
                     delay,
@@ -1401,7 +1381,7 @@ impl World {
                     },
                 );
             }
-            ReplicaAction::VerifyHandover {
+            SiteEffect::VerifyHandover {
                 connection,
                 sequence,
                 seed,
@@ -1410,11 +1390,10 @@ impl World {
             } => {
                 let outcome = self.verify_handover(host, vm, sequence, seed, &digests, reverse);
                 if let Some(slot) = self.hosts[host].slots.get_mut(&vm) {
-                    slot.machine
+                    slot.replica_site()
                         .handover_verified(connection, sequence, outcome);
                 }
             }
-            ReplicaAction::Close { connection, reason } => self.close(connection, &reason, true),
         }
     }
 
@@ -1448,10 +1427,8 @@ impl World {
         let Some(slot) = self.hosts[host].slots.get_mut(&vm) else {
             return;
         };
-        match slot.replica.commit(delta, kind, app_consistent) {
-            Ok(()) => slot.machine.committed(delta),
-            Err(error) => slot.machine.commit_failed(delta, &error.to_string()),
-        }
+        // Why it failed is the machine's to say; the fault that did it is the simulator's.
+        let _ = slot.replica_site().apply(delta, kind, app_consistent);
         if self.hosts[host].disks.struck() {
             self.crash_host(host, "lost power while applying a delta");
             return;
@@ -2027,18 +2004,14 @@ fn primary_action_code(action: &PrimaryAction) -> u64 {
     }
 }
 
-fn replica_action_code(action: &ReplicaAction) -> u64 {
-    match action {
-        ReplicaAction::Send { message, .. } => 10 + message_code(message),
-        ReplicaAction::PrepareDisks { .. } => 1,
-        ReplicaAction::AdoptSeed { .. } => 2,
-        ReplicaAction::StartStaging { delta, .. } => 3 + (delta.sequence << 8),
-        ReplicaAction::StageChunk { delta, index, .. } => {
-            4 + (delta.sequence << 20) + (u64::from(*index) << 8)
-        }
-        ReplicaAction::Commit { delta, .. } => 5 + (delta.sequence << 8),
-        ReplicaAction::VerifyHandover { .. } => 6,
-        ReplicaAction::Close { .. } => 7,
+fn site_effect_code(effect: &SiteEffect) -> u64 {
+    match effect {
+        SiteEffect::Send { message, .. } => 10 + message_code(message),
+        SiteEffect::Staged { bytes } => 1 + (bytes << 8),
+        SiteEffect::StoreFailed { .. } => 2,
+        SiteEffect::Apply { delta, .. } => 5 + (delta.sequence << 8),
+        SiteEffect::VerifyHandover { .. } => 6,
+        SiteEffect::Close { .. } => 7,
     }
 }
 
