@@ -3,8 +3,9 @@
 //! every delta is committed once, whole, in sequence, and the primary hears of each.
 
 use blockrep::proto::{
-    ConnectionId, DeltaId, DeltaKind, DiskDescription, Fence, Message, Primary, PrimaryAction,
-    PrimaryConfig, Replica, ReplicaAction, ReplicaVmRecord, ReplicationState, Tracking,
+    ConnectionId, DeltaId, DeltaKind, DiskDescription, Fence, HandoverRefusal, Message,
+    PROTOCOL_VERSION, Primary, PrimaryAction, PrimaryConfig, RefusalCode, Replica, ReplicaAction,
+    ReplicaVmRecord, ReplicationState, Tracking,
 };
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -232,7 +233,7 @@ impl World {
                 let outcome = if digests == vec![u128::from(last_committed)] {
                     Ok(())
                 } else {
-                    Err("digests differ".to_owned())
+                    Err(HandoverRefusal::refused("digests differ"))
                 };
                 self.replica
                     .handover_verified(connection, sequence, outcome);
@@ -378,7 +379,7 @@ proptest! {
 #[test]
 fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
     let mut replica = Replica::new("vm1", replicated_from_a(5));
-    replica.hello(7, "fingerprint-a", 1, config().disks);
+    replica.hello(7, "fingerprint-a", PROTOCOL_VERSION, config().disks);
     replica.handle_message(
         7,
         Message::DeltaBegin {
@@ -395,18 +396,13 @@ fn a_gap_in_the_sequence_is_refused_as_resynchronization_required() {
     let refusal = std::iter::from_fn(|| replica.poll_action())
         .find_map(|action| match action {
             ReplicaAction::Send {
-                message: Message::Refused { reason, retry },
+                message: Message::Refused { code, reason },
                 ..
-            } => Some((reason, retry)),
+            } => Some((reason, code)),
             _ => None,
         })
         .expect("refused");
-    assert!(!refusal.1);
-    assert!(
-        refusal.0.contains("resynchronization required"),
-        "{}",
-        refusal.0
-    );
+    assert_eq!(refusal.1, RefusalCode::Gap, "{}", refusal.0);
 }
 
 #[test]
@@ -414,22 +410,22 @@ fn another_primary_or_other_disks_are_refused_for_good() {
     let record = replicated_from_a(1);
     let refusals = |owner: &str, disks: Vec<DiskDescription>| {
         let mut replica = Replica::new("vm1", record.clone());
-        replica.hello(1, owner, 1, disks);
+        replica.hello(1, owner, PROTOCOL_VERSION, disks);
         std::iter::from_fn(|| replica.poll_action())
             .filter_map(|action| match action {
                 ReplicaAction::Send {
-                    message: Message::Refused { reason, retry },
+                    message: Message::Refused { code, reason },
                     ..
-                } => Some((reason, retry)),
+                } => Some((reason, code)),
                 _ => None,
             })
             .collect::<Vec<_>>()
     };
     let other_primary = refusals("fingerprint-b", config().disks);
-    assert!(other_primary[0].0.contains("another primary"));
-    assert!(!other_primary[0].1);
+    assert_eq!(other_primary[0].1, RefusalCode::NotThisReplica);
+    assert!(!other_primary[0].1.retry());
     let other_disks = refusals("fingerprint-a", config().disks[..1].to_vec());
-    assert!(other_disks[0].0.contains("differ"));
+    assert_eq!(other_disks[0].1, RefusalCode::NotThisReplica);
     assert!(refusals("fingerprint-a", config().disks).is_empty());
 }
 
@@ -447,8 +443,8 @@ fn a_primary_refused_for_good_fails_and_says_why() {
     primary.handle_message(
         now,
         Message::Refused {
+            code: RefusalCode::NotThisReplica,
             reason: "vm1 is replicated from another primary".into(),
-            retry: false,
         },
     );
     assert!(matches!(
@@ -539,14 +535,14 @@ fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
         std::iter::from_fn(|| replica.poll_action())
             .filter_map(|action| match action {
                 ReplicaAction::Send {
-                    message: Message::Refused { reason, retry },
+                    message: Message::Refused { code, reason },
                     ..
-                } => Some((reason, retry)),
+                } => Some((reason, code)),
                 _ => None,
             })
             .collect::<Vec<_>>()
     };
-    replica.hello(1, "fingerprint-a", 1, config().disks);
+    replica.hello(1, "fingerprint-a", PROTOCOL_VERSION, config().disks);
     assert!(refusals(&mut replica).is_empty());
     // Failing over refuses the connected primary at once, worth retrying (it may be cancelled).
     replica.fence(Some(Fence {
@@ -555,12 +551,13 @@ fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
     }));
     assert_eq!(
         refusals(&mut replica),
-        vec![("vm1: failed over".to_string(), true)]
+        vec![("vm1: failed over".to_string(), RefusalCode::FailedOver)]
     );
     assert_eq!(replica.connection(), None);
-    replica.hello(2, "fingerprint-a", 1, config().disks);
-    assert!(
+    replica.hello(2, "fingerprint-a", PROTOCOL_VERSION, config().disks);
+    assert_eq!(
         refusals(&mut replica)[0].1,
+        RefusalCode::FailedOver,
         "a cancellable failover is worth retrying"
     );
     // Committed: refused for good.
@@ -568,14 +565,15 @@ fn a_fenced_replica_refuses_its_primary_until_the_fence_is_lifted() {
         reason: "committed".into(),
         permanent: true,
     }));
-    replica.hello(3, "fingerprint-a", 1, config().disks);
-    assert!(
-        !refusals(&mut replica)[0].1,
+    replica.hello(3, "fingerprint-a", PROTOCOL_VERSION, config().disks);
+    assert_eq!(
+        refusals(&mut replica)[0].1,
+        RefusalCode::FailedOverForGood,
         "a committed failover is final"
     );
     // Cancelled: welcome again.
     replica.fence(None);
-    replica.hello(4, "fingerprint-a", 1, config().disks);
+    replica.hello(4, "fingerprint-a", PROTOCOL_VERSION, config().disks);
     assert!(refusals(&mut replica).is_empty());
     assert_eq!(replica.connection(), Some(4));
 }
@@ -632,7 +630,7 @@ fn a_replica_stopped_by_a_failed_commit_takes_deltas_again_once_reopened() {
     let mut replica = Replica::new("vm1", record.clone());
     let answers =
         |replica: &mut Replica| std::iter::from_fn(|| replica.poll_action()).collect::<Vec<_>>();
-    replica.hello(1, "fingerprint-a", 1, config().disks);
+    replica.hello(1, "fingerprint-a", PROTOCOL_VERSION, config().disks);
     answers(&mut replica);
     let delta = DeltaId {
         sequence: 4,
@@ -669,12 +667,15 @@ fn a_replica_stopped_by_a_failed_commit_takes_deltas_again_once_reopened() {
     // The disk was full: the VM stops, and a primary that comes back is told to retry.
     replica.commit_failed(delta, "no space left on device");
     answers(&mut replica);
-    replica.hello(2, "fingerprint-a", 1, config().disks);
+    replica.hello(2, "fingerprint-a", PROTOCOL_VERSION, config().disks);
     let refused = answers(&mut replica).into_iter().any(|action| {
         matches!(
             action,
             ReplicaAction::Send {
-                message: Message::Refused { retry: true, .. },
+                message: Message::Refused {
+                    code: RefusalCode::ReplicaFailed,
+                    ..
+                },
                 ..
             }
         )
@@ -682,7 +683,7 @@ fn a_replica_stopped_by_a_failed_commit_takes_deltas_again_once_reopened() {
     assert!(refused, "a stopped VM refuses, worth retrying");
     // Reopened (the store rolled the commit back): welcomed at what is applied, nothing staged.
     replica.recovered(record);
-    replica.hello(3, "fingerprint-a", 1, config().disks);
+    replica.hello(3, "fingerprint-a", PROTOCOL_VERSION, config().disks);
     let welcome = answers(&mut replica)
         .into_iter()
         .find_map(|action| match action {
@@ -741,7 +742,12 @@ fn lost_tracking_is_shown_as_critical_with_its_reason_until_a_comparison_or_copy
 fn a_primary_alone_cannot_replace_a_replica_and_its_points_with_an_initial_replication() {
     let record = replicated_from_a(3);
     let initial = |replica: &mut Replica, connection: ConnectionId| {
-        replica.hello(connection, "fingerprint-a", 1, config().disks);
+        replica.hello(
+            connection,
+            "fingerprint-a",
+            PROTOCOL_VERSION,
+            config().disks,
+        );
         replica.handle_message(
             connection,
             Message::DeltaBegin {
@@ -763,16 +769,22 @@ fn a_primary_alone_cannot_replace_a_replica_and_its_points_with_an_initial_repli
         .iter()
         .find_map(|action| match action {
             ReplicaAction::Send {
-                message: Message::Refused { reason, retry },
+                message: Message::Refused { code, reason },
                 ..
-            } => Some((reason.clone(), *retry)),
+            } => Some((reason.clone(), *code)),
             _ => None,
         })
         .expect("refused");
-    assert!(!refusal.1, "retrying cannot help: {}", refusal.0);
+    assert_eq!(
+        refusal.1,
+        RefusalCode::ReinitializeNeedsConsent,
+        "{}",
+        refusal.0
+    );
+    assert!(!refusal.1.retry());
     assert!(
         refusal.0.contains("blockrep reinitialize vm1"),
-        "{}",
+        "the refusal says what to run: {}",
         refusal.0
     );
     assert!(
@@ -800,7 +812,7 @@ fn a_primary_alone_cannot_replace_a_replica_and_its_points_with_an_initial_repli
 fn chunks_before_their_begin_are_held_up_to_a_bound_in_bytes_not_only_in_count() {
     let record = replicated_from_a(1);
     let mut replica = Replica::new("vm1", record);
-    replica.hello(7, "fingerprint-a", 1, config().disks);
+    replica.hello(7, "fingerprint-a", PROTOCOL_VERSION, config().disks);
     while replica.poll_action().is_some() {}
     let delta = DeltaId {
         sequence: 2,
@@ -834,8 +846,8 @@ fn a_replica_that_keeps_asking_for_comparisons_stops_replication_instead_of_loop
     let now = Instant::now();
     let mut primary = Primary::new(config(), now);
     let refusal = || Message::Refused {
-        reason: "vm1: replica disk disk-0.vhdx: changed: resynchronization required".into(),
-        retry: true,
+        code: RefusalCode::ResynchronizationRequired,
+        reason: "vm1: replica disk disk-0.vhdx: changed".into(),
     };
     let mut actions = Vec::new();
     for _ in 0..3 {
@@ -920,23 +932,24 @@ fn a_chunk_the_store_cannot_take_is_retried_not_called_a_violation() {
         source: std::io::Error::from_raw_os_error(28),
     };
     let mut replica = Replica::new("vm1", record);
-    replica.hello(7, "fingerprint-a", 1, config().disks);
+    replica.hello(7, "fingerprint-a", PROTOCOL_VERSION, config().disks);
     std::iter::from_fn(|| replica.poll_action()).for_each(drop);
     replica.chunk_not_staged(delta, 0, &full);
     let actions: Vec<_> = std::iter::from_fn(|| replica.poll_action()).collect();
     let refusal = actions.iter().find_map(|action| match action {
         ReplicaAction::Send {
-            message: Message::Refused { reason, retry },
+            message: Message::Refused { code, reason },
             ..
-        } => Some((reason.clone(), *retry)),
+        } => Some((reason.clone(), *code)),
         _ => None,
     });
-    let (reason, retry) = refusal.unwrap_or_else(|| panic!("not told: {actions:?}"));
-    assert!(retry, "a full store is worth retrying: {reason}");
-    assert!(
-        reason.contains("cannot stage") && !reason.contains("violation"),
-        "{reason}"
+    let (reason, code) = refusal.unwrap_or_else(|| panic!("not told: {actions:?}"));
+    assert_eq!(
+        code,
+        RefusalCode::ReplicaFailed,
+        "a full store is worth retrying, not a violation: {reason}"
     );
+    assert!(code.retry());
 }
 
 #[test]
@@ -964,8 +977,8 @@ fn a_primary_the_replica_keeps_refusing_turns_critical_though_it_is_welcomed_eac
         primary.handle_message(
             now,
             Message::Refused {
+                code: RefusalCode::ReplicaFailed,
                 reason: "vm1: the replica cannot stage delta 2: no space left on device".into(),
-                retry: true,
             },
         );
         // As the driver does: the connection closes for the reason the machine gives.

@@ -403,10 +403,7 @@ impl Agent<'_> {
                         first: Some((connection, applied)),
                     }));
                 }
-                Ok(Greeting::Refused {
-                    reason,
-                    retry: false,
-                }) => {
+                Ok(Greeting::Refused { code, reason }) if !code.retry() => {
                     return Err(format!(
                         "the other site refused: {reason}. {} records a planned failover to it; if the VM does not run there, remove that file",
                         handover_mark(self.arguments).display()
@@ -489,10 +486,7 @@ impl Agent<'_> {
                                 suspended: false,
                             });
                         }
-                        Ok(Greeting::Refused {
-                            reason,
-                            retry: false,
-                        }) => {
+                        Ok(Greeting::Refused { code, reason }) if !code.retry() => {
                             return Err(format!("the other site refused: {reason}").into());
                         }
                         Ok(Greeting::Refused { reason, .. }) | Err(reason) => {

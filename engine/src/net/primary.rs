@@ -11,8 +11,8 @@ use super::tls::{client_config, is_authentication_failure};
 use crate::delta::DeltaEncoder;
 use crate::protect::ProtectedVm;
 use crate::proto::{
-    DeltaId, Message, Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, ReplicationState,
-    Tracking, chunk_frame_prefix,
+    DeltaId, Message, Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, RefusalCode,
+    ReplicationState, Tracking, chunk_frame_prefix,
 };
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
@@ -625,16 +625,11 @@ pub async fn run_primary(
                             reason: reason.clone(),
                         },
                     );
-                    tracing::error!(vm = %config.vm, %reason, "the planned failover was refused; replication goes on, and the disks are compared first");
+                    tracing::error!(vm = %config.vm, %reason, "the planned failover was refused; replication goes on");
                     handover_requested = false;
                     if let Some(done) = handover_done.take() {
-                        let _ = done.send(Err(HandoverFailure::NotHandedOver(reason.clone())));
+                        let _ = done.send(Err(HandoverFailure::NotHandedOver(reason)));
                     }
-                    owe_resync(&resync_pending, &mut welcome_ends_resync);
-                    if let Some(link) = link.take() {
-                        link.connection.close(0u32.into(), b"resynchronizing");
-                    }
-                    primary.connection_lost(Instant::now(), &reason);
                 }
                 PrimaryAction::Resync { reason } => {
                     tracing::warn!(vm = %config.vm, %reason, "resynchronizing: comparing the disks on the next connection");
@@ -857,7 +852,7 @@ pub async fn run_primary(
                             // meanwhile has already been answered.
                             if let Some(done) = handover_done.take() {
                                 let _ = done.send(Err(HandoverFailure::NotHandedOver(reason.clone())));
-                                outcome_failed(&mut primary, &reason);
+                                primary.verify_failed(Instant::now(), reason.clone());
                             }
                         }
                     },
@@ -966,16 +961,6 @@ fn owe_resync(pending: &std::sync::atomic::AtomicBool, welcome_ends_resync: &mut
     *welcome_ends_resync = false;
 }
 
-fn outcome_failed(primary: &mut Primary, reason: &str) {
-    primary.handle_message(
-        Instant::now(),
-        Message::Refused {
-            reason: reason.to_owned(),
-            retry: false,
-        },
-    );
-}
-
 /// What the other site says when a host that held a VM's copy connects.
 #[derive(Debug)]
 pub enum Greeting {
@@ -986,8 +971,8 @@ pub enum Greeting {
     },
     /// The other site expects this host as the VM's primary.
     Primary,
-    /// Refused; `retry` says whether trying again may help.
-    Refused { reason: String, retry: bool },
+    /// Refused; `code.retry()` says whether trying again may help.
+    Refused { code: RefusalCode, reason: String },
 }
 
 /// Connects to the other site and introduces the VM (`hello`, a `Message::Hello`): how a
@@ -1014,10 +999,10 @@ pub async fn greet(
             connection.close(0u32.into(), b"reconnecting as primary");
             Ok(Greeting::Primary)
         }
-        Some(Message::Refused { reason, retry }) => Ok(Greeting::Refused { reason, retry }),
+        Some(Message::Refused { code, reason }) => Ok(Greeting::Refused { code, reason }),
         Some(Message::HandedOver { .. }) => Ok(Greeting::Refused {
+            code: RefusalCode::RunsAtReplicaSite,
             reason: "the VM runs at the other site since a planned failover; run `blockrep reverse` there to replicate back".into(),
-            retry: true,
         }),
         other => Err(format!("unexpected answer to hello: {other:?}")),
     }

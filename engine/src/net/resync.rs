@@ -230,8 +230,8 @@ pub(super) async fn answer_hashes(
 /// A refusal of a hash request, as the frame to send.
 pub(super) fn refusal(reason: String) -> Bytes {
     Message::Refused {
+        code: crate::proto::RefusalCode::HashesRefused,
         reason,
-        retry: false,
     }
     .encode()
 }

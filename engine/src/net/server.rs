@@ -10,7 +10,7 @@ use super::hosting::{HostedVm, HostingOptions};
 use super::identity::Identity;
 use super::primary::{BeforeTakeOver, HandoverFailure, PrimaryReport, ResyncDone};
 use super::tls::server_config;
-use crate::proto::{ConnectionId, DeltaId, DeltaKind, Message, Replica};
+use crate::proto::{ConnectionId, DeltaId, DeltaKind, Message, RefusalCode, Replica};
 use crate::replica::{PointCopy, PointInfo, ReplicaSite, ReplicaStore, SiteEffect, VmReplica};
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
@@ -857,8 +857,8 @@ async fn serve_connection(
         Err(error) => {
             tracing::error!(vm = ?vm, %error, "cannot open the VM's replica");
             let refusal = Message::Refused {
+                code: RefusalCode::NotThisReplica,
                 reason: format!("{vm}: {error}"),
-                retry: false,
             };
             let (outgoing, writer) = spawn_control_writer(send);
             let _ = outgoing.send(refusal);
@@ -977,8 +977,8 @@ fn answer_for_running_vm(slot: &Mutex<VmSlot>, owner: &str) -> Option<Message> {
     let failover = slot.replica.failover()?;
     if slot.machine.record().owner.as_deref() != Some(owner) {
         return Some(Message::Refused {
+            code: RefusalCode::NotThisReplica,
             reason: "this VM belongs to another primary".into(),
-            retry: false,
         });
     }
     Some(if hosted.reversing() {
@@ -993,12 +993,12 @@ fn answer_for_running_vm(slot: &Mutex<VmSlot>, owner: &str) -> Option<Message> {
         }
     } else {
         Message::Refused {
+            code: RefusalCode::RunsAtReplicaSite,
             reason: format!(
                 "{}: the VM runs at the replica site since a failover; run `blockrep reverse {}` there to replicate back to this host",
                 slot.machine_name(),
                 slot.machine_name()
             ),
-            retry: true,
         }
     })
 }
@@ -1612,12 +1612,12 @@ fn take_over(
                 ReplicationEvent::HandoverAccepted { sequence, reverse },
             );
         }
-        Err(reason) => {
-            tracing::error!(%vm, %reason, "refused a planned failover");
+        Err(refusal) => {
+            tracing::error!(%vm, reason = %refusal, "refused a planned failover");
             slot.site.send(
                 &vm,
                 ReplicationEvent::HandoverRefused {
-                    reason: reason.clone(),
+                    reason: refusal.reason.clone(),
                 },
             );
         }

@@ -1,4 +1,4 @@
-//! The replication protocol's messages and their byte layout (version 1,
+//! The replication protocol's messages and their byte layout (version 2,
 //! `docs/formats/protocol.md`). Every message is a frame: a 4-byte little-endian body length, a
 //! 1-byte kind, then the body. Decoding checks every length against the bytes it was given, so
 //! a hostile peer can make a message fail but never make the reader allocate without bound.
@@ -8,7 +8,7 @@ use std::ops::Range;
 use uuid::Uuid;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The TLS application protocol name both sides insist on.
 pub(crate) const ALPN: &[u8] = b"blockrep/1";
 /// Bytes before a frame's body: its length and its kind.
@@ -36,6 +36,83 @@ const KIND_HASHES: u8 = 14;
 const KIND_GROUP_DIGESTS: u8 = 15;
 const KIND_HASH_RANGES: u8 = 16;
 const KIND_HASHES_DONE: u8 = 17;
+
+/// Why a side refused, as the code the wire carries: the receiver acts on it (retry, compare,
+/// give up), never on the reason's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+#[repr(u16)]
+pub enum RefusalCode {
+    /// The peer broke the protocol, or sent what cannot be taken.
+    Violation = 1,
+    /// The other side speaks another protocol version.
+    Version = 2,
+    /// The VM is replicated from another primary, or the primary's disks are not the
+    /// replica's, or the replica cannot be opened for it: the operator must act.
+    NotThisReplica = 3,
+    /// The replica's copy was seeded by hand: the primary must start comparing
+    /// (`--initial existing`).
+    SeededCopy = 4,
+    /// An initial replication would replace a replica that holds deltas: the replica host's
+    /// operator must allow it first.
+    ReinitializeNeedsConsent = 5,
+    /// The replica's copy changed outside blockrep: compare the disks by hash, then go on.
+    ResynchronizationRequired = 6,
+    /// The replica could not stage or apply (a full disk, an I/O error): try again later.
+    ReplicaFailed = 7,
+    /// The VM failed over to the replica site, not yet committed: replication may resume if
+    /// the failover is cancelled.
+    FailedOver = 8,
+    /// The VM failed over to the replica site for good (committed).
+    FailedOverForGood = 9,
+    /// The VM runs at the replica site; reverse replication there brings it back.
+    RunsAtReplicaSite = 10,
+    /// A planned failover was refused (the disks differ, or cannot be compared or run there):
+    /// the VM's writes resume and the disks are compared by hash.
+    HandoverRefused = 11,
+    /// A planned failover needs the replica host's operator's consent first: nothing differs.
+    HandoverNeedsConsent = 12,
+    /// A request for block hashes that cannot be answered.
+    HashesRefused = 13,
+    /// The delta does not follow the replica's last: the copies must be compared by hash
+    /// before replication can start again.
+    Gap = 14,
+}
+
+impl RefusalCode {
+    const ALL: [RefusalCode; 14] = [
+        RefusalCode::Violation,
+        RefusalCode::Version,
+        RefusalCode::NotThisReplica,
+        RefusalCode::SeededCopy,
+        RefusalCode::ReinitializeNeedsConsent,
+        RefusalCode::ResynchronizationRequired,
+        RefusalCode::ReplicaFailed,
+        RefusalCode::FailedOver,
+        RefusalCode::FailedOverForGood,
+        RefusalCode::RunsAtReplicaSite,
+        RefusalCode::HandoverRefused,
+        RefusalCode::HandoverNeedsConsent,
+        RefusalCode::HashesRefused,
+        RefusalCode::Gap,
+    ];
+
+    fn from_wire(code: u16) -> Option<RefusalCode> {
+        Self::ALL.into_iter().find(|known| *known as u16 == code)
+    }
+
+    /// Trying again later may succeed without anyone acting.
+    pub fn retry(self) -> bool {
+        matches!(
+            self,
+            RefusalCode::ResynchronizationRequired
+                | RefusalCode::ReplicaFailed
+                | RefusalCode::FailedOver
+                | RefusalCode::RunsAtReplicaSite
+        )
+    }
+}
 
 /// One disk of a protected VM, as the primary describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,8 +173,9 @@ pub enum Message {
         applied: u64,
         staged: Option<Staged>,
     },
-    /// Either side: the session cannot go on. `retry` false means trying again will not help.
-    Refused { reason: String, retry: bool },
+    /// Either side: the session cannot go on. What the receiver does follows from `code`; the
+    /// reason is for people.
+    Refused { code: RefusalCode, reason: String },
     /// Primary to replica: a delta of `chunks` chunks follows.
     DeltaBegin {
         delta: DeltaId,
@@ -260,8 +338,8 @@ impl Message {
                 }
                 KIND_WELCOME
             }
-            Message::Refused { reason, retry } => {
-                body.put_u8(u8::from(*retry));
+            Message::Refused { code, reason } => {
+                body.put_u16_le(*code as u16);
                 put_string(&mut body, reason);
                 KIND_REFUSED
             }
@@ -410,9 +488,11 @@ impl Message {
                 }
             }
             KIND_REFUSED => {
-                let retry = take_u8(&mut body)? != 0;
+                let code = take_u16(&mut body)?;
+                let code = RefusalCode::from_wire(code)
+                    .ok_or_else(|| error(format!("unknown refusal code {code}")))?;
                 let reason = take_string(&mut body)?;
-                Message::Refused { reason, retry }
+                Message::Refused { code, reason }
             }
             KIND_DELTA_BEGIN => {
                 let delta = take_delta(&mut body)?;
@@ -622,10 +702,12 @@ mod tests {
             applied: 0,
             staged: None,
         });
-        round_trip(Message::Refused {
-            reason: "no".into(),
-            retry: false,
-        });
+        for code in RefusalCode::ALL {
+            round_trip(Message::Refused {
+                code,
+                reason: "no".into(),
+            });
+        }
         round_trip(Message::DeltaBegin {
             delta,
             kind: DeltaKind::Initial,
@@ -699,6 +781,11 @@ mod tests {
         header[..4].copy_from_slice(&((MAX_BODY + 1) as u32).to_le_bytes());
         assert!(decode_frame_header(header).is_err());
         assert!(Message::decode(200, Bytes::new()).is_err());
+        let mut refusal = BytesMut::new();
+        refusal.put_u16_le(999);
+        put_string(&mut refusal, "no");
+        let error = Message::decode(KIND_REFUSED, refusal.freeze()).unwrap_err();
+        assert!(error.to_string().contains("refusal code 999"), "{error}");
     }
 
     #[test]

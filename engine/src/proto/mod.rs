@@ -15,8 +15,10 @@ pub(crate) use message::{
     ALPN, CHUNK_DISK_BYTES, FRAME_HEADER, MAX_BODY, ProtocolError, chunk_frame_prefix,
     decode_frame_header,
 };
-pub use message::{DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION, Staged};
+pub use message::{
+    DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION, RefusalCode, Staged,
+};
 pub use primary::{
     Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, ReplicationState, Tracking,
 };
-pub use replica::{ConnectionId, Fence, Replica, ReplicaAction, ReplicaVmRecord};
+pub use replica::{ConnectionId, Fence, HandoverRefusal, Replica, ReplicaAction, ReplicaVmRecord};

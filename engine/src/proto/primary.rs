@@ -9,7 +9,7 @@
 
 use super::chunks::ChunkSet;
 use super::health::{CycleLog, Health};
-use super::message::{DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION};
+use super::message::{DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION, RefusalCode};
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -218,6 +218,8 @@ pub struct Primary {
     last_app_consistent: Option<Instant>,
     cuts: u64,
     failed: Option<String>,
+    /// The failure needs a comparison by hash before replication can start again.
+    failed_for_resync: bool,
     stopped: bool,
     suspended: bool,
     actions: VecDeque<PrimaryAction>,
@@ -266,6 +268,7 @@ impl Primary {
             last_app_consistent: None,
             cuts: 0,
             failed: None,
+            failed_for_resync: false,
             stopped: false,
             suspended: false,
             actions: VecDeque::new(),
@@ -434,19 +437,28 @@ impl Primary {
             Message::HandedOver { .. } if self.link == Link::Greeting => {
                 self.fail("the VM runs at the replica site since a planned failover; run `blockrep reverse` there to replicate back to this host".into());
             }
-            Message::Refused { reason, retry } if self.handover.is_some() && !retry => {
+            Message::Refused { code, reason } if self.handover.is_some() && !code.retry() => {
                 self.handover = None;
                 self.last_error = Some(format!("the replica refused the failover: {reason}"));
-                self.actions
-                    .push_back(PrimaryAction::HandoverRefused { reason });
+                self.actions.push_back(PrimaryAction::HandoverRefused {
+                    reason: reason.clone(),
+                });
+                if code != RefusalCode::HandoverNeedsConsent {
+                    // The disks may differ: compare them before going on.
+                    self.link_down(now);
+                    self.actions.push_back(PrimaryAction::Resync {
+                        reason: format!("the replica refused the failover: {reason}"),
+                    });
+                }
             }
-            Message::Refused { reason, retry }
-                if retry && reason.contains("resynchronization required") =>
-            {
+            Message::Refused {
+                code: RefusalCode::ResynchronizationRequired,
+                reason,
+            } => {
                 // The replica's copy changed outside blockrep: compare, then go on.
                 self.resync_refusals += 1;
                 if self.resync_refusals > RESYNC_REFUSALS_LIMIT {
-                    return self.fail(format!(
+                    return self.fail_resync(format!(
                         "the replica asked for a comparison {} times in a row without taking the compared copy: {reason}",
                         self.resync_refusals
                     ));
@@ -455,10 +467,18 @@ impl Primary {
                 self.link_down(now);
                 self.actions.push_back(PrimaryAction::Resync { reason });
             }
-            Message::Refused { reason, retry } => {
+            Message::Refused {
+                code: RefusalCode::Gap,
+                reason,
+            } => {
                 self.last_error = Some(format!("the replica refused: {reason}"));
                 self.refused_since.get_or_insert(now);
-                if retry {
+                self.fail_resync(format!("the replica refused: {reason}"));
+            }
+            Message::Refused { code, reason } => {
+                self.last_error = Some(format!("the replica refused: {reason}"));
+                self.refused_since.get_or_insert(now);
+                if code.retry() {
                     self.actions.push_back(PrimaryAction::Disconnect {
                         reason: format!("the replica refused: {reason}"),
                     });
@@ -702,6 +722,22 @@ impl Primary {
         }
     }
 
+    /// The digests for a planned failover could not be made (reading the disks failed): the
+    /// failover is refused here, the VM's writes resume, and the disks are compared by hash
+    /// before replication goes on.
+    pub fn verify_failed(&mut self, now: Instant, reason: String) {
+        if !matches!(self.handover, Some(Handover::Verifying(_))) {
+            return;
+        }
+        self.handover = None;
+        self.last_error = Some(format!("cannot prepare the failover: {reason}"));
+        self.actions.push_back(PrimaryAction::HandoverRefused {
+            reason: reason.clone(),
+        });
+        self.link_down(now);
+        self.actions.push_back(PrimaryAction::Resync { reason });
+    }
+
     /// Pauses replication (no new cut; a delta in flight finishes) or resumes it, cutting at
     /// once what accumulated meanwhile.
     pub fn suspend(&mut self, now: Instant, suspended: bool) {
@@ -733,8 +769,8 @@ impl Primary {
             ReplicationState::FailingOver
         } else if self.stopped {
             ReplicationState::Stopped
-        } else if let Some(reason) = &self.failed {
-            if reason.contains("resynchronization required") {
+        } else if self.failed.is_some() {
+            if self.failed_for_resync {
                 ReplicationState::ResynchronizationRequired
             } else {
                 ReplicationState::Error
@@ -942,11 +978,19 @@ impl Primary {
         }
     }
 
+    /// Replication ends for good: only an operator can start it again.
     fn fail(&mut self, reason: String) {
         self.failed = Some(reason.clone());
 
         self.link = Link::Closed;
         self.actions.push_back(PrimaryAction::Failed { reason });
+    }
+
+    /// Replication ends for good, and the copies must be compared by hash before it can
+    /// start again (status: resynchronization required).
+    fn fail_resync(&mut self, reason: String) {
+        self.failed_for_resync = true;
+        self.fail(reason);
     }
 }
 

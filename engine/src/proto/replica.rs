@@ -5,7 +5,9 @@
 //! so a primary that reconnects is told exactly what is already staged.
 
 use super::chunks::ChunkSet;
-use super::message::{DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION, Staged};
+use super::message::{
+    DeltaId, DeltaKind, DiskDescription, Message, PROTOCOL_VERSION, RefusalCode, Staged,
+};
 use bytes::Bytes;
 use std::collections::VecDeque;
 
@@ -107,6 +109,40 @@ pub struct Fence {
     pub permanent: bool,
 }
 
+impl Fence {
+    /// What a primary fenced off is told.
+    pub fn code(&self) -> RefusalCode {
+        if self.permanent {
+            RefusalCode::FailedOverForGood
+        } else {
+            RefusalCode::FailedOver
+        }
+    }
+}
+
+/// Why the replica site did not take a VM over: the code the primary acts on, and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverRefusal {
+    pub code: RefusalCode,
+    pub reason: String,
+}
+
+impl HandoverRefusal {
+    /// Refused for `reason`: the disks differ, or cannot be compared or run here.
+    pub fn refused(reason: impl Into<String>) -> Self {
+        HandoverRefusal {
+            code: RefusalCode::HandoverRefused,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for HandoverRefusal {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.reason)
+    }
+}
+
 /// The replica's state machine for one VM.
 #[derive(Debug)]
 pub struct Replica {
@@ -177,12 +213,12 @@ impl Replica {
         version: u16,
         disks: Vec<DiskDescription>,
     ) {
-        let refuse = |this: &mut Self, reason: String, retry: bool| {
+        let refuse = |this: &mut Self, code: RefusalCode, reason: String| {
             this.send(
                 connection,
                 Message::Refused {
+                    code,
                     reason: reason.clone(),
-                    retry,
                 },
             );
             this.actions
@@ -191,10 +227,10 @@ impl Replica {
         if version != PROTOCOL_VERSION {
             return refuse(
                 self,
+                RefusalCode::Version,
                 format!(
                     "protocol version {version} is not supported (this replica speaks {PROTOCOL_VERSION})"
                 ),
-                false,
             );
         }
         if let Some(known) = &self.record.owner
@@ -202,11 +238,11 @@ impl Replica {
         {
             return refuse(
                 self,
+                RefusalCode::NotThisReplica,
                 format!(
                     "{} is replicated from another primary ({known}); remove its replica to protect it from {owner}",
                     self.vm
                 ),
-                false,
             );
         }
         let compared = self.compared_on == Some(connection);
@@ -215,8 +251,8 @@ impl Replica {
                 // The primary compares on its next connection, then says hello on it.
                 return refuse(
                     self,
+                    RefusalCode::ResynchronizationRequired,
                     format!("{}: {reason}: resynchronization required", self.vm),
-                    true,
                 );
             }
             if self.record.disks.as_ref() == Some(&disks) {
@@ -230,11 +266,11 @@ impl Replica {
             if !compared {
                 return refuse(
                     self,
+                    RefusalCode::SeededCopy,
                     format!(
                         "{}: this replica was seeded from a copy; start the primary with `--initial existing` so the copies are compared first",
                         self.vm
                     ),
-                    false,
                 );
             }
             let same_shape = self.record.disks.as_ref().is_some_and(|known| {
@@ -256,13 +292,13 @@ impl Replica {
             Some(known) if *known != disks => {
                 return refuse(
                     self,
+                    RefusalCode::NotThisReplica,
                     format!(
                         "{}: the primary's disks ({}) differ from the replica's ({}); remove the replica to start again",
                         self.vm,
                         describe(&disks),
                         describe(known)
                     ),
-                    false,
                 );
             }
             Some(_) => {}
@@ -277,7 +313,7 @@ impl Replica {
         }
         if let Some(reason) = &self.failed {
             let reason = format!("{}: {reason}", self.vm);
-            return refuse(self, reason, true);
+            return refuse(self, RefusalCode::ReplicaFailed, reason);
         }
         if let Some(sequence) = self.record.handed_over {
             self.send(connection, Message::HandedOver { sequence });
@@ -288,8 +324,8 @@ impl Replica {
             return;
         }
         if let Some(fence) = &self.record.fenced {
-            let (reason, permanent) = (format!("{}: {}", self.vm, fence.reason), fence.permanent);
-            return refuse(self, reason, !permanent);
+            let reason = format!("{}: {}", self.vm, fence.reason);
+            return refuse(self, fence.code(), reason);
         }
         if let Some(previous) = self.connection.replace(connection)
             && previous != connection
@@ -411,8 +447,8 @@ impl Replica {
                     self.send(
                         connection,
                         Message::Refused {
+                            code: RefusalCode::HandoverRefused,
                             reason: reason.clone(),
-                            retry: false,
                         },
                     );
                     return;
@@ -452,7 +488,7 @@ impl Replica {
                 "{}: {delta} does not follow the last applied delta {} (gap): resynchronization required",
                 self.vm, self.record.applied
             );
-            return self.refuse_for_good(connection, reason);
+            return self.refuse_for_good(connection, RefusalCode::Gap, reason);
         }
         if kind == DeltaKind::Initial && self.record.applied > 0 && !self.record.reinitialize {
             // Recovery points are what is left when the primary itself is compromised: a
@@ -461,7 +497,7 @@ impl Replica {
                 "{}: the replica holds delta {} and its recovery points; an initial replication would replace them. The replica host's operator must allow it first (`blockrep reinitialize {}`), or the primary compares instead (`--initial auto`)",
                 self.vm, self.record.applied, self.vm
             );
-            return self.refuse_for_good(connection, reason);
+            return self.refuse_for_good(connection, RefusalCode::ReinitializeNeedsConsent, reason);
         }
         if kind == DeltaKind::Changes && self.record.applied == 0 {
             return self.violation(
@@ -549,8 +585,8 @@ impl Replica {
             self.send(
                 connection,
                 Message::Refused {
+                    code: RefusalCode::ReplicaFailed,
                     reason: reason.clone(),
-                    retry: true,
                 },
             );
             self.actions
@@ -596,7 +632,7 @@ impl Replica {
         &mut self,
         connection: ConnectionId,
         sequence: u64,
-        outcome: Result<(), String>,
+        outcome: Result<(), HandoverRefusal>,
     ) {
         match outcome {
             Ok(()) => {
@@ -610,13 +646,12 @@ impl Replica {
                     self.connection = None;
                 }
             }
-            Err(reason) => {
-                let reason = format!("{}: {reason}", self.vm);
+            Err(refusal) => {
                 self.send(
                     connection,
                     Message::Refused {
-                        reason,
-                        retry: false,
+                        code: refusal.code,
+                        reason: format!("{}: {}", self.vm, refusal.reason),
                     },
                 );
             }
@@ -635,8 +670,8 @@ impl Replica {
             self.send(
                 connection,
                 Message::Refused {
+                    code: RefusalCode::ReplicaFailed,
                     reason: format!("{}: applying {delta} failed: {reason}", self.vm),
-                    retry: true,
                 },
             );
             self.actions.push_back(ReplicaAction::Close {
@@ -655,8 +690,8 @@ impl Replica {
             self.send(
                 connection,
                 Message::Refused {
+                    code: fence.code(),
                     reason: reason.clone(),
-                    retry: !fence.permanent,
                 },
             );
             self.actions
@@ -736,12 +771,12 @@ impl Replica {
     }
 
     /// Tells the primary why it is refused (retrying will not help) and closes its connection.
-    fn refuse_for_good(&mut self, connection: ConnectionId, reason: String) {
+    fn refuse_for_good(&mut self, connection: ConnectionId, code: RefusalCode, reason: String) {
         self.send(
             connection,
             Message::Refused {
+                code,
                 reason: reason.clone(),
-                retry: false,
             },
         );
         self.actions

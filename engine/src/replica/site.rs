@@ -23,7 +23,9 @@
 //! it for the whole decision.
 
 use super::{VmReplica, fence_for};
-use crate::proto::{ConnectionId, DeltaId, DeltaKind, Message, Replica, ReplicaAction};
+use crate::proto::{
+    ConnectionId, DeltaId, DeltaKind, HandoverRefusal, Message, RefusalCode, Replica, ReplicaAction,
+};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -209,37 +211,48 @@ impl<'a> ReplicaSite<'a> {
         seed: u64,
         digests: &[u128],
         reverse: bool,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), HandoverRefusal> {
         // Refused before hashing when it could not be taken anyway.
-        self.replica.check_take_over(sequence).map_err(problem)?;
+        if let Some(reason) = self.replica.handover_needs_consent() {
+            return Err(HandoverRefusal {
+                code: RefusalCode::HandoverNeedsConsent,
+                reason,
+            });
+        }
+        let refused = HandoverRefusal::refused;
+        self.replica
+            .check_take_over(sequence)
+            .map_err(|error| refused(problem(error)))?;
         let ours = self
             .replica
             .digests(seed)
-            .map_err(|error| format!("cannot hash the replica's disks: {error}"))?;
+            .map_err(|error| refused(format!("cannot hash the replica's disks: {error}")))?;
         if ours.len() != digests.len() {
-            return Err(format!(
+            return Err(refused(format!(
                 "the primary compared {} disks, the replica has {}",
                 digests.len(),
                 ours.len()
-            ));
+            )));
         }
         if let Some(disk) = (0..ours.len()).find(|&disk| ours[disk] != digests[disk]) {
-            return Err(format!(
+            return Err(refused(format!(
                 "disk {disk} differs from the primary's after delta {sequence}: the failover is refused (run `blockrep verify` to see where)"
-            ));
+            )));
         }
-        self.replica.take_over(sequence, reverse).map_err(problem)?;
+        self.replica
+            .take_over(sequence, reverse)
+            .map_err(|error| refused(problem(error)))?;
         self.replica.release_disks();
         Ok(())
     }
 
     /// The VM taken over at `sequence` could not be run here: it is handed back, so that it
     /// runs at the primary again. Returns the refusal for `handover_verified`.
-    pub fn not_hosted(&mut self, sequence: u64, error: &str) -> String {
+    pub fn not_hosted(&mut self, sequence: u64, error: &str) -> HandoverRefusal {
         if let Err(undo) = self.replica.hand_back(sequence) {
             tracing::error!(%undo, "cannot hand the VM back after failing to run it");
         }
-        format!("cannot run the VM at this site: {error}")
+        HandoverRefusal::refused(format!("cannot run the VM at this site: {error}"))
     }
 
     /// Tells the primary on `connection` whether the VM runs here now (it is told only once it
@@ -248,7 +261,7 @@ impl<'a> ReplicaSite<'a> {
         &mut self,
         connection: ConnectionId,
         sequence: u64,
-        outcome: std::result::Result<(), String>,
+        outcome: std::result::Result<(), HandoverRefusal>,
     ) {
         self.machine
             .handover_verified(connection, sequence, outcome);

@@ -925,15 +925,22 @@ impl VmReplica {
                 catalogue.applied
             )));
         }
-        let points = catalogue.points.len();
-        if points > 0 && !catalogue.handover {
-            return Err(self.refusal(format!(
-                "a planned failover to this site drops the replica's {points} recovery point{}: the replica host's operator must allow it first (`blockrep allow-handover {}`)",
-                if points == 1 { "" } else { "s" },
-                self.vm
-            )));
+        match self.handover_needs_consent() {
+            Some(refusal) => Err(self.refusal(refusal)),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Why a planned failover to this site needs the operator's consent first: it would drop
+    /// recovery points, and none was given. `None` when it may go ahead.
+    pub fn handover_needs_consent(&self) -> Option<String> {
+        let catalogue = self.catalogue.as_ref()?;
+        let points = catalogue.points.len();
+        (points > 0 && !catalogue.handover).then(|| format!(
+            "a planned failover to this site drops the replica's {points} recovery point{}: the replica host's operator must allow it first (`blockrep allow-handover {}`)",
+            if points == 1 { "" } else { "s" },
+            self.vm
+        ))
     }
 
     /// The failover of the VM to this site, if there is one.

@@ -9,6 +9,7 @@ use super::World;
 use crate::content::{PAGE, Versions, first_difference};
 use crate::report::FailoverReport;
 use blockrep::image::{Access, ImageFormat, open_path};
+use blockrep::proto::HandoverRefusal;
 use blockrep::replica::copy_point;
 use std::path::PathBuf;
 
@@ -309,7 +310,7 @@ impl World {
         seed: u64,
         digests: &[u128],
         reverse: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), HandoverRefusal> {
         let storage = self.storage_options(host);
         let compression = if self.vms[vm].spec.policy.compression {
             blockrep::delta::Compression::Lz4
@@ -319,7 +320,7 @@ impl World {
         let slot = self.hosts[host]
             .slots
             .get_mut(&vm)
-            .ok_or("no replica here")?;
+            .ok_or_else(|| HandoverRefusal::refused("no replica here"))?;
         slot.replica_site()
             .verify_handover(sequence, seed, digests, reverse)?;
         let paths = slot.replica.disk_paths();

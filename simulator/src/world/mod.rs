@@ -648,9 +648,9 @@ impl World {
     fn wire_size(&self, message: &Message) -> u64 {
         match message {
             Message::Chunk { payload, .. } => payload.len() as u64 + 32,
-            Message::Refused { reason, retry } => Message::Refused {
+            Message::Refused { code, reason } => Message::Refused {
+                code: *code,
                 reason: self.scrub(reason),
-                retry: *retry,
             }
             .encode()
             .len() as u64,
@@ -1004,14 +1004,6 @@ impl World {
             PrimaryAction::HandoverRefused { reason } => {
                 self.vms[vm].writes_stopped = false;
                 self.planned_failed(vm, format!("refused: {reason}"));
-                if let Some(connection) = self.current_connection(vm) {
-                    self.close(connection, "resynchronizing", false);
-                }
-                if let Some(primary) = &mut self.vms[vm].primary {
-                    primary.resync = true;
-                    primary.connection = None;
-                    primary.machine.connection_lost(instant, &reason);
-                }
             }
             PrimaryAction::Reversed { .. } => {
                 let what = format!("{action:?}");

@@ -129,8 +129,8 @@ impl World {
                         }
                         Err(error) => {
                             answers = vec![Message::Refused {
+                                code: blockrep::proto::RefusalCode::HashesRefused,
                                 reason: error.to_string(),
-                                retry: true,
                             }];
                         }
                     }
@@ -145,8 +145,8 @@ impl World {
                 match exchange::block_hashes(&hashes, ranges) {
                     Ok(pieces) => pieces.collect(),
                     Err(error) => vec![Message::Refused {
+                        code: blockrep::proto::RefusalCode::HashesRefused,
                         reason: error.to_string(),
-                        retry: true,
                     }],
                 }
             }
