@@ -25,7 +25,7 @@ pub mod image;
 pub mod io;
 pub mod nbd;
 pub mod net;
-#[cfg(feature = "planted-bugs")]
+#[doc(hidden)]
 pub mod planted;
 pub mod protect;
 pub mod proto;

@@ -54,12 +54,18 @@ pub fn scenario_for(seed: u64) -> String {
     }
     let names: Vec<String> = (0..vms).map(|vm| format!("\"vm{vm}\"")).collect();
     let names = names.join(", ");
+    // When a planned failover happens and which host holds the replica then; when an
+    // unplanned one happens.
+    let mut planned = None;
+    let mut unplanned = None;
     match random.below(4) {
         // An unplanned failover, reverse replication, then failback.
         0 => {
             let failover = 300 + random.below(600);
             let reverse = failover + 60 + random.below(240);
             let failback = reverse + 300 + random.below(300);
+            unplanned = Some(failover);
+            planned = Some((failback, "hv-a"));
             let _ = write!(
                 text,
                 "[[event]]\nkind = \"unplanned_failover\"\nat = \"{failover}s\"\nvms = [{names}]\n\
@@ -71,6 +77,7 @@ pub fn scenario_for(seed: u64) -> String {
         1 => {
             let there = 300 + random.below(600);
             let back = there + 300 + random.below(300);
+            planned = Some((there, "hv-b"));
             let _ = write!(
                 text,
                 "[[event]]\nkind = \"planned_failover\"\nat = \"{there}s\"\nvms = [{names}]\nreverse = true\n\
@@ -106,6 +113,30 @@ pub fn scenario_for(seed: u64) -> String {
                 1 + random.below(8)
             ),
         };
+    }
+    // Faults where a failover's own rules decide: a bit flipped on the replica shortly before
+    // a planned failover (the digests must differ, and the handover be refused), and a full
+    // replica store shortly before an unplanned failover (a commit may still be pending).
+    if let Some((at, host)) = planned
+        && random.chance(0.5)
+    {
+        let at = at.saturating_sub(20 + random.below(60));
+        let _ = write!(
+            text,
+            "[[event]]\nkind = \"bit_flip\"\nat = \"{at}s\"\nhost = \"{host}\"\n"
+        );
+    }
+    if let Some(failover) = unplanned
+        && random.chance(0.5)
+    {
+        // Space comes back a few seconds before the failover: the primary, backing off, may
+        // not have come back to have the failed commit finished.
+        let length = 20 + random.below(40);
+        let at = failover.saturating_sub(length + 1 + random.below(5));
+        let _ = write!(
+            text,
+            "[[event]]\nkind = \"disk_full\"\nat = \"{at}s\"\nhost = \"hv-b\"\nlength = \"{length}s\"\n"
+        );
     }
     text
 }

@@ -1,40 +1,58 @@
-//! The checks catch a real bug: with the engine's planted "confirm before durable" bug on (the
-//! replica says a delta is applied before its commit has made it so), fuzzing finds a seed whose
-//! run violates an invariant, within a bounded number of seeds. Without the bug, the same seeds
-//! pass: the finding is the bug's, not noise.
+//! The checks catch real bugs: with one of the engine's planted bugs on, fuzzing finds a seed
+//! whose run violates an invariant, within a stated number of seeds. Without the bug, the same
+//! seed passes: the finding is the bug's, not noise. (`blockrep sim fuzz --plant BUG` does the
+//! same from the command line, in a build with the `planted-bugs` feature.)
+//!
+//! A planted bug is switched on for the whole process, so the bugs are tried one after another
+//! in one test.
 
 use blockrep::planted::{Bug, plant};
 use std::time::Duration;
 
-const SEEDS: u64 = 12;
+/// Each bug, the seeds fuzzing gets to find it, and what the violation it causes says.
+const BUGS: [(Bug, u64, &str); 2] = [
+    // The replica says a delta is applied before its commit made it durable.
+    (Bug::ConfirmBeforeDurable, 12, "differs from the primary's"),
+    // A planned failover takes over disks that differ from the primary's (a flipped bit).
+    (
+        Bug::HandoverWithoutEqualDigests,
+        12,
+        "planned failover at delta",
+    ),
+];
 
 #[test]
-fn fuzzing_finds_a_replica_that_confirms_before_it_is_durable() {
-    plant(Bug::ConfirmBeforeDurable, true);
-    let found = blockrep_sim::fuzz::run_seeds(1, SEEDS, Duration::from_secs(600), 1, |_, _| {})
-        .unwrap_or_else(|error| panic!("{error}"));
-    plant(Bug::ConfirmBeforeDurable, false);
-    let Some((seed, report)) = found.failures.first() else {
-        panic!(
-            "{} seeds ran with the bug planted and none failed",
-            found.seeds_run
+fn fuzzing_finds_every_planted_bug_within_its_seeds() {
+    for (bug, seeds, violation) in BUGS {
+        plant(bug, true);
+        let found = blockrep_sim::fuzz::run_seeds(1, seeds, Duration::from_secs(600), 1, |_, _| {});
+        plant(bug, false);
+        let found = found.unwrap_or_else(|error| panic!("{error}"));
+        let Some((seed, report)) = found.failures.first() else {
+            panic!(
+                "{}: {} seeds ran with the bug planted and none failed",
+                bug.name(),
+                found.seeds_run
+            );
+        };
+        println!("{}: seed {seed} caught it:\n{}", bug.name(), report.text());
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|found| found.what.contains(violation)),
+            "{}: the violation is not the one the bug causes: {}",
+            bug.name(),
+            report.text()
         );
-    };
-    println!("seed {seed} caught the planted bug:\n{}", report.text());
-    assert!(
-        report
-            .violations
-            .iter()
-            .any(|violation| violation.what.contains("differs from the primary's")),
-        "the violation is not the replica's content: {}",
-        report.text()
-    );
-    // The same seed without the bug holds.
-    let clean = blockrep_sim::fuzz::run_seeds(*seed, 1, Duration::from_secs(600), 1, |_, _| {})
-        .unwrap_or_else(|error| panic!("{error}"));
-    assert!(
-        clean.failures.is_empty(),
-        "seed {seed} fails without the bug too:\n{}",
-        clean.failures[0].1.text()
-    );
+        // The same seed without the bug holds.
+        let clean = blockrep_sim::fuzz::run_seeds(*seed, 1, Duration::from_secs(600), 1, |_, _| {})
+            .unwrap_or_else(|error| panic!("{error}"));
+        assert!(
+            clean.failures.is_empty(),
+            "{}: seed {seed} fails without the bug too:\n{}",
+            bug.name(),
+            clean.failures[0].1.text()
+        );
+    }
 }

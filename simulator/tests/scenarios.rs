@@ -63,6 +63,7 @@ fn every_scenario_file_is_covered_here() {
         scenario_files(),
         [
             "bit-rot.toml",
+            "handover-refused.toml",
             "network-mapping.toml",
             "site-outage.toml",
             "standalone-vmm.toml",
@@ -240,6 +241,26 @@ fn verify_finds_a_flipped_bit_and_a_resynchronization_repairs_it() {
     );
     assert_eq!(report.verifications[1].differing, Some(Vec::new()));
     assert!(report.vms[0].resync_differing_bytes >= 64 << 10);
+}
+
+#[test]
+fn a_handover_over_a_flipped_bit_is_refused_the_disks_are_repaired_and_the_next_goes_through() {
+    let report = run("handover-refused.toml", 1, None);
+    let planned = failovers(&report, "planned");
+    assert_eq!(planned.len(), 2, "{planned:?}");
+    let refused = planned[0].problem.as_deref().unwrap_or_default();
+    assert!(
+        refused.contains("disk 0 differs from the primary's"),
+        "the replica's own verification refused it: {refused}"
+    );
+    assert!(!planned[0].checked);
+    // The refusal made the primary compare: the flipped block was shipped again.
+    assert!(report.vms[0].resyncs >= 1);
+    assert!(report.vms[0].resync_differing_bytes >= 64 << 10);
+    // The second goes through, compared by the simulator against all the guest wrote.
+    assert!(planned[1].problem.is_none(), "{:?}", planned[1]);
+    assert!(planned[1].checked && planned[1].lost_bytes == 0);
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
 }
 
 #[test]

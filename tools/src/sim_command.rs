@@ -54,6 +54,23 @@ pub struct FuzzArguments {
     /// Simulated time per seed.
     #[arg(long, default_value = "30m", value_parser = parse_length)]
     duration: Duration,
+    /// Switch one of the engine's deliberate bugs on, to see the simulator find it (builds
+    /// with the `planted-bugs` feature only).
+    #[cfg(feature = "planted-bugs")]
+    #[arg(long, value_name = "BUG", value_parser = parse_bug)]
+    plant: Option<blockrep::planted::Bug>,
+}
+
+#[cfg(feature = "planted-bugs")]
+fn parse_bug(text: &str) -> Result<blockrep::planted::Bug, String> {
+    use blockrep::planted::Bug;
+    Bug::ALL
+        .into_iter()
+        .find(|bug| bug.name() == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Bug::ALL.iter().map(|bug| bug.name()).collect();
+            format!("no planted bug {text:?}; there are: {}", names.join(", "))
+        })
 }
 
 fn parse_length(text: &str) -> Result<Duration, String> {
@@ -147,6 +164,11 @@ fn write_report(directory: &Path, report: &Report) -> Result<(), Box<dyn std::er
 }
 
 fn fuzz(arguments: FuzzArguments) -> Outcome {
+    #[cfg(feature = "planted-bugs")]
+    if let Some(bug) = arguments.plant {
+        eprintln!("blockrep: the engine's bug {:?} is planted", bug.name());
+        blockrep::planted::plant(bug, true);
+    }
     if let Some(seed) = arguments.seed {
         println!("{}", blockrep_sim::fuzz::scenario_for(seed));
         let outcome =

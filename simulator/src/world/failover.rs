@@ -112,7 +112,7 @@ impl World {
         };
         match expected {
             Expected::Known(versions) => {
-                if let Some(problem) = self.differs(vm, &paths, &versions) {
+                if let Some(problem) = self.differs(vm, &paths, &versions, false) {
                     report.problem = Some(problem.clone());
                     self.violation(
                         Some(vm),
@@ -338,7 +338,7 @@ impl World {
             .iter()
             .map(|model| model.versions().clone())
             .collect();
-        if let Some(problem) = self.differs(vm, &paths, &written) {
+        if let Some(problem) = self.differs(vm, &paths, &written, true) {
             self.violation(
                 Some(vm),
                 format!("planned failover at delta {sequence}: {problem}"),
@@ -513,11 +513,23 @@ impl World {
         }
     }
 
-    /// Where disks at `paths` differ from `versions`, if they do (pages a bit flip damaged
-    /// are expected to).
-    fn differs(&self, vm: usize, paths: &[PathBuf], versions: &[Versions]) -> Option<String> {
+    /// Where disks at `paths` differ from `versions`, if they do. Pages a bit flip damaged are
+    /// expected to differ in a point's copy, unless `strict`: a planned failover's disks
+    /// compared equal with the primary's, so nothing may differ there.
+    fn differs(
+        &self,
+        vm: usize,
+        paths: &[PathBuf],
+        versions: &[Versions],
+        strict: bool,
+    ) -> Option<String> {
         let models = &self.vms[vm].models;
-        let flipped = &self.vms[vm].flipped;
+        let no_flips = std::collections::BTreeSet::new();
+        let flipped = if strict {
+            &no_flips
+        } else {
+            &self.vms[vm].flipped
+        };
         for (disk, (path, expected)) in paths.iter().zip(versions).enumerate() {
             let format = ImageFormat::from_extension(path).unwrap_or(ImageFormat::Vhdx);
             let image = match open_path(path, format, Access::ReadOnly) {
