@@ -1,0 +1,101 @@
+//! A VM running at this site: serving its disks, replicating it back to its first host, and
+//! onward to a third site.
+
+use super::*;
+
+/// Makes a VM that failed over here run: tracked disks, NBD (for `Hosting::Here`), or tells
+/// the caller (`Hosting::Caller`). `fresh` starts tracking afresh.
+pub(super) fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
+    let Some(failover) = slot.replica.failover().filter(|failover| failover.active()) else {
+        return Ok(());
+    };
+    if let Some(sequence) = failover.handing_back {
+        // A failback was under way when this server stopped: the old primary holds the final
+        // delta and may run the VM already. Run here too and both sites would; so this is its
+        // replica again, and the old primary takes the VM over when it reconnects, if it has
+        // not yet.
+        tracing::warn!(%vm, sequence, "a failback was interrupted after its final delta: the VM runs at the other site, not here");
+        return finish_failback(slot, sequence);
+    }
+    // The disks are the VM's now, no longer a replica to pass on; the onward primary lets go
+    // of them before they are opened for the VM.
+    if let Some(extended) = slot.extended.take() {
+        extended.stop_and_wait(&slot.runtime.clone());
+    }
+    slot.replica.untrack();
+    match &Arc::clone(&slot.site).hosting {
+        Hosting::Here(options) => {
+            if slot.hosted.is_none() {
+                slot.replica.release_disks();
+                slot.hosted = Some(HostedVm::open(
+                    vm,
+                    &slot.replica.disk_paths(),
+                    options,
+                    fresh,
+                )?);
+            }
+            if failover.reverse {
+                start_reverse(slot);
+            }
+        }
+        Hosting::Caller(taken_over) => {
+            let _ = taken_over.send(TakenOver {
+                vm: vm.to_owned(),
+                sequence: failover.point,
+                reverse: failover.reverse,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Starts replicating a replica onward, when the server is set up for it and the replica
+/// holds a state to pass on. `fresh`: its disk files are new, so onward replication starts
+/// with an initial one.
+pub(super) fn extend(slot: &mut VmSlot, fresh: bool) {
+    let Hosting::Here(hosting) = &Arc::clone(&slot.site).hosting else {
+        return;
+    };
+    let Some(options) = &hosting.extend else {
+        return;
+    };
+    if slot.extended.is_some() || slot.replica.applied() == 0 || slot.replica.failover().is_some() {
+        return;
+    }
+    let vm = slot.machine_name();
+    let runtime = slot.runtime.clone();
+    match ExtendedVm::start(&vm, &mut slot.replica, options, &runtime, fresh) {
+        Ok(extended) => slot.extended = Some(extended),
+        Err(error) => tracing::error!(%vm, %error, "cannot replicate onward"),
+    }
+}
+
+/// Starts replication back for a VM running here.
+pub(super) fn start_reverse(slot: &mut VmSlot) {
+    let Hosting::Here(options) = &Arc::clone(&slot.site).hosting else {
+        return;
+    };
+    let resync_owed = slot
+        .replica
+        .failover()
+        .is_some_and(|failover| failover.resync);
+    let runtime = slot.runtime.clone();
+    let Some(hosted) = slot.hosted.as_mut() else {
+        return;
+    };
+    let resync: Option<ResyncDone> = resync_owed.then(|| {
+        let weak = slot.this.clone();
+        Arc::new(move |summary| {
+            tracing::info!(
+                ?summary,
+                "resynchronization compared the old primary's copy"
+            );
+            if let Some(slot) = weak.upgrade()
+                && let Err(error) = lock(&slot).replica.resynchronized()
+            {
+                tracing::error!(%error, "cannot record the resynchronization");
+            }
+        }) as ResyncDone
+    });
+    hosted.start_reverse(options, &runtime, resync, slot.site.events.clone());
+}
