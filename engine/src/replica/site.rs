@@ -270,6 +270,21 @@ impl<'a> ReplicaSite<'a> {
             .handover_verified(connection, sequence, outcome);
     }
 
+    /// Whether the primary `owner` may compare this replica's disks by hash, and at which
+    /// delta the replica is (0: it holds no copy, so there is nothing to compare). A VM that
+    /// failed over to this site is compared when replication comes back the other way.
+    pub fn comparison(&self, owner: &str) -> std::result::Result<u64, String> {
+        match self.machine.record().owner.as_deref() {
+            None => Ok(0),
+            Some(known) if known != owner => Err("this VM belongs to another primary".to_owned()),
+            Some(_) if self.replica.failover().is_some() => Err(format!(
+                "{} failed over to this site: it is compared when replication comes back to the other site (`blockrep reverse`)",
+                self.replica.vm()
+            )),
+            Some(_) => Ok(self.replica.applied()),
+        }
+    }
+
     /// Begins a test failover's copy of `point` (the latest when `None`) into `out`, which
     /// must be empty; replication goes on meanwhile.
     pub fn begin_test_failover(&mut self, point: Option<u64>, out: &Path) -> Result<PointCopy> {

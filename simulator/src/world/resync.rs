@@ -111,10 +111,24 @@ impl World {
         let answers = match message {
             Message::HashRequest { seed, .. } => {
                 let seed = *seed;
+                let owner = self.hosts[self.vms[vm].spec.host].name.clone();
                 let Ok(slot) = self.slot(host, vm) else {
                     return true;
                 };
-                let applied = slot.replica.applied();
+                let applied = match slot.replica_site().comparison(&owner) {
+                    Ok(applied) => applied,
+                    Err(reason) => {
+                        self.send(
+                            connection,
+                            Message::Refused {
+                                code: blockrep::proto::RefusalCode::HashesRefused,
+                                reason,
+                            },
+                            Way::ToPrimary,
+                        );
+                        return true;
+                    }
+                };
                 let mut answers = vec![Message::Welcome {
                     version: blockrep::proto::PROTOCOL_VERSION,
                     applied,

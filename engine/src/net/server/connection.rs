@@ -307,26 +307,14 @@ pub(super) async fn hash_request(
         .await
         .map_err(|error| error.to_string())?;
     let (applied, disk_bytes) = {
-        let slot = lock(&slot);
+        let mut slot = lock(&slot);
         let disk_bytes = slot
             .replica
             .descriptions()
             .iter()
             .map(|disk| disk.virtual_size)
             .sum();
-        let applied = match slot.machine.record().owner.as_deref() {
-            None => 0,
-            Some(known) if known != owner => {
-                return Err("this VM belongs to another primary".to_owned());
-            }
-            Some(_) if slot.replica.failover().is_some() || slot.hosted.is_some() => {
-                return Err(format!(
-                    "{vm} failed over to this site: it is compared when replication comes back to the other site (`blockrep reverse`)"
-                ));
-            }
-            Some(_) => slot.replica.applied(),
-        };
-        (applied, disk_bytes)
+        (slot.replica_site().comparison(owner)?, disk_bytes)
     };
     Ok(HashRequest {
         slot,
