@@ -904,6 +904,21 @@ fn a_replica_ahead_of_what_the_disks_journals_confirmed_is_compared_first() {
         )),
         "{actions:?}"
     );
+    // The journals say delta 9; the replica holds 6: the replica's copy went back (a store
+    // restored from a backup), and tracking no longer holds what it lacks.
+    let mut primary = Primary::new(vouching.clone(), now);
+    primary.remember_acknowledged(Some(9));
+    connected(&mut primary, now);
+    primary.handle_message(now, welcome(6));
+    let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+    assert!(
+        actions.iter().any(|action| matches!(
+            action,
+            PrimaryAction::Resync { reason } if reason.contains("the replica went back")
+        )),
+        "{actions:?}"
+    );
+    assert!(primary.comparison_owed());
     // One delta ahead is the delta in flight when the primary stopped: normal.
     let mut primary = Primary::new(vouching, now);
     primary.remember_acknowledged(Some(8));

@@ -491,13 +491,14 @@ pub async fn run_primary(
     // The other side was asked to take the VM over: from then on a failure leaves it unknown
     // whether it did.
     let mut handover_requested = false;
-    let resync_pending = Arc::new(std::sync::atomic::AtomicBool::new(resync.is_some()));
     let mut last_resync: Option<ResyncSummary> = None;
-    let mut welcome_ends_resync = false;
     let progress = Arc::new(resync::Progress::default());
     let mut ending = Ending::Stopped;
     let (events, mut inbox) = mpsc::unbounded_channel();
     let mut primary = Primary::new(config.clone(), Instant::now());
+    if resync.is_some() {
+        primary.owe_comparison();
+    }
     primary.remember_acknowledged(vm.acknowledged_delta());
     if source_changes.is_some() {
         primary.follow_source();
@@ -520,7 +521,7 @@ pub async fn run_primary(
             match action {
                 PrimaryAction::Connect => {
                     generation += 1;
-                    if resync_pending.load(Ordering::Relaxed) && !resync_announced {
+                    if primary.comparison_owed() && !resync_announced {
                         resync_announced = true;
                         let reason = match &config.tracking {
                             Tracking::Lost(reason) => Some(reason.clone()),
@@ -536,9 +537,7 @@ pub async fn run_primary(
                         dialer: dialer.clone(),
                         generation,
                         events: events.clone(),
-                        resync: resync_pending
-                            .load(Ordering::Relaxed)
-                            .then(|| Arc::clone(&vm)),
+                        resync: primary.comparison_owed().then(|| Arc::clone(&vm)),
                         vm_name: config.vm.clone(),
                         progress: Arc::clone(&progress),
                         window: resync_window,
@@ -633,7 +632,6 @@ pub async fn run_primary(
                 }
                 PrimaryAction::Resync { reason } => {
                     tracing::warn!(vm = %config.vm, %reason, "resynchronizing: comparing the disks on the next connection");
-                    owe_resync(&resync_pending, &mut welcome_ends_resync);
                     if let Some(link) = link.take() {
                         link.connection.close(0u32.into(), b"resynchronizing");
                     }
@@ -702,9 +700,7 @@ pub async fn run_primary(
             &wire_bytes,
             disk_bytes,
             last_resync,
-            resync_pending
-                .load(Ordering::Relaxed)
-                .then(|| progress.report()),
+            primary.comparison_owed().then(|| progress.report()),
         );
         if listeners.is_some() {
             for event in status_events.observe(&primary.status(Instant::now())) {
@@ -746,7 +742,7 @@ pub async fn run_primary(
             }
         };
         // While disks are compared, the status is refreshed every second for its progress.
-        let comparing = resync_pending.load(Ordering::Relaxed);
+        let comparing = primary.comparison_owed();
         let refresh = async {
             if comparing {
                 tokio::time::sleep(Duration::from_secs(1)).await
@@ -761,7 +757,7 @@ pub async fn run_primary(
             command = command => match command {
                 PrimaryCommand::Resync => {
                     tracing::info!(vm = %config.vm, "resynchronization asked for: comparing the disks on the next connection");
-                    owe_resync(&resync_pending, &mut welcome_ends_resync);
+                    primary.owe_comparison();
                     if let Some(link) = link.take() {
                         link.connection.close(0u32.into(), b"resynchronizing");
                         primary.connection_lost(Instant::now(), "resynchronizing");
@@ -825,13 +821,12 @@ pub async fn run_primary(
                         match summary {
                             None => {
                                 tracing::info!(vm = %config.vm, "the replica holds no copy to compare with: initial replication");
-                                resync_pending.store(false, Ordering::Relaxed);
+                                primary.nothing_to_compare();
                             }
                             Some(summary) => {
                                 tracing::info!(vm = %config.vm, compared = summary.compared_bytes, differing = summary.differing_bytes, "resynchronization compared the disks; what differs ships with the next delta");
                                 // Owed until the replica welcomes this connection: a link lost in
-                                // between compares again (a seeded replica insists on it).
-                                welcome_ends_resync = true;
+                                // between compares again (the machine keeps that).
                                 primary.resynchronized();
                                 last_resync = Some(summary);
                                 if let Some(done) = &resync {
@@ -871,10 +866,6 @@ pub async fn run_primary(
                     Event::Message { generation: this, message } => {
                         // What a link sent before it was dropped (for a resync, say) is stale.
                         if this == generation && link.is_some() {
-                            if welcome_ends_resync && matches!(message, Message::Welcome { .. }) {
-                                welcome_ends_resync = false;
-                                resync_pending.store(false, Ordering::Relaxed);
-                            }
                             if let Message::Welcome { applied, staged: Some(staged), .. } = &message {
                                 let chunks: u64 = staged.received.iter().map(|range| u64::from(range.end - range.start)).sum();
                                 tracing::info!(replica = %peer, applied, delta = %staged.delta, chunks, "resuming: the replica already holds these chunks of the delta in flight");
@@ -951,14 +942,6 @@ pub async fn run_primary(
             .ok();
     }
     outcome.map(|()| ending)
-}
-
-/// The digests could not be computed: the failover cannot be confirmed.
-/// A comparison is owed from the next connection on; one that finished before is not ended by
-/// its welcome any more.
-fn owe_resync(pending: &std::sync::atomic::AtomicBool, welcome_ends_resync: &mut bool) {
-    pending.store(true, Ordering::Relaxed);
-    *welcome_ends_resync = false;
 }
 
 /// What the other site says when a host that held a VM's copy connects.

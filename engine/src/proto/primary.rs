@@ -199,6 +199,17 @@ impl InFlight {
     }
 }
 
+/// Whether the disks must be compared by hash before replication goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Comparison {
+    NotOwed,
+    /// Compare on the next connection, before its hello.
+    Owed,
+    /// Compared on the current connection: owed again if it is lost before the replica
+    /// welcomes it (a seeded or changed replica insists on the comparison).
+    Compared,
+}
+
 /// The primary's state machine for one VM.
 #[derive(Debug)]
 pub struct Primary {
@@ -240,6 +251,8 @@ pub struct Primary {
     handed_over: bool,
     /// Refusals that asked for a comparison since the replica last welcomed this primary.
     resync_refusals: u32,
+    /// A comparison by hash the replica's copy needs before replication goes on.
+    comparison: Comparison,
     /// Since when the replica has refused what this primary sends (its store full, a fence),
     /// until a delta is applied again: a welcome after a refusal is not being able to send.
     refused_since: Option<Instant>,
@@ -284,6 +297,7 @@ impl Primary {
             source_changed: None,
             handed_over: false,
             resync_refusals: 0,
+            comparison: Comparison::NotOwed,
             refused_since: None,
             journal_acknowledged: None,
             config,
@@ -413,6 +427,9 @@ impl Primary {
                     ));
                 }
                 self.link = Link::Up;
+                if self.comparison == Comparison::Compared {
+                    self.comparison = Comparison::NotOwed;
+                }
                 self.cannot_send_since = self.refused_since;
                 self.backoff = self.config.reconnect_min;
                 self.last_error = None;
@@ -446,9 +463,7 @@ impl Primary {
                 if code != RefusalCode::HandoverNeedsConsent {
                     // The disks may differ: compare them before going on.
                     self.link_down(now);
-                    self.actions.push_back(PrimaryAction::Resync {
-                        reason: format!("the replica refused the failover: {reason}"),
-                    });
+                    self.resync(format!("the replica refused the failover: {reason}"));
                 }
             }
             Message::Refused {
@@ -465,7 +480,7 @@ impl Primary {
                 }
                 self.last_error = Some(format!("the replica refused: {reason}"));
                 self.link_down(now);
-                self.actions.push_back(PrimaryAction::Resync { reason });
+                self.resync(reason);
             }
             Message::Refused {
                 code: RefusalCode::Gap,
@@ -518,17 +533,31 @@ impl Primary {
 
     fn welcome(&mut self, now: Instant, applied: u64, staged: Option<super::message::Staged>) {
         self.resync_refusals = 0;
-        if let Some(acknowledged) = self.journal_acknowledged.take()
+        let journal = self.journal_acknowledged.take();
+        if let Some(acknowledged) = journal
             && applied > acknowledged + 1
             && self.applied.is_none()
             && !self.tracking.owes_copy()
         {
             self.link_down(now);
-            self.actions.push_back(PrimaryAction::Resync {
-                reason: format!(
+            self.resync(format!(
                     "the replica holds delta {applied}, but these disks' tracking was confirmed only up to delta {acknowledged}: the disks went back (a snapshot rolled back?): resynchronization required"
-                ),
-            });
+                ));
+            return;
+        }
+        if let Some(acknowledged) = journal
+            && applied < acknowledged
+            && applied > 0
+            && self.applied.is_none()
+            && !self.tracking.owes_copy()
+        {
+            // It confirmed a later delta to these disks before: its whole copy went back (a
+            // replica store restored from a backup, say), and what it lacks is no longer in
+            // tracking.
+            self.link_down(now);
+            self.resync(format!(
+                "the replica holds delta {applied}, but it had confirmed delta {acknowledged} to these disks: the replica went back (restored from an older copy?): resynchronization required"
+            ));
             return;
         }
         if let Some(known) = self.applied
@@ -545,11 +574,9 @@ impl Primary {
                 });
             }
             self.link_down(now);
-            self.actions.push_back(PrimaryAction::Resync {
-                reason: format!(
-                    "the replica went back from delta {known} to {applied}: resynchronization required"
-                ),
-            });
+            self.resync(format!(
+                "the replica went back from delta {known} to {applied}: resynchronization required"
+            ));
             return;
         }
         if let Some(known) = self.applied
@@ -654,9 +681,32 @@ impl Primary {
     /// A comparison by hash marked every block that differs from the replica as changed: the
     /// replica's copy plus the next delta is the disks, whatever tracking said before.
     pub fn resynchronized(&mut self) {
+        self.comparison = Comparison::Compared;
         self.tracking = Tracking::Vouches;
         // What differs ships at once, not a cycle later.
         self.cut_overdue = true;
+    }
+
+    /// The disks are to be compared by hash on the next connection, before its hello (tracking
+    /// cannot vouch for the replica, or the operator asked for it).
+    pub fn owe_comparison(&mut self) {
+        self.comparison = Comparison::Owed;
+    }
+
+    /// The next connection compares the disks by hash before its hello (`Connect`).
+    pub fn comparison_owed(&self) -> bool {
+        self.comparison != Comparison::NotOwed
+    }
+
+    /// The replica holds no copy to compare with: an initial replication follows instead.
+    pub fn nothing_to_compare(&mut self) {
+        self.comparison = Comparison::NotOwed;
+    }
+
+    /// Drops the connection and owes a comparison before the next one.
+    fn resync(&mut self, reason: String) {
+        self.comparison = Comparison::Owed;
+        self.actions.push_back(PrimaryAction::Resync { reason });
     }
 
     /// Cuts only after `source_changed` said the source changed since the last cut: a replica
@@ -735,7 +785,7 @@ impl Primary {
             reason: reason.clone(),
         });
         self.link_down(now);
-        self.actions.push_back(PrimaryAction::Resync { reason });
+        self.resync(reason);
     }
 
     /// Pauses replication (no new cut; a delta in flight finishes) or resumes it, cutting at

@@ -358,7 +358,6 @@ impl World {
             connection: None,
             incarnation: self.hosts[host].incarnation,
             side,
-            resync: false,
             comparing: None,
         });
         Ok(())

@@ -115,7 +115,7 @@ impl World {
                         self.close(connection, "resynchronizing", false);
                     }
                     if let Some(primary) = &mut self.vms[vm].primary {
-                        primary.resync = true;
+                        primary.machine.owe_comparison();
                         primary.connection = None;
                         primary
                             .machine

@@ -103,7 +103,6 @@ impl World {
             connection: None,
             incarnation: self.hosts[runtime.spec.host].incarnation,
             side,
-            resync: false,
             comparing: None,
         });
         // Cuts newer than the last acknowledged one stay: the replica may hold one of them.
@@ -147,7 +146,10 @@ impl World {
         let Some(primary) = self.vms[vm].primary.take() else {
             return;
         };
-        let machine = self.new_primary(vm, &primary.vm, Tracking::Vouches);
+        let mut machine = self.new_primary(vm, &primary.vm, Tracking::Vouches);
+        if resync {
+            machine.owe_comparison();
+        }
         self.sides += 1;
         let side = self.sides;
         self.vms[vm].replicating = true;
@@ -158,7 +160,6 @@ impl World {
         runtime.primary = Some(PrimarySide {
             machine,
             connection: None,
-            resync,
             side,
             comparing: None,
             ..primary

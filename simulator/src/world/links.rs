@@ -108,7 +108,7 @@ impl World {
         if self.vms[vm]
             .primary
             .as_ref()
-            .is_some_and(|primary| primary.resync)
+            .is_some_and(|primary| primary.machine.comparison_owed())
         {
             // Compared before the hello, as the daemon does.
             self.start_comparison(vm, connection);

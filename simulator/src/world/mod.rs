@@ -234,8 +234,6 @@ struct PrimarySide {
     incarnation: u64,
     /// Unique in the run: events meant for an earlier primary of the VM are told apart.
     side: u64,
-    /// A comparison by hash is owed before the next hello.
-    resync: bool,
     /// The comparison in progress on the current connection, and its seed.
     comparing: Option<(u64, blockrep::resync::exchange::Comparison)>,
 }

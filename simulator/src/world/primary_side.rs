@@ -208,7 +208,6 @@ impl World {
                     self.close(connection, "resynchronizing", false);
                 }
                 if let Some(primary) = &mut self.vms[vm].primary {
-                    primary.resync = true;
                     primary.connection = None;
                     primary.machine.connection_lost(instant, &reason);
                 }

@@ -58,7 +58,7 @@ impl World {
                 // Nothing to compare: the replica starts from an initial replication.
                 if let Some(primary) = &mut self.vms[vm].primary {
                     primary.comparing = None;
-                    primary.resync = false;
+                    primary.machine.nothing_to_compare();
                     primary.machine.connected(instant);
                 }
                 self.drive_primary(vm);
@@ -81,7 +81,6 @@ impl World {
                     }
                 }
                 primary.machine.resynchronized();
-                primary.resync = false;
                 primary.machine.connected(instant);
                 self.drive_primary(vm);
             }
