@@ -263,6 +263,23 @@ pub(super) async fn serve_connection(
 /// replication back is on; otherwise to wait. `None` when the VM does not run here.
 pub(super) fn answer_for_running_vm(slot: &Mutex<VmSlot>, owner: &str) -> Option<Message> {
     let slot = lock(slot);
+    if slot.hosted.is_none()
+        && slot
+            .replica
+            .failover()
+            .is_some_and(|failover| failover.handing_back.is_some())
+    {
+        // A failback is letting the VM go here (its writes stopped before its final delta):
+        // the old primary, which may run it already, comes back once this is its replica,
+        // rather than hear that the VM was handed over here.
+        return Some(Message::Refused {
+            code: RefusalCode::RunsAtReplicaSite,
+            reason: format!(
+                "{}: a failback is finishing at this site; this site becomes the replica in a moment",
+                slot.machine_name()
+            ),
+        });
+    }
     let hosted = slot.hosted.as_ref()?;
     let failover = slot.replica.failover()?;
     if slot.machine.record().owner.as_deref() != Some(owner) {

@@ -193,3 +193,55 @@ fn a_resync_of_large_disks_is_given_time_to_hash_them() {
     // 4 TiB at 32 MiB/s: over 36 hours.
     assert_eq!(resync_timeout(4 << 40), Duration::from_secs(131_072));
 }
+
+#[test]
+fn an_old_primary_connecting_while_a_failback_lets_the_vm_go_is_told_to_come_back() {
+    let directory = tempfile::tempdir().unwrap();
+    let policy = PointPolicy {
+        keep: 0,
+        interval: Duration::from_secs(3600),
+    };
+    let store =
+        ReplicaStore::with_policy(directory.path(), StorageOptions::default(), policy).unwrap();
+    let mut replica = store.open_vm("vm1").unwrap();
+    replica.prepare(vec![disk()], "owner").unwrap();
+    replica.start_staging(id(1), DeltaKind::Initial).unwrap();
+    replica.commit(id(1), DeltaKind::Initial, false).unwrap();
+    // Handed over here, then a failback recorded its final delta and took the VM's hosting
+    // away to close it: the machine still remembers the handover.
+    replica.take_over(1, true).unwrap();
+    replica.set_handing_back(Some(1)).unwrap();
+    let mut machine = Replica::new("vm1", replica.record());
+    machine.handover_verified(7, 1, Ok(()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let slot = Arc::new_cyclic(|this| {
+        Mutex::new(VmSlot {
+            machine,
+            replica,
+            connections: HashMap::new(),
+            runtime: runtime.handle().clone(),
+            site: Arc::new(Site {
+                hosting: Hosting::Here(Box::default()),
+                events: None,
+                last_reports: Mutex::default(),
+            }),
+            hosted: None,
+            extended: None,
+            failback: None,
+            this: this.clone(),
+            totals: Totals::default(),
+        })
+    });
+    match answer_for_running_vm(&slot, "owner") {
+        Some(Message::Refused { code, reason }) => {
+            assert_eq!(code, RefusalCode::RunsAtReplicaSite, "{reason}");
+            assert!(code.retry());
+        }
+        other => panic!("told {other:?}"),
+    }
+    // Once it is the replica again, the old primary is let through to its hello.
+    lock(&slot).replica.hand_back(1).unwrap();
+    assert!(answer_for_running_vm(&slot, "owner").is_none());
+}
