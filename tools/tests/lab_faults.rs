@@ -324,6 +324,9 @@ struct Soak {
     protect: Daemon,
     at_home: bool,
     expected: Vec<u8>,
+    /// Every write made, in order: (offset, length, where the VM ran), for telling which one a
+    /// difference belongs to.
+    writes: Vec<(u64, u64, &'static str)>,
     restarts: u32,
 }
 
@@ -363,6 +366,42 @@ impl Soak {
             &[&format!("write -s {} {offset} {length}", text(&file))],
         );
         self.expected[offset as usize..(offset + length) as usize].copy_from_slice(&bytes);
+        let at = if self.at_home {
+            "home"
+        } else {
+            "the replica site"
+        };
+        self.writes.push((offset, length, at));
+    }
+
+    /// Where `found` differs from what was written: the byte ranges, and the writes (by their
+    /// number, from 0) that last wrote into each.
+    fn differences(&self, found: &[u8]) -> String {
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+        for at in (0..found.len()).filter(|&at| found[at] != self.expected[at]) {
+            match ranges.last_mut() {
+                Some(range) if range.end == at => range.end = at + 1,
+                _ => ranges.push(at..at + 1),
+            }
+        }
+        ranges
+            .iter()
+            .map(|range| {
+                let writers: Vec<String> = self
+                    .writes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (offset, length, _))| {
+                        (*offset as usize) < range.end && range.start < (offset + length) as usize
+                    })
+                    .map(|(number, (offset, length, at))| {
+                        format!("write {number} ({offset}+{length} at {at})")
+                    })
+                    .collect();
+                format!("bytes {range:?}: {}", writers.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Asserts the disk, as the VM reads it where it runs, holds every write made.
@@ -371,14 +410,15 @@ impl Soak {
         let _ = std::fs::remove_file(&raw);
         capture_export(&self.vm_socket(), &raw);
         let found = std::fs::read(&raw).unwrap();
-        if let Some(wrong) = (0..found.len()).find(|&at| found[at] != self.expected[at]) {
+        if found != self.expected {
             panic!(
-                "{context}: the VM's disk (at {}) differs from what was written, first at byte {wrong}\n{}",
+                "{context}: the VM's disk (at {}) differs from what was written\n{}\n{}",
                 if self.at_home {
                     "home"
                 } else {
                     "the replica site"
                 },
+                self.differences(&found),
                 self.context()
             );
         }
@@ -419,7 +459,8 @@ impl Soak {
             .collect();
         assert!(
             differing.is_empty(),
-            "{context}: everything acknowledged, the replica differs from the primary in MiB {differing:?}\n{}",
+            "{context}: everything acknowledged, the replica differs from the primary in MiB {differing:?}\n{}\n{}",
+            self.differences(&point),
             self.context()
         );
     }
@@ -596,6 +637,7 @@ fn both_daemons_killed_at_random_moments_leave_the_replica_at_the_last_acknowled
         protect,
         at_home: true,
         expected: vec![0; KILL_DISK as usize],
+        writes: Vec::new(),
         restarts: 0,
     };
     let mut tally = Tally::default();
@@ -625,6 +667,7 @@ fn both_daemons_killed_at_random_moments_leave_the_replica_at_the_last_acknowled
     soak.write(&mut rng, "last.bin");
     soak.site.wait_until_replicated(&soak.daemons());
     soak.assert_vm_holds_every_write("at the end");
+    soak.assert_replica_holds_every_write("at the end");
     soak.protect.stop();
     soak.serve.stop();
     soak.site.assert_replica_equals_primary();
