@@ -60,7 +60,9 @@ pub enum Compression {
 }
 
 /// Encodes deltas, reusing its buffers from one delta to the next: encoding many small deltas
-/// (the chunks of a replication cycle) then costs no allocation or page fault each.
+/// (the chunks of a replication cycle) then costs no allocation or page fault each. The buffers
+/// grow to the longest extent encoded so far (at most 1 MiB), so an encoder made for a
+/// small delta does not zero megabytes it never uses.
 pub struct DeltaEncoder {
     buffer: Vec<u8>,
     compressed: Vec<u8>,
@@ -75,8 +77,17 @@ impl Default for DeltaEncoder {
 impl DeltaEncoder {
     pub fn new() -> Self {
         DeltaEncoder {
-            buffer: vec![0u8; MAX_EXTENT as usize],
-            compressed: vec![0u8; lz4_flex::block::get_maximum_output_size(MAX_EXTENT as usize)],
+            buffer: Vec::new(),
+            compressed: Vec::new(),
+        }
+    }
+
+    /// Grows the buffers to hold a run of `length` bytes and its compressed form.
+    fn reserve(&mut self, length: usize) {
+        if self.buffer.len() < length {
+            self.buffer.resize(length, 0);
+            self.compressed
+                .resize(lz4_flex::block::get_maximum_output_size(length), 0);
         }
     }
 
@@ -103,6 +114,12 @@ fn encode_into(
     compression: Compression,
     encoder: &mut DeltaEncoder,
 ) -> Result<EncodeStatistics> {
+    let longest = extents
+        .iter()
+        .map(|extent| extent.end.saturating_sub(extent.start).min(MAX_EXTENT))
+        .max()
+        .unwrap_or(0);
+    encoder.reserve(longest as usize);
     let DeltaEncoder { buffer, compressed } = encoder;
     let io = |source: std::io::Error| Error::file(name, "write delta", source);
     let block = u64::from(header.block_size).max(512);
