@@ -15,17 +15,25 @@ pub enum Bug {
     /// The replica site takes a VM over in a planned failover without comparing its disks'
     /// digests with the primary's.
     HandoverWithoutEqualDigests = 2,
+    /// An unplanned failover is committed though its copy never finished (a power cut
+    /// interrupted it), so the VM runs on partly copied disks.
+    CommitUnfinishedCopy = 3,
 }
 
 impl Bug {
     /// Every bug, for a command line naming one.
-    pub const ALL: [Bug; 2] = [Bug::ConfirmBeforeDurable, Bug::HandoverWithoutEqualDigests];
+    pub const ALL: [Bug; 3] = [
+        Bug::ConfirmBeforeDurable,
+        Bug::HandoverWithoutEqualDigests,
+        Bug::CommitUnfinishedCopy,
+    ];
 
     /// The bug's name on a command line.
     pub fn name(self) -> &'static str {
         match self {
             Bug::ConfirmBeforeDurable => "confirm-before-durable",
             Bug::HandoverWithoutEqualDigests => "handover-without-equal-digests",
+            Bug::CommitUnfinishedCopy => "commit-unfinished-copy",
         }
     }
 }

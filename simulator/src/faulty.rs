@@ -99,6 +99,7 @@ impl HostDisks {
     /// The layer to open this host's stores with.
     pub fn layer(&self) -> StorageLayer {
         let host = self.clone();
+        let powered = self.clone();
         StorageLayer::new(move |inner| {
             let opened = Arc::new(Opened {
                 inner,
@@ -115,6 +116,29 @@ impl HostDisks {
                 epoch: state.epoch,
             })
         })
+        // A name created, renamed or removed is a step a crash can strike at, like a write.
+        .with_power_check(move || powered.step(None))
+    }
+
+    /// One storage step on this host: fails once the host lost power (or, for a store opened
+    /// at `epoch`, since it was opened), and brings an armed crash on.
+    fn step(&self, epoch: Option<u64>) -> io::Result<()> {
+        let mut state = self.lock();
+        if epoch.is_some_and(|epoch| epoch != state.epoch) || state.struck {
+            return Err(io::Error::other("the host lost power"));
+        }
+        if state.observing {
+            return Ok(());
+        }
+        if let Some(calls) = &mut state.crash_after {
+            if *calls == 0 {
+                state.crash_after = None;
+                state.struck = true;
+                return Err(io::Error::other("the host lost power"));
+            }
+            *calls -= 1;
+        }
+        Ok(())
     }
 
     /// Arms a crash to strike after `calls` more storage calls on this host.
@@ -210,22 +234,7 @@ impl FaultyStorage {
     /// Fails the call when the host crashed since the store was opened, or the armed crash
     /// strikes now.
     fn alive(&self) -> io::Result<()> {
-        let mut state = self.host.lock();
-        if state.epoch != self.epoch || state.struck {
-            return Err(io::Error::other("the host lost power"));
-        }
-        if state.observing {
-            return Ok(());
-        }
-        if let Some(calls) = &mut state.crash_after {
-            if *calls == 0 {
-                state.crash_after = None;
-                state.struck = true;
-                return Err(io::Error::other("the host lost power"));
-            }
-            *calls -= 1;
-        }
-        Ok(())
+        self.host.step(Some(self.epoch))
     }
 
     fn full(&self) -> bool {

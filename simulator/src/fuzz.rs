@@ -138,6 +138,18 @@ pub fn scenario_for(seed: u64) -> String {
             "[[event]]\nkind = \"disk_full\"\nat = \"{at}s\"\nhost = \"hv-b\"\nlength = \"{length}s\"\n"
         );
     }
+    // And the replica host losing power within the failover's first storage steps (its record,
+    // its copy): the operator finishes or redoes it once the host is back.
+    if let Some(failover) = unplanned
+        && random.chance(0.5)
+    {
+        let _ = write!(
+            text,
+            "[[event]]\nkind = \"crash_host\"\nat = \"{}s\"\nhost = \"hv-b\"\ndown_for = \"{}s\"\nduring_io = true\n",
+            failover - 1,
+            5 + random.below(60)
+        );
+    }
     text
 }
 

@@ -6,6 +6,7 @@
 //! reads at once, but only survives a crash (power loss, kernel panic) once a later `flush` has
 //! returned. A crash may keep any subset of the writes made since the last flush.
 
+mod directory;
 mod file;
 mod lock;
 mod memory;
@@ -44,17 +45,37 @@ pub struct StorageOptions {
 }
 
 /// A wrapper put around each store as it is opened, so that every byte the engine writes to
-/// images and journals passes through it (the simulator loses unflushed writes there).
+/// images and journals passes through it (the simulator loses unflushed writes there), and a
+/// check asked before each change to a directory (see [`StorageOptions::powered`]).
 #[derive(Clone)]
-pub struct StorageLayer(std::sync::Arc<WrapStorage>);
+pub struct StorageLayer {
+    wrap: std::sync::Arc<WrapStorage>,
+    power: Option<std::sync::Arc<PowerCheck>>,
+}
 
 type WrapStorage = dyn Fn(Box<dyn Storage>) -> Box<dyn Storage> + Send + Sync;
+type PowerCheck = dyn Fn() -> io::Result<()> + Send + Sync;
 
 impl StorageLayer {
     pub fn new(
         wrap: impl Fn(Box<dyn Storage>) -> Box<dyn Storage> + Send + Sync + 'static,
     ) -> Self {
-        StorageLayer(std::sync::Arc::new(wrap))
+        StorageLayer {
+            wrap: std::sync::Arc::new(wrap),
+            power: None,
+        }
+    }
+
+    /// Asks `check` before each name the engine creates, renames or removes, and before each
+    /// directory flush: an error stops the change, as a power cut stops a host.
+    pub fn with_power_check(
+        self,
+        check: impl Fn() -> io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        StorageLayer {
+            power: Some(std::sync::Arc::new(check)),
+            ..self
+        }
     }
 }
 
@@ -67,7 +88,7 @@ impl std::fmt::Debug for StorageLayer {
 /// Two layers are the same when they are one closure.
 impl PartialEq for StorageLayer {
     fn eq(&self, other: &Self) -> bool {
-        std::sync::Arc::ptr_eq(&self.0, &other.0)
+        std::sync::Arc::ptr_eq(&self.wrap, &other.wrap)
     }
 }
 
@@ -77,7 +98,7 @@ impl StorageOptions {
     /// `storage` with this options' layer around it, if any.
     pub fn layered(&self, storage: Box<dyn Storage>) -> Box<dyn Storage> {
         match &self.layer {
-            Some(layer) => (layer.0)(storage),
+            Some(layer) => (layer.wrap)(storage),
             None => storage,
         }
     }

@@ -5,7 +5,7 @@
 //! compared by hash first. Each step is checked: the failed-over disks must hold exactly a
 //! state the primary shipped, no older than the last cut it heard was applied.
 
-use super::World;
+use super::{Action, Duration, Event, World};
 use crate::content::{PAGE, Versions, first_difference};
 use crate::report::FailoverReport;
 use blockrep::image::{Access, ImageFormat, open_path};
@@ -35,12 +35,28 @@ impl World {
                         report.plan = plan.map(|plan| format!("{plan}, group {}", index + 1));
                         self.failovers.push(report);
                     }
-                    Err(reason) => self.failovers.push(FailoverReport::failed(
-                        now,
-                        &name,
-                        plan.map(str::to_owned),
-                        reason,
-                    )),
+                    Err(reason) => {
+                        let target = self.vms[vm].spec.replica_host;
+                        if self.hosts[target].disks.struck() {
+                            // The replica host lost power mid-failover: the operator tries
+                            // again once it is back.
+                            self.crash_host(target, "lost power during a failover");
+                            let retry = self.hosts[target].down_for + Duration::from_secs(30);
+                            self.agenda.add_after(
+                                retry,
+                                Event::Scheduled(Action::UnplannedFailover {
+                                    plan: None,
+                                    groups: vec![vec![vm]],
+                                }),
+                            );
+                        }
+                        self.failovers.push(FailoverReport::failed(
+                            now,
+                            &name,
+                            plan.map(str::to_owned),
+                            reason,
+                        ))
+                    }
                 }
             }
         }
@@ -77,21 +93,43 @@ impl World {
         let storage = self.storage_options(target);
         let slot = self.slot(target, vm)?;
         let step = |error: blockrep::Error| error.to_string();
+        // An attempt a power cut interrupted is the operator's to finish, as the status tells
+        // them: commit it (refused unless its copy completed), else cancel it and fail over
+        // again (`blockrep failover VM --commit`, then `--cancel`).
+        let interrupted = slot
+            .replica
+            .failover()
+            .is_some_and(|record| !record.committed && !record.planned);
         let mut site = slot.replica_site();
-        // The VM was stopped above, as Site Recovery shuts a reachable primary down before it
-        // fails over; the replica may not have heard its primary leave yet, and is not waited
-        // for (as with `--force`).
-        let copy = site.begin_unplanned_failover(None, true).map_err(step)?;
-        let point = copy.target;
-        let made = copy_point(
-            &mut |piece| site.copy_piece(&copy, piece),
-            copy.pinned_at,
-            copy.target,
-            copy.disks,
-            &copy.out,
-        );
-        site.end_copy(copy, made).map_err(step)?;
-        let (paths, _) = site.commit_failover().map_err(step)?;
+        let finished = if interrupted {
+            match site.commit_failover() {
+                Ok(finished) => Some(finished),
+                Err(_) => {
+                    site.cancel_failover().map_err(step)?;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let (paths, point) = match finished {
+            Some(finished) => finished,
+            None => {
+                // The VM was stopped above, as Site Recovery shuts a reachable primary down
+                // before it fails over; the replica may not have heard its primary leave yet,
+                // and is not waited for (as with `--force`).
+                let copy = site.begin_unplanned_failover(None, true).map_err(step)?;
+                let made = copy_point(
+                    &mut |piece| site.copy_piece(&copy, piece),
+                    copy.pinned_at,
+                    copy.target,
+                    copy.disks,
+                    &copy.out,
+                );
+                site.end_copy(copy, made).map_err(step)?;
+                site.commit_failover().map_err(step)?
+            }
+        };
         // The disks are the VM's now: the store lets go of them before the VM opens them.
         slot.replica.release_disks();
         self.drive_replica(target, vm);

@@ -14,16 +14,18 @@ pub(super) enum Staging {
 impl VmReplica {
     /// Records a new VM: its disks and the primary that owns it.
     pub fn prepare(&mut self, disks: Vec<DiskDescription>, owner: &str) -> Result<()> {
-        std::fs::create_dir_all(&self.directory).map_err(|error| {
-            Error::file(
-                &self.directory.display().to_string(),
-                "create VM directory",
-                error,
-            )
-        })?;
+        self.storage
+            .create_dir_all(&self.directory)
+            .map_err(|error| {
+                Error::file(
+                    &self.directory.display().to_string(),
+                    "create VM directory",
+                    error,
+                )
+            })?;
         // The VM's directory is a name in the store's: durable before anything in it counts.
         if let Some(store) = self.directory.parent() {
-            sync_directory(store)?;
+            self.storage.sync_directory(store)?;
         }
         for disk in &disks {
             check_disk(disk)?;
@@ -263,7 +265,7 @@ impl VmReplica {
             let from = self.initial_path(index);
             if from.exists() {
                 let to = self.disk_path(index);
-                std::fs::rename(&from, &to).map_err(|error| {
+                self.storage.rename(&from, &to).map_err(|error| {
                     Error::file(
                         &to.display().to_string(),
                         "rename initial replica into place",
@@ -272,7 +274,7 @@ impl VmReplica {
                 })?;
             }
         }
-        sync_directory(&self.directory)?;
+        self.storage.sync_directory(&self.directory)?;
         self.mark_applied(delta, DeltaKind::Initial)?;
         self.open_disks()?;
         self.stamp_disks(None)
@@ -298,7 +300,7 @@ impl VmReplica {
             }
         }
         self.mark_applied(delta, DeltaKind::Changes)?;
-        let _ = std::fs::remove_file(&stage);
+        let _ = self.storage.remove_file(&stage);
         if let Err(error) = self.compact_points() {
             // The points stay usable uncompacted; only space is lost.
             tracing::warn!(vm = %self.vm, %error, "cannot compact recovery points");
@@ -318,7 +320,7 @@ impl VmReplica {
         )?;
         write_contents(&mut writer, &self.disks, &extents, &headers)?;
         writer.flush()?;
-        sync_directory(&self.directory)
+        self.storage.sync_directory(&self.directory)
     }
 
     pub(super) fn mark_committing(
@@ -409,13 +411,13 @@ impl VmReplica {
 
     pub(super) fn discard_staging(&mut self) {
         self.staging = None;
-        let _ = std::fs::remove_file(self.directory.join(STAGE));
+        let _ = self.storage.remove_file(&self.directory.join(STAGE));
         for index in 0..self
             .catalogue
             .as_ref()
             .map_or(0, |catalogue| catalogue.disks.len())
         {
-            let _ = std::fs::remove_file(self.initial_path(index));
+            let _ = self.storage.remove_file(&self.initial_path(index));
         }
     }
 }

@@ -21,12 +21,12 @@ use crate::delta::{DeltaHeader, HEADER_SIZE};
 use crate::delta::{verify_delta, write_delta};
 use crate::image::vhdx::{BlockSize, SectorSize, VhdxCreateOptions};
 use crate::image::{Access, BlockImage, ContentStamp, RawImage, VhdxImage};
-use crate::io::{FileLock, Storage, StorageOptions, file_storage, sync_directory};
+use crate::io::{FileLock, Storage, StorageOptions, file_storage};
 use crate::protect::{ProtectedDisk, SharedDisk};
 use crate::proto::{DeltaId, DeltaKind, DiskDescription, Fence, ReplicaVmRecord};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -409,11 +409,14 @@ impl ReplicaStore {
             let mut disk = replica.create_disk(&path, description)?;
             crate::image::copy_image(&**source, &mut disk, true, &mut |_| {})?;
             disk.close()?;
-            std::fs::rename(&path, replica.disk_path(index)).map_err(|error| {
-                Error::file(&path.display().to_string(), "seed the replica disk", error)
-            })?;
+            replica
+                .storage
+                .rename(&path, &replica.disk_path(index))
+                .map_err(|error| {
+                    Error::file(&path.display().to_string(), "seed the replica disk", error)
+                })?;
         }
-        sync_directory(&replica.directory)?;
+        replica.storage.sync_directory(&replica.directory)?;
         let mut catalogue = replica.catalogue()?.clone();
         catalogue.applied = 1;
         catalogue.seeded = true;
@@ -425,7 +428,7 @@ impl ReplicaStore {
     pub fn forget(&self, vm: &str) -> Result<()> {
         check_vm_name(vm)?;
         let directory = self.root.join(vm);
-        match std::fs::remove_dir_all(&directory) {
+        match self.storage.remove_dir_all(&directory) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(error) => Err(Error::file(
@@ -477,7 +480,7 @@ fn parse_catalogue(path: &Path, bytes: &[u8]) -> Result<Catalogue> {
 pub struct VmReplica {
     vm: String,
     directory: PathBuf,
-    storage: StorageOptions,
+    pub(crate) storage: StorageOptions,
     catalogue: Option<Catalogue>,
     disks: Vec<OpenDisk>,
     /// The disk files this store opened, locked while they are open: qemu refuses to write
@@ -589,14 +592,10 @@ impl VmReplica {
             peer: name.clone(),
             problem: format!("cannot write the catalogue: {error}"),
         })?;
-        let write = || -> std::io::Result<()> {
-            let mut file = File::create(&temporary)?;
-            std::io::Write::write_all(&mut file, &bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, &path)
-        };
-        write().map_err(|error| Error::file(&name, "write catalogue", error))?;
-        sync_directory(&self.directory)?;
+        self.storage
+            .replace_file(&path, &temporary, &bytes)
+            .map_err(|error| Error::file(&name, "write catalogue", error))?;
+        self.storage.sync_directory(&self.directory)?;
         self.catalogue = Some(catalogue);
         Ok(())
     }

@@ -137,7 +137,7 @@ impl VmReplica {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("undo-") && name.ends_with(".bundle") && !referenced.contains(&name)
             {
-                let _ = std::fs::remove_file(entry.path());
+                let _ = self.storage.remove_file(&entry.path());
             }
         }
     }
@@ -203,12 +203,12 @@ impl VmReplica {
                 &undo_headers(&descriptions, point.sequence),
             )?;
             writer.flush()?;
-            sync_directory(&self.directory)?;
+            self.storage.sync_directory(&self.directory)?;
             Ok(merged)
         })();
         drop(images);
         for path in &scratch_paths {
-            let _ = std::fs::remove_file(path);
+            let _ = self.storage.remove_file(path);
         }
         let merged = outcome?;
         let mut catalogue = self.catalogue()?.clone();
@@ -225,7 +225,7 @@ impl VmReplica {
             return;
         }
         for name in names {
-            let _ = std::fs::remove_file(self.directory.join(name));
+            let _ = self.storage.remove_file(&self.directory.join(name));
         }
     }
 }
