@@ -18,14 +18,19 @@ pub enum Bug {
     /// An unplanned failover is committed though its copy never finished (a power cut
     /// interrupted it), so the VM runs on partly copied disks.
     CommitUnfinishedCopy = 3,
+    /// A journal that could not vouch for its disk is replaced before the marker saying a
+    /// comparison is owed is durable: a crash in between leaves a fresh journal that vouches
+    /// for changes it never saw.
+    JournalBeforeMarker = 4,
 }
 
 impl Bug {
     /// Every bug, for a command line naming one.
-    pub const ALL: [Bug; 3] = [
+    pub const ALL: [Bug; 4] = [
         Bug::ConfirmBeforeDurable,
         Bug::HandoverWithoutEqualDigests,
         Bug::CommitUnfinishedCopy,
+        Bug::JournalBeforeMarker,
     ];
 
     /// The bug's name on a command line.
@@ -34,6 +39,7 @@ impl Bug {
             Bug::ConfirmBeforeDurable => "confirm-before-durable",
             Bug::HandoverWithoutEqualDigests => "handover-without-equal-digests",
             Bug::CommitUnfinishedCopy => "commit-unfinished-copy",
+            Bug::JournalBeforeMarker => "journal-before-marker",
         }
     }
 }

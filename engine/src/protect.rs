@@ -12,6 +12,7 @@ use crate::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
 use crate::io::{
     FileLock, FileStorage, Storage, StorageOptions, file_storage, remove_if_present, sync_directory,
 };
+use crate::planted::{Bug, is_planted};
 use crate::proto::{CHUNK_DISK_BYTES, DeltaId, DeltaKind, DiskDescription, Tracking};
 use crate::resync::BlockHashes;
 use crate::track::{
@@ -85,7 +86,7 @@ const OWED_REASON_BYTES: u64 = 4096;
 
 /// Writes the marker that a copy or comparison is owed, durably, unless one is there already
 /// (its reason, from the run that found the loss, is kept).
-fn owe_copy(image: &Path, tracking: &Tracking) -> Result<()> {
+fn owe_copy(image: &Path, tracking: &Tracking, storage: &StorageOptions) -> Result<()> {
     let path = owed_path(image);
     if path.exists() && !matches!(tracking, Tracking::Lost(_)) {
         return Ok(());
@@ -95,10 +96,12 @@ fn owe_copy(image: &Path, tracking: &Tracking) -> Result<()> {
         Tracking::New | Tracking::Vouches => "",
     };
     let name = path.display().to_string();
-    std::fs::write(&path, reason)
-        .and_then(|()| std::fs::File::open(&path)?.sync_all())
+    let mut temporary = path.clone().into_os_string();
+    temporary.push(".new");
+    storage
+        .replace_file(&path, Path::new(&temporary), reason.as_bytes())
         .map_err(|error| Error::file(&name, "create", error))?;
-    sync_directory(path.parent().unwrap_or(Path::new(".")))
+    storage.sync_directory(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// What a marker left by an earlier run says is owed: `None` when there is none.
@@ -153,7 +156,8 @@ pub fn remove_new_tracking(paths: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn journal_path(image: &Path) -> PathBuf {
+/// `IMAGE.brtrack`: the disk's tracking journal.
+pub fn journal_path(image: &Path) -> PathBuf {
     let mut name = image.as_os_str().to_owned();
     name.push(".brtrack");
     PathBuf::from(name)
@@ -223,7 +227,7 @@ impl ProtectedVm {
             // Until the replica has caught up (an initial replication or a comparison), a
             // journal that survives a stop or a crash must not vouch for it.
             for path in paths {
-                owe_copy(path, &tracking)?;
+                owe_copy(path, &tracking, storage)?;
             }
         }
         Ok(ProtectedVm {
@@ -752,7 +756,10 @@ fn open_disk(
             }
             // The marker is durable before the journal that could not vouch is replaced: a
             // crash in between must not leave a fresh journal that vouches for nothing.
-            owe_copy(path, &tracking)?;
+            let marker_first = !is_planted(Bug::JournalBeforeMarker);
+            if marker_first {
+                owe_copy(path, &tracking, storage)?;
+            }
             let identity = JournalIdentity {
                 disk_id: if disk_id.is_nil() {
                     raw_disk_id(path)
@@ -775,6 +782,9 @@ fn open_disk(
                 &journal_name,
                 identity,
             )?;
+            if !marker_first {
+                owe_copy(path, &tracking, storage)?;
+            }
             let recovered = Recovered {
                 dirty: DirtyBitmap::new(virtual_size.div_ceil(identity.granularity)),
                 next_generation: 1,

@@ -312,6 +312,29 @@ impl Storage for FaultyStorage {
         self.opened.inner.size()
     }
 
+    /// Passed on (a hole punched, as the daemons' stores do), not written as zeros: the trait's
+    /// fallback would cost the simulator a buffer of zeros and a write for every zero extent.
+    fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.alive()?;
+        let inner = &self.opened.inner;
+        if self.host.lock().may_crash {
+            let old_size = inner.size()?;
+            let present = old_size.saturating_sub(offset).min(length) as usize;
+            let mut old = vec![0u8; present];
+            inner.read_at(&mut old, offset)?;
+            self.opened.unflushed().push(Undo::Write {
+                offset,
+                old,
+                old_size,
+            });
+        }
+        inner.write_zeroes(offset, length)
+    }
+
+    fn will_need(&self, offset: u64, length: u64) {
+        self.opened.inner.will_need(offset, length);
+    }
+
     fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
         self.alive()?;
         self.opened.inner.data_ranges()

@@ -150,6 +150,17 @@ pub fn scenario_for(seed: u64) -> String {
             5 + random.below(60)
         );
     }
+    // A primary host that comes back without its tracking journals (each disk must then be
+    // compared with its replica), most times losing power again as it replaces them.
+    if random.chance(0.3) {
+        let _ = write!(
+            text,
+            "[[event]]\nkind = \"crash_host\"\nat = \"{}s\"\nhost = \"hv-a\"\ndown_for = \"{}s\"\njournals_lost = true\nagain_on_restart = {}\n",
+            60 + random.below(1200),
+            5 + random.below(60),
+            random.chance(0.7)
+        );
+    }
     text
 }
 

@@ -184,7 +184,10 @@ pub enum EventFile {
         sites: [String; 2],
         length: String,
     },
-    /// A host loses power (mid-operation when `during_io`), and restarts after `down_for`.
+    /// A host loses power (mid-operation when `during_io`), and restarts after `down_for`;
+    /// with `journals_lost` it comes back without its VMs' tracking journals (restored from a
+    /// copy that lacks them), and with `again_on_restart` it loses power once more within the
+    /// first storage steps of its restart.
     CrashHost {
         at: String,
         host: String,
@@ -192,6 +195,10 @@ pub enum EventFile {
         down_for: String,
         #[serde(default)]
         during_io: bool,
+        #[serde(default)]
+        journals_lost: bool,
+        #[serde(default)]
+        again_on_restart: bool,
     },
     /// A host's disk is full for `length`.
     DiskFull {
@@ -312,6 +319,8 @@ pub enum Action {
         host: usize,
         down_for: Duration,
         during_io: bool,
+        journals_lost: bool,
+        again_on_restart: bool,
     },
     DiskFull {
         host: usize,
@@ -595,12 +604,16 @@ impl ScenarioFile {
                         host: name,
                         down_for,
                         during_io,
+                        journals_lost,
+                        again_on_restart,
                     } => (
                         at,
                         Action::CrashHost {
                             host: host(name)?,
                             down_for: duration(down_for, "down_for")?,
                             during_io: *during_io,
+                            journals_lost: *journals_lost,
+                            again_on_restart: *again_on_restart,
                         },
                     ),
                     EventFile::DiskFull {

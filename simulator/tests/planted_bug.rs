@@ -11,7 +11,7 @@ use std::time::Duration;
 
 /// Each bug, the seeds fuzzing gets to find it, the simulated minutes each seed runs, and what
 /// the violation it causes says.
-const BUGS: [(Bug, u64, u64, &str); 3] = [
+const BUGS: [(Bug, u64, u64, &str); 4] = [
     // The replica says a delta is applied before its commit made it durable.
     (
         Bug::ConfirmBeforeDurable,
@@ -34,6 +34,15 @@ const BUGS: [(Bug, u64, u64, &str); 3] = [
         20,
         30,
         "unplanned failover to point",
+    ),
+    // A primary host restored without its journals loses power as it replaces them, between
+    // the new journal and the marker that a comparison is owed: the next start trusts the new
+    // journal, and the changes the lost one held never reach the replica.
+    (
+        Bug::JournalBeforeMarker,
+        30,
+        30,
+        "differs from the primary's",
     ),
 ];
 

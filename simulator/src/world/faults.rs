@@ -9,6 +9,23 @@ impl World {
         self.faults.push((now, what));
     }
 
+    /// The tracking journals of the VMs that run on `host` (down) are gone, as when the host
+    /// is restored from a copy that lacks them: each must be compared with its replica.
+    fn lose_journals(&mut self, host: usize) {
+        let mut lost = 0;
+        for vm in self.vms.iter().filter(|vm| vm.spec.host == host) {
+            for path in &vm.paths {
+                if std::fs::remove_file(blockrep::protect::journal_path(path)).is_ok() {
+                    lost += 1;
+                }
+            }
+        }
+        self.note_fault(format!(
+            "host {}: {lost} tracking journals lost",
+            self.hosts[host].name
+        ));
+    }
+
     pub(super) fn fault(&mut self, action: Action) {
         match action {
             Action::Partition { sites, length } => {
@@ -56,8 +73,15 @@ impl World {
                 host,
                 down_for,
                 during_io,
+                journals_lost,
+                again_on_restart,
             } => {
-                if during_io {
+                self.hosts[host].crash_on_restart |= again_on_restart;
+                if journals_lost {
+                    self.hosts[host].down_for = down_for;
+                    self.crash_host(host, "lost power");
+                    self.lose_journals(host);
+                } else if during_io {
                     // Strikes within the host's next storage calls, mid-operation.
                     let calls = 1 + self.random.below(40);
                     self.hosts[host].disks.arm_crash(calls);

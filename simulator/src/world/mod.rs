@@ -198,6 +198,8 @@ struct HostRuntime {
     directory: PathBuf,
     /// How long the host stays down after a crash armed to strike mid-operation.
     down_for: Duration,
+    /// It loses power again within the first storage steps of its next restart.
+    crash_on_restart: bool,
     store: Option<ReplicaStore>,
     /// The replicas this host keeps, by VM.
     slots: BTreeMap<usize, Slot>,
@@ -377,6 +379,7 @@ impl World {
                 incarnation: 0,
                 directory,
                 down_for: Duration::from_secs(60),
+                crash_on_restart: false,
                 store: None,
                 slots: BTreeMap::new(),
                 crashes: 0,
@@ -535,7 +538,18 @@ impl World {
                     return;
                 }
                 self.note_fault(format!("host {} restarts", self.hosts[host].name));
-                if let Err(error) = self.start_host(host) {
+                if std::mem::take(&mut self.hosts[host].crash_on_restart) {
+                    let calls = 1 + self.random.below(12);
+                    self.hosts[host].disks.arm_crash(calls);
+                    self.note_fault(format!(
+                        "host {} will lose power within {calls} storage calls of its restart",
+                        self.hosts[host].name
+                    ));
+                }
+                let started = self.start_host(host);
+                if self.hosts[host].disks.struck() {
+                    self.crash_host(host, "lost power during its restart");
+                } else if let Err(error) = started {
                     let now = self.agenda.now();
                     self.checker.violation(Violation::new(
                         now,
