@@ -56,6 +56,10 @@ struct HostState {
     /// The simulator itself is reading (a check): its calls do not bring an armed crash on.
     observing: bool,
     full: bool,
+    /// The disk fills up after this many more writes.
+    full_after: Option<u64>,
+    /// Writes (and growths) the engine asked for so far.
+    writes: u64,
     /// Every store that may hold unflushed writes (a store the engine closed without a flush
     /// still loses them in a power cut).
     opened: Vec<Arc<Opened>>,
@@ -83,6 +87,8 @@ impl HostDisks {
                 struck: false,
                 observing: false,
                 full: false,
+                full_after: None,
+                writes: 0,
                 opened: Vec::new(),
                 random,
                 may_crash,
@@ -159,8 +165,26 @@ impl HostDisks {
         self.lock().struck
     }
 
+    /// The disk is full (or has room again: a fill still to come is called off too).
     pub fn set_full(&self, full: bool) {
-        self.lock().full = full;
+        let mut state = self.lock();
+        state.full = full;
+        state.full_after = None;
+    }
+
+    /// The disk fills up after `writes` more writes: in the middle of whatever writes then.
+    pub fn fill_after(&self, writes: u64) {
+        self.lock().full_after = Some(writes);
+    }
+
+    /// Whether the disk is full now.
+    pub fn is_full(&self) -> bool {
+        self.lock().full
+    }
+
+    /// Writes the engine asked for so far, to size a fill that strikes within an operation.
+    pub fn writes(&self) -> u64 {
+        self.lock().writes
     }
 
     /// Power is cut: every store opened so far fails from now on, and each unflushed write
@@ -237,8 +261,23 @@ impl FaultyStorage {
         self.host.step(Some(self.epoch))
     }
 
+    /// Whether a write that needs space is refused; each one brings a coming fill nearer.
     fn full(&self) -> bool {
-        self.host.lock().full
+        let mut state = self.host.lock();
+        if !state.observing {
+            state.writes += 1;
+        }
+        if !state.observing
+            && let Some(writes) = &mut state.full_after
+        {
+            if *writes == 0 {
+                state.full = true;
+                state.full_after = None;
+            } else {
+                *writes -= 1;
+            }
+        }
+        state.full
     }
 }
 

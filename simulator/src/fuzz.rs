@@ -126,21 +126,33 @@ pub fn scenario_for(seed: u64) -> String {
             "[[event]]\nkind = \"bit_flip\"\nat = \"{at}s\"\nhost = \"{host}\"\n"
         );
     }
+    let mut filled = false;
     if let Some(failover) = unplanned
         && random.chance(0.5)
     {
-        // Space comes back a few seconds before the failover: the primary, backing off, may
-        // not have come back to have the failed commit finished.
+        filled = true;
+        // Half the time the disk fills in the middle of a commit, which then stays pending.
+        // Space comes back a few seconds before the failover (one, after a commit it cut
+        // short): the primary, backing off, may not have come back to have the failed commit
+        // finished.
+        let during_commit = random.chance(0.5);
         let length = 20 + random.below(40);
-        let at = failover.saturating_sub(length + 1 + random.below(5));
+        let early = if during_commit {
+            1
+        } else {
+            1 + random.below(5)
+        };
+        let at = failover.saturating_sub(length + early);
         let _ = write!(
             text,
-            "[[event]]\nkind = \"disk_full\"\nat = \"{at}s\"\nhost = \"hv-b\"\nlength = \"{length}s\"\n"
+            "[[event]]\nkind = \"disk_full\"\nat = \"{at}s\"\nhost = \"hv-b\"\nlength = \"{length}s\"\nduring_io = {during_commit}\n"
         );
     }
-    // And the replica host losing power within the failover's first storage steps (its record,
-    // its copy): the operator finishes or redoes it once the host is back.
+    // Or the replica host losing power within the failover's first storage steps (its record,
+    // its copy): the operator finishes or redoes it once the host is back. Not both: a restart
+    // settles the pending commit a full disk may have left, which the failover must face.
     if let Some(failover) = unplanned
+        && !filled
         && random.chance(0.5)
     {
         let _ = write!(

@@ -108,6 +108,13 @@ impl Link {
         outage.fatal()
     }
 
+    /// Since when the link has been severed, when it is at `now`.
+    pub fn severed_since(&self, now: SimTime) -> Option<SimTime> {
+        self.severed(now)
+            .then(|| self.outage.map(|outage| outage.from))
+            .flatten()
+    }
+
     /// The link is down at `now` for longer than connections survive.
     pub fn severed(&self, now: SimTime) -> bool {
         self.outage

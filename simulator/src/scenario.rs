@@ -205,6 +205,9 @@ pub enum EventFile {
         at: String,
         host: String,
         length: String,
+        /// The disk fills in the middle of the host's next commit rather than at once.
+        #[serde(default)]
+        during_io: bool,
     },
     /// Every host of a site loses power, and comes back after `length`.
     SiteOutage {
@@ -325,6 +328,7 @@ pub enum Action {
     DiskFull {
         host: usize,
         length: Duration,
+        during_io: bool,
     },
     SiteOutage {
         site: usize,
@@ -620,11 +624,13 @@ impl ScenarioFile {
                         at,
                         host: name,
                         length,
+                        during_io,
                     } => (
                         at,
                         Action::DiskFull {
                             host: host(name)?,
                             length: duration(length, "length")?,
+                            during_io: *during_io,
                         },
                     ),
                     EventFile::SiteOutage {

@@ -131,13 +131,15 @@ impl World {
         for vm in 0..self.vms.len() {
             let link = self.link_for(vm);
             let replica_host = self.vms[vm].spec.replica_host;
-            let unreachable = !self.hosts[replica_host].up || self.links[link].severed(now);
+            // Each outage in force runs unbroken from its start to now, so their union does
+            // from the earliest start: exact, where sampling every 10 s would bridge a moment
+            // of reach between two outages.
+            let host_down =
+                (!self.hosts[replica_host].up).then_some(self.hosts[replica_host].down_since);
+            let link_down = self.links[link].severed_since(now);
             let quiet = now >= self.disturbed_until(vm, link) && self.link_has_room(link, now);
             let runtime = &mut self.vms[vm];
-            runtime.unreachable_since = match (unreachable, runtime.unreachable_since) {
-                (false, _) => None,
-                (true, since) => Some(since.unwrap_or(now)),
-            };
+            runtime.unreachable_since = host_down.into_iter().chain(link_down).min();
             let rpo = runtime.recovery_point.map(|point| now - point);
             if let Some(rpo) = rpo {
                 runtime.rpo_samples.push(rpo.as_secs_f64());

@@ -300,17 +300,22 @@ impl World {
             return;
         }
         // A scenario's planned failover stands for the operators of both sites: the replica
-        // site's consents to losing its recovery points (`blockrep allow-handover`).
-        for host in &mut self.hosts {
-            // The site the VM runs at is handing it back, and has no consent to give.
-            let replica = host
-                .slots
-                .get_mut(&vm)
-                .filter(|slot| slot.replica.failover().is_none());
-            if let Some(slot) = replica
-                && let Err(error) = slot.replica.allow_handover()
-            {
-                self.planned_failed(vm, error.to_string());
+        // site's consents to losing its recovery points (`blockrep allow-handover`), its
+        // replica opened for that if it was not (after a restart, say).
+        let replica_host = self.vms[vm].spec.replica_host;
+        if self.hosts[replica_host].up {
+            let consent = self.slot(replica_host, vm).and_then(|slot| {
+                // A site the VM runs at is handing it back, and has no consent to give.
+                match slot.replica.failover() {
+                    Some(_) => Ok(()),
+                    None => slot
+                        .replica
+                        .allow_handover()
+                        .map_err(|error| error.to_string()),
+                }
+            });
+            if let Err(error) = consent {
+                self.planned_failed(vm, error);
                 return;
             }
         }

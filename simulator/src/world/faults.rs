@@ -155,13 +155,26 @@ impl World {
                     self.planned_failover(vm, reverse);
                 }
             }
-            Action::DiskFull { host, length } => {
-                self.note_fault(format!(
-                    "host {}: disk full for {}s",
-                    self.hosts[host].name,
-                    length.as_secs_f64()
-                ));
-                self.hosts[host].disks.set_full(true);
+            Action::DiskFull {
+                host,
+                length,
+                during_io,
+            } => {
+                if during_io {
+                    self.note_fault(format!(
+                        "host {}: disk fills during its next commit, for {}s",
+                        self.hosts[host].name,
+                        length.as_secs_f64()
+                    ));
+                    self.hosts[host].fill_at_commit = true;
+                } else {
+                    self.note_fault(format!(
+                        "host {}: disk full for {}s",
+                        self.hosts[host].name,
+                        length.as_secs_f64()
+                    ));
+                    self.hosts[host].disks.set_full(true);
+                }
                 let now = self.agenda.now();
                 let until = now + length + Duration::from_secs(600);
                 self.hosts[host].disturbed_until = self.hosts[host].disturbed_until.max(until);

@@ -234,6 +234,7 @@ impl World {
         let runtime = &mut self.hosts[host];
         runtime.disks.crash();
         runtime.up = false;
+        runtime.down_since = self.agenda.now();
         runtime.incarnation += 1;
         runtime.crashes += 1;
         runtime.store = None;

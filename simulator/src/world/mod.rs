@@ -193,6 +193,8 @@ struct HostRuntime {
     site: usize,
     disks: HostDisks,
     up: bool,
+    /// When it last went down.
+    down_since: SimTime,
     /// Raised at every crash.
     incarnation: u64,
     directory: PathBuf,
@@ -200,6 +202,10 @@ struct HostRuntime {
     down_for: Duration,
     /// It loses power again within the first storage steps of its next restart.
     crash_on_restart: bool,
+    /// Its disk fills up in the middle of a commit (the next that writes enough).
+    fill_at_commit: bool,
+    /// Writes its last commit made.
+    commit_writes: u64,
     store: Option<ReplicaStore>,
     /// The replicas this host keeps, by VM.
     slots: BTreeMap<usize, Slot>,
@@ -376,10 +382,13 @@ impl World {
                 site: host.site,
                 disks: HostDisks::new(random.fork(), may_crash),
                 up: true,
+                down_since: SimTime::ZERO,
                 incarnation: 0,
                 directory,
                 down_for: Duration::from_secs(60),
                 crash_on_restart: false,
+                fill_at_commit: false,
+                commit_writes: 0,
                 store: None,
                 slots: BTreeMap::new(),
                 crashes: 0,
@@ -580,6 +589,7 @@ impl World {
                 let full = full || self.hosts[host].full_periods > 0;
                 self.hosts[host].disks.set_full(full);
                 if !full {
+                    self.hosts[host].fill_at_commit = false;
                     self.note_fault(format!("host {}: disk space back", self.hosts[host].name));
                 }
             }

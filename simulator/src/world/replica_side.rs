@@ -105,11 +105,29 @@ impl World {
         if self.hosts[host].incarnation != incarnation || !self.hosts[host].up {
             return;
         }
+        // A fill to come strikes within this commit's writes, sized by the last one's.
+        let disks = self.hosts[host].disks.clone();
+        let filling = self.hosts[host].fill_at_commit;
+        if filling {
+            let writes = self.random.below(self.hosts[host].commit_writes.max(2));
+            disks.fill_after(writes);
+        }
+        let before = disks.writes();
         let Some(slot) = self.hosts[host].slots.get_mut(&vm) else {
             return;
         };
         // Why it failed is the machine's to say; the fault that did it is the simulator's.
         let _ = slot.replica_site().apply(delta, kind, app_consistent);
+        let runtime = &mut self.hosts[host];
+        runtime.commit_writes = disks.writes() - before;
+        if filling {
+            if disks.is_full() {
+                runtime.fill_at_commit = false;
+            } else {
+                // It ended before the fill struck: the next commit tries.
+                disks.set_full(false);
+            }
+        }
         if self.hosts[host].disks.struck() {
             self.crash_host(host, "lost power while applying a delta");
             return;
