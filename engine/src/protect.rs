@@ -81,6 +81,13 @@ fn owed_path(image: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Where a marker is written before it is renamed into place.
+fn owed_temporary(image: &Path) -> PathBuf {
+    let mut name = owed_path(image).into_os_string();
+    name.push(".new");
+    PathBuf::from(name)
+}
+
 /// The most of a marker's reason that is read back: it is our own text, but a file all the same.
 const OWED_REASON_BYTES: u64 = 4096;
 
@@ -96,10 +103,8 @@ fn owe_copy(image: &Path, tracking: &Tracking, storage: &StorageOptions) -> Resu
         Tracking::New | Tracking::Vouches => "",
     };
     let name = path.display().to_string();
-    let mut temporary = path.clone().into_os_string();
-    temporary.push(".new");
     storage
-        .replace_file(&path, Path::new(&temporary), reason.as_bytes())
+        .replace_file(&path, &owed_temporary(image), reason.as_bytes())
         .map_err(|error| Error::file(&name, "create", error))?;
     storage.sync_directory(path.parent().unwrap_or(Path::new(".")))
 }
@@ -149,6 +154,7 @@ pub fn remove_new_tracking(paths: &[PathBuf]) -> Result<()> {
     for path in paths {
         remove_if_present(&journal_path(path))?;
         remove_if_present(&owed_path(path))?;
+        remove_if_present(&owed_temporary(path))?;
         if let Some(directory) = path.parent() {
             sync_directory(directory)?;
         }
@@ -257,7 +263,11 @@ impl ProtectedVm {
     /// applied): tracking vouches for it from now on, across stops and crashes.
     pub fn caught_up(&self) -> Result<()> {
         for path in &self.paths {
+            self.storage.powered().map_err(|error| {
+                Error::file(&owed_path(path).display().to_string(), "remove", error)
+            })?;
             remove_if_present(&owed_path(path))?;
+            remove_if_present(&owed_temporary(path))?;
         }
         Ok(())
     }
@@ -770,6 +780,9 @@ fn open_disk(
                 granularity: DEFAULT_GRANULARITY,
                 region_size: DEFAULT_REGION_SIZE,
             };
+            storage
+                .powered()
+                .map_err(|error| Error::file(&journal_name, "create journal", error))?;
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -106,6 +106,7 @@ impl HostDisks {
     pub fn layer(&self) -> StorageLayer {
         let host = self.clone();
         let powered = self.clone();
+        let epoch = self.lock().epoch;
         StorageLayer::new(move |inner| {
             let opened = Arc::new(Opened {
                 inner,
@@ -123,7 +124,8 @@ impl HostDisks {
             })
         })
         // A name created, renamed or removed is a step a crash can strike at, like a write.
-        .with_power_check(move || powered.step(None))
+        // Options made before a crash stay dead after it, as the stores opened with them do.
+        .with_power_check(move || powered.step(Some(epoch)))
     }
 
     /// One storage step on this host: fails once the host lost power (or, for a store opened
@@ -175,6 +177,11 @@ impl HostDisks {
     /// The disk fills up after `writes` more writes: in the middle of whatever writes then.
     pub fn fill_after(&self, writes: u64) {
         self.lock().full_after = Some(writes);
+    }
+
+    /// Calls off an armed crash that has not struck.
+    pub fn disarm(&self) {
+        self.lock().crash_after = None;
     }
 
     /// Whether the disk is full now.
@@ -353,6 +360,7 @@ impl Storage for FaultyStorage {
 
     /// Passed on (a hole punched, as the daemons' stores do), not written as zeros: the trait's
     /// fallback would cost the simulator a buffer of zeros and a write for every zero extent.
+    /// Punching a hole needs no space, so a full disk does not refuse it.
     fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         self.alive()?;
         let inner = &self.opened.inner;

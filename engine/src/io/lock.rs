@@ -46,11 +46,11 @@ impl FileLock {
         request.l_start = QEMU_WRITE_PERMISSION_BYTE;
         request.l_len = 1;
         // SAFETY: fcntl reads the `flock` it is given; the descriptor is open for this call.
-        let result = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &request) };
-        if result == 0 {
-            return Ok(FileLock { _file: file });
+        let lock = || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &request) };
+        match wait_while_busy(lock) {
+            Ok(()) => Ok(FileLock { _file: file }),
+            Err(error) => Err(refusal(&file, name, error)),
         }
-        Err(refusal(&file, name, std::io::Error::last_os_error()))
     }
 
     /// Locks the directory at `path` for this process alone; `name` is what a refusal calls it.
@@ -58,11 +58,11 @@ impl FileLock {
         let directory =
             File::open(path).map_err(|error| Error::file(name, "open to lock", error))?;
         // SAFETY: flock takes an open descriptor and integer flags.
-        let result = unsafe { libc::flock(directory.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if result == 0 {
-            return Ok(FileLock { _file: directory });
+        let lock = || unsafe { libc::flock(directory.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        match wait_while_busy(lock) {
+            Ok(()) => Ok(FileLock { _file: directory }),
+            Err(error) => Err(refusal(&directory, name, error)),
         }
-        Err(refusal(&directory, name, std::io::Error::last_os_error()))
     }
 
     /// Opens `path` (which must exist) and locks it (see [`FileLock::exclusive`]).
@@ -77,11 +77,44 @@ impl FileLock {
     }
 }
 
+/// How long a lock held by someone else is waited for before the refusal: a few tries, 50 ms
+/// apart.
+const BUSY_WAITS: u32 = 5;
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Whether a lock request failed because someone holds the lock.
+fn is_busy(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EAGAIN) | Some(libc::EACCES)
+    )
+}
+
+/// Runs a lock request (a call answering 0, or -1 with `errno`) until it succeeds, fails for
+/// another reason, or the lock stayed held through a short wait. A lock let go of by its
+/// holder can outlive it for an instant: a child another thread forked holds every open file
+/// description until it execs (Rust opens files close-on-exec, which acts at exec, not at
+/// fork), and the wait tells that apart from a real holder.
+fn wait_while_busy(mut request: impl FnMut() -> libc::c_int) -> std::io::Result<()> {
+    let mut waited = 0;
+    loop {
+        if request() == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if !is_busy(&error) || waited >= BUSY_WAITS {
+            return Err(error);
+        }
+        waited += 1;
+        std::thread::sleep(BUSY_WAIT);
+    }
+}
+
 /// What a failed lock request means: held by someone (named when they can be seen), or an
 /// error of its own.
 fn refusal(file: &File, name: &str, error: std::io::Error) -> Error {
     match error.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => Error::InUse {
+        _ if is_busy(&error) => Error::InUse {
             name: name.to_owned(),
             holder: holder(file).unwrap_or_else(|| "another process".to_owned()),
         },

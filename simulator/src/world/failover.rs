@@ -37,7 +37,8 @@ impl World {
                     }
                     Err(reason) => {
                         let target = self.vms[vm].spec.replica_host;
-                        if self.hosts[target].disks.struck() {
+                        // Unless the failover went through and only the VM's start failed.
+                        if self.hosts[target].disks.struck() && self.vms[vm].replicating {
                             // The replica host lost power mid-failover: the operator tries
                             // again once it is back.
                             self.crash_host(target, "lost power during a failover");

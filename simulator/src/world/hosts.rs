@@ -234,7 +234,10 @@ impl World {
         let runtime = &mut self.hosts[host];
         runtime.disks.crash();
         runtime.up = false;
-        runtime.down_since = self.agenda.now();
+        // One that went down again as it restarted was never reachable in between.
+        if runtime.up_since < self.agenda.now() {
+            runtime.down_since = self.agenda.now();
+        }
         runtime.incarnation += 1;
         runtime.crashes += 1;
         runtime.store = None;

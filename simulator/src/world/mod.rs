@@ -193,8 +193,9 @@ struct HostRuntime {
     site: usize,
     disks: HostDisks,
     up: bool,
-    /// When it last went down.
+    /// When it last went down, and last came up.
     down_since: SimTime,
+    up_since: SimTime,
     /// Raised at every crash.
     incarnation: u64,
     directory: PathBuf,
@@ -383,6 +384,7 @@ impl World {
                 disks: HostDisks::new(random.fork(), may_crash),
                 up: true,
                 down_since: SimTime::ZERO,
+                up_since: SimTime::ZERO,
                 incarnation: 0,
                 directory,
                 down_for: Duration::from_secs(60),
@@ -556,6 +558,11 @@ impl World {
                     ));
                 }
                 let started = self.start_host(host);
+                self.hosts[host].up_since = self.agenda.now();
+                if !self.hosts[host].disks.struck() {
+                    // It started before the crash armed for its restart struck.
+                    self.hosts[host].disks.disarm();
+                }
                 if self.hosts[host].disks.struck() {
                     self.crash_host(host, "lost power during its restart");
                 } else if let Err(error) = started {
@@ -586,9 +593,10 @@ impl World {
             Event::DiskSpace { host, full } => {
                 // Overlapping full periods: space returns when the last one ends.
                 self.hosts[host].full_periods = self.hosts[host].full_periods.saturating_sub(1);
-                let full = full || self.hosts[host].full_periods > 0;
-                self.hosts[host].disks.set_full(full);
-                if !full {
+                if full {
+                    self.hosts[host].disks.set_full(true);
+                } else if self.hosts[host].full_periods == 0 {
+                    self.hosts[host].disks.set_full(false);
                     self.hosts[host].fill_at_commit = false;
                     self.note_fault(format!("host {}: disk space back", self.hosts[host].name));
                 }

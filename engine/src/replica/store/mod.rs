@@ -636,6 +636,10 @@ impl VmReplica {
 
     fn create_disk(&self, path: &Path, description: &DiskDescription) -> Result<Disk> {
         let name = path.display().to_string();
+        // A new name, and a truncation of what was there: a change a power cut stops.
+        self.storage
+            .powered()
+            .map_err(|error| Error::file(&name, "create replica disk", error))?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
