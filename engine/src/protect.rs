@@ -263,11 +263,8 @@ impl ProtectedVm {
     /// applied): tracking vouches for it from now on, across stops and crashes.
     pub fn caught_up(&self) -> Result<()> {
         for path in &self.paths {
-            self.storage.powered().map_err(|error| {
-                Error::file(&owed_path(path).display().to_string(), "remove", error)
-            })?;
-            remove_if_present(&owed_path(path))?;
-            remove_if_present(&owed_temporary(path))?;
+            self.storage.remove_if_present(&owed_path(path))?;
+            self.storage.remove_if_present(&owed_temporary(path))?;
         }
         Ok(())
     }
@@ -780,15 +777,8 @@ fn open_disk(
                 granularity: DEFAULT_GRANULARITY,
                 region_size: DEFAULT_REGION_SIZE,
             };
-            storage
-                .powered()
-                .map_err(|error| Error::file(&journal_name, "create journal", error))?;
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&journal_path)
+            let file = storage
+                .create_file(&journal_path, false)
                 .map_err(|error| Error::file(&journal_name, "create journal", error))?;
             let journal = Journal::create(
                 storage.layered(Box::new(FileStorage::from_file(file))),

@@ -273,15 +273,13 @@ impl FaultyStorage {
         let mut state = self.host.lock();
         if !state.observing {
             state.writes += 1;
-        }
-        if !state.observing
-            && let Some(writes) = &mut state.full_after
-        {
-            if *writes == 0 {
-                state.full = true;
-                state.full_after = None;
-            } else {
-                *writes -= 1;
+            match state.full_after {
+                Some(0) => {
+                    state.full = true;
+                    state.full_after = None;
+                }
+                Some(writes) => state.full_after = Some(writes - 1),
+                None => {}
             }
         }
         state.full

@@ -17,6 +17,24 @@ impl StorageOptions {
         }
     }
 
+    /// Opens `path` for reading and writing, creating it (emptied first when `truncate`).
+    pub(crate) fn create_file(&self, path: &Path, truncate: bool) -> io::Result<std::fs::File> {
+        self.powered()?;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(truncate)
+            .open(path)
+    }
+
+    /// Removes a file; one that is not there is fine.
+    pub(crate) fn remove_if_present(&self, path: &Path) -> crate::Result<()> {
+        self.powered()
+            .map_err(|error| crate::Error::file(&path.display().to_string(), "remove", error))?;
+        super::remove_if_present(path)
+    }
+
     pub(crate) fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         self.powered()?;
         std::fs::create_dir_all(path)

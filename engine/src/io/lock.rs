@@ -113,12 +113,13 @@ fn wait_while_busy(mut request: impl FnMut() -> libc::c_int) -> std::io::Result<
 /// What a failed lock request means: held by someone (named when they can be seen), or an
 /// error of its own.
 fn refusal(file: &File, name: &str, error: std::io::Error) -> Error {
-    match error.raw_os_error() {
-        _ if is_busy(&error) => Error::InUse {
+    if is_busy(&error) {
+        Error::InUse {
             name: name.to_owned(),
             holder: holder(file).unwrap_or_else(|| "another process".to_owned()),
-        },
-        _ => Error::file(name, "lock", error),
+        }
+    } else {
+        Error::file(name, "lock", error)
     }
 }
 
@@ -188,6 +189,21 @@ mod tests {
         assert!(message.contains("this process"), "{message}");
         drop(first);
         FileLock::open(&path).expect("the lock is released when its holder drops it");
+    }
+
+    #[test]
+    fn a_lock_let_go_of_within_the_short_wait_is_taken() {
+        // As a child between fork and exec holds a lock its parent let go of for an instant.
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("disk.raw");
+        std::fs::write(&path, b"disk").unwrap();
+        let held = FileLock::open(&path).unwrap();
+        let letting_go = std::thread::spawn(move || {
+            std::thread::sleep(BUSY_WAIT * 2);
+            drop(held);
+        });
+        FileLock::open(&path).expect("a lock released within the wait is taken");
+        letting_go.join().unwrap();
     }
 
     #[test]

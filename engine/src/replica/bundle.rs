@@ -27,8 +27,9 @@ pub(super) struct BundleWriter {
 impl BundleWriter {
     /// Creates (or empties) the bundle at `path`, written through `options`' layer.
     pub(super) fn create(path: &Path, options: &StorageOptions) -> Result<Self> {
-        let storage = FileStorage::create(path)
-            .map(|file| options.layered(Box::new(file)))
+        let storage = options
+            .create_file(path, true)
+            .map(|file| options.layered(Box::new(FileStorage::from_file(file))))
             .map_err(|error| Error::file(&path.display().to_string(), "create", error))?;
         Ok(BundleWriter {
             path: path.to_owned(),

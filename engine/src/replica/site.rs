@@ -342,7 +342,7 @@ impl<'a> ReplicaSite<'a> {
         self.fence();
         let out = self.replica.failover_directory();
         // What a killed attempt left: this attempt makes them anew.
-        let _ = self.replica.storage.remove_dir_all(&out);
+        let _ = self.replica.storage().remove_dir_all(&out);
         Ok(self.pin(CopyPurpose::Unplanned { attempt }, target, out))
     }
 
@@ -384,7 +384,7 @@ impl<'a> ReplicaSite<'a> {
                     for index in 0..copy.disks {
                         let _ = self
                             .replica
-                            .storage
+                            .storage()
                             .remove_file(&copy.out.join(format!("disk-{index}.vhdx")));
                     }
                     let _ = self.replica.set_test_failover(None);

@@ -36,21 +36,7 @@ impl World {
                         self.failovers.push(report);
                     }
                     Err(reason) => {
-                        let target = self.vms[vm].spec.replica_host;
-                        // Unless the failover went through and only the VM's start failed.
-                        if self.hosts[target].disks.struck() && self.vms[vm].replicating {
-                            // The replica host lost power mid-failover: the operator tries
-                            // again once it is back.
-                            self.crash_host(target, "lost power during a failover");
-                            let retry = self.hosts[target].down_for + Duration::from_secs(30);
-                            self.agenda.add_after(
-                                retry,
-                                Event::Scheduled(Action::UnplannedFailover {
-                                    plan: None,
-                                    groups: vec![vec![vm]],
-                                }),
-                            );
-                        }
+                        self.retry_after_power_cut(vm);
                         self.failovers.push(FailoverReport::failed(
                             now,
                             &name,
@@ -61,6 +47,25 @@ impl World {
                 }
             }
         }
+    }
+
+    /// When the replica host lost power during `vm`'s failover (and the failover did not go
+    /// through, only the VM's start failing), the host goes down and the operator tries again
+    /// once it is back.
+    fn retry_after_power_cut(&mut self, vm: usize) {
+        let target = self.vms[vm].spec.replica_host;
+        if !self.hosts[target].disks.struck() || !self.vms[vm].replicating {
+            return;
+        }
+        self.crash_host(target, "lost power during a failover");
+        let retry = self.hosts[target].down_for + Duration::from_secs(30);
+        self.agenda.add_after(
+            retry,
+            Event::Scheduled(Action::UnplannedFailover {
+                plan: None,
+                groups: vec![vec![vm]],
+            }),
+        );
     }
 
     /// One VM's unplanned failover to its replica host, committed.

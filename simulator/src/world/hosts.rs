@@ -12,6 +12,37 @@ impl World {
         }
     }
 
+    /// A host comes back after a power cut; when asked, it loses power again within its first
+    /// storage steps.
+    pub(super) fn restart_host(&mut self, host: usize) {
+        self.note_fault(format!("host {} restarts", self.hosts[host].name));
+        if std::mem::take(&mut self.hosts[host].crash_on_restart) {
+            let calls = 1 + self.random.below(12);
+            self.hosts[host].disks.arm_crash(calls);
+            self.note_fault(format!(
+                "host {} will lose power within {calls} storage calls of its restart",
+                self.hosts[host].name
+            ));
+        }
+        let started = self.start_host(host);
+        self.hosts[host].up_since = self.agenda.now();
+        if self.hosts[host].disks.struck() {
+            self.crash_host(host, "lost power during its restart");
+            return;
+        }
+        // It started before a crash armed for its restart struck.
+        self.hosts[host].disks.disarm();
+        if let Err(error) = started {
+            let now = self.agenda.now();
+            self.checker.violation(Violation::new(
+                now,
+                self.seed,
+                None,
+                format!("host {} cannot restart: {error}", self.hosts[host].name),
+            ));
+        }
+    }
+
     /// Starts (or restarts) a host: its replica store, and the primaries of the VMs it runs.
     pub(super) fn start_host(&mut self, host: usize) -> Result<(), blockrep::Error> {
         let options = self.storage_options(host);

@@ -548,32 +548,7 @@ impl World {
                 if generation != self.hosts[host].restart_generation || self.hosts[host].up {
                     return;
                 }
-                self.note_fault(format!("host {} restarts", self.hosts[host].name));
-                if std::mem::take(&mut self.hosts[host].crash_on_restart) {
-                    let calls = 1 + self.random.below(12);
-                    self.hosts[host].disks.arm_crash(calls);
-                    self.note_fault(format!(
-                        "host {} will lose power within {calls} storage calls of its restart",
-                        self.hosts[host].name
-                    ));
-                }
-                let started = self.start_host(host);
-                self.hosts[host].up_since = self.agenda.now();
-                if !self.hosts[host].disks.struck() {
-                    // It started before the crash armed for its restart struck.
-                    self.hosts[host].disks.disarm();
-                }
-                if self.hosts[host].disks.struck() {
-                    self.crash_host(host, "lost power during its restart");
-                } else if let Err(error) = started {
-                    let now = self.agenda.now();
-                    self.checker.violation(Violation::new(
-                        now,
-                        self.seed,
-                        None,
-                        format!("host {} cannot restart: {error}", self.hosts[host].name),
-                    ));
-                }
+                self.restart_host(host);
             }
             Event::RetryVm { vm, incarnation } => {
                 let host = self.vms[vm].spec.host;

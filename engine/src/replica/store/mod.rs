@@ -26,7 +26,6 @@ use crate::protect::{ProtectedDisk, SharedDisk};
 use crate::proto::{DeltaId, DeltaKind, DiskDescription, Fence, ReplicaVmRecord};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::fs::OpenOptions;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -410,13 +409,13 @@ impl ReplicaStore {
             crate::image::copy_image(&**source, &mut disk, true, &mut |_| {})?;
             disk.close()?;
             replica
-                .storage
+                .storage()
                 .rename(&path, &replica.disk_path(index))
                 .map_err(|error| {
                     Error::file(&path.display().to_string(), "seed the replica disk", error)
                 })?;
         }
-        replica.storage.sync_directory(&replica.directory)?;
+        replica.storage().sync_directory(&replica.directory)?;
         let mut catalogue = replica.catalogue()?.clone();
         catalogue.applied = 1;
         catalogue.seeded = true;
@@ -480,7 +479,7 @@ fn parse_catalogue(path: &Path, bytes: &[u8]) -> Result<Catalogue> {
 pub struct VmReplica {
     vm: String,
     directory: PathBuf,
-    pub(crate) storage: StorageOptions,
+    storage: StorageOptions,
     catalogue: Option<Catalogue>,
     disks: Vec<OpenDisk>,
     /// The disk files this store opened, locked while they are open: qemu refuses to write
@@ -629,6 +628,11 @@ impl VmReplica {
         self.disk_locks.clear();
     }
 
+    /// How this replica's files are opened and its directory changed.
+    pub(crate) fn storage(&self) -> &StorageOptions {
+        &self.storage
+    }
+
     /// Closes the open disks (so that another part of the process may open them).
     pub fn release_disks(&mut self) {
         self.close_disks();
@@ -636,16 +640,9 @@ impl VmReplica {
 
     fn create_disk(&self, path: &Path, description: &DiskDescription) -> Result<Disk> {
         let name = path.display().to_string();
-        // A new name, and a truncation of what was there: a change a power cut stops.
-        self.storage
-            .powered()
-            .map_err(|error| Error::file(&name, "create replica disk", error))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
+        let file = self
+            .storage
+            .create_file(path, true)
             .map_err(|error| Error::file(&name, "create replica disk", error))?;
         let storage = file_storage(file, &self.storage)
             .map_err(|error| Error::file(&name, "create replica disk", error))?;
