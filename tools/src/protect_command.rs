@@ -18,12 +18,12 @@ use blockrep::net::{
     PrimaryCommand, PrimaryOptions, ReplicaServer, Route, SharedReport, client_endpoint,
     close_when_free, exports, greet, load_certificate, peer_fingerprint, run_primary,
 };
-use blockrep::protect::ProtectedVm;
+use blockrep::protect::{AfterHandover, HandoverMark, ProtectedVm};
 use blockrep::proto::{DiskDescription, Message, PROTOCOL_VERSION, PrimaryConfig, Tracking};
 use blockrep::replica::{PointPolicy, ReplicaStore};
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,33 +120,9 @@ fn replica_root(arguments: &ProtectArguments) -> PathBuf {
     PathBuf::from(root)
 }
 
-/// Where this host records a planned failover to the other site once the other site holds its
-/// final delta (and may run the VM from then on): a host restarted with it serves the disks to
-/// no one before the other site says who runs the VM.
-fn handover_mark(arguments: &ProtectArguments) -> PathBuf {
-    let mut path = arguments.disks[0].clone().into_os_string();
-    path.push(".brhandover");
-    PathBuf::from(path)
-}
-
-/// Records, durably, a handover at final delta `sequence`.
-fn write_handover_mark(path: &Path, sequence: u64) -> std::io::Result<()> {
-    let temporary = path.with_extension("brhandover.new");
-    let mut file = std::fs::File::create(&temporary)?;
-    std::io::Write::write_all(&mut file, format!("{sequence}\n").as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)?;
-    let directory = path
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty());
-    std::fs::File::open(directory.unwrap_or(Path::new(".")))?.sync_all()
-}
-
-fn remove_handover_mark(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
-        _ => Ok(()),
-    }
+/// This host's durable record of a planned failover to the other site (the engine's).
+fn handover_mark(arguments: &ProtectArguments) -> HandoverMark {
+    HandoverMark::for_disk(&arguments.disks[0])
 }
 
 /// The VM's disk descriptions, when this host keeps its replica (its store holds the VM).
@@ -193,14 +169,14 @@ impl Agent<'_> {
         // A handover to the other site may have happened: ask before serving the disks
         // (unless the other site has just handed the VM back).
         if handed_back {
-            remove_handover_mark(&handover_mark(arguments))?;
-        } else if handover_mark(arguments).exists() {
+            handover_mark(arguments).remove(&arguments.io.options())?;
+        } else if handover_mark(arguments).recorded()?.is_some() {
             match self.after_handover(vm.descriptions()).await? {
                 Some(role) => {
                     tokio::task::spawn_blocking(move || close_when_free(vm)).await??;
                     return Ok(role);
                 }
-                None => remove_handover_mark(&handover_mark(arguments))?,
+                None => handover_mark(arguments).remove(&arguments.io.options())?,
             }
         }
         let nbd = Arc::new(Mutex::new(start_nbd(arguments, &vm)?));
@@ -263,6 +239,7 @@ impl Agent<'_> {
             let vm = Arc::clone(&vm);
             let arguments_nbd = arguments.nbd.clone();
             let mark = handover_mark(arguments);
+            let storage = arguments.io.options();
             ControlSocket::bind(&self.control_path(), move |request| {
                 match serde_json::from_str::<AgentRequest>(request) {
                     Ok(AgentRequest::PlannedFailover { reverse }) => {
@@ -274,6 +251,7 @@ impl Agent<'_> {
                             arguments_nbd.as_ref(),
                             reverse,
                             &mark,
+                            &storage,
                         );
                     }
                     Ok(AgentRequest::Verify) => return verify(&commands),
@@ -392,27 +370,29 @@ impl Agent<'_> {
                 greeting = greet(&self.endpoint, self.replica, &hello) => greeting,
                 _ = stopped.changed() => return Ok(Some(Role::Done)),
             };
-            match greeting {
-                Ok(Greeting::Primary) => return Ok(None),
-                Ok(Greeting::Replica {
-                    connection,
-                    applied,
-                }) => {
+            let (next, connection) = match greeting {
+                Ok(Greeting { next, connection }) => (next, connection),
+                Err(reason) => (AfterHandover::AskAgain { reason }, None),
+            };
+            match (next, connection) {
+                (AfterHandover::RunHere, _) => return Ok(None),
+                (AfterHandover::BecomeReplica { applied }, Some(connection)) => {
                     return Ok(Some(Role::Replica {
                         descriptions: descriptions.to_vec(),
                         first: Some((connection, applied)),
                     }));
                 }
-                Ok(Greeting::Refused { code, reason }) if !code.retry() => {
+                (AfterHandover::Refused { reason }, _) => {
                     return Err(format!(
                         "the other site refused: {reason}. {} records a planned failover to it; if the VM does not run there, remove that file",
-                        handover_mark(self.arguments).display()
+                        handover_mark(self.arguments).path().display()
                     )
                     .into());
                 }
-                Ok(Greeting::Refused { reason, .. }) | Err(reason) => {
+                (next, _) => {
                     eprintln!(
-                        "blockrep: a planned failover to the other site was under way; the disks are served to no one until it says who runs the VM ({reason})"
+                        "blockrep: a planned failover to the other site was under way; the disks are served to no one until it says who runs the VM ({})",
+                        waiting_reason(&next)
                     );
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
@@ -468,11 +448,14 @@ impl Agent<'_> {
                         _ = stopped.changed() => return Ok(Role::Done),
                     };
                     match greeting {
-                        Ok(Greeting::Replica {
-                            connection,
-                            applied,
+                        Ok(Greeting {
+                            next: AfterHandover::BecomeReplica { applied },
+                            connection: Some(connection),
                         }) => (connection, applied),
-                        Ok(Greeting::Primary) => {
+                        Ok(Greeting {
+                            next: AfterHandover::RunHere,
+                            ..
+                        }) => {
                             tracing::warn!("the other site expects this host as the primary");
                             // The server of an earlier connection lets go of the store first.
                             shut_down(&server).await;
@@ -480,16 +463,26 @@ impl Agent<'_> {
                             tokio::task::spawn_blocking(move || forget.0.forget(&forget.1))
                                 .await??;
                             // The other site said so: no handover to it stands.
-                            remove_handover_mark(&handover_mark(arguments))?;
+                            handover_mark(arguments).remove(&arguments.io.options())?;
                             return Ok(Role::Primary {
                                 handed_back: false,
                                 suspended: false,
                             });
                         }
-                        Ok(Greeting::Refused { code, reason }) if !code.retry() => {
+                        Ok(Greeting {
+                            next: AfterHandover::Refused { reason },
+                            ..
+                        }) => {
                             return Err(format!("the other site refused: {reason}").into());
                         }
-                        Ok(Greeting::Refused { reason, .. }) | Err(reason) => {
+                        Ok(Greeting { next, .. }) => {
+                            let reason = waiting_reason(&next);
+                            tracing::warn!(%reason, "cannot replicate back yet; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            continue;
+                        }
+                        Err(reason) => {
                             tracing::warn!(%reason, "cannot replicate back yet; retrying");
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -561,6 +554,17 @@ impl Agent<'_> {
     }
 }
 
+/// Why a host that asked the other site who runs the VM asks again.
+fn waiting_reason(next: &AfterHandover) -> String {
+    match next {
+        AfterHandover::AskAgain { reason } => reason.clone(),
+        AfterHandover::RunsThere { sequence } => format!(
+            "the VM runs there since a planned failover at delta {sequence}; run `blockrep reverse` there to replicate back"
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
 async fn shut_down(server: &Mutex<Option<Arc<ReplicaServer>>>) {
     let taken = server
         .lock()
@@ -612,7 +616,8 @@ fn planned_failover(
     vm: &Arc<ProtectedVm>,
     address: Option<&blockrep::nbd::NbdAddress>,
     reverse: bool,
-    mark: &Path,
+    mark: &HandoverMark,
+    storage: &blockrep::io::StorageOptions,
 ) -> serde_json::Value {
     let server = nbd
         .lock()
@@ -626,7 +631,7 @@ fn planned_failover(
     let (done, answer) = oneshot::channel();
     // Shared by the hook and the refusal below: a handover called off is not recorded later.
     let called_off = Arc::new(Mutex::new(false));
-    let recorded = mark.to_owned();
+    let (recorded, hook_storage) = (mark.clone(), storage.clone());
     let hook_called_off = Arc::clone(&called_off);
     let before_take_over: blockrep::net::BeforeTakeOver = Arc::new(move |sequence| {
         let called_off = hook_called_off
@@ -635,7 +640,8 @@ fn planned_failover(
         if *called_off {
             return Err("the planned failover was called off".into());
         }
-        write_handover_mark(&recorded, sequence)
+        recorded
+            .record(sequence, &hook_storage)
             .map_err(|error| format!("cannot record the handover: {error}"))
     });
     let outcome = match commands.send(PrimaryCommand::HandOver {
@@ -660,7 +666,7 @@ fn planned_failover(
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             *called_off = true;
-            if let Err(error) = remove_handover_mark(mark) {
+            if let Err(error) = mark.remove(storage) {
                 return serde_json::json!({"error": format!("{reason}; and the record of the handover cannot be removed, so the disks stay unserved: {error}")});
             }
             if let Some(address) = address {

@@ -10,9 +10,10 @@ use super::resync;
 use super::tls::{client_config, is_authentication_failure};
 use crate::delta::DeltaEncoder;
 use crate::protect::ProtectedVm;
+use crate::protect::{AfterHandover, after_handover};
 use crate::proto::{
-    DeltaId, Message, Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, RefusalCode,
-    ReplicationState, Tracking, chunk_frame_prefix,
+    DeltaId, Message, Primary, PrimaryAction, PrimaryConfig, PrimaryStatus, ReplicationState,
+    Tracking, chunk_frame_prefix,
 };
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
@@ -944,22 +945,17 @@ pub async fn run_primary(
     outcome.map(|()| ending)
 }
 
-/// What the other site says when a host that held a VM's copy connects.
+/// What the other site says when a host that held a VM's copy connects: what to do next
+/// (the engine's reading of the answer, `protect::after_handover`), and the connection to
+/// serve as the VM's replica when that is what to do.
 #[derive(Debug)]
-pub enum Greeting {
-    /// The VM runs there: serve `connection` as its replica, the copy counted as at `applied`.
-    Replica {
-        connection: quinn::Connection,
-        applied: u64,
-    },
-    /// The other site expects this host as the VM's primary.
-    Primary,
-    /// Refused; `code.retry()` says whether trying again may help.
-    Refused { code: RefusalCode, reason: String },
+pub struct Greeting {
+    pub next: AfterHandover,
+    pub connection: Option<quinn::Connection>,
 }
 
 /// Connects to the other site and introduces the VM (`hello`, a `Message::Hello`): how a
-/// host whose VM runs at the other site learns that it is to be its replica.
+/// host whose VM may run at the other site learns who runs it.
 pub async fn greet(
     endpoint: &quinn::Endpoint,
     replica: SocketAddr,
@@ -972,23 +968,17 @@ pub async fn greet(
     let answer = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut receive))
         .await
         .map_err(|_| "no answer to hello".to_owned())?
-        .map_err(|error| error.to_string())?;
-    match answer {
-        Some(Message::Reverse { applied, .. }) => Ok(Greeting::Replica {
-            connection,
-            applied,
-        }),
-        Some(Message::Welcome { .. }) => {
-            connection.close(0u32.into(), b"reconnecting as primary");
-            Ok(Greeting::Primary)
+        .map_err(|error| error.to_string())?
+        .ok_or("the other site closed the session without an answer")?;
+    let next = after_handover(&answer);
+    let connection = match next {
+        AfterHandover::BecomeReplica { .. } => Some(connection),
+        _ => {
+            connection.close(0u32.into(), b"answered");
+            None
         }
-        Some(Message::Refused { code, reason }) => Ok(Greeting::Refused { code, reason }),
-        Some(Message::HandedOver { .. }) => Ok(Greeting::Refused {
-            code: RefusalCode::RunsAtReplicaSite,
-            reason: "the VM runs at the other site since a planned failover; run `blockrep reverse` there to replicate back".into(),
-        }),
-        other => Err(format!("unexpected answer to hello: {other:?}")),
-    }
+    };
+    Ok(Greeting { next, connection })
 }
 
 /// A connection of its own to the replica server and its first stream, for a short exchange

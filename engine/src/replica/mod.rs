@@ -3,6 +3,7 @@
 
 mod bundle;
 mod copy;
+mod failback;
 mod limits;
 mod points;
 mod site;
@@ -10,6 +11,7 @@ mod store;
 
 pub use bundle::apply_bundle;
 pub use copy::{ReplicaAccess, copy_point};
+pub use failback::{FailbackEnd, Hosted};
 pub use limits::Limits;
 pub use points::PointPolicy;
 pub use site::{CopyPurpose, PointCopy, ReplicaSite, SiteEffect};

@@ -259,55 +259,12 @@ pub(super) async fn serve_connection(
     .await;
 }
 
-/// What a connecting old primary is told when its VM runs here: to become its replica when
-/// replication back is on; otherwise to wait. `None` when the VM does not run here.
+/// What a connecting old primary is told when its VM runs here (the engine decides:
+/// `ReplicaSite::answer_old_primary`). `None` when the VM does not run here.
 pub(super) fn answer_for_running_vm(slot: &Mutex<VmSlot>, owner: &str) -> Option<Message> {
-    let slot = lock(slot);
-    if slot.hosted.is_none()
-        && slot
-            .replica
-            .failover()
-            .is_some_and(|failover| failover.handing_back.is_some())
-    {
-        // A failback is letting the VM go here (its writes stopped before its final delta):
-        // the old primary, which may run it already, comes back once this is its replica,
-        // rather than hear that the VM was handed over here.
-        return Some(Message::Refused {
-            code: RefusalCode::RunsAtReplicaSite,
-            reason: format!(
-                "{}: a failback is finishing at this site; this site becomes the replica in a moment",
-                slot.machine_name()
-            ),
-        });
-    }
-    let hosted = slot.hosted.as_ref()?;
-    let failover = slot.replica.failover()?;
-    if slot.machine.record().owner.as_deref() != Some(owner) {
-        return Some(Message::Refused {
-            code: RefusalCode::NotThisReplica,
-            reason: "this VM belongs to another primary".into(),
-        });
-    }
-    Some(if hosted.reversing() {
-        Message::Reverse {
-            applied: slot.replica.applied(),
-            resync: failover.resync,
-        }
-    } else if failover.planned {
-        // It handed the VM over and may have missed the confirmation.
-        Message::HandedOver {
-            sequence: failover.point,
-        }
-    } else {
-        Message::Refused {
-            code: RefusalCode::RunsAtReplicaSite,
-            reason: format!(
-                "{}: the VM runs at the replica site since a failover; run `blockrep reverse {}` there to replicate back to this host",
-                slot.machine_name(),
-                slot.machine_name()
-            ),
-        }
-    })
+    let mut slot = lock(slot);
+    let hosted = slot.hosted_state();
+    slot.replica_site().answer_old_primary(owner, hosted)
 }
 
 /// A comparison `owner` asked for of `vm`'s replica: the slot and what it has applied (0 when

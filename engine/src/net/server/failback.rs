@@ -1,5 +1,6 @@
 //! A VM that runs here handed back to its first host (failback), and settling one a crash
-//! interrupted.
+//! interrupted. The decisions are the engine's (`replica::failback`); this carries them out:
+//! it stops and resumes the VM's writes, flushes and closes its disks, and waits for answers.
 
 use super::*;
 
@@ -14,29 +15,14 @@ pub(super) async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: boo
         let (slot, state) = (Arc::clone(&slot), Arc::clone(&state));
         tokio::task::spawn_blocking(move || {
             let mut guard = lock(&slot);
-            let vm = guard.machine_name();
-            let open = guard
-                .replica
-                .failover()
-                .and_then(|failover| failover.handing_back);
-            if guard.failback.is_some() || open.is_some() {
-                return Err(Error::Replication {
-                    peer: vm,
-                    problem: "a failback is under way, or one's outcome is open (it is settled when the old primary connects, or when this server starts)".into(),
-                });
-            }
+            let (hosted_state, under_way) = (guard.hosted_state(), guard.failback.is_some());
+            guard
+                .replica_site()
+                .may_fail_back(under_way, hosted_state)?;
             let before_take_over = record_final_delta(guard.this.clone(), Arc::clone(&state));
-            let hosted = guard.hosted.as_mut().ok_or_else(|| Error::Replication {
-                peer: vm.clone(),
-                problem: "does not run at this site; a planned failover runs where the VM runs".into(),
-            })?;
-            // Refused before the writes stop when there is no one to hand over to.
-            if !hosted.reversing() {
-                return Err(Error::Replication {
-                    peer: vm,
-                    problem: "not replicating back to the old primary: run `blockrep reverse` first, so the other site has the VM to take over".into(),
-                });
-            }
+            let Some(hosted) = guard.hosted.as_mut() else {
+                unreachable!("may_fail_back refuses a VM that does not run here");
+            };
             hosted.stop_writes()?;
             let asked = hosted.hand_over(reverse, before_take_over);
             match &asked {
@@ -80,35 +66,24 @@ pub(super) async fn fail_back(slot: Arc<Mutex<VmSlot>>, vm: String, reverse: boo
         let mut state = lock(&state);
         state.called_off = true;
         guard.failback = None;
-        let recorded = guard
-            .replica
-            .failover()
-            .and_then(|failover| failover.handing_back);
-        match (&failure, recorded) {
-            // The old primary connected meanwhile: the failback was settled, or is being
-            // settled (its connection took the VM to close).
-            (_, _) if guard.replica.failover().is_none() => {
-                Ok(state.recorded.unwrap_or_default())
-            }
-            (_, Some(sequence)) if guard.hosted.is_none() => Ok(sequence),
-            // Asked to take over, and no answer: it may run the VM. The writes stay
-            // stopped; the failback is settled when it connects again.
-            (HandoverFailure::Unknown(_), Some(_)) if state.recorded.is_some() => Err(Error::Replication {
+        let answer_unknown = matches!(failure, HandoverFailure::Unknown(_));
+        let hosted_state = guard.hosted_state();
+        let end = guard
+            .replica_site()
+            .failback_failed(answer_unknown, state.recorded, hosted_state)
+            .map_err(|error| Error::Replication {
+                peer: guard.machine_name(),
+                problem: format!("{failure}; {error}"),
+            })?;
+        match end {
+            FailbackEnd::HandedBack { sequence } => Ok(sequence),
+            FailbackEnd::Open => Err(Error::Replication {
                 peer: guard.machine_name(),
                 problem: format!(
                     "{failure}; the failback completes when the old primary connects again"
                 ),
             }),
-            _ => {
-                // Not handed over: the VM goes on running here.
-                if recorded.is_some() {
-                    guard.replica.set_handing_back(None).map_err(|error| {
-                        Error::Replication {
-                            peer: guard.machine_name(),
-                            problem: format!("{failure}; and the record of the failback cannot be removed, so the VM's writes stay stopped: {error}"),
-                        }
-                    })?;
-                }
+            FailbackEnd::RunsHere => {
                 if let Some(hosted) = guard.hosted.as_mut() {
                     hosted.resume_writes()?;
                 }
@@ -132,9 +107,8 @@ pub(super) struct Failback {
 }
 
 /// The hook a failback runs once the old primary has applied the final delta and before it
-/// is asked to take the VM over: the VM's writes are made durable here, then the final
-/// delta is recorded (`FailoverRecord::handing_back`), so that from then on a restart of this
-/// server, or a reconnection of the old primary, never runs the VM here again.
+/// is asked to take the VM over: the VM's writes are made durable, then the engine records
+/// the final delta (`ReplicaSite::record_final_delta`).
 pub(super) fn record_final_delta(
     this: std::sync::Weak<Mutex<VmSlot>>,
     state: Arc<Mutex<Failback>>,
@@ -150,8 +124,8 @@ pub(super) fn record_final_delta(
             hosted.flush().map_err(|error| error.to_string())?;
         }
         guard
-            .replica
-            .set_handing_back(Some(sequence))
+            .replica_site()
+            .record_final_delta(sequence)
             .map_err(|error| error.to_string())?;
         state.recorded = Some(sequence);
         crate::replica::crash_point("failback-final-delta-recorded");
@@ -159,41 +133,28 @@ pub(super) fn record_final_delta(
     })
 }
 
-/// The VM runs at the old primary since a failback at delta `sequence`: this is its replica
-/// again (the VM no longer runs here: its writes stopped before the final delta).
+/// The VM runs at the old primary since a failback at delta `sequence`, and its disks here are
+/// closed: this is its replica again, and replicates onward afresh.
 pub(super) fn finish_failback(slot: &mut VmSlot, sequence: u64) -> Result<()> {
-    if slot.replica.failover().is_none() {
-        // Finished already, by the old primary's connection or by the failback itself.
-        return Ok(());
+    if slot.replica_site().finish_failback(sequence)? {
+        // The third site's copy is older than the failover: it starts again.
+        extend(slot, true);
     }
-    slot.replica.hand_back(sequence)?;
-    let vm = slot.machine_name();
-    slot.machine = Replica::new(&vm, slot.replica.record());
-    // The third site's copy is older than the failover: it starts again.
-    extend(slot, true);
-    tracing::info!(%vm, sequence, "failback done: the VM runs at the other site; this is its replica again");
     Ok(())
 }
 
-/// A failback whose outcome was not known here (its server restarted, or the old primary's
-/// answer was lost): the old primary holds the final delta and may run the VM already, so it
-/// is settled as handed back. The old primary takes the VM over when it connects, if it has
-/// not yet. Returns whether there was one to settle.
+/// Settles a failback whose outcome was open, when the old primary (`owner`) connects: the
+/// VM is closed here and this becomes its replica. Returns whether there was one to settle.
 pub(super) async fn settle_failback(slot: &Arc<Mutex<VmSlot>>, owner: &str) -> Result<bool> {
     let (sequence, hosted) = {
         let mut guard = lock(slot);
-        let handing_back = guard
-            .replica
-            .failover()
-            .and_then(|failover| failover.handing_back);
-        let Some(sequence) = handing_back else {
+        let hosted_state = guard.hosted_state();
+        let Some(sequence) = guard
+            .replica_site()
+            .failback_to_settle(Some(owner), hosted_state)
+        else {
             return Ok(false);
         };
-        // Only the VM's owner settles a failback; while the VM is being closed (by the
-        // failback itself, or another settling) the owner connects again.
-        if guard.machine.record().owner.as_deref() != Some(owner) {
-            return Ok(false);
-        }
         let Some(hosted) = guard.hosted.take() else {
             return Ok(false);
         };
@@ -204,10 +165,6 @@ pub(super) async fn settle_failback(slot: &Arc<Mutex<VmSlot>>, owner: &str) -> R
         }
         (sequence, hosted)
     };
-    tracing::warn!(
-        sequence,
-        "a failback was interrupted after its final delta: the VM runs at the other site, not here"
-    );
     let closed = hosted.close().await;
     let slot = Arc::clone(slot);
     let vm = lock(&slot).machine_name();

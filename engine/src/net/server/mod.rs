@@ -17,7 +17,9 @@ use super::identity::Identity;
 use super::primary::{BeforeTakeOver, HandoverFailure, PrimaryReport, ResyncDone};
 use super::tls::server_config;
 use crate::proto::{ConnectionId, DeltaId, DeltaKind, Message, RefusalCode, Replica};
-use crate::replica::{PointCopy, PointInfo, ReplicaSite, ReplicaStore, SiteEffect, VmReplica};
+use crate::replica::{
+    FailbackEnd, Hosted, PointCopy, PointInfo, ReplicaSite, ReplicaStore, SiteEffect, VmReplica,
+};
 use crate::{Error, Result};
 use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
@@ -121,6 +123,16 @@ struct Totals {
 impl VmSlot {
     fn machine_name(&self) -> String {
         self.replica.vm().to_owned()
+    }
+
+    /// Whether the VM runs here, for the engine's failback decisions.
+    fn hosted_state(&self) -> Hosted {
+        match &self.hosted {
+            None => Hosted::No,
+            Some(hosted) => Hosted::Yes {
+                reversing: hosted.reversing(),
+            },
+        }
     }
 
     /// The VM's machine and store, for a step that decides with both.

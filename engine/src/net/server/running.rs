@@ -9,12 +9,9 @@ pub(super) fn host(slot: &mut VmSlot, vm: &str, fresh: bool) -> Result<()> {
     let Some(failover) = slot.replica.failover().filter(|failover| failover.active()) else {
         return Ok(());
     };
-    if let Some(sequence) = failover.handing_back {
-        // A failback was under way when this server stopped: the old primary holds the final
-        // delta and may run the VM already. Run here too and both sites would; so this is its
-        // replica again, and the old primary takes the VM over when it reconnects, if it has
-        // not yet.
-        tracing::warn!(%vm, sequence, "a failback was interrupted after its final delta: the VM runs at the other site, not here");
+    let hosted = slot.hosted_state();
+    if let Some(sequence) = slot.replica_site().failback_to_settle(None, hosted) {
+        // Run here too and both sites would run the VM.
         return finish_failback(slot, sequence);
     }
     // The disks are the VM's now, no longer a replica to pass on; the onward primary lets go

@@ -7,6 +7,10 @@
 //! cannot be trusted, or a disk changed while it was not tracked, means the replica must be
 //! rebuilt or compared: `tracking` says so, and why.
 
+mod handover;
+
+pub use handover::{AfterHandover, HandoverMark, after_handover};
+
 use crate::delta::{Compression, DeltaEncoder, DeltaHeader, Spool, chunk_pieces};
 use crate::image::{Access, BlockImage, ImageFormat, RawImage, VhdxImage};
 use crate::io::{
