@@ -22,15 +22,19 @@ pub enum Bug {
     /// comparison is owed is durable: a crash in between leaves a fresh journal that vouches
     /// for changes it never saw.
     JournalBeforeMarker = 4,
+    /// A first host asks the other site to take its VM over without first recording the
+    /// handover: restarted in between, it runs the VM again while the other site runs it too.
+    NoHandoverRecord = 5,
 }
 
 impl Bug {
     /// Every bug, for a command line naming one.
-    pub const ALL: [Bug; 4] = [
+    pub const ALL: [Bug; 5] = [
         Bug::ConfirmBeforeDurable,
         Bug::HandoverWithoutEqualDigests,
         Bug::CommitUnfinishedCopy,
         Bug::JournalBeforeMarker,
+        Bug::NoHandoverRecord,
     ];
 
     /// The bug's name on a command line.
@@ -40,6 +44,7 @@ impl Bug {
             Bug::HandoverWithoutEqualDigests => "handover-without-equal-digests",
             Bug::CommitUnfinishedCopy => "commit-unfinished-copy",
             Bug::JournalBeforeMarker => "journal-before-marker",
+            Bug::NoHandoverRecord => "no-handover-record",
         }
     }
 }

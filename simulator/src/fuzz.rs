@@ -126,6 +126,28 @@ pub fn scenario_for(seed: u64) -> String {
             "[[event]]\nkind = \"bit_flip\"\nat = \"{at}s\"\nhost = \"{host}\"\n"
         );
     }
+    // The host handing its VM over loses power at the handover's point of no return: the
+    // restarted host must settle it as the engine decides, never run the VM at both sites.
+    if let Some((at, replica_host)) = planned
+        && random.chance(0.3)
+    {
+        let host = if replica_host == "hv-a" {
+            "hv-b"
+        } else {
+            "hv-a"
+        };
+        let point = if random.chance(0.5) {
+            "recorded"
+        } else {
+            "taken-over"
+        };
+        let _ = write!(
+            text,
+            "[[event]]\nkind = \"crash_host\"\nat = \"{}s\"\nhost = \"{host}\"\ndown_for = \"{}s\"\nat_handover = \"{point}\"\n",
+            at.saturating_sub(1),
+            10 + random.below(120)
+        );
+    }
     let mut filled = false;
     if let Some(failover) = unplanned
         && random.chance(0.5)

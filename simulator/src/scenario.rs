@@ -199,6 +199,10 @@ pub enum EventFile {
         journals_lost: bool,
         #[serde(default)]
         again_on_restart: bool,
+        /// Not at `at` but at the host's next planned failover after it: `recorded` right
+        /// after it records the handover, `taken-over` once the other site took the VM over.
+        #[serde(default)]
+        at_handover: Option<HandoverCrash>,
     },
     /// A host's disk is full for `length`.
     DiskFull {
@@ -312,6 +316,16 @@ pub struct Event {
     pub action: Action,
 }
 
+/// Where in a planned failover a host loses power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HandoverCrash {
+    /// Right after the host whose VM is handed over recorded the handover.
+    Recorded,
+    /// Once the other site took the VM over, before the host heard.
+    TakenOver,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Partition {
@@ -324,6 +338,7 @@ pub enum Action {
         during_io: bool,
         journals_lost: bool,
         again_on_restart: bool,
+        at_handover: Option<HandoverCrash>,
     },
     DiskFull {
         host: usize,
@@ -610,6 +625,7 @@ impl ScenarioFile {
                         during_io,
                         journals_lost,
                         again_on_restart,
+                        at_handover,
                     } => (
                         at,
                         Action::CrashHost {
@@ -618,6 +634,7 @@ impl ScenarioFile {
                             during_io: *during_io,
                             journals_lost: *journals_lost,
                             again_on_restart: *again_on_restart,
+                            at_handover: *at_handover,
                         },
                     ),
                     EventFile::DiskFull {

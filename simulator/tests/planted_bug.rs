@@ -11,7 +11,7 @@ use std::time::Duration;
 
 /// Each bug, the seeds fuzzing gets to find it, the simulated minutes each seed runs, and what
 /// the violation it causes says.
-const BUGS: [(Bug, u64, u64, &str); 4] = [
+const BUGS: [(Bug, u64, u64, &str); 5] = [
     // The replica says a delta is applied before its commit made it durable.
     (
         Bug::ConfirmBeforeDurable,
@@ -44,6 +44,9 @@ const BUGS: [(Bug, u64, u64, &str); 4] = [
         30,
         "differs from the primary's",
     ),
+    // A first host asks the other site to take over without recording the handover, and runs
+    // the VM again when restarted.
+    (Bug::NoHandoverRecord, 30, 30, "runs at both sites"),
 ];
 
 #[test]

@@ -63,6 +63,7 @@ fn every_scenario_file_is_covered_here() {
         scenario_files(),
         [
             "bit-rot.toml",
+            "failback-interrupted.toml",
             "handover-refused.toml",
             "network-mapping.toml",
             "site-outage.toml",
@@ -260,6 +261,38 @@ fn a_handover_over_a_flipped_bit_is_refused_the_disks_are_repaired_and_the_next_
     // The second goes through, compared by the simulator against all the guest wrote.
     assert!(planned[1].problem.is_none(), "{:?}", planned[1]);
     assert!(planned[1].checked && planned[1].lost_bytes == 0);
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+}
+
+#[test]
+fn a_handover_interrupted_at_its_point_of_no_return_is_settled_and_the_vm_runs_at_one_site() {
+    let report = run("failback-interrupted.toml", 1, None);
+    let planned = failovers(&report, "planned");
+    let moves: Vec<(&str, &str)> = planned
+        .iter()
+        .map(|failover| (failover.from.as_str(), failover.to.as_str()))
+        .collect();
+    // The failback settled when the recovery host came back (its crash at 26 min, down 2 min),
+    // the planned failover the other way settled when the first host came back, then one
+    // more failback with nothing interrupted.
+    assert_eq!(
+        moves,
+        [("hv-r", "hv-p"), ("hv-p", "hv-r"), ("hv-r", "hv-p")],
+        "{planned:?}"
+    );
+    assert!(
+        (planned[0].seconds - 28.0 * 60.0).abs() < 1.0,
+        "{planned:?}"
+    );
+    assert!(
+        (planned[1].seconds - 48.0 * 60.0).abs() < 1.0,
+        "{planned:?}"
+    );
+    for failover in &planned {
+        assert!(failover.problem.is_none(), "{failover:?}");
+        assert_eq!(failover.lost_bytes, 0, "{failover:?}");
+    }
+    assert_eq!(report.hosts.iter().map(|host| host.crashes).sum::<u64>(), 2);
     assert!(report.violations.is_empty(), "{:?}", report.violations);
 }
 

@@ -8,6 +8,7 @@
 //! becomes its replica.
 
 use crate::io::StorageOptions;
+use crate::planted::{Bug, is_planted};
 use crate::proto::Message;
 use crate::{Error, Result};
 use std::io::Read;
@@ -49,6 +50,9 @@ impl HandoverMark {
     /// Records, durably, a handover at final delta `sequence` (through `storage`, so that a
     /// simulated power cut strikes between its steps as it would on a disk).
     pub fn record(&self, sequence: u64, storage: &StorageOptions) -> Result<()> {
+        if is_planted(Bug::NoHandoverRecord) {
+            return Ok(());
+        }
         storage
             .replace_file(
                 &self.path,

@@ -268,7 +268,19 @@ impl World {
             .descriptions()
             .to_vec();
         let own_disks = self.vms[vm].home_paths(host);
+        let holds = self.hosts[host]
+            .store
+            .as_ref()
+            .and_then(|store| store.vms().ok())
+            .is_some_and(|names| names.contains(&name));
         let slot = self.slot(host, vm)?;
+        if holds
+            && slot.replica.failover().is_none()
+            && slot.replica.record().owner.as_deref() == Some(owner.as_str())
+        {
+            // Its replica already: a failback was settled here.
+            return Ok(());
+        }
         if slot
             .replica
             .failover()
@@ -409,12 +421,16 @@ impl World {
             side,
             comparing: None,
         });
+        let old_host = self.vms[vm].spec.host;
+        self.crash_when_taken_over(old_host);
         Ok(())
     }
 
     /// The old primary heard the other site runs the VM now (or died before it heard): the
     /// roles swap, and replication goes back the other way when the failover asked for it.
-    pub(super) fn handed_over(&mut self, vm: usize, sequence: u64) {
+    /// `reverse`: the old host becomes the VM's replica now (it asked for it, or was told
+    /// so when it asked who runs the VM).
+    pub(super) fn handed_over(&mut self, vm: usize, sequence: u64, reverse: bool) {
         let now = self.agenda.now();
         let incoming = self.vms[vm].taking_over.take();
         let (old_host, new_host) = (self.vms[vm].spec.host, self.vms[vm].spec.replica_host);
@@ -448,8 +464,19 @@ impl World {
         runtime.acknowledged = Some((sequence, Some(written)));
         runtime.cuts.clear();
         runtime.next_wake = None;
-        let reverse = runtime.handover_reverse;
         let name = runtime.spec.name.clone();
+        // It runs there again: a handover that host recorded is over.
+        let storage = self.storage_options(new_host);
+        let paths = self.vms[vm].paths.clone();
+        if let Some(first) = paths.first()
+            && self.hosts[new_host].up
+            && let Err(error) = blockrep::protect::HandoverMark::for_disk(first).remove(&storage)
+        {
+            self.lost_host_io(new_host, &error.to_string());
+        }
+        if reopen && self.hosts[new_host].up {
+            self.forget_replica_of_own_vm(new_host, vm);
+        }
         if reopen {
             // The replica site restarted after it took over: the VM starts there again.
             let storage = self.storage_options(new_host);
@@ -486,6 +513,31 @@ impl World {
             }
         }
         self.failovers.push(report);
+    }
+
+    /// `host` runs `vm` again on its own disks, which it kept as the VM's replica while the VM
+    /// ran at the other site: its store lets go of them first, as a first host's agent does
+    /// when the other site expects it as the primary.
+    pub(super) fn forget_replica_of_own_vm(&mut self, host: usize, vm: usize) {
+        let name = self.vms[vm].spec.name.clone();
+        let Some(store) = self.hosts[host].store.clone() else {
+            return;
+        };
+        if !store.vms().is_ok_and(|names| names.contains(&name)) {
+            return;
+        }
+        let adopted = self.hosts[host].slots.get(&vm).is_none_or(|slot| {
+            slot.replica
+                .failover()
+                .is_none_or(|failover| !failover.active())
+        });
+        if !adopted {
+            return;
+        }
+        self.hosts[host].slots.remove(&vm);
+        if let Err(error) = store.forget(&name) {
+            self.lost_host_io(host, &error.to_string());
+        }
     }
 
     /// What the replica's disks hold at `point`, from the simulator's record of the cuts:

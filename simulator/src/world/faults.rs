@@ -75,9 +75,17 @@ impl World {
                 during_io,
                 journals_lost,
                 again_on_restart,
+                at_handover,
             } => {
                 self.hosts[host].crash_on_restart |= again_on_restart;
-                if journals_lost {
+                if let Some(point) = at_handover {
+                    self.hosts[host].down_for = down_for;
+                    self.hosts[host].crash_at_handover = Some(point);
+                    self.note_fault(format!(
+                        "host {} will lose power in its next planned failover ({point:?})",
+                        self.hosts[host].name
+                    ));
+                } else if journals_lost {
                     self.hosts[host].down_for = down_for;
                     self.crash_host(host, "lost power");
                     self.lose_journals(host);

@@ -70,7 +70,7 @@ impl World {
         runtime.up = true;
         for vm in 0..self.vms.len() {
             if self.vms[vm].spec.host == host {
-                self.start_vm_or_retry(vm, &options);
+                self.start_or_ask(vm);
             }
         }
         Ok(())
@@ -99,6 +99,13 @@ impl World {
         options: &StorageOptions,
         fresh: bool,
     ) -> Result<(), blockrep::Error> {
+        if self.vms[vm].taking_over.is_some() {
+            let host = self.hosts[self.vms[vm].spec.host].name.clone();
+            self.violation(
+                Some(vm),
+                format!("the VM runs at both sites: {host} starts it while the other site has taken it over in a planned failover"),
+            );
+        }
         let runtime = &mut self.vms[vm];
         if fresh {
             blockrep::protect::forget_tracking(&runtime.paths)?;
@@ -284,13 +291,8 @@ impl World {
                 self.vms[vm].taking_over = None;
             }
             if self.vms[vm].spec.host == host {
-                if self.vms[vm].taking_over.is_some() {
-                    // The old primary died before it heard the other site took over.
-                    let sequence = self.vms[vm].handover_sequence;
-                    self.vms[vm].primary = None;
-                    self.handed_over(vm, sequence);
-                    continue;
-                }
+                // A handover under way is settled when the host is back: the engine decides
+                // from what it recorded (`start_or_ask`).
                 let runtime = &mut self.vms[vm];
                 runtime.primary = None;
                 runtime.next_wake = None;

@@ -12,6 +12,7 @@
 mod checks;
 mod failover;
 mod faults;
+mod handover;
 mod hosts;
 mod integrity;
 mod links;
@@ -205,6 +206,8 @@ struct HostRuntime {
     crash_on_restart: bool,
     /// Its disk fills up in the middle of a commit (the next that writes enough).
     fill_at_commit: bool,
+    /// It loses power at this step of its next planned failover.
+    crash_at_handover: Option<crate::scenario::HandoverCrash>,
     /// Writes its last commit made.
     commit_writes: u64,
     store: Option<ReplicaStore>,
@@ -390,6 +393,7 @@ impl World {
                 down_for: Duration::from_secs(60),
                 crash_on_restart: false,
                 fill_at_commit: false,
+                crash_at_handover: None,
                 commit_writes: 0,
                 store: None,
                 slots: BTreeMap::new(),
@@ -556,8 +560,7 @@ impl World {
                     && self.hosts[host].incarnation == incarnation
                     && self.vms[vm].primary.is_none()
                 {
-                    let options = self.storage_options(host);
-                    self.start_vm_or_retry(vm, &options);
+                    self.start_or_ask(vm);
                 }
             }
             Event::ForceCrash { host, incarnation } => {

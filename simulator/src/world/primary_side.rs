@@ -217,15 +217,32 @@ impl World {
                 let Some(primary) = &mut self.vms[vm].primary else {
                     return;
                 };
-                match primary.vm.digests(seed) {
-                    Ok(digests) => primary.machine.verified(sequence, seed, digests),
-                    Err(error) => {
-                        let reason = error.to_string();
-                        self.lost_host_io(self.vms[vm].spec.host, &reason);
+                let digests = primary.vm.digests(seed).map_err(|error| error.to_string());
+                // As the daemons do: the digests, then the handover recorded, then sent.
+                let outcome = digests
+                    .and_then(|digests| self.record_handover(vm, sequence).map(|()| digests));
+                let host = self.vms[vm].spec.host;
+                match outcome {
+                    Ok(digests) => {
+                        if let Some(primary) = &mut self.vms[vm].primary {
+                            primary.machine.verified(sequence, seed, digests);
+                        }
+                    }
+                    Err(reason) if self.hosts[host].disks.struck() => {
+                        self.lost_host_io(host, &reason);
+                    }
+                    Err(reason) => {
+                        if let Some(primary) = &mut self.vms[vm].primary {
+                            primary.machine.verify_failed(instant, reason);
+                        }
+                        self.drive_primary(vm);
                     }
                 }
             }
-            PrimaryAction::HandedOver { sequence } => self.handed_over(vm, sequence),
+            PrimaryAction::HandedOver { sequence } => {
+                let reverse = self.vms[vm].handover_reverse;
+                self.handed_over(vm, sequence, reverse);
+            }
             PrimaryAction::HandoverRefused { reason } => {
                 self.vms[vm].writes_stopped = false;
                 self.planned_failed(vm, format!("refused: {reason}"));
