@@ -143,7 +143,8 @@ pub struct FailoverReport {
     pub networks: Vec<String>,
     /// The recovery plan and group it ran in.
     pub plan: Option<String>,
-    /// The disks were compared with the point, page by page.
+    /// The disks were compared with the point, page by page (for `reverse`: the old copy is
+    /// compared by hash before anything ships).
     pub checked: bool,
     /// Why the step failed, or what could not be checked.
     pub problem: Option<String>,
@@ -316,8 +317,14 @@ impl Report {
                 let _ = write!(out, " {} -> {}", failover.from, failover.to);
             }
             match (failover.kind.as_str(), failover.point) {
-                ("reverse", Some(point)) => {
+                ("reverse", Some(point)) if failover.checked => {
                     let _ = write!(out, ", the old copy compared by hash from point {point}");
+                }
+                ("reverse", Some(point)) => {
+                    let _ = write!(
+                        out,
+                        ", from point {point} (a planned failover: equal copies)"
+                    );
                 }
                 (_, Some(point)) => {
                     let _ = write!(out, ", point {point}, {} lost", size(failover.lost_bytes));

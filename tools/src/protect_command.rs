@@ -170,7 +170,7 @@ impl Agent<'_> {
         // (unless the other site has just handed the VM back).
         if handed_back {
             handover_mark(arguments).remove(&arguments.io.options())?;
-        } else if handover_mark(arguments).recorded()?.is_some() {
+        } else if handover_mark(arguments).present() {
             match self.after_handover(vm.descriptions()).await? {
                 Some(role) => {
                     tokio::task::spawn_blocking(move || close_when_free(vm)).await??;
@@ -460,7 +460,7 @@ impl Agent<'_> {
                             // The server of an earlier connection lets go of the store first.
                             shut_down(&server).await;
                             let forget = (store.clone(), arguments.name.clone());
-                            tokio::task::spawn_blocking(move || forget.0.forget(&forget.1))
+                            tokio::task::spawn_blocking(move || forget.0.forget_adopted(&forget.1))
                                 .await??;
                             // The other site said so: no handover to it stands.
                             handover_mark(arguments).remove(&arguments.io.options())?;
@@ -541,7 +541,7 @@ impl Agent<'_> {
                     drop(running);
                     shut_down(&server).await;
                     let forget = (store.clone(), arguments.name.clone());
-                    tokio::task::spawn_blocking(move || forget.0.forget(&forget.1)).await??;
+                    tokio::task::spawn_blocking(move || forget.0.forget_adopted(&forget.1)).await??;
                     return Ok(Role::Primary { handed_back: true, suspended: !handed.reverse });
                 }
                 _ = stopped.changed() => {

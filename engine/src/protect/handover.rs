@@ -63,38 +63,65 @@ impl HandoverMark {
         storage.sync_directory(parent(&self.path))
     }
 
-    /// The final delta of the handover recorded, if there is one.
+    /// Whether a handover may have been recorded: anything at the record's path counts, and
+    /// so does a path that cannot be looked at. A host that finds one asks the other site who
+    /// runs the VM before it serves the disks: a damaged record must not make it run the VM.
+    pub fn present(&self) -> bool {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(_) => true,
+            Err(error) => error.kind() != std::io::ErrorKind::NotFound,
+        }
+    }
+
+    /// The final delta of the handover recorded, if there is one; an error names what is wrong
+    /// with a record that is there but is not one (see `present`).
     pub fn recorded(&self) -> Result<Option<u64>> {
-        let file = match std::fs::File::open(&self.path) {
-            Ok(file) => file,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(Error::file(&self.name(), "open", error)),
-        };
-        let mut text = String::new();
-        file.take(RECORD_BYTES)
-            .read_to_string(&mut text)
-            .map_err(|error| Error::file(&self.name(), "read", error))?;
-        let sequence = text.trim().parse::<u64>().map_err(|_| {
+        let invalid = |problem: String| {
             Error::file(
                 &self.name(),
                 "read",
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "not a handover record (a delta sequence): {:?}",
-                        text.trim()
-                    ),
-                ),
+                std::io::Error::new(std::io::ErrorKind::InvalidData, problem),
             )
-        })?;
+        };
+        match std::fs::symlink_metadata(&self.path) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(Error::file(&self.name(), "look at", error)),
+            // Opened only when it is a plain file: a FIFO would block the open.
+            Ok(metadata) if !metadata.is_file() => {
+                return Err(invalid(format!(
+                    "not a handover record: a {:?}, not a file",
+                    metadata.file_type()
+                )));
+            }
+            Ok(_) => {}
+        }
+        let file = std::fs::File::open(&self.path)
+            .map_err(|error| Error::file(&self.name(), "open", error))?;
+        let mut bytes = Vec::new();
+        file.take(RECORD_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|error| Error::file(&self.name(), "read", error))?;
+        if bytes.len() as u64 > RECORD_BYTES {
+            return Err(invalid(format!(
+                "not a handover record: longer than {RECORD_BYTES} bytes"
+            )));
+        }
+        let digits = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        let sequence = std::str::from_utf8(digits)
+            .ok()
+            .filter(|text| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()))
+            .and_then(|text| text.parse::<u64>().ok())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "not a handover record (a delta sequence and a newline): {:?}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            })?;
         Ok(Some(sequence))
     }
 
     /// Removes the record (the VM runs here, or this host is its replica now), durably.
     pub fn remove(&self, storage: &StorageOptions) -> Result<()> {
-        if !self.path.exists() {
-            return Ok(());
-        }
         storage.remove_if_present(&self.path)?;
         storage.remove_if_present(&self.temporary())?;
         storage.sync_directory(parent(&self.path))
@@ -159,7 +186,9 @@ mod tests {
         let mark = HandoverMark::for_disk(&directory.path().join("vm1.raw"));
         let storage = StorageOptions::default();
         assert_eq!(mark.recorded().unwrap(), None);
+        assert!(!mark.present());
         mark.record(41, &storage).unwrap();
+        assert!(mark.present());
         assert_eq!(mark.recorded().unwrap(), Some(41));
         mark.record(42, &storage).unwrap();
         assert_eq!(mark.recorded().unwrap(), Some(42));
@@ -172,10 +201,25 @@ mod tests {
     fn a_damaged_record_is_refused_with_its_name() {
         let directory = tempfile::tempdir().unwrap();
         let mark = HandoverMark::for_disk(&directory.path().join("vm1.raw"));
-        std::fs::write(mark.path(), vec![b'7'; 1 << 20]).unwrap();
+        for damaged in [
+            vec![b'7'; 1 << 20],
+            b"5                                                               99".to_vec(),
+            b"+5\n".to_vec(),
+            b"".to_vec(),
+            vec![0xff, b'\n'],
+        ] {
+            std::fs::write(mark.path(), &damaged).unwrap();
+            let error = mark.recorded().unwrap_err().to_string();
+            assert!(error.contains("vm1.raw.brhandover"), "{error}");
+            assert!(error.contains("not a handover record"), "{error}");
+            // A damaged record still counts: the host asks before it runs the VM.
+            assert!(mark.present());
+        }
+        std::fs::remove_file(mark.path()).unwrap();
+        std::fs::create_dir(mark.path()).unwrap();
+        assert!(mark.present());
         let error = mark.recorded().unwrap_err().to_string();
-        assert!(error.contains("vm1.raw.brhandover"), "{error}");
-        assert!(error.contains("not a handover record"), "{error}");
+        assert!(error.contains("not a file"), "{error}");
     }
 
     #[test]

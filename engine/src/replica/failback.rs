@@ -66,6 +66,18 @@ impl ReplicaSite<'_> {
         }
     }
 
+    /// The operator asks for replication back to the old primary (`blockrep reverse`): it is
+    /// told to become the VM's replica when it next connects (`answer_old_primary`). Returns
+    /// whether its copy must be compared by hash first (an unplanned failover: it may hold
+    /// writes made after its last shipped cut).
+    pub fn reverse(&mut self) -> Result<bool> {
+        self.replica.set_reverse(true)?;
+        Ok(self
+            .replica
+            .failover()
+            .is_some_and(|failover| failover.resync))
+    }
+
     /// Records, durably, that the old primary holds the failback's final delta `sequence` and
     /// is about to be asked to take the VM over. The driver has flushed the VM's disks.
     pub fn record_final_delta(&mut self, sequence: u64) -> Result<()> {
@@ -192,5 +204,154 @@ impl ReplicaSite<'_> {
             peer: self.replica.vm().to_owned(),
             problem: problem.to_owned(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::StorageOptions;
+    use crate::proto::{DeltaId, DeltaKind, DiskDescription};
+    use crate::replica::{PointPolicy, ReplicaStore, VmReplica};
+    use std::time::Duration;
+
+    /// A replica of vm1 (owner "owner") with delta 1 applied, taken over here in a planned
+    /// failover that replicates back: the VM runs at this site.
+    fn taken_over(directory: &std::path::Path) -> (ReplicaStore, VmReplica, Replica) {
+        let policy = PointPolicy {
+            keep: 0,
+            interval: Duration::from_secs(3600),
+        };
+        let store =
+            ReplicaStore::with_policy(directory, StorageOptions::default(), policy).unwrap();
+        let mut replica = store.open_vm("vm1").unwrap();
+        let disk = DiskDescription {
+            disk_id: uuid::Uuid::from_u128(9),
+            virtual_size: 1 << 20,
+            logical_sector: 512,
+        };
+        replica.prepare(vec![disk], "owner").unwrap();
+        let delta = DeltaId {
+            sequence: 1,
+            cut: 1,
+        };
+        replica.start_staging(delta, DeltaKind::Initial).unwrap();
+        replica.commit(delta, DeltaKind::Initial, false).unwrap();
+        replica.take_over(1, true).unwrap();
+        let machine = Replica::new("vm1", replica.record());
+        (store, replica, machine)
+    }
+
+    const REVERSING: Hosted = Hosted::Yes { reversing: true };
+
+    #[test]
+    fn a_failback_starts_only_where_the_vm_runs_and_replicates_back() {
+        let directory = tempfile::tempdir().unwrap();
+        let (_store, mut replica, mut machine) = taken_over(directory.path());
+        let site = ReplicaSite::new(&mut machine, &mut replica);
+        assert!(site.may_fail_back(false, REVERSING).is_ok());
+        for (under_way, hosted, refusal) in [
+            (true, REVERSING, "under way"),
+            (false, Hosted::No, "does not run at this site"),
+            (false, Hosted::Yes { reversing: false }, "blockrep reverse"),
+        ] {
+            let error = site
+                .may_fail_back(under_way, hosted)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(refusal), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_recorded_failback_is_settled_at_a_restart_and_never_runs_the_vm_here_again() {
+        let directory = tempfile::tempdir().unwrap();
+        let (store, mut replica, mut machine) = taken_over(directory.path());
+        let mut site = ReplicaSite::new(&mut machine, &mut replica);
+        assert_eq!(site.failback_to_settle(None, Hosted::No), None);
+        site.record_final_delta(4).unwrap();
+        // Open again, as a restarted server finds it.
+        drop(replica);
+        let mut replica = store.open_vm("vm1").unwrap();
+        let mut machine = Replica::new("vm1", replica.record());
+        let mut site = ReplicaSite::new(&mut machine, &mut replica);
+        // Only the VM's own primary settles it when it connects, and not while the VM is
+        // being closed by another.
+        assert_eq!(site.failback_to_settle(Some("stranger"), REVERSING), None);
+        assert_eq!(site.failback_to_settle(Some("owner"), Hosted::No), None);
+        assert_eq!(site.failback_to_settle(Some("owner"), REVERSING), Some(4));
+        assert_eq!(site.failback_to_settle(None, Hosted::No), Some(4));
+        // While it is settling, the old primary is asked to come back in a moment.
+        match site.answer_old_primary("owner", Hosted::No) {
+            Some(Message::Refused { code, .. }) => assert_eq!(code, RefusalCode::RunsAtReplicaSite),
+            other => panic!("told {other:?}"),
+        }
+        assert!(site.finish_failback(4).unwrap());
+        assert!(!site.finish_failback(4).unwrap(), "finished once");
+        assert_eq!(site.replica.applied(), 4);
+        assert!(site.replica.failover().is_none());
+        assert_eq!(site.answer_old_primary("owner", Hosted::No), None);
+    }
+
+    #[test]
+    fn a_failed_failback_runs_the_vm_here_unless_the_old_primary_may_run_it() {
+        let directory = tempfile::tempdir().unwrap();
+        let (_store, mut replica, mut machine) = taken_over(directory.path());
+        let mut site = ReplicaSite::new(&mut machine, &mut replica);
+        // Refused before anything was recorded: the VM goes on here.
+        assert_eq!(
+            site.failback_failed(false, None, REVERSING).unwrap(),
+            FailbackEnd::RunsHere
+        );
+        // Recorded, then no answer: the old primary may run it; the writes stay stopped.
+        site.record_final_delta(5).unwrap();
+        assert_eq!(
+            site.failback_failed(true, Some(5), REVERSING).unwrap(),
+            FailbackEnd::Open
+        );
+        // Recorded, and the old primary's connection took the VM to close: handed back.
+        assert_eq!(
+            site.failback_failed(true, Some(5), Hosted::No).unwrap(),
+            FailbackEnd::HandedBack { sequence: 5 }
+        );
+        // Recorded, then refused: the record goes and the VM runs here again.
+        assert_eq!(
+            site.failback_failed(false, Some(5), REVERSING).unwrap(),
+            FailbackEnd::RunsHere
+        );
+        assert_eq!(site.failback_to_settle(None, Hosted::No), None);
+    }
+
+    #[test]
+    fn a_returning_old_primary_is_told_to_become_the_replica_only_when_replication_goes_back() {
+        let directory = tempfile::tempdir().unwrap();
+        let (_store, mut replica, mut machine) = taken_over(directory.path());
+        let site = ReplicaSite::new(&mut machine, &mut replica);
+        assert_eq!(
+            site.answer_old_primary("owner", REVERSING),
+            Some(Message::Reverse {
+                applied: 1,
+                resync: false
+            })
+        );
+        assert_eq!(
+            site.answer_old_primary("owner", Hosted::Yes { reversing: false }),
+            Some(Message::HandedOver { sequence: 1 })
+        );
+        match site.answer_old_primary("stranger", REVERSING) {
+            Some(Message::Refused { code, .. }) => assert_eq!(code, RefusalCode::NotThisReplica),
+            other => panic!("told {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_an_adopted_replica_is_forgotten_by_forget_adopted() {
+        let directory = tempfile::tempdir().unwrap();
+        let (store, replica, _machine) = taken_over(directory.path());
+        assert!(!replica.is_adopted());
+        drop(replica);
+        let error = store.forget_adopted("vm1").unwrap_err().to_string();
+        assert!(error.contains("would delete them"), "{error}");
+        assert_eq!(store.vms().unwrap(), ["vm1"]);
     }
 }

@@ -222,8 +222,10 @@ impl World {
         }
     }
 
+    /// `blockrep reverse` where the VM runs; the old host, asking who runs the VM, hears what
+    /// the engine answers it (`ReplicaSite::answer_old_primary`) and becomes the replica at
+    /// the delta it is told.
     fn reverse_one(&mut self, vm: usize) -> Result<(), String> {
-        let now = self.agenda.now();
         let (host, old_host) = (self.vms[vm].spec.host, self.vms[vm].spec.replica_host);
         if self.vms[vm].replicating {
             return Err("replicating already".into());
@@ -231,10 +233,29 @@ impl World {
         if !self.hosts[old_host].up || !self.hosts[host].up {
             return Err("a host is down".into());
         }
-        // The old site's copy counts as at the point the VM failed over from; what it wrote
-        // after that is found by the comparison.
-        let applied = self.vms[vm].failed_over_at.unwrap_or(0);
+        let resync = self
+            .slot(host, vm)?
+            .replica_site()
+            .reverse()
+            .map_err(|error| error.to_string())?;
+        let applied = match self.ask_other_site(vm, old_host) {
+            blockrep::protect::AfterHandover::BecomeReplica { applied } => applied,
+            other => {
+                return Err(format!(
+                    "the old host was not told to become the replica: {other:?}"
+                ));
+            }
+        };
         self.become_replica(old_host, vm, applied)?;
+        self.replicate_back(vm, applied, resync);
+        Ok(())
+    }
+
+    /// The VM's old host is its replica now, at delta `applied`: replication goes back to it
+    /// (comparing by hash first when `resync`), and the report says so.
+    pub(super) fn replicate_back(&mut self, vm: usize, applied: u64, resync: bool) {
+        let now = self.agenda.now();
+        let (host, old_host) = (self.vms[vm].spec.host, self.vms[vm].spec.replica_host);
         self.vms[vm].report.reversals += 1;
         self.failovers.push(FailoverReport {
             seconds: now.as_secs_f64(),
@@ -247,17 +268,21 @@ impl World {
             rpo_seconds: None,
             networks: Vec::new(),
             plan: None,
-            checked: false,
+            checked: resync,
             problem: None,
         });
-        self.start_reverse_replication(vm, true);
-        Ok(())
+        self.start_reverse_replication(vm, resync);
     }
 
     /// Makes `host` the replica of `vm` (which runs elsewhere now) at delta `applied`: a site
     /// the VM ran at after a failover hands it back; a site whose own disks the VM ran on
     /// adopts them.
-    fn become_replica(&mut self, host: usize, vm: usize, applied: u64) -> Result<(), String> {
+    pub(super) fn become_replica(
+        &mut self,
+        host: usize,
+        vm: usize,
+        applied: u64,
+    ) -> Result<(), String> {
         let name = self.vms[vm].spec.name.clone();
         let owner = self.hosts[self.vms[vm].spec.host].name.clone();
         let descriptions = self.vms[vm]
@@ -474,8 +499,8 @@ impl World {
         {
             self.lost_host_io(new_host, &error.to_string());
         }
-        if reopen && self.hosts[new_host].up {
-            self.forget_replica_of_own_vm(new_host, vm);
+        if self.hosts[new_host].up {
+            self.forget_adopted_replica(new_host, vm);
         }
         if reopen {
             // The replica site restarted after it took over: the VM starts there again.
@@ -515,10 +540,11 @@ impl World {
         self.failovers.push(report);
     }
 
-    /// `host` runs `vm` again on its own disks, which it kept as the VM's replica while the VM
-    /// ran at the other site: its store lets go of them first, as a first host's agent does
-    /// when the other site expects it as the primary.
-    pub(super) fn forget_replica_of_own_vm(&mut self, host: usize, vm: usize) {
+    /// `host` runs `vm` on its own disks, which it kept as the VM's replica (adopted) while the
+    /// VM ran at the other site: its store lets go of them, as a first host's agent does when
+    /// it runs the VM again. A replica whose disks are the store's is kept when the VM failed
+    /// over onto them; any other would be a VM run on a replica that never took it over.
+    pub(super) fn forget_adopted_replica(&mut self, host: usize, vm: usize) {
         let name = self.vms[vm].spec.name.clone();
         let Some(store) = self.hosts[host].store.clone() else {
             return;
@@ -526,16 +552,29 @@ impl World {
         if !store.vms().is_ok_and(|names| names.contains(&name)) {
             return;
         }
-        let adopted = self.hosts[host].slots.get(&vm).is_none_or(|slot| {
-            slot.replica
-                .failover()
-                .is_none_or(|failover| !failover.active())
-        });
+        let (adopted, taken_over) = match self.slot(host, vm) {
+            Ok(slot) => (
+                slot.replica.is_adopted(),
+                slot.replica
+                    .failover()
+                    .is_some_and(|failover| failover.active()),
+            ),
+            Err(reason) => return self.lost_host_io(host, &reason),
+        };
         if !adopted {
+            if !taken_over {
+                self.violation(
+                    Some(vm),
+                    format!(
+                        "{} runs the VM on a replica that never took it over",
+                        self.hosts[host].name
+                    ),
+                );
+            }
             return;
         }
         self.hosts[host].slots.remove(&vm);
-        if let Err(error) = store.forget(&name) {
+        if let Err(error) = store.forget_adopted(&name) {
             self.lost_host_io(host, &error.to_string());
         }
     }

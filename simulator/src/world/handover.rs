@@ -27,7 +27,7 @@ impl World {
         for disk in primary.vm.disks() {
             disk.flush().map_err(|error| error.to_string())?;
         }
-        let recorded = if self.failed_over_here(host, vm) {
+        let recorded = if self.failed_over_here(host, vm)? {
             self.slot(host, vm)?
                 .replica_site()
                 .record_final_delta(sequence)
@@ -53,61 +53,167 @@ impl World {
     }
 
     /// The VM failed over to `host` and runs there (its store holds the failover's record).
-    fn failed_over_here(&mut self, host: usize, vm: usize) -> bool {
+    /// An error (the store cannot be read) decides nothing: the caller tries again later.
+    fn failed_over_here(&mut self, host: usize, vm: usize) -> Result<bool, String> {
         let name = &self.vms[vm].spec.name;
         let holds = self.hosts[host]
             .store
             .as_ref()
-            .and_then(|store| store.vms().ok())
-            .is_some_and(|names| names.contains(name));
-        holds
-            && self.slot(host, vm).is_ok_and(|slot| {
-                slot.replica
-                    .failover()
-                    .is_some_and(|failover| failover.active())
-            })
+            .ok_or("the host is down")?
+            .vms()
+            .map_err(|error| error.to_string())?
+            .contains(name);
+        if !holds {
+            return Ok(false);
+        }
+        let slot = self.slot(host, vm)?;
+        Ok(slot
+            .replica
+            .failover()
+            .is_some_and(|failover| failover.active()))
+    }
+
+    /// Asks again later who runs `vm`, from `host`.
+    fn ask_again(&mut self, vm: usize, host: usize, reason: &str) {
+        let name = self.vms[vm].spec.name.clone();
+        self.note_fault(format!(
+            "VM {name}: {} does not know yet whether it runs the VM ({reason}); its disks are served to no one; asking again in 30 s",
+            self.hosts[host].name
+        ));
+        let incarnation = self.hosts[host].incarnation;
+        self.agenda.add_after(
+            Duration::from_secs(30),
+            Event::AskWhoRuns {
+                vm,
+                host,
+                incarnation,
+            },
+        );
+    }
+
+    /// `host` restarted after it lost power while it handed `vm` over, or asks again: it
+    /// settles the handover from what it recorded, as the engine decides.
+    pub(super) fn settle_after_restart(&mut self, vm: usize, host: usize) {
+        if self.vms[vm].spec.host == host {
+            if self.vms[vm].primary.is_some() {
+                return;
+            }
+            self.start_or_ask(vm);
+        } else {
+            self.settle_taken_over(vm, host);
+        }
+    }
+
+    /// The other site took `vm` over from `host`, which lost power before it heard. Back, the
+    /// host finds what it recorded: a failback's record is settled, a handover mark makes it
+    /// ask the other site; with neither it would run the VM again, at both sites.
+    fn settle_taken_over(&mut self, vm: usize, host: usize) {
+        let other = self.hosts[self.vms[vm].spec.host].name.clone();
+        let here = self.hosts[host].name.clone();
+        match self.failed_over_here(host, vm) {
+            Err(reason) => return self.ask_again(vm, host, &reason),
+            Ok(true) => {
+                let settled = self.slot(host, vm).map(|slot| {
+                    let mut site = slot.replica_site();
+                    site.failback_to_settle(None, Hosted::No)
+                        .map(|sequence| site.finish_failback(sequence))
+                });
+                match settled {
+                    Err(reason) => self.ask_again(vm, host, &reason),
+                    Ok(Some(Err(error))) => self.lost_host_io(host, &error.to_string()),
+                    Ok(Some(Ok(_))) => self.replicate_back_if_asked(vm, host),
+                    Ok(None) => self.violation(
+                        Some(vm),
+                        format!("the VM runs at both sites: {here} restarts with its failover record and runs the VM, which {other} took over"),
+                    ),
+                }
+                return;
+            }
+            Ok(false) => {}
+        }
+        let mark = HandoverMark::for_disk(&self.vms[vm].home_paths(host).unwrap_or_default()[0]);
+        if !mark.present() {
+            self.violation(
+                Some(vm),
+                format!("the VM runs at both sites: {here} restarts with no handover recorded and runs the VM, which {other} took over"),
+            );
+            return;
+        }
+        match self.ask_other_site(vm, host) {
+            AfterHandover::BecomeReplica { applied } => {
+                match self.become_replica(host, vm, applied) {
+                    Ok(()) => self.replicate_back(vm, applied, false),
+                    Err(reason) => self.ask_again(vm, host, &reason),
+                }
+            }
+            // It waits for the operator there to reverse replication.
+            AfterHandover::RunsThere { .. } => {}
+            AfterHandover::RunHere => self.violation(
+                Some(vm),
+                format!(
+                    "{other} runs the VM, yet answers {here} that it expects it as the primary"
+                ),
+            ),
+            AfterHandover::AskAgain { reason } | AfterHandover::Refused { reason } => {
+                self.ask_again(vm, host, &reason)
+            }
+        }
+    }
+
+    /// After a failback settled at `host`, the VM (at its first host) replicates back to it
+    /// when the failback asked for that.
+    fn replicate_back_if_asked(&mut self, vm: usize, host: usize) {
+        if !self.vms[vm].handover_reverse || self.vms[vm].replicating {
+            return;
+        }
+        let sequence = self.vms[vm].handover_sequence;
+        match self.become_replica(host, vm, sequence) {
+            Ok(()) => self.replicate_back(vm, sequence, false),
+            Err(reason) => self.ask_again(vm, host, &reason),
+        }
     }
 
     /// Starts `vm` on its host unless a handover recorded there says it may run elsewhere:
     /// then the engine's decision is carried out, asking the other site when it must.
     pub(super) fn start_or_ask(&mut self, vm: usize) {
         let host = self.vms[vm].spec.host;
-        if self.failed_over_here(host, vm) {
-            let settle = self
-                .slot(host, vm)
-                .ok()
-                .and_then(|slot| slot.replica_site().failback_to_settle(None, Hosted::No));
-            if let Some(sequence) = settle {
-                let finished = self.slot(host, vm).and_then(|slot| {
-                    slot.replica_site()
-                        .finish_failback(sequence)
-                        .map_err(|error| error.to_string())
+        match self.failed_over_here(host, vm) {
+            Err(reason) => return self.ask_again(vm, host, &reason),
+            Ok(false) => {}
+            Ok(true) => {
+                let settled = self.slot(host, vm).map(|slot| {
+                    let mut site = slot.replica_site();
+                    site.failback_to_settle(None, Hosted::No)
+                        .map(|sequence| (sequence, site.finish_failback(sequence)))
                 });
-                // The VM runs at its first host, which replicates to this host as ever (the
-                // daemon's agent there hears it is the primary when it next asks).
-                match finished {
-                    Ok(_) => self.handed_over(vm, sequence, true),
-                    Err(error) => self.lost_host_io(host, &error),
+                match settled {
+                    Err(reason) => return self.ask_again(vm, host, &reason),
+                    Ok(None) => {}
+                    Ok(Some((_, Err(error)))) => {
+                        return self.lost_host_io(host, &error.to_string());
+                    }
+                    // The VM runs at its first host, which replicates to this host as ever
+                    // (the daemon's agent there hears it is the primary when it next asks).
+                    Ok(Some((sequence, Ok(_)))) => return self.handed_over(vm, sequence, true),
                 }
-                return;
             }
         }
         let mark = HandoverMark::for_disk(&self.vms[vm].paths[0]);
-        let recorded = match mark.recorded() {
-            Ok(recorded) => recorded,
+        if !mark.present() {
+            let options = self.storage_options(host);
+            self.forget_adopted_replica(host, vm);
+            self.start_vm_or_retry(vm, &options);
+            return;
+        }
+        let sequence = match mark.recorded() {
+            Ok(recorded) => recorded.unwrap_or_default(),
             Err(error) => {
                 self.violation(
                     Some(vm),
-                    format!("cannot read the handover record: {error}"),
+                    format!("a handover record the engine wrote is damaged: {error}"),
                 );
                 return;
             }
-        };
-        let Some(sequence) = recorded else {
-            let options = self.storage_options(host);
-            self.forget_replica_of_own_vm(host, vm);
-            self.start_vm_or_retry(vm, &options);
-            return;
         };
         match self.ask_other_site(vm, host) {
             AfterHandover::RunHere => {
@@ -116,19 +222,13 @@ impl World {
                     self.lost_host_io(host, &error.to_string());
                     return;
                 }
-                self.forget_replica_of_own_vm(host, vm);
+                self.forget_adopted_replica(host, vm);
                 self.start_vm_or_retry(vm, &options);
             }
             AfterHandover::RunsThere { .. } => self.handed_over(vm, sequence, false),
             AfterHandover::BecomeReplica { .. } => self.handed_over(vm, sequence, true),
             AfterHandover::AskAgain { reason } | AfterHandover::Refused { reason } => {
-                let name = self.vms[vm].spec.name.clone();
-                self.note_fault(format!(
-                    "VM {name} recorded a handover at delta {sequence}; its disks are served to no one until the other site answers ({reason}); asking again in 30 s"
-                ));
-                let incarnation = self.hosts[host].incarnation;
-                self.agenda
-                    .add_after(Duration::from_secs(30), Event::RetryVm { vm, incarnation });
+                self.ask_again(vm, host, &reason)
             }
         }
     }
@@ -136,7 +236,7 @@ impl World {
     /// What the other site of `vm` answers `host` (its old primary, which recorded a handover)
     /// when it connects: the engine's answer for a VM that runs there; its machine welcomes its
     /// own primary otherwise.
-    fn ask_other_site(&mut self, vm: usize, host: usize) -> AfterHandover {
+    pub(super) fn ask_other_site(&mut self, vm: usize, host: usize) -> AfterHandover {
         let spec = &self.vms[vm].spec;
         let other = if spec.host == host {
             spec.replica_host
@@ -149,19 +249,26 @@ impl World {
             };
         }
         let owner = self.hosts[host].name.clone();
-        let runs_there = self.vms[vm].spec.host == other || self.vms[vm].taking_over.is_some();
         let slot = match self.slot(other, vm) {
             Ok(slot) => slot,
             Err(reason) => return AfterHandover::AskAgain { reason },
         };
-        let hosted = match slot.replica.failover() {
-            Some(failover) if runs_there && failover.active() => Hosted::Yes {
+        // What the other site's server finds in its store: a failover record it runs the VM
+        // from (as it does when it starts), a failback letting the VM go, or none.
+        let failover = slot.replica.failover();
+        let hosted = match &failover {
+            Some(failover) if failover.active() && failover.handing_back.is_none() => Hosted::Yes {
                 reversing: failover.reverse,
             },
             _ => Hosted::No,
         };
         match slot.replica_site().answer_old_primary(&owner, hosted) {
             Some(answer) => after_handover(&answer),
+            // The machine answers its own primary: a failover not committed asks it to wait
+            // (`FailedOver`); otherwise it is welcomed as the primary.
+            None if failover.is_some() => AfterHandover::AskAgain {
+                reason: "the VM failed over there and the failover is not committed".into(),
+            },
             None => AfterHandover::RunHere,
         }
     }

@@ -69,7 +69,10 @@ impl World {
         runtime.store = Some(store);
         runtime.up = true;
         for vm in 0..self.vms.len() {
-            if self.vms[vm].spec.host == host {
+            if self.vms[vm].interrupted == Some(host) {
+                self.vms[vm].interrupted = None;
+                self.settle_after_restart(vm, host);
+            } else if self.vms[vm].spec.host == host {
                 self.start_or_ask(vm);
             }
         }
@@ -291,8 +294,19 @@ impl World {
                 self.vms[vm].taking_over = None;
             }
             if self.vms[vm].spec.host == host {
-                // A handover under way is settled when the host is back: the engine decides
-                // from what it recorded (`start_or_ask`).
+                if self.vms[vm].writes_stopped {
+                    // A handover under way: settled when the host is back, from what it
+                    // recorded (`settle_after_restart`).
+                    self.vms[vm].interrupted = Some(host);
+                }
+                if self.vms[vm].taking_over.is_some() {
+                    // The other site took the VM over and runs it from now on; this host
+                    // learns so when it is back.
+                    let sequence = self.vms[vm].handover_sequence;
+                    self.vms[vm].primary = None;
+                    self.handed_over(vm, sequence, false);
+                    continue;
+                }
                 let runtime = &mut self.vms[vm];
                 runtime.primary = None;
                 runtime.next_wake = None;

@@ -124,6 +124,12 @@ enum Event {
         vm: usize,
         incarnation: u64,
     },
+    /// A host that recorded a handover asks the other site again who runs the VM.
+    AskWhoRuns {
+        vm: usize,
+        host: usize,
+        incarnation: u64,
+    },
     DiskSpace {
         host: usize,
         full: bool,
@@ -149,6 +155,7 @@ impl Event {
             Event::Sample => 12,
             Event::ForceCrash { .. } => 13,
             Event::RetryVm { .. } => 14,
+            Event::AskWhoRuns { .. } => 15,
         }
     }
 }
@@ -288,6 +295,8 @@ struct VmRuntime {
     taking_over: Option<PrimarySide>,
     /// The planned failover in progress replicates back at once.
     handover_reverse: bool,
+    /// A host that lost power while it handed the VM over: its restart settles the handover.
+    interrupted: Option<usize>,
     /// The delta the planned failover in progress hands over at.
     handover_sequence: u64,
     /// Where the rotating check of unchanged pages goes on.
@@ -443,6 +452,7 @@ impl World {
                 failed_over_at: None,
                 writes_stopped: false,
                 taking_over: None,
+                interrupted: None,
                 handover_reverse: false,
                 handover_sequence: 0,
                 sample_cursor: 0,
@@ -561,6 +571,15 @@ impl World {
                     && self.vms[vm].primary.is_none()
                 {
                     self.start_or_ask(vm);
+                }
+            }
+            Event::AskWhoRuns {
+                vm,
+                host,
+                incarnation,
+            } => {
+                if self.hosts[host].up && self.hosts[host].incarnation == incarnation {
+                    self.settle_after_restart(vm, host);
                 }
             }
             Event::ForceCrash { host, incarnation } => {

@@ -484,7 +484,7 @@ impl ReplicaServer {
         let slot = self.slot(vm)?;
         blocking(vm, move || {
             let mut guard = lock(&slot);
-            guard.replica.set_reverse(true)?;
+            guard.replica_site().reverse()?;
             let starts = guard
                 .hosted
                 .as_ref()

@@ -423,6 +423,37 @@ impl ReplicaStore {
         Ok(replica.disk_paths())
     }
 
+    /// Forgets `vm` when the store only keeps the record of the host's own disks (adopted:
+    /// they stay where they are, for the VM to run on); refused for a replica whose disks live
+    /// in the store, which forgetting would delete.
+    pub fn forget_adopted(&self, vm: &str) -> Result<()> {
+        check_vm_name(vm)?;
+        let catalogue_path = self.root.join(vm).join(CATALOGUE);
+        let bytes = match std::fs::read(&catalogue_path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => {
+                return Err(Error::file(
+                    &catalogue_path.display().to_string(),
+                    "read catalogue",
+                    error,
+                ));
+            }
+        };
+        if parse_catalogue(&catalogue_path, &bytes)?
+            .external_disks
+            .is_none()
+        {
+            return Err(Error::Replication {
+                peer: vm.to_owned(),
+                problem:
+                    "its replica's disks live in the store: not forgotten, which would delete them"
+                        .into(),
+            });
+        }
+        self.forget(vm)
+    }
+
     /// Removes what the store holds of `vm` (its adopted disks stay where they are).
     pub fn forget(&self, vm: &str) -> Result<()> {
         check_vm_name(vm)?;
@@ -631,6 +662,14 @@ impl VmReplica {
     /// How this replica's files are opened and its directory changed.
     pub(crate) fn storage(&self) -> &StorageOptions {
         &self.storage
+    }
+
+    /// Its disks are the host's own, kept where they are (`ReplicaStore::adopt`), not the
+    /// store's.
+    pub fn is_adopted(&self) -> bool {
+        self.catalogue
+            .as_ref()
+            .is_some_and(|catalogue| catalogue.external_disks.is_some())
     }
 
     /// Closes the open disks (so that another part of the process may open them).
