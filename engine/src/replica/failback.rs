@@ -353,5 +353,18 @@ mod tests {
         let error = store.forget_adopted("vm1").unwrap_err().to_string();
         assert!(error.contains("would delete them"), "{error}");
         assert_eq!(store.vms().unwrap(), ["vm1"]);
+        // An adopt a crash interrupted after its first catalogue write holds no disks: it goes.
+        let disk = DiskDescription {
+            disk_id: uuid::Uuid::from_u128(10),
+            virtual_size: 1 << 20,
+            logical_sector: 512,
+        };
+        store
+            .open_vm("vm2")
+            .unwrap()
+            .prepare(vec![disk], "owner")
+            .unwrap();
+        store.forget_adopted("vm2").unwrap();
+        assert_eq!(store.vms().unwrap(), ["vm1"]);
     }
 }

@@ -15,7 +15,8 @@ pub use failback::{FailbackEnd, Hosted};
 pub use limits::Limits;
 pub use points::PointPolicy;
 pub use site::{CopyPurpose, PointCopy, ReplicaSite, SiteEffect};
-/// For crash tests: the process kills itself at the point `BLOCKREP_CRASH_POINT` names.
+/// For the lab tests, in debug builds only: the process kills itself at the point
+/// `BLOCKREP_CRASH_POINT` names.
 #[doc(hidden)]
 pub use store::crash_point;
 pub use store::{FailoverRecord, PointInfo, ReplicaStore, VmReplica, WallClock, fence_for};

@@ -1,8 +1,10 @@
 //! Failover in the simulated deployment, as Site Recovery runs it: an unplanned failover (alone
 //! or through a recovery plan's groups) fences the replica, makes its latest recovery point
 //! into disks with the engine's own copy, commits them and starts the VM at the replica site
-//! on its mapped networks; reverse replication makes the old site's disks the replica again,
-//! compared by hash first. Each step is checked: the failed-over disks must hold exactly a
+//! on its mapped networks; reverse replication makes the old site's disks the replica again
+//! at the delta the engine tells the returning host (`ReplicaSite::reverse`,
+//! `answer_old_primary`), compared by hash first after an unplanned failover. Each step is
+//! checked: the failed-over disks must hold exactly a
 //! state the primary shipped, no older than the last cut it heard was applied.
 
 use super::{Action, Duration, Event, World};
@@ -93,6 +95,8 @@ impl World {
         runtime.writes_stopped = false;
         runtime.handover_reverse = false;
         runtime.taking_over = None;
+        // The operator failed the VM over: no handover is left to settle.
+        runtime.interrupted = None;
         let rpo = runtime
             .recovery_point
             .map(|point| (now - point).as_secs_f64());
@@ -300,7 +304,9 @@ impl World {
             .is_some_and(|names| names.contains(&name));
         let slot = self.slot(host, vm)?;
         if holds
+            && !slot.replica.is_adopted()
             && slot.replica.failover().is_none()
+            && slot.replica.applied() >= applied
             && slot.replica.record().owner.as_deref() == Some(owner.as_str())
         {
             // Its replica already: a failback was settled here.
@@ -446,8 +452,7 @@ impl World {
             side,
             comparing: None,
         });
-        let old_host = self.vms[vm].spec.host;
-        self.crash_when_taken_over(old_host);
+        self.after_taken_over(vm);
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 //!   host asks the other site (`ReplicaSite::answer_old_primary`, read by
 //!   `protect::after_handover`).
 
+use super::Interrupted;
 use super::*;
 use crate::scenario::HandoverCrash;
 use blockrep::protect::{AfterHandover, HandoverMark, after_handover};
@@ -43,12 +44,45 @@ impl World {
         Ok(())
     }
 
-    /// The other site took `vm` over from `host`: the host loses power now when the scenario
-    /// asked for it, before it hears.
-    pub(super) fn crash_when_taken_over(&mut self, host: usize) {
+    /// The other site took `vm` over: the old host loses power now when the scenario asked
+    /// for it, before it hears; an old host that is down already (the take-over arrived after
+    /// it lost power) learns at its restart, and the other site runs the VM from now on.
+    pub(super) fn after_taken_over(&mut self, vm: usize) {
+        let host = self.vms[vm].spec.host;
         if self.hosts[host].crash_at_handover == Some(HandoverCrash::TakenOver) {
             self.hosts[host].crash_at_handover = None;
             self.crash_host(host, "lost power once the other site took its VM over");
+        } else if !self.hosts[host].up {
+            let sequence = self.vms[vm].handover_sequence;
+            self.handed_over(vm, sequence, false);
+        }
+    }
+
+    /// A planned failover of `vm` was refused, or could not be prepared: the VM runs where it
+    /// ran, and what its host recorded of the handover goes (the engine's `failback_failed`,
+    /// or the first host's mark), as the daemons do.
+    pub(super) fn handover_called_off(&mut self, vm: usize) {
+        let host = self.vms[vm].spec.host;
+        if !self.hosts[host].up {
+            return;
+        }
+        let dropped = match self.failed_over_here(host, vm) {
+            Err(reason) => Err(reason),
+            Ok(true) => self.slot(host, vm).and_then(|slot| {
+                slot.replica_site()
+                    .failback_failed(false, None, Hosted::Yes { reversing: true })
+                    .map(drop)
+                    .map_err(|error| error.to_string())
+            }),
+            Ok(false) => {
+                let storage = self.storage_options(host);
+                HandoverMark::for_disk(&self.vms[vm].paths[0])
+                    .remove(&storage)
+                    .map_err(|error| error.to_string())
+            }
+        };
+        if let Err(reason) = dropped {
+            self.lost_host_io(host, &reason);
         }
     }
 
@@ -73,8 +107,16 @@ impl World {
             .is_some_and(|failover| failover.active()))
     }
 
-    /// Asks again later who runs `vm`, from `host`.
+    /// Asks again later who runs `vm`, from `host` (a restart asks anew: the question is kept
+    /// in `interrupted` until it is settled).
     fn ask_again(&mut self, vm: usize, host: usize, reason: &str) {
+        let reverse = self.vms[vm]
+            .interrupted
+            .is_some_and(|interrupted| interrupted.reverse);
+        self.vms[vm].interrupted = Some(Interrupted { host, reverse });
+        if !self.hosts[host].up {
+            return;
+        }
         let name = self.vms[vm].spec.name.clone();
         self.note_fault(format!(
             "VM {name}: {} does not know yet whether it runs the VM ({reason}); its disks are served to no one; asking again in 30 s",
@@ -94,20 +136,23 @@ impl World {
     /// `host` restarted after it lost power while it handed `vm` over, or asks again: it
     /// settles the handover from what it recorded, as the engine decides.
     pub(super) fn settle_after_restart(&mut self, vm: usize, host: usize) {
+        // Settled now, unless it asks again (`ask_again` keeps the question).
+        let interrupted = self.vms[vm].interrupted.take();
+        let reverse = interrupted.is_some_and(|interrupted| interrupted.reverse);
         if self.vms[vm].spec.host == host {
             if self.vms[vm].primary.is_some() {
                 return;
             }
             self.start_or_ask(vm);
         } else {
-            self.settle_taken_over(vm, host);
+            self.settle_taken_over(vm, host, reverse);
         }
     }
 
     /// The other site took `vm` over from `host`, which lost power before it heard. Back, the
     /// host finds what it recorded: a failback's record is settled, a handover mark makes it
     /// ask the other site; with neither it would run the VM again, at both sites.
-    fn settle_taken_over(&mut self, vm: usize, host: usize) {
+    fn settle_taken_over(&mut self, vm: usize, host: usize, reverse: bool) {
         let other = self.hosts[self.vms[vm].spec.host].name.clone();
         let here = self.hosts[host].name.clone();
         match self.failed_over_here(host, vm) {
@@ -116,12 +161,16 @@ impl World {
                 let settled = self.slot(host, vm).map(|slot| {
                     let mut site = slot.replica_site();
                     site.failback_to_settle(None, Hosted::No)
-                        .map(|sequence| site.finish_failback(sequence))
+                        .map(|sequence| site.finish_failback(sequence).map(|_| sequence))
                 });
                 match settled {
                     Err(reason) => self.ask_again(vm, host, &reason),
                     Ok(Some(Err(error))) => self.lost_host_io(host, &error.to_string()),
-                    Ok(Some(Ok(_))) => self.replicate_back_if_asked(vm, host),
+                    Ok(Some(Ok(sequence))) => {
+                        if reverse {
+                            self.replicate_back_to(vm, host, sequence);
+                        }
+                    }
                     Ok(None) => self.violation(
                         Some(vm),
                         format!("the VM runs at both sites: {here} restarts with its failover record and runs the VM, which {other} took over"),
@@ -140,12 +189,7 @@ impl World {
             return;
         }
         match self.ask_other_site(vm, host) {
-            AfterHandover::BecomeReplica { applied } => {
-                match self.become_replica(host, vm, applied) {
-                    Ok(()) => self.replicate_back(vm, applied, false),
-                    Err(reason) => self.ask_again(vm, host, &reason),
-                }
-            }
+            AfterHandover::BecomeReplica { applied } => self.replicate_back_to(vm, host, applied),
             // It waits for the operator there to reverse replication.
             AfterHandover::RunsThere { .. } => {}
             AfterHandover::RunHere => self.violation(
@@ -160,15 +204,14 @@ impl World {
         }
     }
 
-    /// After a failback settled at `host`, the VM (at its first host) replicates back to it
-    /// when the failback asked for that.
-    fn replicate_back_if_asked(&mut self, vm: usize, host: usize) {
-        if !self.vms[vm].handover_reverse || self.vms[vm].replicating {
+    /// `host` is the replica of `vm` again at delta `applied`: replication goes back to it,
+    /// unless it already does.
+    fn replicate_back_to(&mut self, vm: usize, host: usize, applied: u64) {
+        if self.vms[vm].replicating {
             return;
         }
-        let sequence = self.vms[vm].handover_sequence;
-        match self.become_replica(host, vm, sequence) {
-            Ok(()) => self.replicate_back(vm, sequence, false),
+        match self.become_replica(host, vm, applied) {
+            Ok(()) => self.replicate_back(vm, applied, false),
             Err(reason) => self.ask_again(vm, host, &reason),
         }
     }

@@ -69,8 +69,10 @@ impl World {
         runtime.store = Some(store);
         runtime.up = true;
         for vm in 0..self.vms.len() {
-            if self.vms[vm].interrupted == Some(host) {
-                self.vms[vm].interrupted = None;
+            if self.vms[vm]
+                .interrupted
+                .is_some_and(|interrupted| interrupted.host == host)
+            {
                 self.settle_after_restart(vm, host);
             } else if self.vms[vm].spec.host == host {
                 self.start_or_ask(vm);
@@ -297,7 +299,10 @@ impl World {
                 if self.vms[vm].writes_stopped {
                     // A handover under way: settled when the host is back, from what it
                     // recorded (`settle_after_restart`).
-                    self.vms[vm].interrupted = Some(host);
+                    self.vms[vm].interrupted = Some(Interrupted {
+                        host,
+                        reverse: self.vms[vm].handover_reverse,
+                    });
                 }
                 if self.vms[vm].taking_over.is_some() {
                     // The other site took the VM over and runs it from now on; this host

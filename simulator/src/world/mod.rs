@@ -295,8 +295,9 @@ struct VmRuntime {
     taking_over: Option<PrimarySide>,
     /// The planned failover in progress replicates back at once.
     handover_reverse: bool,
-    /// A host that lost power while it handed the VM over: its restart settles the handover.
-    interrupted: Option<usize>,
+    /// A host that lost power while it handed the VM over (its restart settles the
+    /// handover), or that waits for the other site's answer.
+    interrupted: Option<Interrupted>,
     /// The delta the planned failover in progress hands over at.
     handover_sequence: u64,
     /// Where the rotating check of unchanged pages goes on.
@@ -314,6 +315,14 @@ struct VmRuntime {
     report: VmReport,
     rpo_samples: Vec<f64>,
     last_health: Option<Health>,
+}
+
+/// A handover a power cut interrupted, until the host settles it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Interrupted {
+    host: usize,
+    /// The handover asked for replication back.
+    reverse: bool,
 }
 
 impl VmRuntime {
@@ -578,7 +587,10 @@ impl World {
                 host,
                 incarnation,
             } => {
-                if self.hosts[host].up && self.hosts[host].incarnation == incarnation {
+                let asking = self.vms[vm]
+                    .interrupted
+                    .is_some_and(|interrupted| interrupted.host == host);
+                if asking && self.hosts[host].up && self.hosts[host].incarnation == incarnation {
                     self.settle_after_restart(vm, host);
                 }
             }

@@ -244,6 +244,7 @@ impl World {
                 self.handed_over(vm, sequence, reverse);
             }
             PrimaryAction::HandoverRefused { reason } => {
+                self.handover_called_off(vm);
                 self.vms[vm].writes_stopped = false;
                 self.planned_failed(vm, format!("refused: {reason}"));
             }

@@ -440,9 +440,21 @@ impl ReplicaStore {
                 ));
             }
         };
+        // A catalogue without adopted disks and without disk files of its own is an adopt a
+        // crash interrupted (its first catalogue write): nothing of value to keep.
+        let holds_disks = std::fs::read_dir(self.root.join(vm))
+            .map_err(|error| Error::file(&self.root.join(vm).display().to_string(), "list", error))?
+            .flatten()
+            .any(|entry| {
+                entry
+                    .path()
+                    .extension()
+                    .is_some_and(|extension| extension == "vhdx")
+            });
         if parse_catalogue(&catalogue_path, &bytes)?
             .external_disks
             .is_none()
+            && holds_disks
         {
             return Err(Error::Replication {
                 peer: vm.to_owned(),
@@ -732,7 +744,17 @@ impl VmReplica {
 }
 
 /// Kills the process with SIGKILL at the named point when `BLOCKREP_CRASH_POINT` names it:
-/// how the crash tests stop a real server between two steps of a commit, exactly there.
+/// how the lab tests stop a real daemon between two steps, exactly there. Debug builds only
+/// (what `cargo test` runs): a release build has no such switch. The engine's crash
+/// coverage is the simulator's, which cuts a host's power through the storage layer at every
+/// step (`StorageLayer::with_power_check`); these few points check the real processes end to
+/// end.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn crash_point(_name: &str) {}
+
+/// See the release build's `crash_point`.
+#[cfg(debug_assertions)]
 pub fn crash_point(name: &str) {
     static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let chosen = CHOSEN.get_or_init(|| std::env::var("BLOCKREP_CRASH_POINT").ok());
