@@ -105,6 +105,8 @@ struct VmSlot {
     hosted: Option<HostedVm>,
     /// The replica is replicated onward to a third site.
     extended: Option<ExtendedVm>,
+    /// When onward replication may be tried again after it could not start.
+    onward_retry: OnwardRetry,
     /// A failback runs: no other may start.
     failback: Option<Arc<Mutex<Failback>>>,
     /// This slot, for the callbacks of what runs the VM here.
@@ -644,6 +646,7 @@ async fn open_slot(
                     site: Arc::clone(site),
                     hosted: None,
                     extended: None,
+                    onward_retry: OnwardRetry::default(),
                     failback: None,
                     this: this.clone(),
                     totals: Totals::default(),

@@ -59,11 +59,43 @@ pub(super) fn extend(slot: &mut VmSlot, fresh: bool) {
     if slot.extended.is_some() || slot.replica.applied() == 0 || slot.replica.failover().is_some() {
         return;
     }
+    // New disk files always start it; otherwise a start that failed (its disks in use, say)
+    // is tried again after a growing pause, not at every delta applied under the VM's lock.
+    let now = std::time::Instant::now();
+    if !fresh && slot.onward_retry.not_before.is_some_and(|at| now < at) {
+        return;
+    }
     let vm = slot.machine_name();
     let runtime = slot.runtime.clone();
     match ExtendedVm::start(&vm, &mut slot.replica, options, &runtime, fresh) {
-        Ok(extended) => slot.extended = Some(extended),
-        Err(error) => tracing::error!(%vm, %error, "cannot replicate onward"),
+        Ok(extended) => {
+            slot.extended = Some(extended);
+            slot.onward_retry = OnwardRetry::default();
+        }
+        Err(error) => {
+            let pause = slot.onward_retry.failed(now);
+            tracing::error!(%vm, %error, retry_in = ?pause, "cannot replicate onward");
+        }
+    }
+}
+
+/// The pause before onward replication is tried again after a start failed: doubling from
+/// one second up to five minutes.
+#[derive(Debug, Default)]
+pub(super) struct OnwardRetry {
+    not_before: Option<std::time::Instant>,
+    pause: Duration,
+}
+
+impl OnwardRetry {
+    const FIRST: Duration = Duration::from_secs(1);
+    const LONGEST: Duration = Duration::from_secs(300);
+
+    /// A start failed at `now`: the next waits a pause twice the last one's.
+    pub(super) fn failed(&mut self, now: std::time::Instant) -> Duration {
+        self.pause = (self.pause * 2).clamp(Self::FIRST, Self::LONGEST);
+        self.not_before = Some(now + self.pause);
+        self.pause
     }
 }
 

@@ -98,6 +98,7 @@ fn a_test_failover_made_while_deltas_land_is_one_consistent_state() {
                 }),
                 hosted: None,
                 extended: None,
+                onward_retry: OnwardRetry::default(),
                 failback: None,
                 this: this.clone(),
                 totals: Totals::default(),
@@ -229,6 +230,7 @@ fn an_old_primary_connecting_while_a_failback_lets_the_vm_go_is_told_to_come_bac
             }),
             hosted: None,
             extended: None,
+            onward_retry: OnwardRetry::default(),
             failback: None,
             this: this.clone(),
             totals: Totals::default(),
@@ -244,4 +246,12 @@ fn an_old_primary_connecting_while_a_failback_lets_the_vm_go_is_told_to_come_bac
     // Once it is the replica again, the old primary is let through to its hello.
     lock(&slot).replica.hand_back(1).unwrap();
     assert!(answer_for_running_vm(&slot, "owner").is_none());
+}
+
+#[test]
+fn onward_replication_that_cannot_start_waits_longer_each_time() {
+    let now = std::time::Instant::now();
+    let mut retry = OnwardRetry::default();
+    let pauses: Vec<u64> = (0..12).map(|_| retry.failed(now).as_secs()).collect();
+    assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
 }
