@@ -14,9 +14,10 @@ use crate::replication_command::{
 use blockrep::delta::Compression;
 use blockrep::nbd::NbdServer;
 use blockrep::net::{
-    Connection, ConsistencyHook, Ending, Endpoint, Greeting, HandoverFailure, Hosting, Identity,
-    PrimaryCommand, PrimaryOptions, ReplicaServer, Route, SharedReport, client_endpoint,
-    close_when_free, exports, greet, load_certificate, peer_fingerprint, run_primary,
+    Connection, ConsistencyHook, DaemonStatus, Ending, Endpoint, Greeting, HandoverFailure,
+    Hosting, Identity, PrimaryCommand, PrimaryOptions, ReplicaServer, Route, SharedReport,
+    client_endpoint, close_when_free, exports, greet, load_certificate, peer_fingerprint,
+    run_primary,
 };
 use blockrep::protect::{AfterHandover, HandoverMark, ProtectedVm};
 use blockrep::proto::{DiskDescription, Message, PROTOCOL_VERSION, PrimaryConfig, Tracking};
@@ -273,7 +274,10 @@ impl Agent<'_> {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clone();
-                serde_json::json!({"role": "primary", "vms": report.into_iter().collect::<Vec<_>>()})
+                DaemonStatus::Primary {
+                    vms: report.into_iter().collect(),
+                }
+                .to_json()
             })?
         };
         let progress = (std::io::stderr().is_terminal() && !handed_back)
@@ -428,7 +432,11 @@ impl Agent<'_> {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .clone();
                 let vms = server.map(|server| server.reports()).unwrap_or_default();
-                serde_json::json!({"role": "replica", "listen": "reverse replication", "vms": vms})
+                DaemonStatus::Replica {
+                    listen: "reverse replication".into(),
+                    vms,
+                }
+                .to_json()
             })?
         };
         let hello = Message::Hello {

@@ -2,6 +2,7 @@
 //! run the protocol's state machines over quinn on tokio. This module moves bytes and keeps
 //! time; every replication decision is made in `proto`.
 
+mod daemon_status;
 mod events;
 mod extension;
 mod frame;
@@ -26,6 +27,7 @@ pub fn peer_fingerprint(connection: &Connection) -> Option<String> {
         .and_then(|certificates| certificates.first().map(fingerprint))
 }
 
+pub use daemon_status::DaemonStatus;
 pub use events::{EventSender, ReplicationEvent, TimedEvent};
 pub use extension::ExtensionOptions;
 pub use hosting::{HostingOptions, close_when_free, exports};

@@ -129,7 +129,7 @@ pub enum Ending {
 }
 
 /// Disk bytes compared and found different by a resynchronization.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResyncSummary {
     pub compared_bytes: u64,
     pub differing_bytes: u64,
@@ -262,7 +262,7 @@ impl ConsistencyHook {
 }
 
 /// What the status socket reports for a primary.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PrimaryReport {
     pub vm: String,
     pub replica: String,

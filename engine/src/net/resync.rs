@@ -33,7 +33,7 @@ pub(super) struct Progress {
 }
 
 /// A comparison under way, as the status shows it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProgressReport {
     pub compared_bytes: u64,
     pub total_bytes: u64,

@@ -10,7 +10,7 @@ const WINDOW: Duration = Duration::from_secs(3600);
 /// Missed share above which health is a warning.
 const MISSED_WARNING: f64 = 0.20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     Normal,

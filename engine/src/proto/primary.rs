@@ -117,7 +117,7 @@ enum Handover {
 }
 
 /// Where replication of the VM stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReplicationState {
     InitialReplication,
@@ -134,7 +134,7 @@ pub enum ReplicationState {
 }
 
 /// What `blockrep status` shows for a VM on its primary.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PrimaryStatus {
     pub state: ReplicationState,
     pub health: Health,

@@ -9,7 +9,7 @@ use crate::peer::{Peer, check_may_create};
 use blockrep::io::{IoEngine, StorageOptions};
 use blockrep::nbd::NbdAddress;
 use blockrep::net::{
-    ExtensionOptions, Hosting, HostingOptions, Identity, ReplicaServer, SharedReport,
+    DaemonStatus, ExtensionOptions, Hosting, HostingOptions, Identity, ReplicaServer, SharedReport,
     client_endpoint, load_certificate,
 };
 use blockrep::proto::ReplicationState;

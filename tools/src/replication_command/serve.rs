@@ -100,9 +100,15 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
             host_name: hostname(),
             extend,
         }));
-        let server = Arc::new(ReplicaServer::start(arguments.listen, store, &identity, allowed, hosting, None).await?);
+        let server = Arc::new(
+            ReplicaServer::start(arguments.listen, store, &identity, allowed, hosting, None)
+                .await?,
+        );
         let address = server.address();
-        eprintln!("blockrep: serving replicas in {} on {address}", arguments.store.display());
+        eprintln!(
+            "blockrep: serving replicas in {} on {address}",
+            arguments.store.display()
+        );
         let control_path = run_directory().join(format!("serve-{}.sock", address.port()));
         let control = {
             let server = Arc::clone(&server);
@@ -110,7 +116,11 @@ pub fn serve(arguments: ServeArguments) -> Outcome {
             ControlSocket::bind_for_peers(&control_path, move |request, requester| {
                 match serde_json::from_str::<ReplicaRequest>(request) {
                     Ok(request) => answer_replica_request(&server, &runtime, request, requester),
-                    Err(_) => serde_json::json!({"role": "replica", "listen": address.to_string(), "vms": server.reports()}),
+                    Err(_) => DaemonStatus::Replica {
+                        listen: address.to_string(),
+                        vms: server.reports(),
+                    }
+                    .to_json(),
                 }
             })?
         };

@@ -1,6 +1,7 @@
 //! `blockrep status`: every daemon running here, as text or JSON.
 
 use super::*;
+use blockrep::net::{PrimaryReport, ReplicaReport};
 
 /// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS`, UTC.
 pub(super) fn format_time(seconds: f64) -> String {
@@ -43,161 +44,150 @@ pub fn status(json: bool) -> Outcome {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    for answer in &answers {
-        let role = answer["role"].as_str().unwrap_or("?");
-        for vm in answer["vms"].as_array().into_iter().flatten() {
-            match role {
-                "primary" => print_primary(vm),
-                _ => print_replica(vm),
+    let mut unreadable = 0;
+    for answer in answers {
+        match serde_json::from_value::<DaemonStatus>(answer) {
+            Ok(DaemonStatus::Primary { vms }) => vms.iter().for_each(print_primary),
+            Ok(DaemonStatus::Replica { vms, .. }) => vms.iter().for_each(print_replica),
+            Err(error) => {
+                // A daemon of another blockrep version, most likely: say so rather than show
+                // its figures as zeros.
+                eprintln!(
+                    "blockrep: a daemon's status cannot be read ({error}); is it another version of blockrep?"
+                );
+                unreadable += 1;
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if unreadable > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-pub(super) fn print_primary(vm: &serde_json::Value) {
-    let size = |key: &str| format_size(vm[key].as_u64().unwrap_or(0));
-    println!(
-        "{} (primary, replicating to {})",
-        vm["vm"].as_str().unwrap_or("?"),
-        vm["replica"].as_str().unwrap_or("?")
-    );
-    println!(
-        "  state:               {}",
-        vm["state"].as_str().unwrap_or("?")
-    );
-    println!(
-        "  health:              {}",
-        vm["health"].as_str().unwrap_or("?")
-    );
-    match vm["seconds_since_replication"].as_f64() {
+pub(super) fn print_primary(vm: &PrimaryReport) {
+    let status = &vm.status;
+    println!("{} (primary, replicating to {})", vm.vm, vm.replica);
+    println!("  state:               {}", json_name(&status.state));
+    println!("  health:              {}", json_name(&status.health));
+    match vm.seconds_since_replication {
         Some(seconds) => println!("  last replication:    {seconds:.0} s ago"),
         None => println!("  last replication:    never"),
     }
-    println!("  pending:             {}", size("pending_bytes"));
+    println!(
+        "  pending:             {}",
+        format_size(status.pending_bytes)
+    );
     println!(
         "  delta size:          {} average, {} maximum",
-        size("average_delta_bytes"),
-        size("maximum_delta_bytes")
+        format_size(status.average_delta_bytes),
+        format_size(status.maximum_delta_bytes)
     );
-    println!(
-        "  average latency:     {:.2} s",
-        vm["average_latency_seconds"].as_f64().unwrap_or(0.0)
-    );
+    println!("  average latency:     {:.2} s", vm.average_latency_seconds);
     println!(
         "  cycles:              {} successful, {} missed",
-        vm["successful_cycles"].as_u64().unwrap_or(0),
-        vm["missed_cycles"].as_u64().unwrap_or(0)
+        status.successful_cycles, status.missed_cycles
     );
     println!(
         "  shipped:             {} before compression, {} after",
-        size("bytes_before_compression"),
-        size("bytes_after_compression")
+        format_size(vm.bytes_before_compression),
+        format_size(vm.bytes_after_compression)
     );
-    let progress = &vm["resynchronizing"];
-    if progress.is_object() {
-        let (done, total) = (
-            progress["compared_bytes"].as_u64().unwrap_or(0),
-            progress["total_bytes"].as_u64().unwrap_or(0),
-        );
+    if let Some(progress) = &vm.resynchronizing {
         println!(
             "  resynchronizing:     {} of {} compared{}",
-            format_size(done),
-            format_size(total),
-            progress["eta_seconds"]
-                .as_f64()
+            format_size(progress.compared_bytes),
+            format_size(progress.total_bytes),
+            progress
+                .eta_seconds
                 .map(|seconds| format!(", about {seconds:.0} s left"))
                 .unwrap_or_default()
         );
     }
-    if vm["resync"].is_object() {
+    if let Some(resync) = &vm.resync {
         println!(
             "  last resync:         {} compared, {} differed (shipped)",
-            format_size(vm["resync"]["compared_bytes"].as_u64().unwrap_or(0)),
-            format_size(vm["resync"]["differing_bytes"].as_u64().unwrap_or(0))
+            format_size(resync.compared_bytes),
+            format_size(resync.differing_bytes)
         );
     }
-    if let Some(error) = vm["last_error"].as_str() {
+    if let Some(error) = &status.last_error {
         println!("  last error:          {error}");
     }
 }
 
-pub(super) fn print_replica(vm: &serde_json::Value) {
-    println!("{} (replica)", vm["vm"].as_str().unwrap_or("?"));
-    if vm["busy"].as_bool() == Some(true) {
+pub(super) fn print_replica(vm: &ReplicaReport) {
+    println!("{} (replica)", vm.vm);
+    if vm.busy {
         println!("  busy:                comparing or applying; the figures below are from before");
     }
-    println!(
-        "  primary connected:   {}",
-        vm["connected"].as_bool().unwrap_or(false)
-    );
-    println!(
-        "  applied delta:       {}",
-        vm["applied_sequence"].as_u64().unwrap_or(0)
-    );
-    if let Some(staging) = vm["staging"].as_array() {
-        println!(
-            "  staging:             delta {}, {} of {} chunks",
-            staging
-                .first()
-                .and_then(|value| value.as_u64())
-                .unwrap_or(0),
-            staging.get(1).and_then(|value| value.as_u64()).unwrap_or(0),
-            staging.get(2).and_then(|value| value.as_u64()).unwrap_or(0)
-        );
+    println!("  primary connected:   {}", vm.connected);
+    println!("  applied delta:       {}", vm.applied_sequence);
+    if let Some((sequence, staged, total)) = vm.staging {
+        println!("  staging:             delta {sequence}, {staged} of {total} chunks");
     }
-    if let Some(reason) = vm["compare_required"].as_str() {
+    if let Some(reason) = &vm.compare_required {
         println!(
             "  resynchronization required: {reason} (the primary compares on its next connection)"
         );
     }
-    for disk in vm["disks"].as_array().into_iter().flatten() {
-        println!("  disk:                {}", disk.as_str().unwrap_or("?"));
+    for disk in &vm.disks {
+        println!("  disk:                {disk}");
     }
     println!(
         "  recovery points:     {} besides the latest",
-        vm["recovery_points"].as_u64().unwrap_or(0)
+        vm.recovery_points
     );
-    if let Some(out) = vm["test_failover"].as_str() {
-        println!("  test failover:       {out}");
+    if let Some(out) = &vm.test_failover {
+        println!("  test failover:       {}", out.display());
     }
-    if let Some(sequence) = vm["failover"]["handing_back"].as_u64() {
-        println!(
-            "  failing back:        final delta {sequence} applied at the old primary; the VM's writes are stopped here"
-        );
-    }
-    if vm["failover"].is_object() {
-        let committed = vm["failover"]["committed"].as_bool() == Some(true);
+    if let Some(failover) = &vm.failover {
+        if let Some(sequence) = failover.handing_back {
+            println!(
+                "  failing back:        final delta {sequence} applied at the old primary; the VM's writes are stopped here"
+            );
+        }
         println!(
             "  failed over:         to point {}{}",
-            vm["failover"]["point"],
-            if committed {
+            failover.point,
+            if failover.committed {
                 ", committed"
             } else {
                 " (not committed)"
             }
         );
     }
-    for (key, label) in [
-        ("reverse", "replicating back:    "),
-        ("extended", "extended to:         "),
+    for (onward, label) in [
+        (&vm.reverse, "replicating back:    "),
+        (&vm.extended, "extended to:         "),
     ] {
-        let onward = &vm[key];
-        if onward.is_object() {
+        if let Some(onward) = onward {
             println!(
                 "  {label}{} — {}, health {}, delta {} applied there{}",
-                onward["replica"].as_str().unwrap_or("?"),
-                onward["state"].as_str().unwrap_or("?"),
-                onward["health"].as_str().unwrap_or("?"),
-                onward["applied_sequence"].as_u64().unwrap_or(0),
-                onward["resync"]["differing_bytes"]
-                    .as_u64()
-                    .map(|bytes| format!(", resynchronized: {} differed", format_size(bytes)))
+                onward.replica,
+                json_name(&onward.status.state),
+                json_name(&onward.status.health),
+                onward.status.applied_sequence,
+                onward
+                    .resync
+                    .map(|resync| format!(
+                        ", resynchronized: {} differed",
+                        format_size(resync.differing_bytes)
+                    ))
                     .unwrap_or_default()
             );
         }
     }
-    if let Some(error) = vm["error"].as_str() {
+    if let Some(error) = &vm.error {
         println!("  error:               {error}");
+    }
+}
+
+/// A state's or health's name as the JSON status gives it (`replicating`, `normal`).
+fn json_name(value: &impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        other => format!("{other:?}"),
     }
 }

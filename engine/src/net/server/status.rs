@@ -4,7 +4,7 @@
 use super::*;
 
 /// What the status socket reports for each VM on the replica.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaReport {
     pub vm: String,
     /// The VM's replica was busy when asked (hashing its disks for a comparison, say, which
