@@ -276,10 +276,11 @@ fn write_within(stream: &mut UnixStream, bytes: &[u8], deadline: Instant) -> std
     Ok(())
 }
 
-/// Asks every daemon with a socket in `directory`; sockets nobody answers on are skipped
-/// (a daemon that was killed leaves its socket behind). A directory that exists but is not
-/// private is refused: a socket in it could be anyone's.
-pub fn query_all(directory: &Path) -> std::io::Result<Vec<serde_json::Value>> {
+/// Asks every daemon with a socket in `directory` for its status: each socket with its
+/// answer. Sockets nobody answers on are skipped (a daemon that was killed leaves its socket
+/// behind). A directory that exists but is not private is refused: a socket in it could be
+/// anyone's.
+pub fn query_all(directory: &Path) -> std::io::Result<Vec<(PathBuf, serde_json::Value)>> {
     let Ok(entries) = std::fs::read_dir(directory) else {
         return Ok(Vec::new());
     };
@@ -294,8 +295,11 @@ pub fn query_all(directory: &Path) -> std::io::Result<Vec<serde_json::Value>> {
         .collect();
     paths.sort();
     Ok(paths
-        .iter()
-        .filter_map(|path| request(path, "status", Some(Duration::from_secs(5))).ok())
+        .into_iter()
+        .filter_map(|path| {
+            let answer = request(&path, "status", Some(Duration::from_secs(5))).ok()?;
+            Some((path, answer))
+        })
         .collect())
 }
 

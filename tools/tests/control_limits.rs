@@ -137,3 +137,54 @@ fn megabytes_streamed_at_a_daemon_are_cut_off_and_its_memory_stays_put() {
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answer.contains("blockrep_replica_vms 0"), "{answer}");
 }
+
+/// A stand-in daemon at `socket` that gives `answer` to each request, until the test ends.
+fn answering(socket: &Path, answer: &'static str) {
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 64];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+}
+
+#[test]
+fn status_names_a_daemon_that_answers_with_an_error_or_what_it_cannot_read() {
+    let run = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        run.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    answering(
+        &run.path().join("busy.sock"),
+        r#"{"error":"too many connections; try again"}"#,
+    );
+    answering(
+        &run.path().join("other.sock"),
+        r#"{"role":"replica","listen":"x","vms":[{"vm":"vm1"}]}"#,
+    );
+    let status = blockrep(run.path()).arg("status").output().unwrap();
+    let errors = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(1), "{errors}");
+    assert!(
+        errors.contains("busy.sock: too many connections; try again"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("other.sock: its status cannot be read")
+            && errors.contains("missing field"),
+        "{errors}"
+    );
+    // The raw answers stay available to scripts.
+    let json = blockrep(run.path())
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(json.status.success(), "{json:?}");
+    let answers: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(answers.as_array().map(Vec::len), Some(2), "{answers}");
+}

@@ -161,6 +161,10 @@ fn a_primary_with_an_unknown_certificate_is_refused_for_good() {
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "its crash points (BLOCKREP_CRASH_POINT) exist only in debug builds"
+)]
 fn a_replica_server_killed_during_an_apply_recovers_and_ends_equal_to_the_primary() {
     let test = "a_replica_server_killed_during_an_apply_recovers_and_ends_equal_to_the_primary";
     if !have_qemu(test) {
@@ -516,6 +520,10 @@ fn reverse_replication_after_an_unplanned_failover_ships_only_what_differs_then_
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "its crash points (BLOCKREP_CRASH_POINT) exist only in debug builds"
+)]
 fn a_failback_killed_on_either_side_runs_the_vm_once_and_loses_nothing() {
     let test = "a_failback_killed_on_either_side_runs_the_vm_once_and_loses_nothing";
     if !have_qemu(test) {

@@ -1,6 +1,7 @@
 //! What a daemon's control socket answers a status request, as one type for both ends: the
-//! daemons serialize it, `blockrep status` and the metrics endpoint read it back, so a field
-//! one side renames is a compile error rather than a figure silently shown as 0.
+//! daemons serialize it and `blockrep status` reads it back, so a field one side renames is a
+//! compile error rather than a figure silently shown as 0. (The metrics endpoint turns every
+//! number in the answer into a metric, and reads it untyped on purpose.)
 
 use super::{PrimaryReport, ReplicaReport};
 

@@ -34,6 +34,8 @@ pub fn status(json: bool) -> Outcome {
     let directory = run_directory();
     let answers = query_all(&directory)?;
     if json {
+        // The answers as the daemons gave them, for scripts.
+        let answers: Vec<&serde_json::Value> = answers.iter().map(|(_, answer)| answer).collect();
         println!("{}", serde_json::to_string_pretty(&answers)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -44,8 +46,14 @@ pub fn status(json: bool) -> Outcome {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let mut unreadable = 0;
-    for answer in answers {
+    let mut unanswered = 0;
+    for (socket, answer) in answers {
+        if let Some(error) = answer.get("error").and_then(|error| error.as_str()) {
+            // The socket itself refused (busy, or not this user's daemon).
+            eprintln!("blockrep: {}: {error}", socket.display());
+            unanswered += 1;
+            continue;
+        }
         match serde_json::from_value::<DaemonStatus>(answer) {
             Ok(DaemonStatus::Primary { vms }) => vms.iter().for_each(print_primary),
             Ok(DaemonStatus::Replica { vms, .. }) => vms.iter().for_each(print_replica),
@@ -53,13 +61,14 @@ pub fn status(json: bool) -> Outcome {
                 // A daemon of another blockrep version, most likely: say so rather than show
                 // its figures as zeros.
                 eprintln!(
-                    "blockrep: a daemon's status cannot be read ({error}); is it another version of blockrep?"
+                    "blockrep: {}: its status cannot be read ({error}); is it another version of blockrep?",
+                    socket.display()
                 );
-                unreadable += 1;
+                unanswered += 1;
             }
         }
     }
-    Ok(if unreadable > 0 {
+    Ok(if unanswered > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

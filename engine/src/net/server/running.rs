@@ -65,6 +65,9 @@ pub(super) fn extend(slot: &mut VmSlot, fresh: bool) {
     if !fresh && slot.onward_retry.not_before.is_some_and(|at| now < at) {
         return;
     }
+    // A fresh start that failed is owed until one succeeds: the retries come from applied
+    // deltas, which are not fresh.
+    let fresh = fresh || slot.onward_retry.fresh_owed;
     let vm = slot.machine_name();
     let runtime = slot.runtime.clone();
     match ExtendedVm::start(&vm, &mut slot.replica, options, &runtime, fresh) {
@@ -73,6 +76,7 @@ pub(super) fn extend(slot: &mut VmSlot, fresh: bool) {
             slot.onward_retry = OnwardRetry::default();
         }
         Err(error) => {
+            slot.onward_retry.fresh_owed = fresh;
             let pause = slot.onward_retry.failed(now);
             tracing::error!(%vm, %error, retry_in = ?pause, "cannot replicate onward");
         }
@@ -85,6 +89,8 @@ pub(super) fn extend(slot: &mut VmSlot, fresh: bool) {
 pub(super) struct OnwardRetry {
     not_before: Option<std::time::Instant>,
     pause: Duration,
+    /// The start that failed was a fresh one (new disk files): the next is too.
+    fresh_owed: bool,
 }
 
 impl OnwardRetry {
