@@ -14,10 +14,9 @@ use crate::replication_command::{
 use blockrep::delta::Compression;
 use blockrep::nbd::NbdServer;
 use blockrep::net::{
-    Connection, ConsistencyHook, DaemonStatus, Ending, Endpoint, Greeting, HandoverFailure,
-    Hosting, Identity, PrimaryCommand, PrimaryOptions, ReplicaServer, Route, SharedReport,
-    client_endpoint, close_when_free, exports, greet, load_certificate, peer_fingerprint,
-    run_primary,
+    ClientEndpoint, ConsistencyHook, DaemonStatus, Ending, Greeting, HandoverFailure, Hosting,
+    Identity, PeerConnection, PrimaryCommand, PrimaryOptions, ReplicaServer, Route, SharedReport,
+    client_endpoint, close_when_free, exports, greet, load_certificate, run_primary,
 };
 use blockrep::protect::{AfterHandover, HandoverMark, ProtectedVm};
 use blockrep::proto::{DiskDescription, Message, PROTOCOL_VERSION, PrimaryConfig, Tracking};
@@ -44,7 +43,7 @@ enum Role {
     /// The VM runs at the other site; this host keeps its replica.
     Replica {
         descriptions: Vec<DiskDescription>,
-        first: Option<(Connection, u64)>,
+        first: Option<(PeerConnection, u64)>,
     },
     Done,
 }
@@ -141,7 +140,7 @@ fn adopted_descriptions(
 
 struct Agent<'a> {
     arguments: &'a ProtectArguments,
-    endpoint: Endpoint,
+    endpoint: ClientEndpoint,
     replica: SocketAddr,
     stopped: watch::Receiver<bool>,
 }
@@ -413,7 +412,7 @@ impl Agent<'_> {
     async fn replica(
         &self,
         descriptions: Vec<DiskDescription>,
-        mut pending: Option<(Connection, u64)>,
+        mut pending: Option<(PeerConnection, u64)>,
     ) -> Result<Role, Failure> {
         let arguments = self.arguments;
         let policy = PointPolicy {
@@ -507,7 +506,8 @@ impl Agent<'_> {
             let running = match running {
                 Some(running) => running,
                 None => {
-                    let owner = peer_fingerprint(&connection)
+                    let owner = connection
+                        .peer_fingerprint()
                         .ok_or("the other site presented no certificate")?;
                     let (adopting, vm, descriptions, paths) = (
                         store.clone(),

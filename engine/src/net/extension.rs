@@ -21,7 +21,7 @@ pub struct ExtensionOptions {
     /// The third site's replica server.
     pub target: SocketAddr,
     /// Presents this server's identity and accepts only the third site's certificate.
-    pub endpoint: quinn::Endpoint,
+    pub endpoint: super::ClientEndpoint,
     pub frequency: Duration,
     pub storage: StorageOptions,
     pub streams: usize,

@@ -50,7 +50,7 @@ impl Default for HostingOptions {
 
 /// The primary shipping a hosted VM's changes back.
 struct Reverse {
-    connections: mpsc::UnboundedSender<quinn::Connection>,
+    connections: mpsc::UnboundedSender<super::PeerConnection>,
     commands: mpsc::UnboundedSender<PrimaryCommand>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<Ending>>,
@@ -177,7 +177,10 @@ impl HostedVm {
     /// Hands a connection from the old primary to the reverse primary.
     pub(super) fn connect(&self, connection: quinn::Connection) -> bool {
         match &self.reverse {
-            Some(reverse) => reverse.connections.send(connection).is_ok(),
+            Some(reverse) => reverse
+                .connections
+                .send(super::PeerConnection(connection))
+                .is_ok(),
             None => false,
         }
     }

@@ -16,16 +16,31 @@ mod tls;
 /// A peer's certificate (DER), as pinned or allowed.
 type Certificate = rustls::pki_types::CertificateDer<'static>;
 
-/// QUIC connections and endpoints, as the drivers take and hand them out.
-pub use quinn::{Connection, Endpoint};
+/// A QUIC connection to the other site, as the drivers hand it from one role to the next (a
+/// host told to become the replica keeps the connection it was told on). The engine's own
+/// type, so embedders depend on no QUIC library.
+#[derive(Clone, Debug)]
+pub struct PeerConnection(pub(crate) quinn::Connection);
+
+impl PeerConnection {
+    /// The SHA-256 fingerprint of the certificate the peer presented.
+    pub fn peer_fingerprint(&self) -> Option<String> {
+        peer_fingerprint(&self.0)
+    }
+}
 
 /// The SHA-256 fingerprint of the certificate the peer of `connection` presented.
-pub fn peer_fingerprint(connection: &Connection) -> Option<String> {
+pub(crate) fn peer_fingerprint(connection: &quinn::Connection) -> Option<String> {
     connection
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<Certificate>>().ok())
         .and_then(|certificates| certificates.first().map(fingerprint))
 }
+
+/// A QUIC client endpoint that presents this host's identity and accepts only the pinned peer
+/// (`client_endpoint`); one serves every connection a host dials.
+#[derive(Clone, Debug)]
+pub struct ClientEndpoint(pub(crate) quinn::Endpoint);
 
 pub use daemon_status::DaemonStatus;
 pub use events::{EventSender, ReplicationEvent, TimedEvent};

@@ -8,6 +8,7 @@ use super::frame::{read_frame, spawn_control_writer, write_message};
 use super::identity::Identity;
 use super::resync;
 use super::tls::{client_config, is_authentication_failure};
+use super::{ClientEndpoint, PeerConnection};
 use crate::delta::DeltaEncoder;
 use crate::protect::ProtectedVm;
 use crate::protect::{AfterHandover, after_handover};
@@ -28,14 +29,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub enum Route {
     /// Dial the replica server at `replica` (the endpoint holds the pinned TLS setup).
     Dial {
-        endpoint: quinn::Endpoint,
+        endpoint: ClientEndpoint,
         replica: SocketAddr,
     },
     /// The replica dials in: reverse replication, where the old primary, now the replica,
     /// keeps connecting to this site; the server hands its connections over.
     Incoming {
         peer: String,
-        connections: mpsc::UnboundedReceiver<quinn::Connection>,
+        connections: mpsc::UnboundedReceiver<PeerConnection>,
     },
 }
 
@@ -44,7 +45,7 @@ pub fn client_endpoint(
     identity: &Identity,
     trusted: CertificateDer<'static>,
     replica: SocketAddr,
-) -> Result<quinn::Endpoint> {
+) -> Result<ClientEndpoint> {
     let peer = replica.to_string();
     let bind: SocketAddr = if replica.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -54,7 +55,7 @@ pub fn client_endpoint(
     let mut endpoint = quinn::Endpoint::client(bind)
         .map_err(|error| network(&peer, format!("cannot open a UDP socket: {error}")))?;
     endpoint.set_default_client_config(client_config(identity, trusted)?);
-    Ok(endpoint)
+    Ok(ClientEndpoint(endpoint))
 }
 
 /// What an operator asks of a running primary.
@@ -122,7 +123,7 @@ pub enum Ending {
     /// The VM runs at the replica's site (it failed over there): this side is to be its
     /// replica now, over `connection`, its copy counted as at delta `applied`.
     Reversed {
-        connection: quinn::Connection,
+        connection: PeerConnection,
         applied: u64,
         resync: bool,
     },
@@ -684,7 +685,7 @@ pub async fn run_primary(
                     if let Some(link) = link.take() {
                         drop(link.control);
                         ending = Ending::Reversed {
-                            connection: link.connection,
+                            connection: PeerConnection(link.connection),
                             applied,
                             resync,
                         };
@@ -768,7 +769,7 @@ pub async fn run_primary(
                     Dialer::Dial { endpoint, replica } => {
                         let (endpoint, replica, vm, name, progress) = (endpoint.clone(), *replica, Arc::clone(&vm), config.vm.clone(), Arc::clone(&progress));
                         tokio::spawn(async move {
-                            let _ = done.send(verify_over_new_connection(&endpoint, replica, &vm, &name, &progress).await);
+                            let _ = done.send(verify_over_new_connection(&endpoint.0, replica, &vm, &name, &progress).await);
                         });
                     }
                     Dialer::Incoming(_) => {
@@ -938,7 +939,7 @@ pub async fn run_primary(
     if let Dialer::Dial { endpoint, .. } = &dialer
         && !matches!(ending, Ending::Reversed { .. })
     {
-        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+        tokio::time::timeout(Duration::from_secs(2), endpoint.0.wait_idle())
             .await
             .ok();
     }
@@ -951,17 +952,17 @@ pub async fn run_primary(
 #[derive(Debug)]
 pub struct Greeting {
     pub next: AfterHandover,
-    pub connection: Option<quinn::Connection>,
+    pub connection: Option<PeerConnection>,
 }
 
 /// Connects to the other site and introduces the VM (`hello`, a `Message::Hello`): how a
 /// host whose VM may run at the other site learns who runs it.
 pub async fn greet(
-    endpoint: &quinn::Endpoint,
+    endpoint: &ClientEndpoint,
     replica: SocketAddr,
     hello: &Message,
 ) -> std::result::Result<Greeting, String> {
-    let (connection, mut send, mut receive) = open_session(endpoint, replica).await?;
+    let (connection, mut send, mut receive) = open_session(&endpoint.0, replica).await?;
     write_message(&mut send, hello)
         .await
         .map_err(|error| error.to_string())?;
@@ -972,7 +973,7 @@ pub async fn greet(
         .ok_or("the other site closed the session without an answer")?;
     let next = after_handover(&answer);
     let connection = match next {
-        AfterHandover::BecomeReplica { .. } => Some(connection),
+        AfterHandover::BecomeReplica { .. } => Some(PeerConnection(connection)),
         _ => {
             connection.close(0u32.into(), b"answered");
             None
@@ -1019,10 +1020,10 @@ async fn verify_over_new_connection(
 #[derive(Clone)]
 enum Dialer {
     Dial {
-        endpoint: quinn::Endpoint,
+        endpoint: ClientEndpoint,
         replica: SocketAddr,
     },
-    Incoming(Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<quinn::Connection>>>),
+    Incoming(Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<PeerConnection>>>),
 }
 
 /// Makes one connection, compares the disks by hash first when asked, and reports.
@@ -1068,6 +1069,7 @@ impl ConnectTask {
         let connection = match &self.dialer {
             Dialer::Dial { endpoint, replica } => {
                 let connecting = endpoint
+                    .0
                     .connect(*replica, "blockrep-replica")
                     .map_err(|error| (format!("cannot connect: {error}"), false))?;
                 connecting
@@ -1077,6 +1079,7 @@ impl ConnectTask {
             Dialer::Incoming(connections) => {
                 let next = connections.lock().await.recv().await;
                 next.ok_or_else(|| ("the server stopped".to_owned(), true))?
+                    .0
             }
         };
         let (mut control, mut incoming) = connection

@@ -325,11 +325,11 @@ impl ReplicaServer {
 
     /// Serves a connection this process made: the peer replicates to this side over it. Returns
     /// when the connection ends.
-    pub async fn serve(&self, connection: quinn::Connection) {
+    pub async fn serve(&self, connection: super::PeerConnection) {
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         serve_connection(
             id,
-            connection,
+            connection.0,
             self.store.clone(),
             Arc::clone(&self.vms),
             Arc::clone(&self.site),
