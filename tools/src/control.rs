@@ -277,8 +277,8 @@ fn write_within(stream: &mut UnixStream, bytes: &[u8], deadline: Instant) -> std
 }
 
 /// Asks every daemon with a socket in `directory` for its status: each socket with its
-/// answer. Sockets nobody answers on are skipped (a daemon that was killed leaves its socket
-/// behind). A directory that exists but is not private is refused: a socket in it could be
+/// answer. Sockets nobody listens on are skipped (a daemon that was killed leaves its socket
+/// behind); a daemon that answers what cannot be read, or not in time, gets an `error` answer. A directory that exists but is not private is refused: a socket in it could be
 /// anyone's.
 pub fn query_all(directory: &Path) -> std::io::Result<Vec<(PathBuf, serde_json::Value)>> {
     let Ok(entries) = std::fs::read_dir(directory) else {
@@ -296,12 +296,26 @@ pub fn query_all(directory: &Path) -> std::io::Result<Vec<(PathBuf, serde_json::
     paths.sort();
     Ok(paths
         .into_iter()
-        .filter_map(|path| {
-            let answer = request(&path, "status", Some(Duration::from_secs(5))).ok()?;
-            Some((path, answer))
-        })
+        .filter_map(
+            |path| match request(&path, "status", Some(Duration::from_secs(5))) {
+                Ok(answer) => Some((path, answer)),
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) =>
+                {
+                    None
+                }
+                // A daemon that answers wrongly or not in time is named, not skipped.
+                Err(error) => Some((path, serde_json::json!({"error": error.to_string()}))),
+            },
+        )
         .collect())
 }
+
+/// The longest answer read from a daemon: a status of thousands of VMs fits many times over.
+const ANSWER_BYTES: u64 = 16 << 20;
 
 /// Sends one request to the daemon at `path` and returns its answer, waiting at most `timeout`
 /// (`None`: as long as the work takes, such as copying disks for a failover). The socket's
@@ -317,8 +331,19 @@ pub fn request(
     let mut stream = UnixStream::connect(path)?;
     stream.set_read_timeout(timeout)?;
     stream.write_all(format!("{line}\n").as_bytes())?;
+    // A daemon's answer is bounded like any other input: the socket is private, but what
+    // answers there is still a process this one did not write.
     let mut text = String::new();
-    stream.read_to_string(&mut text)?;
+    (&mut stream)
+        .take(ANSWER_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > ANSWER_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{}: the answer is longer than {} MiB",
+            path.display(),
+            ANSWER_BYTES >> 20
+        )));
+    }
     serde_json::from_str(&text).map_err(std::io::Error::other)
 }
 

@@ -188,3 +188,34 @@ fn status_names_a_daemon_that_answers_with_an_error_or_what_it_cannot_read() {
     let answers: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(answers.as_array().map(Vec::len), Some(2), "{answers}");
 }
+
+#[test]
+fn status_refuses_an_answer_longer_than_its_bound_and_names_the_daemon() {
+    let run = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        run.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(run.path().join("huge.sock")).unwrap();
+    std::thread::spawn(move || {
+        let filler = vec![b' '; 1 << 20];
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 64];
+            let _ = stream.read(&mut request);
+            for _ in 0..17 {
+                if stream.write_all(&filler).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let status = blockrep(run.path()).arg("status").output().unwrap();
+    let errors = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(1), "{errors}");
+    assert!(
+        errors.contains("huge.sock") && errors.contains("longer than 16 MiB"),
+        "{errors}"
+    );
+}
